@@ -1,0 +1,85 @@
+//! `patchport`: one binary for the registry server and every client command.
+//!
+//! A thin layer: argument parsing, output formatting and progress bars. All behaviour
+//! lives in the library crates (registry, client, engine).
+
+mod commands;
+mod output;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// patchport: a registry and build service for LoRA patches that keeps them alive while
+/// their base models evolve.
+#[derive(Debug, Parser)]
+#[command(name = "patchport", version, propagate_version = true)]
+struct Cli {
+    /// Registry address for client commands.
+    #[arg(long, env = "PATCHPORT_REGISTRY", default_value = patchport_client::DEFAULT_REGISTRY, global = true)]
+    registry: String,
+    /// Log format on stderr: text or json.
+    #[arg(long, env = "PATCHPORT_LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the registry (embedded default: SQLite and files under ./patchport-data).
+    Serve(commands::serve::ServeArgs),
+    /// Base model versions.
+    #[command(subcommand)]
+    Base(commands::push::BaseCommand),
+    /// Patch (LoRA adapter) versions.
+    #[command(subcommand)]
+    Patch(commands::push::PatchCommand),
+    /// Download a base, patch or port by reference, every byte verified.
+    Pull(commands::pull::PullArgs),
+    /// List base or patch versions.
+    List(commands::info::ListArgs),
+    /// Show one base or patch version.
+    Status(commands::info::StatusArgs),
+    /// Port a patch onto a new base offline, from local directories (no server).
+    Port(commands::port::PortArgs),
+}
+
+fn init_tracing(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PATCHPORT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_tracing(&cli.log_format, default_level);
+    let result = match cli.command {
+        Command::Serve(args) => commands::serve::run(args).await,
+        Command::Base(cmd) => commands::push::run_base(&cli.registry, cmd).await,
+        Command::Patch(cmd) => commands::push::run_patch(&cli.registry, cmd).await,
+        Command::Pull(args) => commands::pull::run(&cli.registry, args).await,
+        Command::List(args) => commands::info::list(&cli.registry, args).await,
+        Command::Status(args) => commands::info::status(&cli.registry, args).await,
+        Command::Port(args) => commands::port::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

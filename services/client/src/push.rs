@@ -1,0 +1,369 @@
+//! Pushing a directory: hash every file, upload the blobs the registry lacks (resuming
+//! from the committed offset after a cut), then record the version in one call.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use patchport_core::{Digest, Hasher};
+use patchport_proto::v1;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{Client, ClientError, Progress, CHUNK};
+
+/// Attempts per blob before an upload gives up.
+const UPLOAD_ATTEMPTS: usize = 5;
+
+/// A local file of a version, hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileToPush {
+    /// Path relative to the directory, `/`-separated.
+    pub path: String,
+    /// Where it is on disk.
+    pub local: PathBuf,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+}
+
+/// What is pushed.
+#[derive(Debug, Clone)]
+pub enum PushKind {
+    /// A base model version.
+    Base {
+        /// `namespace/name`.
+        name: String,
+        /// The version.
+        version: String,
+        /// The parent version, if any.
+        parent: Option<String>,
+    },
+    /// A patch version.
+    Patch {
+        /// `namespace/name`.
+        name: String,
+        /// The version.
+        version: String,
+        /// The base reference it was trained on.
+        base: String,
+        /// An eval set file to store with it.
+        eval: Option<PathBuf>,
+    },
+}
+
+/// The result of a push.
+#[derive(Debug, Clone)]
+pub struct PushOutcome {
+    /// The base version, for a base push.
+    pub base: Option<v1::BaseVersion>,
+    /// The patch version, for a patch push.
+    pub patch: Option<v1::PatchVersion>,
+    /// False when an identical version already existed.
+    pub created: bool,
+    /// Blobs sent.
+    pub uploaded_blobs: usize,
+    /// Bytes sent.
+    pub uploaded_bytes: u64,
+    /// Blobs the registry already had.
+    pub skipped_blobs: usize,
+}
+
+fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
+    let mut f = std::fs::File::open(path).map_err(|e| ClientError::io(path.display(), e))?;
+    let mut h = Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ClientError::io(path.display(), e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let len = h.len();
+    Ok((h.finish(), len))
+}
+
+/// Lists and hashes every regular file under `dir` (following symlinks; entries whose
+/// name starts with `.` are skipped, so `.git` and `.cache` never travel).
+pub fn scan_dir(dir: &Path) -> Result<Vec<FileToPush>, ClientError> {
+    let meta = std::fs::metadata(dir).map_err(|e| ClientError::io(dir.display(), e))?;
+    if !meta.is_dir() {
+        return Err(ClientError::Invalid {
+            message: format!("{} is not a directory", dir.display()),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), String::new())];
+    while let Some((abs, rel)) = stack.pop() {
+        let entries = std::fs::read_dir(&abs).map_err(|e| ClientError::io(abs.display(), e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| ClientError::io(abs.display(), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            let rel_path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let meta = std::fs::metadata(&path).map_err(|e| ClientError::io(path.display(), e))?;
+            if meta.is_dir() {
+                stack.push((path, rel_path));
+            } else if meta.is_file() {
+                let (digest, size) = hash_file(&path)?;
+                out.push(FileToPush {
+                    path: rel_path,
+                    local: path,
+                    digest,
+                    size,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+impl Client {
+    /// Pushes a directory as a base or patch version.
+    pub async fn push_dir(
+        &self,
+        dir: &Path,
+        kind: &PushKind,
+        progress: &dyn Progress,
+    ) -> Result<PushOutcome, ClientError> {
+        let dir_owned = dir.to_path_buf();
+        let files = tokio::task::spawn_blocking(move || scan_dir(&dir_owned))
+            .await
+            .map_err(|e| ClientError::Invalid {
+                message: format!("hashing task failed: {e}"),
+            })??;
+        let eval = match kind {
+            PushKind::Patch { eval: Some(p), .. } => {
+                let p2 = p.clone();
+                let (digest, size) = tokio::task::spawn_blocking(move || hash_file(&p2))
+                    .await
+                    .map_err(|e| ClientError::Invalid {
+                        message: format!("hashing task failed: {e}"),
+                    })??;
+                Some(FileToPush {
+                    path: "eval.jsonl".to_owned(),
+                    local: p.clone(),
+                    digest,
+                    size,
+                })
+            }
+            _ => None,
+        };
+        let mut all: Vec<&FileToPush> = files.iter().collect();
+        all.extend(eval.iter());
+        let (uploaded_blobs, uploaded_bytes, skipped_blobs) = self.upload_missing(&all, progress).await?;
+        let entries: Vec<v1::FileEntry> = files
+            .iter()
+            .map(|f| v1::FileEntry {
+                path: f.path.clone(),
+                digest: f.digest.to_string(),
+                size: f.size,
+                segments: Vec::new(),
+            })
+            .collect();
+        let mut registry = self.registry();
+        let mut out = PushOutcome {
+            base: None,
+            patch: None,
+            created: false,
+            uploaded_blobs,
+            uploaded_bytes,
+            skipped_blobs,
+        };
+        match kind {
+            PushKind::Base { name, version, parent } => {
+                let resp = registry
+                    .push_base_version(v1::PushBaseVersionRequest {
+                        name: name.clone(),
+                        version: version.clone(),
+                        parent: parent.clone().unwrap_or_default(),
+                        files: entries,
+                    })
+                    .await?
+                    .into_inner();
+                out.created = resp.created;
+                out.base = resp.version;
+            }
+            PushKind::Patch { name, version, base, .. } => {
+                let resp = registry
+                    .push_patch_version(v1::PushPatchVersionRequest {
+                        name: name.clone(),
+                        version: version.clone(),
+                        base: base.clone(),
+                        files: entries,
+                        eval_digest: eval.map(|e| e.digest.to_string()).unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                out.created = resp.created;
+                out.patch = resp.version;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Uploads the files whose blobs the registry lacks; returns (blobs sent, bytes
+    /// sent, blobs skipped).
+    pub async fn upload_missing(
+        &self,
+        files: &[&FileToPush],
+        progress: &dyn Progress,
+    ) -> Result<(usize, u64, usize), ClientError> {
+        let mut digests: Vec<String> = files.iter().map(|f| f.digest.to_string()).collect();
+        digests.sort();
+        digests.dedup();
+        let missing = self
+            .blobs()
+            .find_missing_blobs(v1::FindMissingBlobsRequest { digests: digests.clone() })
+            .await?
+            .into_inner()
+            .missing;
+        let mut sent_blobs = 0;
+        let mut sent_bytes = 0;
+        let mut done = std::collections::HashSet::new();
+        for f in files {
+            let d = f.digest.to_string();
+            if !missing.contains(&d) || !done.insert(d) {
+                continue;
+            }
+            sent_bytes += self.upload_file(&f.local, f.digest, f.size, &f.path, progress).await?;
+            sent_blobs += 1;
+        }
+        Ok((sent_blobs, sent_bytes, digests.len() - sent_blobs))
+    }
+
+    /// Uploads one file as a blob, resuming from the registry's committed offset after
+    /// any cut; returns the bytes sent.
+    pub async fn upload_file(
+        &self,
+        local: &Path,
+        digest: Digest,
+        size: u64,
+        label: &str,
+        progress: &dyn Progress,
+    ) -> Result<u64, ClientError> {
+        let mut blobs = self.blobs();
+        let start = blobs
+            .start_upload(v1::StartUploadRequest {
+                digest: digest.to_string(),
+                size,
+            })
+            .await?
+            .into_inner();
+        if start.already_exists {
+            return Ok(0);
+        }
+        let chunk = if start.max_chunk_size == 0 {
+            CHUNK
+        } else {
+            (start.max_chunk_size as usize).min(CHUNK)
+        };
+        progress.start(label, size);
+        progress.advance(start.committed_offset);
+        let mut committed = start.committed_offset;
+        let mut sent = 0;
+        let mut last_error = None;
+        for attempt in 0..UPLOAD_ATTEMPTS {
+            if committed < size {
+                let before = committed;
+                match self
+                    .send_from(&start.upload_id, local, committed, size, chunk, progress)
+                    .await
+                {
+                    Ok(c) => committed = c,
+                    Err(e) => {
+                        tracing::warn!(attempt, error = %e, "upload interrupted, resuming");
+                        last_error = Some(e);
+                        // Ask where the registry got to, then go on from there.
+                        match blobs
+                            .get_upload(v1::GetUploadRequest {
+                                upload_id: start.upload_id.clone(),
+                            })
+                            .await
+                        {
+                            Ok(s) => committed = s.into_inner().committed_offset,
+                            Err(status) => last_error = Some(status.into()),
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(200 << attempt)).await;
+                    }
+                }
+                sent += committed.saturating_sub(before);
+            }
+            if committed == size {
+                progress.finish();
+                blobs
+                    .commit_upload(v1::CommitUploadRequest {
+                        upload_id: start.upload_id.clone(),
+                    })
+                    .await?;
+                return Ok(sent);
+            }
+        }
+        progress.finish();
+        Err(last_error.unwrap_or_else(|| ClientError::Invalid {
+            message: format!("{label}: upload did not complete"),
+        }))
+    }
+
+    /// Streams `[from, size)` of a file into an upload session; returns the committed
+    /// offset the registry reports.
+    async fn send_from(
+        &self,
+        upload_id: &str,
+        local: &Path,
+        from: u64,
+        size: u64,
+        chunk: usize,
+        progress: &dyn Progress,
+    ) -> Result<u64, ClientError> {
+        let (tx, rx) = tokio::sync::mpsc::channel::<v1::UploadChunk>(4);
+        let path = local.to_path_buf();
+        let id = upload_id.to_owned();
+        let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
+            let mut f = std::fs::File::open(&path).map_err(|e| ClientError::io(path.display(), e))?;
+            f.seek(SeekFrom::Start(from))
+                .map_err(|e| ClientError::io(path.display(), e))?;
+            let mut offset = from;
+            while offset < size {
+                let n = chunk.min((size - offset) as usize);
+                let mut buf = vec![0u8; n];
+                f.read_exact(&mut buf)
+                    .map_err(|e| ClientError::io(path.display(), e))?;
+                let msg = v1::UploadChunk {
+                    upload_id: id.clone(),
+                    offset,
+                    data: Bytes::from(buf),
+                };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+                let _ = ptx.send(n as u64);
+                offset += n as u64;
+            }
+            Ok(())
+        });
+        let mut blobs = self.blobs();
+        let call = blobs.upload_chunks(ReceiverStream::new(rx));
+        tokio::pin!(call);
+        let resp = loop {
+            tokio::select! {
+                r = &mut call => break r,
+                Some(n) = prx.recv() => progress.advance(n),
+            }
+        };
+        reader.await.map_err(|e| ClientError::Invalid {
+            message: format!("file reader failed: {e}"),
+        })??;
+        Ok(resp?.into_inner().committed_offset)
+    }
+}

@@ -1,0 +1,481 @@
+//! PEFT `adapter_config.json`, parsed into typed fields, and PEFT's per-module rank and
+//! alpha resolution.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::port::{Refusal, RefusalKind};
+
+/// An `adapter_config.json` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdapterConfigError {
+    /// Not JSON, or not an object.
+    #[error("adapter_config.json is not a JSON object: {message}")]
+    NotJson {
+        /// What the parser said.
+        message: String,
+    },
+    /// A field with the wrong type or value.
+    #[error("adapter_config.json field {field:?}: {message}")]
+    BadField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `target_modules`: a list of module names (suffix match) or one regex (full match).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum TargetModules {
+    /// Not given.
+    #[default]
+    None,
+    /// Names matched as `name == t || name.ends_with("." + t)`.
+    List(Vec<String>),
+    /// A regex matched against the whole module name.
+    Regex(String),
+}
+
+/// PEFT's `init_lora_weights`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitLoraWeights {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A named method (`gaussian`, `pissa`, `olora`, `loftq`, ...).
+    Method(String),
+}
+
+/// The typed fields of a PEFT adapter config that decide how a patch ports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// `LORA`, `IA3`, `OFT`, `PROMPT_TUNING`, ...
+    pub peft_type: String,
+    /// Default rank.
+    pub r: u32,
+    /// Default alpha.
+    pub lora_alpha: f64,
+    /// Scale `alpha / sqrt(r)` instead of `alpha / r`.
+    pub use_rslora: bool,
+    /// DoRA (weight-decomposed): not a pure additive delta.
+    pub use_dora: bool,
+    /// Base weights stored `[in, out]` (GPT-2 Conv1D).
+    pub fan_in_fan_out: bool,
+    /// Which modules carry LoRA.
+    pub target_modules: TargetModules,
+    /// Per-module rank overrides (keys are PEFT patterns).
+    pub rank_pattern: Vec<(String, u32)>,
+    /// Per-module alpha overrides (keys are PEFT patterns).
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// Modules saved whole (trained copies of old-base modules).
+    pub modules_to_save: Vec<String>,
+    /// The base the adapter was trained on, by name.
+    pub base_model_name_or_path: Option<String>,
+    /// The base revision, when given.
+    pub revision: Option<String>,
+    /// Trained bias on B (`lora_bias`).
+    pub lora_bias: bool,
+    /// PEFT's `bias` (`none`, `all`, `lora_only`).
+    pub bias: String,
+    /// `init_lora_weights`.
+    pub init_lora_weights: InitLoraWeights,
+    /// `trainable_token_indices` was set (trained embedding rows).
+    pub trainable_token_indices: bool,
+    /// The whole config as parsed.
+    pub raw: Value,
+}
+
+fn opt_str(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<String>, AdapterConfigError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(AdapterConfigError::BadField {
+            field,
+            message: format!("expected a string, found {other}"),
+        }),
+    }
+}
+
+fn opt_bool(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<bool, AdapterConfigError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(AdapterConfigError::BadField {
+            field,
+            message: format!("expected true or false, found {other}"),
+        }),
+    }
+}
+
+fn positive_rank(v: &Value, field: &'static str) -> Result<u32, AdapterConfigError> {
+    v.as_u64()
+        .filter(|&r| r > 0 && r <= u32::MAX as u64)
+        .map(|r| r as u32)
+        .ok_or_else(|| AdapterConfigError::BadField {
+            field,
+            message: format!("expected a positive integer rank, found {v}"),
+        })
+}
+
+fn finite_number(v: &Value, field: &'static str) -> Result<f64, AdapterConfigError> {
+    v.as_f64()
+        .filter(|a| a.is_finite())
+        .ok_or_else(|| AdapterConfigError::BadField {
+            field,
+            message: format!("expected a finite number, found {v}"),
+        })
+}
+
+fn pattern_regex(key: &str, field: &'static str) -> Result<regex::Regex, AdapterConfigError> {
+    // PEFT: re.match(rf"(.*\.)?({key})$", module_name)
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| AdapterConfigError::BadField {
+        field,
+        message: format!("pattern {key:?} is not a supported regex: {e}"),
+    })
+}
+
+impl AdapterConfig {
+    /// Parses `adapter_config.json`.
+    pub fn parse(bytes: &[u8]) -> Result<Self, AdapterConfigError> {
+        let raw: Value = serde_json::from_slice(bytes).map_err(|e| AdapterConfigError::NotJson {
+            message: e.to_string(),
+        })?;
+        let obj = raw.as_object().ok_or_else(|| AdapterConfigError::NotJson {
+            message: "the top level is not an object".to_owned(),
+        })?;
+        let peft_type = opt_str(obj, "peft_type")?.ok_or(AdapterConfigError::BadField {
+            field: "peft_type",
+            message: "missing".to_owned(),
+        })?;
+        let is_lora = peft_type == "LORA";
+        let r = match obj.get("r") {
+            Some(v) if !v.is_null() => positive_rank(v, "r")?,
+            _ if is_lora => {
+                return Err(AdapterConfigError::BadField {
+                    field: "r",
+                    message: "missing".to_owned(),
+                });
+            }
+            _ => 0,
+        };
+        let lora_alpha = match obj.get("lora_alpha") {
+            Some(v) if !v.is_null() => finite_number(v, "lora_alpha")?,
+            _ if is_lora => {
+                return Err(AdapterConfigError::BadField {
+                    field: "lora_alpha",
+                    message: "missing".to_owned(),
+                });
+            }
+            _ => 0.0,
+        };
+        let target_modules = match obj.get("target_modules") {
+            None | Some(Value::Null) => TargetModules::None,
+            Some(Value::String(s)) => TargetModules::Regex(s.clone()),
+            Some(Value::Array(items)) => TargetModules::List(
+                items
+                    .iter()
+                    .map(|v| {
+                        v.as_str().map(str::to_owned).ok_or_else(|| AdapterConfigError::BadField {
+                            field: "target_modules",
+                            message: format!("expected strings, found {v}"),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some(other) => {
+                return Err(AdapterConfigError::BadField {
+                    field: "target_modules",
+                    message: format!("expected a list or a regex string, found {other}"),
+                });
+            }
+        };
+        let mut rank_pattern = Vec::new();
+        if let Some(v) = obj.get("rank_pattern").filter(|v| !v.is_null()) {
+            let map = v.as_object().ok_or_else(|| AdapterConfigError::BadField {
+                field: "rank_pattern",
+                message: format!("expected an object, found {v}"),
+            })?;
+            for (k, v) in map {
+                pattern_regex(k, "rank_pattern")?;
+                rank_pattern.push((k.clone(), positive_rank(v, "rank_pattern")?));
+            }
+        }
+        let mut alpha_pattern = Vec::new();
+        if let Some(v) = obj.get("alpha_pattern").filter(|v| !v.is_null()) {
+            let map = v.as_object().ok_or_else(|| AdapterConfigError::BadField {
+                field: "alpha_pattern",
+                message: format!("expected an object, found {v}"),
+            })?;
+            for (k, v) in map {
+                pattern_regex(k, "alpha_pattern")?;
+                alpha_pattern.push((k.clone(), finite_number(v, "alpha_pattern")?));
+            }
+        }
+        let modules_to_save = match obj.get("modules_to_save") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str().map(str::to_owned).ok_or_else(|| AdapterConfigError::BadField {
+                        field: "modules_to_save",
+                        message: format!("expected strings, found {v}"),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(AdapterConfigError::BadField {
+                    field: "modules_to_save",
+                    message: format!("expected a list, found {other}"),
+                });
+            }
+        };
+        let init_lora_weights = match obj.get("init_lora_weights") {
+            None | Some(Value::Null) => InitLoraWeights::Bool(true),
+            Some(Value::Bool(b)) => InitLoraWeights::Bool(*b),
+            Some(Value::String(s)) => InitLoraWeights::Method(s.clone()),
+            Some(other) => {
+                return Err(AdapterConfigError::BadField {
+                    field: "init_lora_weights",
+                    message: format!("expected a boolean or a method name, found {other}"),
+                });
+            }
+        };
+        let trainable_token_indices = !matches!(
+            obj.get("trainable_token_indices"),
+            None | Some(Value::Null)
+        );
+        Ok(Self {
+            peft_type,
+            r,
+            lora_alpha,
+            use_rslora: opt_bool(obj, "use_rslora")?,
+            use_dora: opt_bool(obj, "use_dora")?,
+            fan_in_fan_out: opt_bool(obj, "fan_in_fan_out")?,
+            target_modules,
+            rank_pattern,
+            alpha_pattern,
+            modules_to_save,
+            base_model_name_or_path: opt_str(obj, "base_model_name_or_path")?,
+            revision: opt_str(obj, "revision")?,
+            lora_bias: opt_bool(obj, "lora_bias")?,
+            bias: opt_str(obj, "bias")?.unwrap_or_else(|| "none".to_owned()),
+            init_lora_weights,
+            trainable_token_indices,
+            raw,
+        })
+    }
+
+    /// The first pattern key (in file order) that matches `module` as PEFT matches it:
+    /// `re.match(rf"(.*\.)?({key})$", module)`.
+    fn pattern_value<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
+        patterns.iter().find_map(|(key, value)| {
+            pattern_regex(key, "pattern")
+                .ok()
+                .filter(|re| re.is_match(module))
+                .map(|_| *value)
+        })
+    }
+
+    /// The rank of `module` (a base module name such as `model.layers.0.mlp.down_proj`).
+    pub fn rank_for(&self, module: &str) -> u32 {
+        Self::pattern_value(&self.rank_pattern, module).unwrap_or(self.r)
+    }
+
+    /// The alpha of `module`.
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        Self::pattern_value(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+    }
+
+    /// The LoRA scale `s` of `module`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale_for(&self, module: &str) -> f64 {
+        let r = f64::from(self.rank_for(module));
+        let alpha = self.alpha_for(module);
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    /// Every reason, from the config alone, why this adapter is not a pure additive
+    /// delta `s·B·A` and so must not be ported silently.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        let mut out = Vec::new();
+        if self.peft_type != "LORA" {
+            out.push(Refusal::new(
+                RefusalKind::PeftType,
+                &self.peft_type.to_ascii_lowercase(),
+                format!(
+                    "peft_type {} is not LoRA: only additive LoRA deltas can be ported",
+                    self.peft_type
+                ),
+            ));
+            return out;
+        }
+        if self.use_dora {
+            out.push(Refusal::new(
+                RefusalKind::Dora,
+                "use_dora",
+                "DoRA: the magnitude vector depends on the old base's weight norms".to_owned(),
+            ));
+        }
+        if !self.modules_to_save.is_empty() {
+            out.push(Refusal::new(
+                RefusalKind::ModulesToSave,
+                &self.modules_to_save.join(","),
+                format!(
+                    "modules_to_save: {} are full trained copies of old-base modules",
+                    self.modules_to_save.join(", ")
+                ),
+            ));
+        }
+        if self.trainable_token_indices {
+            out.push(Refusal::new(
+                RefusalKind::TrainableTokens,
+                "trainable_token_indices",
+                "trainable_token_indices: trained embedding rows replace old-base rows".to_owned(),
+            ));
+        }
+        if self.lora_bias {
+            out.push(Refusal::new(
+                RefusalKind::LoraBias,
+                "lora_bias",
+                "lora_bias: a trained bias is not part of the s·B·A delta".to_owned(),
+            ));
+        }
+        if self.bias != "none" {
+            out.push(Refusal::new(
+                RefusalKind::LoraBias,
+                "bias",
+                format!("bias={}: trained base biases are not part of the s·B·A delta", self.bias),
+            ));
+        }
+        if let InitLoraWeights::Method(m) = &self.init_lora_weights {
+            let m = m.to_ascii_lowercase();
+            if ["pissa", "olora", "loftq", "corda"].iter().any(|p| m.starts_with(p)) {
+                out.push(Refusal::new(
+                    RefusalKind::InitMethod,
+                    &m,
+                    format!("init_lora_weights={m} rewrote the old base's weights (residual init)"),
+                ));
+            }
+        }
+        out
+    }
+
+    /// The config JSON re-pointed at another base (`base_model_name_or_path`,
+    /// `revision`), every other field kept as it was.
+    pub fn repointed_json(&self, base_name: &str, revision: Option<&str>) -> Vec<u8> {
+        let mut raw = self.raw.clone();
+        if let Some(obj) = raw.as_object_mut() {
+            obj.insert("base_model_name_or_path".to_owned(), Value::String(base_name.to_owned()));
+            obj.insert(
+                "revision".to_owned(),
+                revision.map_or(Value::Null, |r| Value::String(r.to_owned())),
+            );
+        }
+        let mut out = serde_json::to_vec_pretty(&raw).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// `rank_pattern` as a map, for display.
+    pub fn rank_pattern_map(&self) -> BTreeMap<String, u32> {
+        self.rank_pattern.iter().cloned().collect()
+    }
+
+    /// `alpha_pattern` as a map, for display.
+    pub fn alpha_pattern_map(&self) -> BTreeMap<String, f64> {
+        self.alpha_pattern.iter().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_resolve_as_peft_does() {
+        let c = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":8,"lora_alpha":16,"rank_pattern":{"down_proj":2},
+                "alpha_pattern":{"o_proj":4},"target_modules":["q_proj","down_proj","o_proj"]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_for("model.layers.0.mlp.down_proj"), 2);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 8);
+        assert_eq!(c.scale_for("model.layers.1.self_attn.o_proj"), 0.5);
+        assert_eq!(c.scale_for("model.layers.1.mlp.down_proj"), 8.0);
+        assert_eq!(c.scale_for("model.layers.1.self_attn.q_proj"), 2.0);
+        // A key matches only whole dotted components at the end.
+        assert_eq!(c.rank_for("model.layers.0.mlp.xdown_proj"), 8);
+        let layer = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":8,"lora_alpha":8,"rank_pattern":{"layers.1.self_attn.q_proj":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(layer.rank_for("model.layers.1.self_attn.q_proj"), 4);
+        assert_eq!(layer.rank_for("model.layers.11.self_attn.q_proj"), 8);
+    }
+
+    #[test]
+    fn rslora_scale() {
+        let c = AdapterConfig::parse(br#"{"peft_type":"LORA","r":16,"lora_alpha":16,"use_rslora":true}"#)
+            .unwrap();
+        assert_eq!(c.scale_for("x"), 4.0);
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let kinds = |json: &[u8]| -> Vec<RefusalKind> {
+            AdapterConfig::parse(json).unwrap().refusals().into_iter().map(|r| r.kind).collect()
+        };
+        assert_eq!(kinds(br#"{"peft_type":"IA3"}"#), vec![RefusalKind::PeftType]);
+        assert_eq!(
+            kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"use_dora":true}"#),
+            vec![RefusalKind::Dora]
+        );
+        assert_eq!(
+            kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"modules_to_save":["lm_head"]}"#),
+            vec![RefusalKind::ModulesToSave]
+        );
+        assert_eq!(
+            kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"pissa_niter_4"}"#),
+            vec![RefusalKind::InitMethod]
+        );
+        assert!(kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"gaussian"}"#).is_empty());
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_field() {
+        for (json, field) in [
+            (&br#"{"peft_type":"LORA","lora_alpha":8}"#[..], "r"),
+            (br#"{"peft_type":"LORA","r":0,"lora_alpha":8}"#, "r"),
+            (br#"{"peft_type":"LORA","r":4,"lora_alpha":"x"}"#, "lora_alpha"),
+            (br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"rank_pattern":{"(":2}}"#, "rank_pattern"),
+            (br#"{"r":4}"#, "peft_type"),
+        ] {
+            match AdapterConfig::parse(json) {
+                Err(AdapterConfigError::BadField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(AdapterConfig::parse(b"[1]"), Err(AdapterConfigError::NotJson { .. })));
+    }
+
+    #[test]
+    fn repointing_keeps_other_fields() {
+        let c = AdapterConfig::parse(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"base_model_name_or_path":"a","x":1}"#)
+            .unwrap();
+        let v: Value = serde_json::from_slice(&c.repointed_json("acme/llama:v2", Some("sha256:00"))).unwrap();
+        assert_eq!(v["base_model_name_or_path"], "acme/llama:v2");
+        assert_eq!(v["revision"], "sha256:00");
+        assert_eq!(v["x"], 1);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(s in "\\PC{0,200}") {
+            let _ = AdapterConfig::parse(s.as_bytes());
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Domain records to wire messages and back. Parsing of request fields happens here,
+//! once: a failure is InvalidArgument.
+
+use patchport_core::adapter::{AdapterConfig, InitLoraWeights, TargetModules};
+use patchport_core::layout::{FileRef, TensorRecord};
+use patchport_core::model_config::ModelConfig;
+use patchport_core::Digest;
+use patchport_proto::v1;
+use patchport_store::meta::{BaseVersionRecord, PatchVersionRecord, VersionState};
+
+use crate::error::{ApiError, ApiResult};
+
+pub(crate) fn timestamp(millis: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: millis.div_euclid(1000),
+        nanos: (millis.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn state(s: VersionState) -> i32 {
+    match s {
+        VersionState::Published => v1::VersionState::Published as i32,
+        VersionState::Yanked => v1::VersionState::Yanked as i32,
+    }
+}
+
+pub(crate) fn file_to_proto(f: &FileRef) -> v1::FileEntry {
+    v1::FileEntry {
+        path: f.path.clone(),
+        digest: f.digest.to_string(),
+        size: f.size,
+        segments: Vec::new(),
+    }
+}
+
+/// Parses the file list of a push. Composed files cannot be pushed.
+pub(crate) fn files_from_proto(files: &[v1::FileEntry]) -> ApiResult<Vec<FileRef>> {
+    files
+        .iter()
+        .map(|f| {
+            if !f.segments.is_empty() {
+                return Err(ApiError::invalid(format!(
+                    "file {:?}: composed files (segments) cannot be pushed; upload the bytes as a blob",
+                    f.path
+                )));
+            }
+            let digest: Digest = f
+                .digest
+                .parse()
+                .map_err(|e: patchport_core::DigestError| ApiError::invalid(format!("file {:?}: {e}", f.path)))?;
+            Ok(FileRef {
+                path: f.path.clone(),
+                digest,
+                size: f.size,
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn model_config(json: &str) -> Option<v1::ModelConfig> {
+    let c = ModelConfig::parse(json.as_bytes()).ok()?;
+    Some(v1::ModelConfig {
+        model_type: c.model_type,
+        architectures: c.architectures,
+        hidden_size: c.hidden_size.unwrap_or(0),
+        num_hidden_layers: c.num_hidden_layers.unwrap_or(0),
+        num_attention_heads: c.num_attention_heads.unwrap_or(0),
+        num_key_value_heads: c.num_key_value_heads.unwrap_or(0),
+        vocab_size: c.vocab_size.unwrap_or(0),
+        torch_dtype: c.torch_dtype.unwrap_or_default(),
+        raw_json: json.to_owned(),
+    })
+}
+
+pub(crate) fn adapter_config(json: &str) -> Option<v1::AdapterConfig> {
+    let c = AdapterConfig::parse(json.as_bytes()).ok()?;
+    let (target_modules, target_modules_regex) = match &c.target_modules {
+        TargetModules::None => (Vec::new(), String::new()),
+        TargetModules::List(l) => (l.clone(), String::new()),
+        TargetModules::Regex(r) => (Vec::new(), r.clone()),
+    };
+    let trainable_token_indices = c
+        .raw
+        .get("trainable_token_indices")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    Some(v1::AdapterConfig {
+        peft_type: c.peft_type.clone(),
+        r: c.r,
+        lora_alpha: c.lora_alpha,
+        use_rslora: c.use_rslora,
+        use_dora: c.use_dora,
+        fan_in_fan_out: c.fan_in_fan_out,
+        target_modules,
+        target_modules_regex,
+        rank_pattern: c.rank_pattern_map().into_iter().collect(),
+        alpha_pattern: c.alpha_pattern_map().into_iter().collect(),
+        modules_to_save: c.modules_to_save.clone(),
+        base_model_name_or_path: c.base_model_name_or_path.clone().unwrap_or_default(),
+        revision: c.revision.clone().unwrap_or_default(),
+        lora_bias: c.lora_bias,
+        init_lora_weights: match &c.init_lora_weights {
+            InitLoraWeights::Method(m) => m.clone(),
+            InitLoraWeights::Bool(_) => String::new(),
+        },
+        trainable_token_indices,
+        raw_json: json.to_owned(),
+    })
+}
+
+pub(crate) fn base_to_proto(r: &BaseVersionRecord) -> v1::BaseVersion {
+    v1::BaseVersion {
+        name: r.name.to_string(),
+        version: r.version.to_string(),
+        digest: r.digest.to_string(),
+        parent: r.parent.as_ref().map(|p| p.0.to_string()).unwrap_or_default(),
+        parent_digest: r.parent.as_ref().map(|p| p.1.to_string()).unwrap_or_default(),
+        state: state(r.state),
+        files: r.files.iter().map(file_to_proto).collect(),
+        config: model_config(&r.config_json),
+        tensor_count: r.tensor_count as u32,
+        total_size: r.total_size,
+        created_at: Some(timestamp(r.created_at)),
+        yank_reason: r.yank_reason.clone().unwrap_or_default(),
+    }
+}
+
+pub(crate) fn patch_to_proto(r: &PatchVersionRecord) -> v1::PatchVersion {
+    v1::PatchVersion {
+        name: r.name.to_string(),
+        version: r.version.to_string(),
+        digest: r.digest.to_string(),
+        base: Some(v1::BaseRef {
+            name: r.base_name.to_string(),
+            version: r.base_version.to_string(),
+            digest: r.base_digest.to_string(),
+        }),
+        state: state(r.state),
+        files: r.files.iter().map(file_to_proto).collect(),
+        adapter: adapter_config(&r.adapter_json),
+        tensor_count: r.tensor_count as u32,
+        total_size: r.total_size,
+        created_at: Some(timestamp(r.created_at)),
+        eval_digest: r.eval_digest.map(|d| d.to_string()).unwrap_or_default(),
+    }
+}
+
+pub(crate) fn tensor_to_proto(file: &str, t: &TensorRecord) -> v1::TensorEntry {
+    v1::TensorEntry {
+        name: t.name.clone(),
+        dtype: t.dtype.clone(),
+        shape: t.shape.clone(),
+        file: file.to_owned(),
+        begin: t.begin,
+        end: t.end,
+        digest: t.digest.to_string(),
+    }
+}

@@ -1,0 +1,197 @@
+//! The registry's error type and its one mapping to gRPC status codes.
+
+use patchport_core::layout::LayoutError;
+use patchport_core::{DigestError, NameError};
+use patchport_store::blobs::{BlobError, BlobErrorKind};
+use patchport_store::meta::{StoreError, StoreErrorKind};
+use tonic::{Code, Status};
+
+/// A closed set of failure kinds, each with exactly one gRPC code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is wrong.
+    InvalidArgument,
+    /// Something the request names does not exist.
+    NotFound,
+    /// The name and version exist with other content.
+    AlreadyExists,
+    /// The request is valid but the registry's state forbids it now.
+    FailedPrecondition,
+    /// Not offered by this registry.
+    Unimplemented,
+    /// A failure of the registry, not of the request.
+    Internal,
+}
+
+impl ErrorKind {
+    fn code(self) -> Code {
+        match self {
+            ErrorKind::InvalidArgument => Code::InvalidArgument,
+            ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::AlreadyExists => Code::AlreadyExists,
+            ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            ErrorKind::Unimplemented => Code::Unimplemented,
+            ErrorKind::Internal => Code::Internal,
+        }
+    }
+}
+
+/// A registry request failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A user error with a message the user can act on.
+    #[error("{message}")]
+    User {
+        /// Which kind.
+        kind: ErrorKind,
+        /// What to tell the user.
+        message: String,
+    },
+    /// A storage failure: the user gets a generic message, the log gets the chain.
+    #[error("{context}")]
+    Internal {
+        /// What the registry was doing.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ApiError {
+    /// InvalidArgument.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::InvalidArgument,
+            message: message.into(),
+        }
+    }
+
+    /// NotFound.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// FailedPrecondition.
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::FailedPrecondition,
+            message: message.into(),
+        }
+    }
+
+    /// Unimplemented.
+    pub fn unimplemented(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::Unimplemented,
+            message: message.into(),
+        }
+    }
+
+    /// Internal, with the cause kept for the log.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Prefixes a user message with context (`model.safetensors: ...`).
+    pub fn context(self, prefix: &str) -> Self {
+        match self {
+            ApiError::User { kind, message } => ApiError::User {
+                kind,
+                message: format!("{prefix}: {message}"),
+            },
+            other => other,
+        }
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::User { kind, .. } => *kind,
+            ApiError::Internal { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        match e {
+            ApiError::User { kind, message } => Status::new(kind.code(), message),
+            ApiError::Internal { ref context, .. } => {
+                tracing::error!(error = %chain(&e), "internal error");
+                Status::internal(format!("internal error while {context}; see the registry log"))
+            }
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+impl From<DigestError> for ApiError {
+    fn from(e: DigestError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+impl From<LayoutError> for ApiError {
+    fn from(e: LayoutError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+impl From<BlobError> for ApiError {
+    fn from(e: BlobError) -> Self {
+        let kind = match e.kind() {
+            BlobErrorKind::NotFound => ErrorKind::NotFound,
+            BlobErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+            BlobErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            BlobErrorKind::Internal => return ApiError::internal("accessing blob storage", e),
+        };
+        ApiError::User {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let kind = match e.kind() {
+            StoreErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            StoreErrorKind::NotFound => ErrorKind::NotFound,
+            StoreErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            StoreErrorKind::Internal => return ApiError::internal("accessing the metadata store", e),
+        };
+        ApiError::User {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Result of a handler.
+pub(crate) type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,254 @@
+//! Push validation and indexing: what turns a list of uploaded blobs into a base or patch
+//! version. Everything is checked before the one metadata transaction that makes the
+//! version visible, so a failed push leaves nothing behind.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use patchport_core::adapter::AdapterConfig;
+use patchport_core::layout::{
+    self, FileRef, ShardIndex, TensorIndexer, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG,
+    SHARD_INDEX,
+};
+use patchport_core::model_config::ModelConfig;
+use patchport_core::{Digest, Name, Reference, Version, VersionRef};
+use patchport_store::meta::{BlobIndex, NewBaseVersion, NewPatchVersion};
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::Registry;
+
+/// Largest JSON file (config, adapter config, shard index) read into memory.
+pub(crate) const MAX_JSON_FILE: u64 = 16 << 20;
+/// Most files in one version.
+pub(crate) const MAX_FILES: usize = 10_000;
+
+impl Registry {
+    /// Checks that every file's blob is stored with the declared size.
+    async fn check_blobs(&self, files: &[FileRef]) -> ApiResult<()> {
+        if files.len() > MAX_FILES {
+            return Err(ApiError::invalid(format!(
+                "{} files in one version; the limit is {MAX_FILES}",
+                files.len()
+            )));
+        }
+        let digests: Vec<Digest> = files.iter().map(|f| f.digest).collect();
+        let blobs = self.blobs.clone();
+        let lookups = digests.into_iter().map(move |digest| {
+            let blobs = blobs.clone();
+            async move { blobs.size(&digest).await }
+        });
+        let sizes: Vec<_> = futures::stream::iter(lookups).buffered(16).collect().await;
+        for (f, size) in files.iter().zip(sizes) {
+            match size? {
+                None => {
+                    return Err(ApiError::precondition(format!(
+                        "file {:?}: blob {} has not been uploaded; upload it before pushing the version",
+                        f.path, f.digest
+                    )));
+                }
+                Some(s) if s != f.size => {
+                    return Err(ApiError::invalid(format!(
+                        "file {:?}: declared size {} but blob {} has {} bytes",
+                        f.path, f.size, f.digest, s
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads a small JSON file of a push.
+    async fn read_json(&self, f: &FileRef) -> ApiResult<Bytes> {
+        if f.size > MAX_JSON_FILE {
+            return Err(ApiError::invalid(format!(
+                "{}: {} bytes; JSON files are limited to {MAX_JSON_FILE} bytes",
+                f.path, f.size
+            )));
+        }
+        Ok(self.blobs.read_all(&f.digest).await?)
+    }
+
+    /// The tensor index of a safetensors blob, computed once per blob (streamed through
+    /// a blocking thread) and cached in the metadata store.
+    pub(crate) async fn blob_index(&self, f: &FileRef) -> ApiResult<BlobIndex> {
+        if let Some(ix) = self.meta.get_blob_index(&f.digest).await? {
+            return Ok(ix);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+        let size = f.size;
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut ix = TensorIndexer::new(size);
+            let mut result = Ok(());
+            while let Some(chunk) = rx.blocking_recv() {
+                if result.is_ok() {
+                    result = ix.feed(&chunk);
+                }
+            }
+            result.and_then(|()| ix.finish())
+        });
+        let mut stream = self.blobs.read(&f.digest, 0, None).await?;
+        let mut read_error = None;
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => {
+                    if tx.send(c).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    read_error = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let indexed = worker
+            .await
+            .map_err(|e| ApiError::internal("indexing a safetensors file", e))?;
+        if let Some(e) = read_error {
+            return Err(ApiError::from(e));
+        }
+        let (header, tensors) = indexed.map_err(|e| ApiError::invalid(format!("{}: {e}", f.path)))?;
+        let ix = BlobIndex {
+            json_len: header.json_len,
+            tensors,
+        };
+        self.meta.put_blob_index(&f.digest, &ix).await?;
+        Ok(ix)
+    }
+
+    /// Indexes every safetensors file; returns tensor names per file and the total count.
+    async fn index_files(&self, files: &[FileRef]) -> ApiResult<(BTreeMap<String, BlobIndex>, u64)> {
+        let mut out = BTreeMap::new();
+        let mut count = 0;
+        for f in files.iter().filter(|f| layout::is_safetensors(&f.path)) {
+            let ix = self.blob_index(f).await?;
+            count += ix.tensors.len() as u64;
+            out.insert(f.path.clone(), ix);
+        }
+        Ok((out, count))
+    }
+
+    /// Validates, indexes and records a base version.
+    pub(crate) async fn push_base(
+        &self,
+        name: &str,
+        version: &str,
+        parent: &str,
+        files: Vec<FileRef>,
+    ) -> ApiResult<(patchport_store::meta::BaseVersionRecord, bool)> {
+        let name: Name = name.parse()?;
+        let version: Version = version.parse()?;
+        let parent: Option<VersionRef> = if parent.is_empty() {
+            None
+        } else {
+            Some(parent.parse::<VersionRef>().map_err(|e| ApiError::invalid(format!("parent: {e}")))?)
+        };
+        let files = layout::normalize_files(files)?;
+        layout::check_base_files(&files)?;
+        if let Some(p) = &parent
+            && self.meta.get_base_version(&name, p).await?.is_none()
+        {
+            return Err(ApiError::not_found(format!(
+                "parent version {name}:{p} not found; push the parent first or fix --parent"
+            )));
+        }
+        self.check_blobs(&files).await?;
+        let config_file = files.iter().find(|f| f.path == MODEL_CONFIG).ok_or_else(|| {
+            ApiError::invalid("missing config.json")
+        })?;
+        let config_bytes = self.read_json(config_file).await?;
+        let config = ModelConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let config_json = String::from_utf8(config_bytes.to_vec())
+            .map_err(|_| ApiError::invalid("config.json is not UTF-8"))?;
+        let (indexes, tensor_count) = self.index_files(&files).await?;
+        if let Some(ix_file) = files.iter().find(|f| f.path == SHARD_INDEX) {
+            let shard_index = ShardIndex::parse(&self.read_json(ix_file).await?)?;
+            let shards: BTreeMap<String, BTreeSet<String>> = indexes
+                .iter()
+                .map(|(path, ix)| (path.clone(), ix.tensors.iter().map(|t| t.name.clone()).collect()))
+                .collect();
+            shard_index.check(&shards)?;
+        }
+        let digest = layout::manifest_digest("base", &files);
+        let new = NewBaseVersion {
+            name,
+            version,
+            digest,
+            parent,
+            files,
+            config_json,
+            model_type: config.model_type,
+            tensor_count,
+        };
+        Ok(self.meta.insert_base_version(new).await?)
+    }
+
+    /// Validates, indexes and records a patch version pinned to a stored base version.
+    pub(crate) async fn push_patch(
+        &self,
+        name: &str,
+        version: &str,
+        base: &str,
+        files: Vec<FileRef>,
+        eval_digest: &str,
+    ) -> ApiResult<(patchport_store::meta::PatchVersionRecord, bool)> {
+        let name: Name = name.parse()?;
+        let version: Version = version.parse()?;
+        let base: Reference = base
+            .parse()
+            .map_err(|e| ApiError::invalid(format!("base: {e}")))?;
+        let eval_digest: Option<Digest> = if eval_digest.is_empty() {
+            None
+        } else {
+            Some(eval_digest.parse()?)
+        };
+        let files = layout::normalize_files(files)?;
+        layout::check_patch_files(&files)?;
+        if self.meta.get_base_version(&base.name, &base.version).await?.is_none() {
+            return Err(ApiError::not_found(format!(
+                "base version {base} not found; push the base first or fix --base"
+            )));
+        }
+        self.check_blobs(&files).await?;
+        if let Some(d) = &eval_digest
+            && !self.blobs.contains(d).await?
+        {
+            return Err(ApiError::precondition(format!(
+                "eval set blob {d} has not been uploaded"
+            )));
+        }
+        let config_file = files.iter().find(|f| f.path == ADAPTER_CONFIG).ok_or_else(|| {
+            ApiError::invalid("missing adapter_config.json")
+        })?;
+        let config_bytes = self.read_json(config_file).await?;
+        let adapter = AdapterConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let adapter_json = String::from_utf8(config_bytes.to_vec())
+            .map_err(|_| ApiError::invalid("adapter_config.json is not UTF-8"))?;
+        let (indexes, tensor_count) = self.index_files(&files).await?;
+        if let Some(ix) = indexes.get(ADAPTER_WEIGHTS)
+            && let Some(t) = ix.tensors.iter().find(|t| t.non_finite > 0)
+        {
+            return Err(ApiError::invalid(format!(
+                "{ADAPTER_WEIGHTS}: tensor {:?} has {} NaN or infinite values; a patch must be finite",
+                t.name, t.non_finite
+            )));
+        }
+        let digest = layout::manifest_digest("patch", &files);
+        let new = NewPatchVersion {
+            name,
+            version,
+            digest,
+            base_name: base.name,
+            base: base.version,
+            files,
+            adapter_json,
+            peft_type: adapter.peft_type,
+            tensor_count,
+            eval_digest,
+        };
+        Ok(self.meta.insert_patch_version(new).await?)
+    }
+}

@@ -1,0 +1,18 @@
+//! The patchport registry: gRPC services over the metadata and blob stores, the push
+//! validation that turns uploaded blobs into versions, and the server's lifecycle.
+//!
+//! Architecture invariant: handlers parse every request field into domain types first
+//! (failures are InvalidArgument), and every error reaches the client through the one
+//! `From<ApiError> for Status` in `error.rs`. This crate never does tensor math and never
+//! talks SQL or object storage directly: it goes through `patchport-store`.
+
+mod app;
+mod convert;
+mod error;
+mod ingest;
+mod service;
+mod state;
+
+pub use app::{Application, Config, StartError};
+pub use error::{ApiError, ErrorKind};
+pub use state::Registry;

@@ -1,0 +1,253 @@
+//! `patchport.v1.BlobService`.
+
+use std::pin::Pin;
+
+use bytes::BytesMut;
+use futures::{Stream, StreamExt};
+use patchport_core::Digest;
+use patchport_proto::v1::{self, blob_service_server::BlobService};
+use patchport_store::blobs::UploadStart;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ApiError;
+use crate::state::Registry;
+
+/// Most digests in one FindMissingBlobs call.
+const MAX_DIGESTS: usize = 10_000;
+/// Size of the chunks ReadBlob sends.
+pub(crate) const READ_CHUNK: usize = 1 << 20;
+/// Largest chunk accepted by UploadChunks.
+pub(crate) const MAX_CHUNK: u64 = 4 << 20;
+
+/// The blob service.
+#[derive(Debug, Clone)]
+pub(crate) struct Blobs {
+    pub(crate) registry: Registry,
+}
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse::<Digest>().map_err(ApiError::from)
+}
+
+#[tonic::async_trait]
+impl BlobService for Blobs {
+    #[tracing::instrument(skip_all, fields(count = req.get_ref().digests.len()), err)]
+    async fn find_missing_blobs(
+        &self,
+        req: Request<v1::FindMissingBlobsRequest>,
+    ) -> Result<Response<v1::FindMissingBlobsResponse>, Status> {
+        let req = req.into_inner();
+        if req.digests.len() > MAX_DIGESTS {
+            return Err(ApiError::invalid(format!(
+                "{} digests in one request; the limit is {MAX_DIGESTS}",
+                req.digests.len()
+            ))
+            .into());
+        }
+        let digests = req
+            .digests
+            .iter()
+            .map(|d| parse_digest(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let missing = self
+            .registry
+            .blobs
+            .find_missing(&digests)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::FindMissingBlobsResponse {
+            missing: missing.iter().map(Digest::to_string).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest, size = req.get_ref().size), err)]
+    async fn start_upload(
+        &self,
+        req: Request<v1::StartUploadRequest>,
+    ) -> Result<Response<v1::StartUploadResponse>, Status> {
+        let req = req.into_inner();
+        let digest = parse_digest(&req.digest)?;
+        let start = self
+            .registry
+            .blobs
+            .start_upload(digest, req.size)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(match start {
+            UploadStart::Exists { .. } => v1::StartUploadResponse {
+                upload_id: String::new(),
+                committed_offset: req.size,
+                already_exists: true,
+                max_chunk_size: MAX_CHUNK,
+            },
+            UploadStart::Session(s) => v1::StartUploadResponse {
+                upload_id: s.upload_id,
+                committed_offset: s.committed,
+                already_exists: false,
+                max_chunk_size: MAX_CHUNK,
+            },
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn upload_chunks(
+        &self,
+        req: Request<Streaming<v1::UploadChunk>>,
+    ) -> Result<Response<v1::UploadChunksResponse>, Status> {
+        let mut stream = req.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(ApiError::invalid("empty upload stream: send at least one chunk").into());
+        };
+        let upload_id = first.upload_id.clone();
+        let mut writer = self
+            .registry
+            .blobs
+            .upload_writer(&upload_id)
+            .await
+            .map_err(ApiError::from)?;
+        let mut next = Some(first);
+        let mut failure: Option<Status> = None;
+        while let Some(chunk) = next.take() {
+            if chunk.upload_id != upload_id {
+                failure = Some(
+                    ApiError::invalid("every chunk of one stream must name the same upload_id").into(),
+                );
+                break;
+            }
+            if chunk.data.len() as u64 > MAX_CHUNK {
+                failure = Some(
+                    ApiError::invalid(format!(
+                        "chunk of {} bytes; the limit is {MAX_CHUNK}",
+                        chunk.data.len()
+                    ))
+                    .into(),
+                );
+                break;
+            }
+            if let Err(e) = writer.write(chunk.offset, chunk.data).await {
+                failure = Some(ApiError::from(e).into());
+                break;
+            }
+            match stream.message().await {
+                Ok(m) => next = m,
+                Err(status) => {
+                    // The client went away: keep what arrived so it can resume.
+                    failure = Some(status);
+                    break;
+                }
+            }
+        }
+        let committed = writer.flush().await.map_err(ApiError::from)?;
+        if let Some(status) = failure {
+            return Err(status);
+        }
+        Ok(Response::new(v1::UploadChunksResponse {
+            committed_offset: committed,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn get_upload(
+        &self,
+        req: Request<v1::GetUploadRequest>,
+    ) -> Result<Response<v1::UploadStatus>, Status> {
+        let s = self
+            .registry
+            .blobs
+            .upload_status(&req.into_inner().upload_id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::UploadStatus {
+            upload_id: s.upload_id,
+            digest: s.digest.to_string(),
+            size: s.size,
+            committed_offset: s.committed,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn commit_upload(
+        &self,
+        req: Request<v1::CommitUploadRequest>,
+    ) -> Result<Response<v1::CommitUploadResponse>, Status> {
+        let out = self
+            .registry
+            .blobs
+            .commit_upload(&req.into_inner().upload_id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::CommitUploadResponse {
+            digest: out.digest.to_string(),
+            size: out.size,
+            deduplicated: out.deduplicated,
+        }))
+    }
+
+    type ReadBlobStream = Pin<Box<dyn Stream<Item = Result<v1::ReadBlobChunk, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest), err)]
+    async fn read_blob(
+        &self,
+        req: Request<v1::ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let req = req.into_inner();
+        let digest = parse_digest(&req.digest)?;
+        let len = (req.length > 0).then_some(req.length);
+        let inner = self
+            .registry
+            .blobs
+            .read(&digest, req.offset, len)
+            .await
+            .map_err(ApiError::from)?;
+        let start = req.offset;
+        // Re-chunk to READ_CHUNK-sized messages whatever the backend's chunking.
+        let stream = futures::stream::unfold(
+            (inner, BytesMut::new(), start, false),
+            |(mut inner, mut buf, mut offset, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    if buf.len() >= READ_CHUNK {
+                        let data = buf.split_to(READ_CHUNK).freeze();
+                        let msg = v1::ReadBlobChunk { offset, data: data.clone() };
+                        offset += data.len() as u64;
+                        return Some((Ok(msg), (inner, buf, offset, false)));
+                    }
+                    match inner.next().await {
+                        Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
+                        Some(Err(e)) => {
+                            let status: Status = ApiError::from(e).into();
+                            return Some((Err(status), (inner, buf, offset, true)));
+                        }
+                        None => {
+                            if buf.is_empty() {
+                                return None;
+                            }
+                            let data = buf.split().freeze();
+                            let msg = v1::ReadBlobChunk { offset, data: data.clone() };
+                            offset += data.len() as u64;
+                            return Some((Ok(msg), (inner, buf, offset, true)));
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest), err)]
+    async fn stat_blob(
+        &self,
+        req: Request<v1::StatBlobRequest>,
+    ) -> Result<Response<v1::StatBlobResponse>, Status> {
+        let digest = parse_digest(&req.into_inner().digest)?;
+        match self.registry.blobs.size(&digest).await.map_err(ApiError::from)? {
+            Some(size) => Ok(Response::new(v1::StatBlobResponse {
+                digest: digest.to_string(),
+                size,
+            })),
+            None => Err(ApiError::not_found(format!("blob {digest} not found")).into()),
+        }
+    }
+}

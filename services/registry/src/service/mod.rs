@@ -1,0 +1,5 @@
+//! The gRPC services.
+
+pub(crate) mod blobs;
+pub(crate) mod pending;
+pub(crate) mod registry;

@@ -1,0 +1,216 @@
+//! `patchport.v1.RegistryService`: base and patch versions.
+
+use patchport_core::layout;
+use patchport_core::{Name, Reference};
+use patchport_proto::v1::{self, registry_service_server::RegistryService};
+use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
+use tonic::{Request, Response, Status};
+
+use crate::convert::{base_to_proto, files_from_proto, patch_to_proto, tensor_to_proto};
+use crate::error::{ApiError, ApiResult};
+use crate::state::Registry;
+
+/// The registry service.
+#[derive(Debug, Clone)]
+pub(crate) struct Versions {
+    pub(crate) registry: Registry,
+}
+
+fn parse_ref(s: &str) -> ApiResult<Reference> {
+    Ok(s.parse::<Reference>()?)
+}
+
+fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
+    let prefix = req.filter.trim().to_owned();
+    if !prefix.is_empty() {
+        // Either a namespace or a full name.
+        let ok = if prefix.contains('/') {
+            prefix.parse::<Name>().is_ok()
+        } else {
+            format!("{prefix}/x").parse::<Name>().is_ok()
+        };
+        if !ok {
+            return Err(ApiError::invalid(format!(
+                "invalid filter {prefix:?}: expected a namespace or namespace/name"
+            )));
+        }
+    }
+    Ok(ListFilter {
+        prefix,
+        include_yanked: req.include_yanked,
+    })
+}
+
+impl Versions {
+    async fn base(&self, r: &Reference) -> ApiResult<BaseVersionRecord> {
+        self.registry
+            .meta
+            .get_base_version(&r.name, &r.version)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("base version {r} not found")))
+    }
+
+    async fn patch(&self, r: &Reference) -> ApiResult<PatchVersionRecord> {
+        self.registry
+            .meta
+            .get_patch_version(&r.name, &r.version)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))
+    }
+}
+
+#[tonic::async_trait]
+impl RegistryService for Versions {
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
+    async fn push_base_version(
+        &self,
+        req: Request<v1::PushBaseVersionRequest>,
+    ) -> Result<Response<v1::PushBaseVersionResponse>, Status> {
+        let req = req.into_inner();
+        let files = files_from_proto(&req.files)?;
+        let (rec, created) = self
+            .registry
+            .push_base(&req.name, &req.version, &req.parent, files)
+            .await?;
+        if created {
+            tracing::info!(base = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "base version published");
+        }
+        Ok(Response::new(v1::PushBaseVersionResponse {
+            version: Some(base_to_proto(&rec)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn get_base_version(
+        &self,
+        req: Request<v1::GetVersionRequest>,
+    ) -> Result<Response<v1::BaseVersion>, Status> {
+        let r = parse_ref(&req.into_inner().reference)?;
+        Ok(Response::new(base_to_proto(&self.base(&r).await?)))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn list_base_versions(
+        &self,
+        req: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListBaseVersionsResponse>, Status> {
+        let filter = list_filter(req.get_ref())?;
+        let versions = self
+            .registry
+            .meta
+            .list_base_versions(&filter)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListBaseVersionsResponse {
+            versions: versions.iter().map(base_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn yank_base_version(
+        &self,
+        req: Request<v1::YankRequest>,
+    ) -> Result<Response<v1::BaseVersion>, Status> {
+        let req = req.into_inner();
+        let r = parse_ref(&req.reference)?;
+        let rec = self
+            .registry
+            .meta
+            .yank_base_version(&r.name, &r.version, &req.reason)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(base_to_proto(&rec)))
+    }
+
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
+    async fn push_patch_version(
+        &self,
+        req: Request<v1::PushPatchVersionRequest>,
+    ) -> Result<Response<v1::PushPatchVersionResponse>, Status> {
+        let req = req.into_inner();
+        let files = files_from_proto(&req.files)?;
+        let (rec, created) = self
+            .registry
+            .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
+            .await?;
+        if created {
+            tracing::info!(patch = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "patch version pushed");
+        }
+        Ok(Response::new(v1::PushPatchVersionResponse {
+            version: Some(patch_to_proto(&rec)),
+            created,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn get_patch_version(
+        &self,
+        req: Request<v1::GetVersionRequest>,
+    ) -> Result<Response<v1::PatchVersion>, Status> {
+        let r = parse_ref(&req.into_inner().reference)?;
+        Ok(Response::new(patch_to_proto(&self.patch(&r).await?)))
+    }
+
+    #[tracing::instrument(skip_all, err)]
+    async fn list_patch_versions(
+        &self,
+        req: Request<v1::ListRequest>,
+    ) -> Result<Response<v1::ListPatchVersionsResponse>, Status> {
+        let filter = list_filter(req.get_ref())?;
+        let versions = self
+            .registry
+            .meta
+            .list_patch_versions(&filter)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListPatchVersionsResponse {
+            versions: versions.iter().map(patch_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn yank_patch_version(
+        &self,
+        req: Request<v1::YankRequest>,
+    ) -> Result<Response<v1::PatchVersion>, Status> {
+        let req = req.into_inner();
+        let r = parse_ref(&req.reference)?;
+        let rec = self
+            .registry
+            .meta
+            .yank_patch_version(&r.name, &r.version, &req.reason)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(patch_to_proto(&rec)))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn get_tensor_index(
+        &self,
+        req: Request<v1::GetVersionRequest>,
+    ) -> Result<Response<v1::TensorIndex>, Status> {
+        let reference = req.into_inner().reference;
+        let r = parse_ref(&reference)?;
+        let (digest, files) = match self.base(&r).await {
+            Ok(b) => (b.digest, b.files),
+            Err(e) if e.kind() == crate::error::ErrorKind::NotFound => {
+                let p = self.patch(&r).await.map_err(|_| {
+                    ApiError::not_found(format!("no base or patch version {r}"))
+                })?;
+                (p.digest, p.files)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut tensors = Vec::new();
+        for f in files.iter().filter(|f| layout::is_safetensors(&f.path)) {
+            let ix = self.registry.blob_index(f).await?;
+            tensors.extend(ix.tensors.iter().map(|t| tensor_to_proto(&f.path, t)));
+        }
+        Ok(Response::new(v1::TensorIndex {
+            reference,
+            digest: digest.to_string(),
+            tensors,
+        }))
+    }
+}

@@ -1,0 +1,472 @@
+//! The content-addressed blob store: sha256-keyed blobs in an `object_store` (`file://`,
+//! `memory://`, `s3://`), resumable chunked uploads, ranged streaming reads.
+//!
+//! Layout under the store's prefix:
+//!
+//! ```text
+//! blobs/sha256/<ab>/<64 hex>              a verified blob; its existence is what counts
+//! uploads/<id>/session.json               an upload session: digest, size, created, complete
+//! uploads/<id>/<offset, 20 digits>        the bytes received so far, one object per segment
+//! upload-index/<64 hex>.<size>            the id of the open session for a digest and size
+//! staging/<id>.<attempt>                  verified bytes on their way to blobs/
+//! ```
+//!
+//! Every piece of upload state lives in the object store, so an upload survives a
+//! registry restart and can continue on another replica. A blob key only ever appears
+//! after the bytes were hashed and matched the declared digest and size: commit streams
+//! the segments into a staging object while hashing them, completes it only when the hash
+//! matches, then promotes it create-only (`copy_if_not_exists`; `AlreadyExists` is dedup).
+//! Blobs that fit one segment are verified in memory and put create-only directly. On S3
+//! a blob larger than CopyObject's 5 GiB limit is written by a multipart upload to its
+//! final key that is completed only after the hash matched.
+//!
+//! Must never know: gRPC, the metadata database, tensor formats.
+
+mod error;
+mod upload;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use patchport_core::{Digest, Hasher};
+
+pub use error::{BlobError, BlobErrorKind};
+pub use upload::{CommitOutcome, UploadSession, UploadStart, UploadWriter};
+
+/// Default size of the segments an upload is persisted in (and of the largest blob that
+/// is verified in memory at commit).
+pub const DEFAULT_SEGMENT_SIZE: usize = 16 << 20;
+
+/// The largest chunk a [`BlobStore::read`] stream yields.
+pub const READ_CHUNK_SIZE: usize = 1 << 20;
+
+/// S3's CopyObject limit: larger blobs are not promoted by a server-side copy.
+pub const S3_MAX_COPY_SIZE: u64 = 5 << 30;
+
+/// Heads in flight at once in [`BlobStore::find_missing`].
+const FIND_MISSING_CONCURRENCY: usize = 32;
+
+/// Buffers up to this size are hashed on the async thread; larger ones on the blocking pool.
+const INLINE_HASH_MAX: usize = 256 << 10;
+
+const SUPPORTED_URLS: &str =
+    "supported: file:///absolute/path, file://relative/path, memory://, s3://bucket[/prefix]";
+
+/// A content-addressed blob store over an `object_store` backend. Cheap to clone; clones
+/// share the backend and the in-memory upload hashers.
+#[derive(Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    segment_size: usize,
+    max_copy_size: u64,
+    /// Running hashes of upload sessions written through this instance, keyed by upload
+    /// id; the hasher's `len()` is the offset it has seen up to. Only an optimisation:
+    /// commit rejects a mismatch early with it, and never trusts it to accept bytes.
+    hashers: Arc<Mutex<HashMap<String, Hasher>>>,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore")
+            .field("store", &format_args!("{}", self.store))
+            .field("prefix", &self.prefix.as_ref())
+            .field("segment_size", &self.segment_size)
+            .field("max_copy_size", &self.max_copy_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlobStore {
+    /// A blob store over `store`, keeping every key under `prefix` (may be empty).
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
+        Self {
+            store,
+            prefix,
+            segment_size: DEFAULT_SEGMENT_SIZE,
+            max_copy_size: u64::MAX,
+            hashers: Arc::default(),
+        }
+    }
+
+    /// Opens a blob store from a url:
+    ///
+    /// - `file:///absolute/path` (or `file://relative/path`): a directory, created if missing;
+    /// - `memory://`: a fresh in-process store (tests);
+    /// - `s3://bucket[/prefix]`: credentials and settings from the `AWS_*` environment
+    ///   (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT` for S3-compatible servers, which then get
+    ///   path-style requests, and plain http when the endpoint is `http://`; `AWS_REGION`
+    ///   defaults to us-east-1; `AWS_COPY_IF_NOT_EXISTS` and `AWS_CONDITIONAL_PUT` as in
+    ///   `object_store`).
+    pub fn from_url(url: &str) -> Result<Self, BlobError> {
+        let invalid = |reason: String| BlobError::InvalidUrl {
+            url: url.chars().take(200).collect(),
+            reason,
+        };
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(invalid(format!("missing scheme; {SUPPORTED_URLS}")));
+        };
+        match scheme {
+            "file" => {
+                let dir = if rest.starts_with('/') {
+                    url::Url::parse(url)
+                        .ok()
+                        .and_then(|u| u.to_file_path().ok())
+                        .ok_or_else(|| invalid("not a valid file path".to_owned()))?
+                } else if rest.is_empty() {
+                    return Err(invalid("missing directory".to_owned()));
+                } else {
+                    PathBuf::from(rest)
+                };
+                std::fs::create_dir_all(&dir).map_err(|source| BlobError::CreateDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(&dir)
+                    .map_err(|source| BlobError::Configure {
+                        url: url.to_owned(),
+                        source,
+                    })?
+                    .with_automatic_cleanup(true)
+                    .with_fsync(true);
+                Ok(Self::new(Arc::new(fs), Path::default()))
+            }
+            "memory" => {
+                if !rest.trim_matches('/').is_empty() {
+                    return Err(invalid("memory:// takes no host or path".to_owned()));
+                }
+                Ok(Self::new(Arc::new(InMemory::new()), Path::default()))
+            }
+            "s3" => {
+                let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+                let bucket = parsed.host_str().filter(|b| !b.is_empty()).ok_or_else(|| {
+                    invalid("missing bucket: expected s3://bucket[/prefix]".to_owned())
+                })?;
+                let prefix = Path::parse(parsed.path().trim_matches('/'))
+                    .map_err(|e| invalid(format!("invalid key prefix: {e}")))?;
+                let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+                    builder = builder.with_region("us-east-1");
+                }
+                let endpoint = env("AWS_ENDPOINT_URL_S3")
+                    .or_else(|| env("AWS_ENDPOINT_URL"))
+                    .or_else(|| env("AWS_ENDPOINT"));
+                if let Some(endpoint) = endpoint {
+                    if env("AWS_VIRTUAL_HOSTED_STYLE_REQUEST").is_none() {
+                        builder = builder.with_virtual_hosted_style_request(false);
+                    }
+                    if endpoint.starts_with("http://") && env("AWS_ALLOW_HTTP").is_none() {
+                        builder = builder.with_allow_http(true);
+                    }
+                }
+                let s3 = builder.build().map_err(|source| BlobError::Configure {
+                    url: url.to_owned(),
+                    source,
+                })?;
+                Ok(Self::new(Arc::new(s3), prefix).with_max_copy_size(S3_MAX_COPY_SIZE))
+            }
+            other => Err(invalid(format!(
+                "unsupported scheme {:?}; {SUPPORTED_URLS}",
+                other.chars().take(20).collect::<String>()
+            ))),
+        }
+    }
+
+    /// Sets the size of upload segments (default 16 MiB; at least 1 byte). A writer holds
+    /// at most one segment in memory, and commit verifies blobs of at most one segment in
+    /// memory.
+    pub fn with_segment_size(mut self, bytes: usize) -> Self {
+        self.segment_size = bytes.max(1);
+        self
+    }
+
+    /// Sets the largest blob promoted by a server-side copy from staging (default: no
+    /// limit, 5 GiB on S3). Larger blobs are written by a multipart upload to their final
+    /// key that completes only after verification (atomic, but not create-only: a racing
+    /// upload of the same blob rewrites identical bytes).
+    pub fn with_max_copy_size(mut self, bytes: u64) -> Self {
+        self.max_copy_size = bytes;
+        self
+    }
+
+    /// Whether the blob is stored.
+    pub async fn contains(&self, digest: &Digest) -> Result<bool, BlobError> {
+        Ok(self.size(digest).await?.is_some())
+    }
+
+    /// The size of a stored blob, `None` if it is not stored.
+    pub async fn size(&self, digest: &Digest) -> Result<Option<u64>, BlobError> {
+        Ok(self.head(&self.blob_key(digest)).await?.map(|m| m.size))
+    }
+
+    /// The digests of `digests` that are not stored, each once, in input order.
+    pub async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>, BlobError> {
+        let mut seen = HashSet::with_capacity(digests.len());
+        let unique: Vec<Digest> = digests
+            .iter()
+            .copied()
+            .filter(|d| seen.insert(*d))
+            .collect();
+        stream::iter(unique)
+            .map(|d| async move { Ok::<_, BlobError>((d, self.contains(&d).await?)) })
+            .buffered(FIND_MISSING_CONCURRENCY)
+            .try_filter_map(|(d, present)| async move { Ok((!present).then_some(d)) })
+            .try_collect()
+            .await
+    }
+
+    /// Stores small bytes the server produced itself (manifests, composed headers): hashes
+    /// them and puts them create-only; an existing blob is dedup. Returns the digest.
+    pub async fn put_bytes(&self, bytes: Bytes) -> Result<Digest, BlobError> {
+        let digest = hash_parts(vec![bytes.clone()], Hasher::new())
+            .await?
+            .finish();
+        let deduplicated = self.put_create(&self.blob_key(&digest), bytes).await?;
+        tracing::debug!(%digest, deduplicated, "put blob");
+        Ok(digest)
+    }
+
+    /// Streams `len` bytes of a blob from `offset` (`None`: to the end; a length past the
+    /// end is clamped), in chunks of at most [`READ_CHUNK_SIZE`]. An offset past the end
+    /// is InvalidArgument; an offset equal to the size yields nothing.
+    pub async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<BoxStream<'static, Result<Bytes, BlobError>>, BlobError> {
+        let key = self.blob_key(digest);
+        let size = self
+            .head(&key)
+            .await?
+            .ok_or(BlobError::BlobNotFound { digest: *digest })?
+            .size;
+        if offset > size {
+            return Err(BlobError::OffsetPastEnd {
+                digest: *digest,
+                offset,
+                size,
+            });
+        }
+        let end = len.map_or(size, |l| offset.saturating_add(l).min(size));
+        if end == offset {
+            return Ok(stream::empty().boxed());
+        }
+        let options = GetOptions::new().with_range(Some(offset..end));
+        let result = self.store.get_opts(&key, options).await.map_err(|e| {
+            not_found_or(
+                e,
+                || BlobError::BlobNotFound { digest: *digest },
+                "get",
+                &key,
+            )
+        })?;
+        Ok(rechunk(result.into_stream(), key, end - offset))
+    }
+
+    /// The whole blob in memory; for small files (configs, manifests).
+    pub async fn read_all(&self, digest: &Digest) -> Result<Bytes, BlobError> {
+        let key = self.blob_key(digest);
+        let not_found = || BlobError::BlobNotFound { digest: *digest };
+        let result = self
+            .store
+            .get(&key)
+            .await
+            .map_err(|e| not_found_or(e, not_found, "get", &key))?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| not_found_or(e, not_found, "read", &key))
+    }
+
+    fn blob_key(&self, digest: &Digest) -> Path {
+        let hex = digest.hex();
+        let fanout = hex.get(..2).unwrap_or_default().to_owned();
+        self.prefix
+            .clone()
+            .join("blobs")
+            .join("sha256")
+            .join(fanout.as_str())
+            .join(hex.as_str())
+    }
+
+    async fn head(&self, key: &Path) -> Result<Option<ObjectMeta>, BlobError> {
+        match self.store.head(key).await {
+            Ok(meta) => Ok(Some(meta)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(BlobError::storage("head", key, e)),
+        }
+    }
+
+    /// Deletes an object; a missing one is fine.
+    async fn delete_quiet(&self, key: &Path) -> Result<(), BlobError> {
+        match self.store.delete(key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(BlobError::storage("delete", key, e)),
+        }
+    }
+
+    /// Puts verified bytes at a blob key create-only. Returns whether the blob was
+    /// already there (dedup).
+    async fn put_create(&self, key: &Path, bytes: Bytes) -> Result<bool, BlobError> {
+        let payload = PutPayload::from_bytes(bytes.clone());
+        match self
+            .store
+            .put_opts(key, payload, PutMode::Create.into())
+            .await
+        {
+            Ok(_) => Ok(false),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(true),
+            Err(
+                e @ (object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. }),
+            ) => {
+                // Safe without the precondition: the bytes are verified and the key is
+                // their digest, so a racing writer writes identical bytes.
+                tracing::debug!(key = %key, error = %e, "create-only put unsupported, head then put");
+                if self.head(key).await?.is_some() {
+                    return Ok(true);
+                }
+                self.store
+                    .put(key, PutPayload::from_bytes(bytes))
+                    .await
+                    .map_err(|e| BlobError::storage("put", key, e))?;
+                Ok(false)
+            }
+            Err(e) => Err(BlobError::storage("put", key, e)),
+        }
+    }
+
+    fn hashers(&self) -> MutexGuard<'_, HashMap<String, Hasher>> {
+        self.hashers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Maps a backend NotFound to `not_found`, anything else to a storage error.
+fn not_found_or(
+    e: object_store::Error,
+    not_found: impl FnOnce() -> BlobError,
+    op: &'static str,
+    key: &Path,
+) -> BlobError {
+    match e {
+        object_store::Error::NotFound { .. } => not_found(),
+        e => BlobError::storage(op, key, e),
+    }
+}
+
+/// Feeds `parts` to `hasher`, on the blocking pool when they are large.
+async fn hash_parts(parts: Vec<Bytes>, mut hasher: Hasher) -> Result<Hasher, BlobError> {
+    let total: usize = parts.iter().map(Bytes::len).sum();
+    if total <= INLINE_HASH_MAX {
+        for part in &parts {
+            hasher.update(part);
+        }
+        return Ok(hasher);
+    }
+    tokio::task::spawn_blocking(move || {
+        for part in &parts {
+            hasher.update(part);
+        }
+        hasher
+    })
+    .await
+    .map_err(|source| BlobError::Task { source })
+}
+
+/// Re-chunks a backend byte stream into chunks of at most [`READ_CHUNK_SIZE`] (coalescing
+/// small ones), and fails if it does not deliver exactly `expected` bytes.
+fn rechunk(
+    inner: BoxStream<'static, object_store::Result<Bytes>>,
+    key: Path,
+    expected: u64,
+) -> BoxStream<'static, Result<Bytes, BlobError>> {
+    struct State {
+        inner: BoxStream<'static, object_store::Result<Bytes>>,
+        key: Path,
+        expected: u64,
+        received: u64,
+        pending: Bytes,
+        buf: BytesMut,
+        finished: bool,
+    }
+    let state = State {
+        inner,
+        key,
+        expected,
+        received: 0,
+        pending: Bytes::new(),
+        buf: BytesMut::new(),
+        finished: false,
+    };
+    stream::unfold(state, |mut st| async move {
+        loop {
+            if !st.pending.is_empty() {
+                if st.buf.is_empty() && st.pending.len() >= READ_CHUNK_SIZE {
+                    let out = st.pending.split_to(READ_CHUNK_SIZE);
+                    return Some((Ok(out), st));
+                }
+                let take = (READ_CHUNK_SIZE - st.buf.len()).min(st.pending.len());
+                st.buf.extend_from_slice(&st.pending.split_to(take));
+                if st.buf.len() >= READ_CHUNK_SIZE {
+                    let out = st.buf.split().freeze();
+                    return Some((Ok(out), st));
+                }
+                continue;
+            }
+            if st.finished {
+                if st.buf.is_empty() {
+                    return None;
+                }
+                let out = st.buf.split().freeze();
+                return Some((Ok(out), st));
+            }
+            match st.inner.next().await {
+                Some(Ok(bytes)) => {
+                    st.received = st.received.saturating_add(bytes.len() as u64);
+                    st.pending = bytes;
+                }
+                Some(Err(e)) => {
+                    st.finished = true;
+                    st.buf.clear();
+                    let err = BlobError::storage("read", &st.key, e);
+                    return Some((Err(err), st));
+                }
+                None => {
+                    st.finished = true;
+                    if st.received != st.expected {
+                        st.buf.clear();
+                        let err = BlobError::storage(
+                            "read",
+                            &st.key,
+                            object_store::Error::Generic {
+                                store: "patchport",
+                                source: format!(
+                                    "short read: expected {} bytes, got {}",
+                                    st.expected, st.received
+                                )
+                                .into(),
+                            },
+                        );
+                        return Some((Err(err), st));
+                    }
+                }
+            }
+        }
+    })
+    .boxed()
+}

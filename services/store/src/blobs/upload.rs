@@ -1,0 +1,912 @@
+//! Resumable uploads: sessions and segments kept in the object store, the chunk writer,
+//! verified commit and promotion, and expiry of abandoned sessions.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
+use patchport_core::{Digest, Hasher};
+use serde::{Deserialize, Serialize};
+
+use super::{BlobError, BlobStore, hash_parts};
+
+/// Segments fetched ahead while a commit streams them.
+const COMMIT_PREFETCH: usize = 2;
+
+/// Multipart parts in flight at once while a commit writes.
+const COMMIT_PARTS_IN_FLIGHT: usize = 2;
+
+/// Smallest multipart part (S3 refuses parts under 5 MiB except the last).
+const MIN_PART_SIZE: usize = 16 << 20;
+
+/// S3 allows 10,000 parts; stay well below.
+const MAX_PARTS: u64 = 9_000;
+
+/// An upload session: what was declared and how many bytes are durably received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadSession {
+    /// The session's id (32 lowercase hex digits).
+    pub upload_id: String,
+    /// The declared digest.
+    pub digest: Digest,
+    /// The declared size in bytes.
+    pub size: u64,
+    /// Bytes durably received from offset 0: the next chunk must start here. Equals
+    /// `size` once the upload was committed.
+    pub committed: u64,
+}
+
+/// The answer to [`BlobStore::start_upload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadStart {
+    /// The blob is already stored: nothing to send.
+    Exists {
+        /// The blob.
+        digest: Digest,
+        /// Its size.
+        size: u64,
+    },
+    /// Send the bytes from `committed` on into this session (a new one, or the unfinished
+    /// session of an earlier attempt for the same digest and size).
+    Session(UploadSession),
+}
+
+/// The result of a successful commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// The stored blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// True when the blob was already stored (another upload promoted it first).
+    pub deduplicated: bool,
+}
+
+/// The stored record of a session, `uploads/<id>/session.json`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SessionRecord {
+    digest: Digest,
+    size: u64,
+    /// Seconds since the Unix epoch.
+    created: u64,
+    /// Set when the blob was promoted; the record then stays until expiry, so a retried
+    /// commit answers the same instead of NotFound.
+    #[serde(default)]
+    complete: bool,
+}
+
+/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    offset: u64,
+    len: u64,
+}
+
+/// Receives the chunks of one upload session, in order, and persists them in segments.
+///
+/// Holds at most one segment of data in memory. Chunks that were written but not yet
+/// persisted are lost if the writer is dropped without [`UploadWriter::flush`]; the
+/// client then resumes from the session's committed offset.
+pub struct UploadWriter {
+    store: BlobStore,
+    upload_id: String,
+    digest: Digest,
+    size: u64,
+    committed: u64,
+    buffered: u64,
+    buffer: VecDeque<Bytes>,
+}
+
+impl std::fmt::Debug for UploadWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadWriter")
+            .field("upload_id", &self.upload_id)
+            .field("digest", &self.digest)
+            .field("size", &self.size)
+            .field("committed", &self.committed)
+            .field("buffered", &self.buffered)
+            .finish()
+    }
+}
+
+impl UploadWriter {
+    /// Bytes durably persisted from offset 0 (buffered bytes not included).
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
+    /// Appends a chunk at `offset`, which must equal the committed plus the buffered
+    /// bytes; a chunk that would end past the declared size is refused. Full segments
+    /// are persisted as they fill. On a storage error the chunk stays buffered, so a
+    /// later [`flush`](Self::flush) may still persist it.
+    pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), BlobError> {
+        let expected = self.committed + self.buffered;
+        if offset != expected {
+            return Err(BlobError::WrongOffset {
+                upload_id: self.upload_id.clone(),
+                offset,
+                expected,
+            });
+        }
+        let end = expected.saturating_add(data.len() as u64);
+        if end > self.size {
+            return Err(BlobError::PastDeclaredSize {
+                upload_id: self.upload_id.clone(),
+                end,
+                size: self.size,
+            });
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.buffered = end - self.committed;
+        self.buffer.push_back(data);
+        let segment = self.store.segment_size as u64;
+        while self.buffered >= segment {
+            self.persist(segment).await?;
+        }
+        Ok(())
+    }
+
+    /// Persists what is buffered and returns the durable committed offset. Call it at the
+    /// end of a chunk stream and when the stream breaks, so a cut upload keeps what
+    /// arrived.
+    pub async fn flush(mut self) -> Result<u64, BlobError> {
+        if self.buffered > 0 {
+            self.persist(self.buffered).await?;
+        }
+        Ok(self.committed)
+    }
+
+    /// Puts the first `n` buffered bytes as the segment at the committed offset, feeding
+    /// them to the session's running hash at the same time.
+    async fn persist(&mut self, n: u64) -> Result<(), BlobError> {
+        let parts = take_front(&mut self.buffer, n);
+        let start = self.committed;
+        let key = self.store.segment_key(&self.upload_id, start);
+        let prior = if start == 0 {
+            Some(Hasher::new())
+        } else {
+            self.store
+                .hashers()
+                .get(&self.upload_id)
+                .filter(|h| h.len() == start)
+                .cloned()
+        };
+        let payload: PutPayload = parts.iter().cloned().collect();
+        let put = self.store.store.put(&key, payload);
+        let hash = async {
+            match prior {
+                Some(h) => hash_parts(parts.clone(), h).await.ok(),
+                None => None,
+            }
+        };
+        let (put, hashed) = tokio::join!(put, hash);
+        if let Err(e) = put {
+            for part in parts.into_iter().rev() {
+                self.buffer.push_front(part);
+            }
+            return Err(BlobError::storage("put", &key, e));
+        }
+        self.committed += n;
+        self.buffered -= n;
+        if let Some(h) = hashed {
+            self.store.hashers().insert(self.upload_id.clone(), h);
+        }
+        Ok(())
+    }
+}
+
+/// Removes exactly `n` bytes (or all there are) from the front of `buffer`, without copying.
+fn take_front(buffer: &mut VecDeque<Bytes>, n: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut need = n;
+    while need > 0 {
+        let Some(mut chunk) = buffer.pop_front() else {
+            break;
+        };
+        let len = chunk.len() as u64;
+        if len <= need {
+            need -= len;
+            out.push(chunk);
+        } else {
+            // need < len <= usize::MAX, so the cast is exact.
+            out.push(chunk.split_to(need as usize));
+            buffer.push_front(chunk);
+            need = 0;
+        }
+    }
+    out
+}
+
+impl BlobStore {
+    /// Starts an upload of `size` bytes hashing to `digest`. When the blob is stored
+    /// already, answers [`UploadStart::Exists`] (a declared size that differs from the
+    /// stored one is InvalidArgument). Otherwise returns the unfinished session of an
+    /// earlier attempt for the same digest and size, with its committed offset, so a
+    /// client that lost its upload id resumes; or a new session.
+    pub async fn start_upload(&self, digest: Digest, size: u64) -> Result<UploadStart, BlobError> {
+        if let Some(actual) = self.size(&digest).await? {
+            if actual != size {
+                return Err(BlobError::SizeMismatch {
+                    digest,
+                    declared: size,
+                    actual,
+                });
+            }
+            return Ok(UploadStart::Exists { digest, size });
+        }
+        let index = self.index_key(&digest, size);
+        if let Some(upload_id) = self.read_index(&index).await? {
+            match self.load_session(&upload_id).await {
+                Ok(rec) if !rec.complete && rec.digest == digest && rec.size == size => {
+                    let committed = self.committed_offset(&upload_id, rec.size).await?;
+                    tracing::debug!(%upload_id, %digest, committed, "resuming upload session");
+                    return Ok(UploadStart::Session(UploadSession {
+                        upload_id,
+                        digest,
+                        size,
+                        committed,
+                    }));
+                }
+                Ok(_)
+                | Err(BlobError::UploadNotFound { .. } | BlobError::CorruptSession { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+
+        let upload_id = uuid::Uuid::new_v4().simple().to_string();
+        let record = SessionRecord {
+            digest,
+            size,
+            created: unix_now(),
+            complete: false,
+        };
+        self.write_session(&upload_id, &record).await?;
+        self.store
+            .put(&index, PutPayload::from(upload_id.clone()))
+            .await
+            .map_err(|e| BlobError::storage("put", &index, e))?;
+        tracing::debug!(%upload_id, %digest, size, "upload session started");
+        Ok(UploadStart::Session(UploadSession {
+            upload_id,
+            digest,
+            size,
+            committed: 0,
+        }))
+    }
+
+    /// The declared digest and size of a session and its committed offset.
+    pub async fn upload_status(&self, upload_id: &str) -> Result<UploadSession, BlobError> {
+        check_upload_id(upload_id)?;
+        let rec = self.load_session(upload_id).await?;
+        let committed = if rec.complete {
+            rec.size
+        } else {
+            self.committed_offset(upload_id, rec.size).await?
+        };
+        Ok(UploadSession {
+            upload_id: upload_id.to_owned(),
+            digest: rec.digest,
+            size: rec.size,
+            committed,
+        })
+    }
+
+    /// A writer that appends to the session from its committed offset.
+    pub async fn upload_writer(&self, upload_id: &str) -> Result<UploadWriter, BlobError> {
+        let status = self.upload_status(upload_id).await?;
+        Ok(UploadWriter {
+            store: self.clone(),
+            upload_id: status.upload_id,
+            digest: status.digest,
+            size: status.size,
+            committed: status.committed,
+            buffered: 0,
+            buffer: VecDeque::new(),
+        })
+    }
+
+    /// Verifies the session's bytes against the declared digest and size and promotes
+    /// them to a blob. An incomplete upload is FailedPrecondition; a digest mismatch is
+    /// InvalidArgument and deletes the session. An already stored blob is dedup, and
+    /// committing a committed session again answers the same.
+    pub async fn commit_upload(&self, upload_id: &str) -> Result<CommitOutcome, BlobError> {
+        check_upload_id(upload_id)?;
+        let rec = self.load_session(upload_id).await?;
+        let digest = rec.digest;
+        let size = rec.size;
+        let final_key = self.blob_key(&digest);
+        let outcome = |deduplicated| CommitOutcome {
+            digest,
+            size,
+            deduplicated,
+        };
+
+        if rec.complete {
+            return match self.head(&final_key).await? {
+                Some(_) => Ok(outcome(true)),
+                // Committed once, then the blob was removed: the session is spent.
+                None => Err(BlobError::UploadNotFound {
+                    upload_id: upload_id.to_owned(),
+                }),
+            };
+        }
+
+        let segments = self.list_segments(upload_id).await?;
+        let committed = contiguous_end(&segments, size);
+        if committed < size {
+            return Err(BlobError::Incomplete {
+                upload_id: upload_id.to_owned(),
+                committed,
+                size,
+            });
+        }
+
+        if let Some(existing) = self.head(&final_key).await? {
+            if existing.size != size {
+                self.delete_session(upload_id, &rec).await;
+                return Err(BlobError::SizeMismatch {
+                    digest,
+                    declared: size,
+                    actual: existing.size,
+                });
+            }
+            self.finish_session(upload_id, &rec).await;
+            return Ok(outcome(true));
+        }
+
+        // The uninterrupted case knows the digest already: refuse a mismatch before
+        // moving any bytes. A match is not trusted; the bytes are hashed as they move.
+        let running = self
+            .hashers()
+            .get(upload_id)
+            .filter(|h| h.len() == size)
+            .cloned();
+        if let Some(running) = running {
+            let actual = running.finish();
+            if actual != digest {
+                self.delete_session(upload_id, &rec).await;
+                return Err(BlobError::DigestMismatch {
+                    declared: digest,
+                    actual,
+                });
+            }
+        }
+
+        let plan: Vec<(Path, Range<u64>)> = read_plan(upload_id, &segments, size)?
+            .into_iter()
+            .map(|(offset, range)| (self.segment_key(upload_id, offset), range))
+            .collect();
+        let result = if size <= self.segment_size as u64 {
+            self.commit_small(upload_id, &rec, &plan, &final_key).await
+        } else {
+            self.commit_large(upload_id, &rec, &plan, &final_key).await
+        };
+        let deduplicated = match result {
+            Ok(deduplicated) => deduplicated,
+            Err(e @ BlobError::DigestMismatch { .. }) => {
+                self.delete_session(upload_id, &rec).await;
+                return Err(e);
+            }
+            Err(e) => {
+                // A concurrent commit of the same session may have promoted the blob
+                // and removed the segments under us.
+                if self.head(&final_key).await?.is_some() {
+                    tracing::debug!(%upload_id, error = %e, "upload promoted concurrently");
+                    true
+                } else {
+                    return Err(e);
+                }
+            }
+        };
+        self.finish_session(upload_id, &rec).await;
+        tracing::info!(%upload_id, %digest, size, deduplicated, "upload committed");
+        Ok(outcome(deduplicated))
+    }
+
+    /// Deletes upload sessions with no activity for `older_than` (and leftover staging
+    /// objects and index entries as old). Returns how many sessions were deleted.
+    pub async fn expire_uploads(&self, older_than: Duration) -> Result<usize, BlobError> {
+        let now = SystemTime::now();
+        let is_old = |meta: &ObjectMeta| {
+            now.duration_since(SystemTime::from(meta.last_modified))
+                .unwrap_or_default()
+                >= older_than
+        };
+
+        let uploads = self.prefix.clone().join("uploads");
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&uploads))
+            .await
+            .map_err(|e| BlobError::storage("list", &uploads, e))?;
+        let mut expired = 0;
+        for dir in listing.common_prefixes {
+            let objects: Vec<ObjectMeta> = self
+                .store
+                .list(Some(&dir))
+                .try_collect()
+                .await
+                .map_err(|e| BlobError::storage("list", &dir, e))?;
+            if !objects.iter().all(is_old) {
+                continue;
+            }
+            for meta in &objects {
+                self.delete_quiet(&meta.location).await?;
+            }
+            if let Some(upload_id) = dir.filename() {
+                self.hashers().remove(upload_id);
+                tracing::info!(%upload_id, "expired upload session");
+            }
+            expired += 1;
+        }
+
+        let staging = self.prefix.clone().join("staging");
+        let leftovers: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&staging))
+            .try_collect()
+            .await
+            .map_err(|e| BlobError::storage("list", &staging, e))?;
+        for meta in leftovers.iter().filter(|m| is_old(m)) {
+            self.delete_quiet(&meta.location).await?;
+        }
+
+        let index = self.prefix.clone().join("upload-index");
+        let entries: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&index))
+            .try_collect()
+            .await
+            .map_err(|e| BlobError::storage("list", &index, e))?;
+        for meta in entries.iter().filter(|m| is_old(m)) {
+            let live = match self.read_index(&meta.location).await? {
+                Some(upload_id) => self.head(&self.session_key(&upload_id)).await?.is_some(),
+                None => false,
+            };
+            if !live {
+                self.delete_quiet(&meta.location).await?;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// A blob of at most one segment: read it into memory, verify, put create-only.
+    async fn commit_small(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        plan: &[(Path, Range<u64>)],
+        final_key: &Path,
+    ) -> Result<bool, BlobError> {
+        let mut bytes = BytesMut::with_capacity(usize::try_from(rec.size).unwrap_or(0));
+        for (key, range) in plan {
+            bytes.extend_from_slice(&self.fetch(upload_id, key, range.clone()).await?);
+        }
+        let bytes = bytes.freeze();
+        check_received(upload_id, bytes.len() as u64, rec.size)?;
+        let actual = hash_parts(vec![bytes.clone()], Hasher::new())
+            .await?
+            .finish();
+        if actual != rec.digest {
+            return Err(BlobError::DigestMismatch {
+                declared: rec.digest,
+                actual,
+            });
+        }
+        self.put_create(final_key, bytes).await
+    }
+
+    /// A larger blob: stream the segments into a multipart upload while hashing them,
+    /// complete it only if the hash matches, then promote it.
+    async fn commit_large(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        plan: &[(Path, Range<u64>)],
+        final_key: &Path,
+    ) -> Result<bool, BlobError> {
+        let direct = rec.size > self.max_copy_size;
+        let target = if direct {
+            final_key.clone()
+        } else {
+            let attempt = uuid::Uuid::new_v4().simple().to_string();
+            self.prefix
+                .clone()
+                .join("staging")
+                .join(format!("{upload_id}.{attempt}"))
+        };
+        let upload = self
+            .store
+            .put_multipart(&target)
+            .await
+            .map_err(|e| BlobError::storage("start multipart upload", &target, e))?;
+        let part_size = self
+            .segment_size
+            .max(MIN_PART_SIZE)
+            .max(usize::try_from(rec.size.div_ceil(MAX_PARTS)).unwrap_or(usize::MAX));
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
+
+        let streamed: Result<Digest, BlobError> = async {
+            let mut pieces = stream::iter(plan.iter().cloned())
+                .map(|(key, range)| async move { self.fetch(upload_id, &key, range).await })
+                .buffered(COMMIT_PREFETCH);
+            let mut hasher = Hasher::new();
+            while let Some(piece) = pieces.next().await {
+                let piece = piece?;
+                hasher = hash_parts(vec![piece.clone()], hasher).await?;
+                writer
+                    .wait_for_capacity(COMMIT_PARTS_IN_FLIGHT)
+                    .await
+                    .map_err(|e| BlobError::storage("write part", &target, e))?;
+                writer.put(piece);
+            }
+            check_received(upload_id, hasher.len(), rec.size)?;
+            Ok(hasher.finish())
+        }
+        .await;
+
+        let actual = match streamed {
+            Ok(actual) => actual,
+            Err(e) => {
+                abort_quietly(writer, &target).await;
+                return Err(e);
+            }
+        };
+        if actual != rec.digest {
+            abort_quietly(writer, &target).await;
+            return Err(BlobError::DigestMismatch {
+                declared: rec.digest,
+                actual,
+            });
+        }
+        writer
+            .finish()
+            .await
+            .map_err(|e| BlobError::storage("complete multipart upload", &target, e))?;
+        if direct {
+            return Ok(false);
+        }
+        let promoted = self.promote(&target, final_key).await;
+        if let Err(e) = self.delete_quiet(&target).await {
+            tracing::warn!(error = %e, key = %target, "cannot delete staging object");
+        }
+        promoted
+    }
+
+    /// Promotes a verified staging object create-only. Returns whether the blob existed.
+    async fn promote(&self, staging: &Path, final_key: &Path) -> Result<bool, BlobError> {
+        match self.store.copy_if_not_exists(staging, final_key).await {
+            Ok(()) => Ok(false),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(true),
+            Err(
+                e @ (object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented { .. }),
+            ) => {
+                // Safe without the precondition: the staged bytes are verified and the
+                // key is their digest, so a racing writer copies identical bytes.
+                tracing::debug!(key = %final_key, error = %e, "copy-if-not-exists unsupported, head then copy");
+                if self.head(final_key).await?.is_some() {
+                    return Ok(true);
+                }
+                self.store
+                    .copy(staging, final_key)
+                    .await
+                    .map_err(|e| BlobError::storage("copy", final_key, e))?;
+                Ok(false)
+            }
+            Err(e) => Err(BlobError::storage("copy", final_key, e)),
+        }
+    }
+
+    /// Reads `range` of a segment, checking that it is all there.
+    async fn fetch(
+        &self,
+        upload_id: &str,
+        key: &Path,
+        range: Range<u64>,
+    ) -> Result<Bytes, BlobError> {
+        let want = range.end - range.start;
+        let changed = |detail: String| BlobError::UploadChanged {
+            upload_id: upload_id.to_owned(),
+            detail,
+        };
+        let bytes = match self.store.get_range(key, range).await {
+            Ok(bytes) => bytes,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(changed(format!("segment {key} disappeared")));
+            }
+            Err(e) => return Err(BlobError::storage("get", key, e)),
+        };
+        if bytes.len() as u64 != want {
+            return Err(changed(format!(
+                "segment {key} returned {} bytes, expected {want}",
+                bytes.len()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Marks the session committed and removes its segments and index entry. Failures
+    /// are logged, not returned: the blob is promoted, and expiry removes leftovers.
+    async fn finish_session(&self, upload_id: &str, rec: &SessionRecord) {
+        self.hashers().remove(upload_id);
+        let done = SessionRecord {
+            digest: rec.digest,
+            size: rec.size,
+            created: rec.created,
+            complete: true,
+        };
+        if let Err(e) = self.write_session(upload_id, &done).await {
+            tracing::warn!(%upload_id, error = %e, "cannot mark upload session committed");
+        }
+        if let Err(e) = self.delete_segments(upload_id).await {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload segments");
+        }
+        self.delete_index_entry(upload_id, rec).await;
+    }
+
+    /// Deletes every object of a session (after a digest or size mismatch). Best effort.
+    async fn delete_session(&self, upload_id: &str, rec: &SessionRecord) {
+        self.hashers().remove(upload_id);
+        if let Err(e) = self.delete_segments(upload_id).await {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload segments");
+        }
+        self.delete_index_entry(upload_id, rec).await;
+        if let Err(e) = self.delete_quiet(&self.session_key(upload_id)).await {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload session");
+        }
+    }
+
+    /// Removes the index entry for the session's digest and size if it names this session.
+    async fn delete_index_entry(&self, upload_id: &str, rec: &SessionRecord) {
+        let index = self.index_key(&rec.digest, rec.size);
+        let result = async {
+            if self.read_index(&index).await?.as_deref() == Some(upload_id) {
+                self.delete_quiet(&index).await?;
+            }
+            Ok::<_, BlobError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload index entry");
+        }
+    }
+
+    async fn delete_segments(&self, upload_id: &str) -> Result<(), BlobError> {
+        for segment in self.list_segments(upload_id).await? {
+            self.delete_quiet(&self.segment_key(upload_id, segment.offset))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn committed_offset(&self, upload_id: &str, size: u64) -> Result<u64, BlobError> {
+        Ok(contiguous_end(&self.list_segments(upload_id).await?, size))
+    }
+
+    /// The session's segments, by offset.
+    async fn list_segments(&self, upload_id: &str) -> Result<Vec<Segment>, BlobError> {
+        let dir = self.session_dir(upload_id);
+        let objects: Vec<ObjectMeta> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .map_err(|e| BlobError::storage("list", &dir, e))?;
+        let mut segments: Vec<Segment> = objects
+            .iter()
+            .filter_map(|meta| {
+                let name = meta.location.filename()?;
+                if name.len() != 20 || !name.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                Some(Segment {
+                    offset: name.parse().ok()?,
+                    len: meta.size,
+                })
+            })
+            .collect();
+        segments.sort_by_key(|s| s.offset);
+        Ok(segments)
+    }
+
+    async fn load_session(&self, upload_id: &str) -> Result<SessionRecord, BlobError> {
+        let key = self.session_key(upload_id);
+        let not_found = || BlobError::UploadNotFound {
+            upload_id: upload_id.to_owned(),
+        };
+        let bytes = match self.store.get(&key).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map_err(|e| super::not_found_or(e, not_found, "read", &key))?,
+            Err(e) => return Err(super::not_found_or(e, not_found, "get", &key)),
+        };
+        serde_json::from_slice(&bytes).map_err(|source| BlobError::CorruptSession {
+            upload_id: upload_id.to_owned(),
+            source,
+        })
+    }
+
+    async fn write_session(&self, upload_id: &str, rec: &SessionRecord) -> Result<(), BlobError> {
+        let key = self.session_key(upload_id);
+        let json = serde_json::to_vec(rec).map_err(|source| BlobError::CorruptSession {
+            upload_id: upload_id.to_owned(),
+            source,
+        })?;
+        self.store
+            .put(&key, PutPayload::from(json))
+            .await
+            .map_err(|e| BlobError::storage("put", &key, e))?;
+        Ok(())
+    }
+
+    /// The upload id an index entry names, if the entry exists and is well formed.
+    async fn read_index(&self, key: &Path) -> Result<Option<String>, BlobError> {
+        let bytes = match self.store.get(key).await {
+            Ok(result) => result.bytes().await,
+            Err(e) => Err(e),
+        };
+        match bytes {
+            Ok(bytes) => {
+                let id = String::from_utf8_lossy(&bytes).trim().to_owned();
+                Ok(check_upload_id(&id).is_ok().then_some(id))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(BlobError::storage("get", key, e)),
+        }
+    }
+
+    fn session_dir(&self, upload_id: &str) -> Path {
+        self.prefix.clone().join("uploads").join(upload_id)
+    }
+
+    fn session_key(&self, upload_id: &str) -> Path {
+        self.session_dir(upload_id).join("session.json")
+    }
+
+    pub(super) fn segment_key(&self, upload_id: &str, offset: u64) -> Path {
+        self.session_dir(upload_id).join(format!("{offset:020}"))
+    }
+
+    pub(super) fn index_key(&self, digest: &Digest, size: u64) -> Path {
+        self.prefix
+            .clone()
+            .join("upload-index")
+            .join(format!("{}.{size}", digest.hex()))
+    }
+}
+
+async fn abort_quietly(writer: WriteMultipart, target: &Path) {
+    if let Err(e) = writer.abort().await {
+        tracing::warn!(error = %e, key = %target, "cannot abort multipart upload");
+    }
+}
+
+fn check_received(upload_id: &str, received: u64, size: u64) -> Result<(), BlobError> {
+    if received == size {
+        Ok(())
+    } else {
+        Err(BlobError::UploadChanged {
+            upload_id: upload_id.to_owned(),
+            detail: format!("read {received} bytes, expected {size}"),
+        })
+    }
+}
+
+/// Upload ids are `uuid::Uuid::simple` strings; anything else never names a session (and
+/// never reaches a key).
+fn check_upload_id(upload_id: &str) -> Result<(), BlobError> {
+    let valid = upload_id.len() == 32
+        && upload_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if valid {
+        Ok(())
+    } else {
+        Err(BlobError::InvalidUploadId {
+            upload_id: upload_id.chars().take(100).collect(),
+        })
+    }
+}
+
+/// The end of the run of bytes covered from offset 0 by `segments` (sorted by offset),
+/// capped at `size`. Segments may overlap when two writers shared a session.
+fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
+    let mut end = 0u64;
+    for s in segments {
+        if s.offset > end {
+            break;
+        }
+        end = end.max(s.offset.saturating_add(s.len));
+    }
+    end.min(size)
+}
+
+/// Which byte range of which segment (by offset) to read, in order, to get bytes `0..size`.
+fn read_plan(
+    upload_id: &str,
+    segments: &[Segment],
+    size: u64,
+) -> Result<Vec<(u64, Range<u64>)>, BlobError> {
+    let mut plan = Vec::new();
+    let mut pos = 0u64;
+    for s in segments {
+        if pos >= size {
+            break;
+        }
+        let seg_end = s.offset.saturating_add(s.len).min(size);
+        if seg_end <= pos {
+            continue;
+        }
+        if s.offset > pos {
+            break;
+        }
+        plan.push((s.offset, (pos - s.offset)..(seg_end - s.offset)));
+        pos = seg_end;
+    }
+    if pos < size {
+        return Err(BlobError::UploadChanged {
+            upload_id: upload_id.to_owned(),
+            detail: format!("segments cover {pos} of {size} bytes"),
+        });
+    }
+    Ok(plan)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(offset: u64, len: u64) -> Segment {
+        Segment { offset, len }
+    }
+
+    #[test]
+    fn contiguous_end_stops_at_gaps_and_tolerates_overlap() {
+        assert_eq!(contiguous_end(&[], 10), 0);
+        assert_eq!(contiguous_end(&[seg(0, 4), seg(4, 4)], 10), 8);
+        assert_eq!(contiguous_end(&[seg(0, 4), seg(5, 4)], 10), 4);
+        assert_eq!(contiguous_end(&[seg(1, 4)], 10), 0);
+        assert_eq!(contiguous_end(&[seg(0, 6), seg(2, 6)], 10), 8);
+        assert_eq!(contiguous_end(&[seg(0, 6), seg(2, 2), seg(6, 4)], 10), 10);
+        assert_eq!(contiguous_end(&[seg(0, 20)], 10), 10);
+    }
+
+    #[test]
+    fn take_front_splits_without_losing_bytes() {
+        let mut buf: VecDeque<Bytes> = [&b"abc"[..], b"defg", b"h"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        let front = take_front(&mut buf, 5);
+        assert_eq!(front.concat(), b"abcde");
+        let rest: Vec<u8> = buf.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(rest, b"fgh");
+    }
+
+    #[test]
+    fn upload_ids_are_checked() {
+        assert!(check_upload_id(&uuid::Uuid::new_v4().simple().to_string()).is_ok());
+        for bad in [
+            "",
+            "../x",
+            "ABCDEF0123456789abcdef0123456789",
+            "0123456789abcdef0123456789abcde/",
+        ] {
+            assert!(check_upload_id(bad).is_err(), "{bad}");
+        }
+    }
+}

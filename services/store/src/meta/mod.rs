@@ -1,0 +1,349 @@
+//! The metadata store: base versions, patch versions, their files and tensor indexes.
+//!
+//! One trait, two backends (Postgres for production, SQLite embedded), one SQL body
+//! shared by both (see `sql.rs`), one conformance suite run against both.
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use patchport_core::layout::{FileRef, TensorRecord};
+use patchport_core::{Digest, Name, Version, VersionRef};
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+/// What kind of failure a store error is (maps to one gRPC code in the registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// A version exists with other content.
+    AlreadyExists,
+    /// A referenced version does not exist.
+    NotFound,
+    /// The request is valid but the state forbids it.
+    FailedPrecondition,
+    /// The database failed.
+    Internal,
+}
+
+/// A metadata store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// `name:version` already holds other content.
+    #[error("{what} already exists with different content (digest {existing}); versions are immutable, push under a new version")]
+    AlreadyExists {
+        /// `acme/qv:1`.
+        what: String,
+        /// The digest it holds.
+        existing: Digest,
+    },
+    /// A referenced version does not exist.
+    #[error("{what} not found")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
+    /// The state forbids the change.
+    #[error("{message}")]
+    FailedPrecondition {
+        /// Why.
+        message: String,
+    },
+    /// A stored value that does not parse (a bug or a damaged database).
+    #[error("corrupt row in {table}: {message}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// What did not parse.
+        message: String,
+    },
+    /// The database failed.
+    #[error("database error")]
+    Database {
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Migrations failed.
+    #[error("database migration failed")]
+    Migrate {
+        /// The cause.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A database URL this build does not support.
+    #[error("unsupported database URL {url:?}: use postgres://... or sqlite://PATH")]
+    BadUrl {
+        /// The URL (credentials removed).
+        url: String,
+    },
+}
+
+impl StoreError {
+    /// The kind of failure.
+    pub fn kind(&self) -> StoreErrorKind {
+        match self {
+            StoreError::AlreadyExists { .. } => StoreErrorKind::AlreadyExists,
+            StoreError::NotFound { .. } => StoreErrorKind::NotFound,
+            StoreError::FailedPrecondition { .. } => StoreErrorKind::FailedPrecondition,
+            StoreError::Corrupt { .. }
+            | StoreError::Database { .. }
+            | StoreError::Migrate { .. }
+            | StoreError::BadUrl { .. } => StoreErrorKind::Internal,
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(source: sqlx::Error) -> Self {
+        StoreError::Database { source }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(source: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate { source }
+    }
+}
+
+/// Published, or yanked (kept and pullable, no longer a default or a port target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionState {
+    /// Visible and current.
+    Published,
+    /// Withdrawn by its owner.
+    Yanked,
+}
+
+impl VersionState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionState::Published => "published",
+            VersionState::Yanked => "yanked",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "published" => Ok(Self::Published),
+            "yanked" => Ok(Self::Yanked),
+            other => Err(StoreError::Corrupt {
+                table: "versions",
+                message: format!("unknown state {other:?}"),
+            }),
+        }
+    }
+}
+
+/// A stored base version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseVersionRecord {
+    /// `namespace/name`.
+    pub name: Name,
+    /// The version.
+    pub version: Version,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// The version it evolved from.
+    pub parent: Option<(Version, Digest)>,
+    /// Published or yanked.
+    pub state: VersionState,
+    /// Why it was yanked.
+    pub yank_reason: Option<String>,
+    /// Files sorted by path.
+    pub files: Vec<FileRef>,
+    /// `config.json` verbatim.
+    pub config_json: String,
+    /// `model_type`.
+    pub model_type: String,
+    /// Tensors over all safetensors files.
+    pub tensor_count: u64,
+    /// Bytes over all files.
+    pub total_size: u64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A stored patch version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PatchVersionRecord {
+    /// `namespace/name`.
+    pub name: Name,
+    /// The version.
+    pub version: Version,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// The base version it was trained on.
+    pub base_name: Name,
+    /// Its version.
+    pub base_version: Version,
+    /// Its digest (the pin).
+    pub base_digest: Digest,
+    /// Published or yanked.
+    pub state: VersionState,
+    /// Why it was yanked.
+    pub yank_reason: Option<String>,
+    /// Files sorted by path.
+    pub files: Vec<FileRef>,
+    /// `adapter_config.json` verbatim.
+    pub adapter_json: String,
+    /// `peft_type`.
+    pub peft_type: String,
+    /// Tensors in the adapter.
+    pub tensor_count: u64,
+    /// Bytes over all files.
+    pub total_size: u64,
+    /// The eval set's blob, if any.
+    pub eval_digest: Option<Digest>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+}
+
+/// A base version to insert.
+#[derive(Debug, Clone)]
+pub struct NewBaseVersion {
+    /// `namespace/name`.
+    pub name: Name,
+    /// The version.
+    pub version: Version,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Parent version of the same name.
+    pub parent: Option<VersionRef>,
+    /// Files sorted by path.
+    pub files: Vec<FileRef>,
+    /// `config.json` verbatim.
+    pub config_json: String,
+    /// `model_type`.
+    pub model_type: String,
+    /// Tensor count.
+    pub tensor_count: u64,
+}
+
+/// A patch version to insert.
+#[derive(Debug, Clone)]
+pub struct NewPatchVersion {
+    /// `namespace/name`.
+    pub name: Name,
+    /// The version.
+    pub version: Version,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// The base name.
+    pub base_name: Name,
+    /// The base version, by version or digest.
+    pub base: VersionRef,
+    /// Files sorted by path.
+    pub files: Vec<FileRef>,
+    /// `adapter_config.json` verbatim.
+    pub adapter_json: String,
+    /// `peft_type`.
+    pub peft_type: String,
+    /// Tensor count.
+    pub tensor_count: u64,
+    /// Eval set blob.
+    pub eval_digest: Option<Digest>,
+}
+
+/// The tensor index of one safetensors blob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlobIndex {
+    /// Header JSON length.
+    pub json_len: u64,
+    /// Tensors in offset order.
+    pub tensors: Vec<TensorRecord>,
+}
+
+/// Which versions to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// `namespace` or `namespace/name`; empty for all.
+    pub prefix: String,
+    /// Include yanked versions.
+    pub include_yanked: bool,
+}
+
+/// The metadata store.
+#[async_trait::async_trait]
+pub trait MetadataStore: Send + Sync + fmt::Debug {
+    /// Inserts a base version; `Ok((record, false))` when the same content already
+    /// exists under that name and version. Fails with AlreadyExists on other content
+    /// and NotFound on an unknown parent.
+    async fn insert_base_version(
+        &self,
+        new: NewBaseVersion,
+    ) -> Result<(BaseVersionRecord, bool), StoreError>;
+    /// A base version by version or digest.
+    async fn get_base_version(
+        &self,
+        name: &Name,
+        version: &VersionRef,
+    ) -> Result<Option<BaseVersionRecord>, StoreError>;
+    /// Base versions, by name then creation.
+    async fn list_base_versions(&self, filter: &ListFilter) -> Result<Vec<BaseVersionRecord>, StoreError>;
+    /// Marks a base version yanked.
+    async fn yank_base_version(
+        &self,
+        name: &Name,
+        version: &VersionRef,
+        reason: &str,
+    ) -> Result<BaseVersionRecord, StoreError>;
+    /// Inserts a patch version (see `insert_base_version`); NotFound on an unknown base.
+    async fn insert_patch_version(
+        &self,
+        new: NewPatchVersion,
+    ) -> Result<(PatchVersionRecord, bool), StoreError>;
+    /// A patch version by version or digest.
+    async fn get_patch_version(
+        &self,
+        name: &Name,
+        version: &VersionRef,
+    ) -> Result<Option<PatchVersionRecord>, StoreError>;
+    /// Patch versions, by name then creation.
+    async fn list_patch_versions(&self, filter: &ListFilter) -> Result<Vec<PatchVersionRecord>, StoreError>;
+    /// Marks a patch version yanked.
+    async fn yank_patch_version(
+        &self,
+        name: &Name,
+        version: &VersionRef,
+        reason: &str,
+    ) -> Result<PatchVersionRecord, StoreError>;
+    /// The stored tensor index of a blob.
+    async fn get_blob_index(&self, blob: &Digest) -> Result<Option<BlobIndex>, StoreError>;
+    /// Stores the tensor index of a blob (idempotent).
+    async fn put_blob_index(&self, blob: &Digest, index: &BlobIndex) -> Result<(), StoreError>;
+}
+
+/// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.
+pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>, StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PgStore::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::connect(url).await?))
+    } else {
+        Err(StoreError::BadUrl {
+            url: redact(url),
+        })
+    }
+}
+
+/// A URL with any password replaced, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+pub(crate) fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,847 @@
+//! Blob store conformance suite: every case runs against `memory://` and `file://` always,
+//! and against S3 when `PATCHPORT_TEST_S3_ENDPOINT` is set (see scripts/s3-server.sh).
+
+use std::io::Write as _;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use patchport_core::Digest;
+use patchport_store::blobs::{
+    BlobError, BlobErrorKind, BlobStore, CommitOutcome, READ_CHUNK_SIZE, UploadSession, UploadStart,
+};
+
+/// Small segments, so that a few hundred KiB make a multi-segment upload.
+const SEGMENT: usize = 64 << 10;
+
+/// A backend under test; `open` makes a new `BlobStore` over the same storage, as a
+/// restarted registry or another replica would.
+struct Backend {
+    kind: Kind,
+    _dir: Option<tempfile::TempDir>,
+}
+
+enum Kind {
+    Memory(Arc<dyn ObjectStore>),
+    Url(String),
+}
+
+impl Backend {
+    fn memory() -> Self {
+        Self {
+            kind: Kind::Memory(Arc::new(InMemory::new())),
+            _dir: None,
+        }
+    }
+
+    fn file() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("file://{}", dir.path().join("blobs").display());
+        Self {
+            kind: Kind::Url(url),
+            _dir: Some(dir),
+        }
+    }
+
+    /// An S3 backend with a prefix of its own, or `None` (said once) when not configured.
+    fn s3() -> Option<Self> {
+        static SKIPPED: Once = Once::new();
+        let Some(endpoint) = env("PATCHPORT_TEST_S3_ENDPOINT") else {
+            SKIPPED.call_once(|| {
+                // Written to the process's stderr directly, so it shows without --nocapture.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "S3 blob tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set"
+                );
+            });
+            return None;
+        };
+        // The store reads its endpoint from AWS_ENDPOINT_URL; never let a test that was
+        // meant for a local server talk to real AWS.
+        let store_endpoint = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT"));
+        assert_eq!(
+            store_endpoint.as_deref(),
+            Some(endpoint.as_str()),
+            "set AWS_ENDPOINT_URL to PATCHPORT_TEST_S3_ENDPOINT (scripts/s3-server.sh prints both)"
+        );
+        let bucket = env("PATCHPORT_TEST_S3_BUCKET").unwrap_or_else(|| "patchport-test".into());
+        let url = format!("s3://{bucket}/test-{}", uuid::Uuid::new_v4().simple());
+        Some(Self {
+            kind: Kind::Url(url),
+            _dir: None,
+        })
+    }
+
+    fn open(&self) -> BlobStore {
+        static LOG: Once = Once::new();
+        // RUST_LOG=patchport_store=debug shows which promotion path a backend took.
+        LOG.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        });
+        let store = match &self.kind {
+            Kind::Memory(store) => BlobStore::new(store.clone(), Path::default()),
+            Kind::Url(url) => BlobStore::from_url(url).expect("open blob store"),
+        };
+        store.with_segment_size(SEGMENT)
+    }
+}
+
+fn env(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
+/// Deterministic bytes that differ per seed.
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn session(start: UploadStart) -> UploadSession {
+    match start {
+        UploadStart::Session(s) => s,
+        UploadStart::Exists { .. } => panic!("expected a new upload session, got {start:?}"),
+    }
+}
+
+/// Sends `bytes[from..]` to a session in chunks of `chunk`, then flushes.
+async fn send(store: &BlobStore, upload_id: &str, bytes: &[u8], from: usize, chunk: usize) -> u64 {
+    let mut writer = store.upload_writer(upload_id).await.expect("writer");
+    assert_eq!(writer.committed(), from as u64);
+    for (i, piece) in bytes[from..].chunks(chunk).enumerate() {
+        let offset = (from + i * chunk) as u64;
+        writer
+            .write(offset, Bytes::copy_from_slice(piece))
+            .await
+            .expect("write chunk");
+    }
+    writer.flush().await.expect("flush")
+}
+
+/// The whole push of a client: start, send everything, commit.
+async fn push(store: &BlobStore, bytes: &[u8]) -> Result<CommitOutcome, BlobError> {
+    let digest = Digest::of(bytes);
+    match store.start_upload(digest, bytes.len() as u64).await? {
+        UploadStart::Exists { digest, size } => Ok(CommitOutcome {
+            digest,
+            size,
+            deduplicated: true,
+        }),
+        UploadStart::Session(s) => {
+            let mut writer = store.upload_writer(&s.upload_id).await?;
+            let mut offset = writer.committed();
+            for piece in bytes[offset as usize..].chunks(10_000) {
+                writer.write(offset, Bytes::copy_from_slice(piece)).await?;
+                offset += piece.len() as u64;
+            }
+            writer.flush().await?;
+            store.commit_upload(&s.upload_id).await
+        }
+    }
+}
+
+async fn read_range(store: &BlobStore, d: &Digest, offset: u64, len: Option<u64>) -> Vec<u8> {
+    let chunks: Vec<Bytes> = store
+        .read(d, offset, len)
+        .await
+        .expect("read")
+        .try_collect()
+        .await
+        .expect("read stream");
+    chunks.concat()
+}
+
+fn assert_kind<T: std::fmt::Debug>(result: Result<T, BlobError>, kind: BlobErrorKind) -> BlobError {
+    match result {
+        Ok(v) => panic!("expected {kind:?}, got Ok({v:?})"),
+        Err(e) => {
+            assert_eq!(e.kind(), kind, "{e}");
+            e
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The cases.
+
+async fn roundtrip_multi_segment(b: &Backend) {
+    let store = b.open();
+    let bytes = data(300 << 10, 1);
+    let digest = Digest::of(&bytes);
+    assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);
+
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (s.digest, s.size, s.committed),
+        (digest, bytes.len() as u64, 0)
+    );
+    // Uneven chunks that straddle segment boundaries.
+    let committed = send(&store, &s.upload_id, &bytes, 0, 7_001).await;
+    assert_eq!(committed, bytes.len() as u64);
+    assert!(
+        !store.contains(&digest).await.unwrap(),
+        "visible before commit"
+    );
+
+    let outcome = store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(
+        outcome,
+        CommitOutcome {
+            digest,
+            size: bytes.len() as u64,
+            deduplicated: false
+        }
+    );
+    assert!(store.contains(&digest).await.unwrap());
+    assert_eq!(store.size(&digest).await.unwrap(), Some(bytes.len() as u64));
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    assert_eq!(read_range(&store, &digest, 0, None).await, bytes);
+    // A re-push sends nothing.
+    assert!(store.find_missing(&[digest]).await.unwrap().is_empty());
+    // Another instance sees it too.
+    assert_eq!(b.open().read_all(&digest).await.unwrap(), bytes);
+}
+
+async fn ranged_reads(b: &Backend) {
+    let store = b.open();
+    let bytes = data(200_000, 2);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(digest, Digest::of(&bytes));
+    let n = bytes.len() as u64;
+    for (offset, len) in [
+        (0, Some(10)),
+        (0, Some(n)),
+        (12_345, Some(100_000)),
+        (n - 1, Some(1)),
+        (150_000, None),
+        (0, None),
+    ] {
+        let want = &bytes[offset as usize..len.map_or(n, |l| offset + l) as usize];
+        assert_eq!(
+            read_range(&store, &digest, offset, len).await,
+            want,
+            "{offset} {len:?}"
+        );
+    }
+    // A length past the end is clamped; zero bytes and the end offset read nothing.
+    assert_eq!(
+        read_range(&store, &digest, n - 5, Some(100)).await,
+        &bytes[bytes.len() - 5..]
+    );
+    assert!(read_range(&store, &digest, 10, Some(0)).await.is_empty());
+    assert!(read_range(&store, &digest, n, None).await.is_empty());
+    let e = assert_kind(
+        store.read(&digest, n + 1, None).await.map(|_| ()),
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(e.to_string().contains("past the end"), "{e}");
+    let missing = Digest::of(b"not stored");
+    assert_kind(
+        store.read(&missing, 0, None).await.map(|_| ()),
+        BlobErrorKind::NotFound,
+    );
+    assert_kind(store.read_all(&missing).await, BlobErrorKind::NotFound);
+}
+
+async fn read_chunks_are_bounded(b: &Backend) {
+    let store = b.open();
+    let bytes = data(READ_CHUNK_SIZE * 2 + 12_345, 3);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let chunks: Vec<Bytes> = store
+        .read(&digest, 7, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| !c.is_empty() && c.len() <= READ_CHUNK_SIZE)
+    );
+    assert_eq!(chunks.concat(), &bytes[7..]);
+}
+
+async fn digest_mismatch_is_refused(b: &Backend) {
+    let bytes = data(300 << 10, 4);
+    let declared = Digest::of(b"something else entirely");
+    let sent = Digest::of(&bytes);
+
+    // Same instance (the running hash knows) and a restarted one (it must re-hash).
+    for restart in [false, true] {
+        let store = b.open();
+        let s = session(
+            store
+                .start_upload(declared, bytes.len() as u64)
+                .await
+                .unwrap(),
+        );
+        send(&store, &s.upload_id, &bytes, 0, 50_000).await;
+        let committer = if restart { b.open() } else { store.clone() };
+        let e = assert_kind(
+            committer.commit_upload(&s.upload_id).await,
+            BlobErrorKind::InvalidArgument,
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("digest mismatch: declared {declared}, received bytes hash to {sent}")
+        );
+        assert!(!store.contains(&declared).await.unwrap());
+        assert!(!store.contains(&sent).await.unwrap());
+        // The session is gone, so its garbage does not stay.
+        assert_kind(
+            store.upload_status(&s.upload_id).await,
+            BlobErrorKind::NotFound,
+        );
+    }
+
+    // The same for a blob that fits one segment.
+    let store = b.open();
+    let small = data(1_000, 5);
+    let s = session(
+        store
+            .start_upload(declared, small.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &small, 0, 300).await;
+    assert_kind(
+        b.open().commit_upload(&s.upload_id).await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(!store.contains(&declared).await.unwrap());
+}
+
+async fn size_mismatch_is_refused(b: &Backend) {
+    let store = b.open();
+    let bytes = data(100_000, 6);
+    let digest = Digest::of(&bytes);
+
+    // Declared too small: the chunk that goes past it is refused.
+    let s = session(store.start_upload(digest, 50_000).await.unwrap());
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    writer
+        .write(0, Bytes::copy_from_slice(&bytes[..40_000]))
+        .await
+        .unwrap();
+    let e = assert_kind(
+        writer
+            .write(40_000, Bytes::copy_from_slice(&bytes[40_000..]))
+            .await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(
+        e.to_string().contains("past the declared size 50000"),
+        "{e}"
+    );
+    assert_eq!(writer.flush().await.unwrap(), 40_000);
+
+    // Declared too large: all bytes sent, the commit is refused as incomplete.
+    let s = session(store.start_upload(digest, 150_000).await.unwrap());
+    send(&store, &s.upload_id, &bytes, 0, 30_000).await;
+    assert_kind(
+        store.commit_upload(&s.upload_id).await,
+        BlobErrorKind::FailedPrecondition,
+    );
+    assert!(!store.contains(&digest).await.unwrap());
+
+    // A stored blob declared with another size.
+    store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let e = assert_kind(
+        store.start_upload(digest, 99_999).await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(e.to_string().contains("size mismatch"), "{e}");
+}
+
+async fn commit_before_complete_fails(b: &Backend) {
+    let store = b.open();
+    let bytes = data(200_000, 7);
+    let digest = Digest::of(&bytes);
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &bytes[..150_000], 0, 25_000).await;
+    let e = assert_kind(
+        store.commit_upload(&s.upload_id).await,
+        BlobErrorKind::FailedPrecondition,
+    );
+    assert!(e.to_string().contains("150000 of 200000"), "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    // The session is intact: finish and commit.
+    send(&store, &s.upload_id, &bytes, 150_000, 25_000).await;
+    assert!(
+        !store
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+async fn upload_resumes_after_restart(b: &Backend) {
+    let bytes = data(300 << 10, 8);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+
+    let upload_id = {
+        let store = b.open();
+        let s = session(store.start_upload(digest, size).await.unwrap());
+        let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+        // Half the bytes, not on a segment boundary; the stream breaks and the handler
+        // flushes what arrived.
+        let half = 150_001;
+        writer
+            .write(0, Bytes::copy_from_slice(&bytes[..100_000]))
+            .await
+            .unwrap();
+        writer
+            .write(100_000, Bytes::copy_from_slice(&bytes[100_000..half]))
+            .await
+            .unwrap();
+        assert_eq!(writer.flush().await.unwrap(), half as u64);
+        // A writer dropped without flush loses only its unpersisted buffer.
+        let mut cut = store.upload_writer(&s.upload_id).await.unwrap();
+        cut.write(half as u64, Bytes::copy_from_slice(&bytes[half..half + 10]))
+            .await
+            .unwrap();
+        drop(cut);
+        s.upload_id
+    };
+
+    // The registry restarted: a new instance over the same storage.
+    let store = b.open();
+    let status = store.upload_status(&upload_id).await.unwrap();
+    assert_eq!(
+        (status.digest, status.size, status.committed),
+        (digest, size, 150_001)
+    );
+    // A client that lost its upload id gets the same session back.
+    let again = session(store.start_upload(digest, size).await.unwrap());
+    assert_eq!(again, status);
+
+    send(
+        &store,
+        &upload_id,
+        &bytes,
+        status.committed as usize,
+        33_333,
+    )
+    .await;
+    let outcome = store.commit_upload(&upload_id).await.unwrap();
+    assert!(!outcome.deduplicated);
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+async fn wrong_offset_is_refused(b: &Backend) {
+    let store = b.open();
+    let bytes = data(1_000, 9);
+    let s = session(store.start_upload(Digest::of(&bytes), 1_000).await.unwrap());
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    let e = assert_kind(
+        writer.write(5, Bytes::copy_from_slice(&bytes[5..10])).await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(e.to_string().contains("expected offset 0"), "{e}");
+    writer
+        .write(0, Bytes::copy_from_slice(&bytes[..100]))
+        .await
+        .unwrap();
+    let e = assert_kind(
+        writer
+            .write(50, Bytes::copy_from_slice(&bytes[50..60]))
+            .await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(e.to_string().contains("expected offset 100"), "{e}");
+    writer
+        .write(100, Bytes::copy_from_slice(&bytes[100..]))
+        .await
+        .unwrap();
+    assert_eq!(writer.flush().await.unwrap(), 1_000);
+    // A writer opened later starts at the committed offset.
+    let mut late = store.upload_writer(&s.upload_id).await.unwrap();
+    assert_eq!(late.committed(), 1_000);
+    assert_kind(
+        late.write(0, Bytes::from_static(b"x")).await,
+        BlobErrorKind::InvalidArgument,
+    );
+    store.commit_upload(&s.upload_id).await.unwrap();
+}
+
+async fn concurrent_uploads_of_one_blob(b: &Backend) {
+    // Two registry replicas, two clients, racing from start to commit.
+    let bytes = Arc::new(data(300 << 10, 10));
+    let digest = Digest::of(&bytes);
+    let tasks: Vec<_> = (0..2)
+        .map(|_| {
+            let store = b.open();
+            let bytes = bytes.clone();
+            tokio::spawn(async move { push(&store, &bytes).await })
+        })
+        .collect();
+    for task in tasks {
+        let outcome = task.await.expect("join").expect("push");
+        assert_eq!((outcome.digest, outcome.size), (digest, bytes.len() as u64));
+    }
+    assert_eq!(b.open().read_all(&digest).await.unwrap(), bytes.as_slice());
+}
+
+async fn shared_session_both_commit(b: &Backend) {
+    // Two clients that got the same session (start_upload reuses it) both send and commit.
+    let first = b.open();
+    let second = b.open();
+    let bytes = data(300 << 10, 11);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let s1 = session(first.start_upload(digest, size).await.unwrap());
+    let s2 = session(second.start_upload(digest, size).await.unwrap());
+    assert_eq!(s1.upload_id, s2.upload_id);
+    // Both start at offset 0 and overwrite each other's segments with the same bytes.
+    let mut w1 = first.upload_writer(&s1.upload_id).await.unwrap();
+    let mut w2 = second.upload_writer(&s2.upload_id).await.unwrap();
+    for (i, piece) in bytes.chunks(20_000).enumerate() {
+        let offset = (i * 20_000) as u64;
+        w1.write(offset, Bytes::copy_from_slice(piece))
+            .await
+            .unwrap();
+        w2.write(offset, Bytes::copy_from_slice(piece))
+            .await
+            .unwrap();
+    }
+    assert_eq!(w1.flush().await.unwrap(), size);
+    assert_eq!(w2.flush().await.unwrap(), size);
+    let (c1, c2) = tokio::join!(
+        first.commit_upload(&s1.upload_id),
+        second.commit_upload(&s2.upload_id)
+    );
+    let (c1, c2) = (c1.expect("first commit"), c2.expect("second commit"));
+    assert_eq!((c1.digest, c2.digest), (digest, digest));
+    assert!(
+        c1.deduplicated || c2.deduplicated,
+        "one of them found the blob there"
+    );
+    assert_eq!(first.read_all(&digest).await.unwrap(), bytes);
+}
+
+async fn commit_is_idempotent(b: &Backend) {
+    let store = b.open();
+    let bytes = data(100_000, 12);
+    let digest = Digest::of(&bytes);
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &bytes, 0, 40_000).await;
+    assert!(
+        !store
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+    // A client that lost the answer retries, on another replica.
+    let again = b.open().commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!((again.digest, again.deduplicated), (digest, true));
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        bytes.len() as u64
+    );
+    // And a later push of the same blob sends nothing.
+    assert_eq!(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+        UploadStart::Exists {
+            digest,
+            size: bytes.len() as u64
+        }
+    );
+}
+
+async fn find_missing_dedups_in_order(b: &Backend) {
+    let store = b.open();
+    let a = store.put_bytes(Bytes::from_static(b"a")).await.unwrap();
+    let bb = store.put_bytes(Bytes::from_static(b"b")).await.unwrap();
+    let c = Digest::of(b"c");
+    let d = Digest::of(b"d");
+    assert_eq!(
+        store.find_missing(&[d, a, c, d, bb, c]).await.unwrap(),
+        vec![d, c]
+    );
+    assert_eq!(
+        store.find_missing(&[a, bb]).await.unwrap(),
+        Vec::<Digest>::new()
+    );
+    assert!(store.find_missing(&[]).await.unwrap().is_empty());
+    let many: Vec<Digest> = (0..100u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
+    assert_eq!(store.find_missing(&many).await.unwrap(), many);
+}
+
+async fn put_bytes_dedups(b: &Backend) {
+    let store = b.open();
+    let bytes = Bytes::from_static(b"{\"hidden_size\": 64}");
+    let d1 = store.put_bytes(bytes.clone()).await.unwrap();
+    let d2 = b.open().put_bytes(bytes.clone()).await.unwrap();
+    assert_eq!(d1, d2);
+    assert_eq!(d1, Digest::of(&bytes));
+    assert_eq!(store.read_all(&d1).await.unwrap(), bytes);
+    let empty = store.put_bytes(Bytes::new()).await.unwrap();
+    assert_eq!(empty, Digest::of(b""));
+    assert_eq!(store.size(&empty).await.unwrap(), Some(0));
+    assert!(read_range(&store, &empty, 0, None).await.is_empty());
+}
+
+async fn start_upload_of_stored_blob_says_exists(b: &Backend) {
+    let store = b.open();
+    let bytes = data(5_000, 13);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(
+        store.start_upload(digest, 5_000).await.unwrap(),
+        UploadStart::Exists {
+            digest,
+            size: 5_000
+        }
+    );
+    // An upload that was already running when the blob appeared dedups at commit.
+    let other = b.open();
+    let late = data(7_000, 14);
+    let late_digest = Digest::of(&late);
+    let s = session(other.start_upload(late_digest, 7_000).await.unwrap());
+    send(&other, &s.upload_id, &late, 0, 1_000).await;
+    store.put_bytes(Bytes::from(late.clone())).await.unwrap();
+    assert!(
+        other
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+}
+
+async fn empty_blob_uploads(b: &Backend) {
+    let store = b.open();
+    let digest = Digest::of(b"");
+    let s = session(store.start_upload(digest, 0).await.unwrap());
+    assert_eq!(send(&store, &s.upload_id, b"", 0, 10).await, 0);
+    let outcome = store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!((outcome.digest, outcome.size), (digest, 0));
+    assert_eq!(store.read_all(&digest).await.unwrap(), Bytes::new());
+}
+
+async fn expire_removes_abandoned_uploads(b: &Backend) {
+    let store = b.open();
+    let bytes = data(100_000, 15);
+    let digest = Digest::of(&bytes);
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &bytes[..70_000], 0, 10_000).await;
+    assert_eq!(
+        store
+            .expire_uploads(Duration::from_secs(3_600))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        70_000
+    );
+
+    assert!(store.expire_uploads(Duration::ZERO).await.unwrap() >= 1);
+    assert_kind(
+        store.upload_status(&s.upload_id).await,
+        BlobErrorKind::NotFound,
+    );
+    // The next attempt gets a fresh session and succeeds.
+    let fresh = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(fresh.upload_id, s.upload_id);
+    assert_eq!(fresh.committed, 0);
+    send(&store, &fresh.upload_id, &bytes, 0, 10_000).await;
+    store.commit_upload(&fresh.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+async fn bad_upload_ids_are_refused(b: &Backend) {
+    let store = b.open();
+    for bad in [
+        "",
+        "nope",
+        "../../blobs",
+        "0123456789ABCDEF0123456789abcdef",
+    ] {
+        assert_kind(
+            store.upload_status(bad).await,
+            BlobErrorKind::InvalidArgument,
+        );
+        assert_kind(
+            store.upload_writer(bad).await,
+            BlobErrorKind::InvalidArgument,
+        );
+        assert_kind(
+            store.commit_upload(bad).await,
+            BlobErrorKind::InvalidArgument,
+        );
+    }
+    let unknown = uuid::Uuid::new_v4().simple().to_string();
+    assert_kind(store.upload_status(&unknown).await, BlobErrorKind::NotFound);
+    assert_kind(store.upload_writer(&unknown).await, BlobErrorKind::NotFound);
+    assert_kind(store.commit_upload(&unknown).await, BlobErrorKind::NotFound);
+}
+
+async fn large_blob_without_copy(b: &Backend) {
+    // Past the copy limit (S3's is 5 GiB) a blob is completed at its final key.
+    let store = b.open().with_max_copy_size(100 << 10);
+    let bytes = data(300 << 10, 16);
+    let outcome = push(&store, &bytes).await.unwrap();
+    assert!(!outcome.deduplicated);
+    assert_eq!(store.read_all(&outcome.digest).await.unwrap(), bytes);
+    // Digest mismatch on that path leaves nothing visible either.
+    let declared = Digest::of(b"declared");
+    let s = session(
+        store
+            .start_upload(declared, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &bytes, 0, 64 << 10).await;
+    assert_kind(
+        b.open()
+            .with_max_copy_size(100 << 10)
+            .commit_upload(&s.upload_id)
+            .await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert!(!store.contains(&declared).await.unwrap());
+}
+
+async fn multipart_with_several_parts(b: &Backend) {
+    // 36 MiB in 4 MiB segments: the commit writes several 16 MiB multipart parts.
+    let store = b.open().with_segment_size(4 << 20);
+    let bytes = data(36 << 20, 17);
+    let outcome = push(&store, &bytes).await.unwrap();
+    assert_eq!(outcome.size, bytes.len() as u64);
+    assert_eq!(read_range(&store, &outcome.digest, 0, None).await, bytes);
+    let mid = 20 << 20;
+    assert_eq!(
+        read_range(&store, &outcome.digest, mid, Some(3 << 20)).await,
+        &bytes[mid as usize..(mid + (3 << 20)) as usize]
+    );
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::Backend::memory()).await;
+                }
+            )*
+        }
+        mod file {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(&super::Backend::file()).await;
+                }
+            )*
+        }
+        mod s3 {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if let Some(backend) = super::Backend::s3() {
+                        super::$case(&backend).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    roundtrip_multi_segment,
+    ranged_reads,
+    read_chunks_are_bounded,
+    digest_mismatch_is_refused,
+    size_mismatch_is_refused,
+    commit_before_complete_fails,
+    upload_resumes_after_restart,
+    wrong_offset_is_refused,
+    concurrent_uploads_of_one_blob,
+    shared_session_both_commit,
+    commit_is_idempotent,
+    find_missing_dedups_in_order,
+    put_bytes_dedups,
+    start_upload_of_stored_blob_says_exists,
+    empty_blob_uploads,
+    expire_removes_abandoned_uploads,
+    bad_upload_ids_are_refused,
+    large_blob_without_copy,
+    multipart_with_several_parts,
+);
+
+#[test]
+fn from_url_rejects_bad_urls() {
+    for bad in [
+        "",
+        "blobs",
+        "ftp://host/x",
+        "gs://bucket",
+        "s3://",
+        "memory://x",
+        "file://",
+    ] {
+        let e = BlobStore::from_url(bad).expect_err(bad);
+        assert_eq!(e.kind(), BlobErrorKind::InvalidArgument, "{bad}: {e}");
+    }
+    let e = BlobStore::from_url("ftp://host/x").unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("file://") && msg.contains("memory://") && msg.contains("s3://"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn from_url_creates_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a/b/blobs");
+    BlobStore::from_url(&format!("file://{}", path.display())).unwrap();
+    assert!(path.is_dir());
+}

@@ -1,0 +1,186 @@
+//! Test harness: starts the real registry in-process on `127.0.0.1:0` with its own
+//! database and blob store, for every backend this machine offers.
+//!
+//! Backends: SQLite + `file://` always; Postgres when `PATCHPORT_TEST_DATABASE_URL` is set
+//! (a fresh database per test); an S3-compatible server when `PATCHPORT_TEST_S3_ENDPOINT`
+//! is set (a fresh prefix per test in `PATCHPORT_TEST_S3_BUCKET`). A visible line says
+//! which were skipped.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use patchport_client::Client;
+use patchport_registry::{Application, Config};
+
+/// Where the fixtures live.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// One storage configuration a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file + `file://` blobs (the embedded default).
+    Embedded,
+    /// Postgres (or SQLite when no Postgres is configured) + S3 (or `memory://` when no
+    /// S3 is configured). Only listed when at least one of the two is configured.
+    Production,
+}
+
+static SKIP_NOTE: Once = Once::new();
+
+/// The backends to run against on this machine.
+pub fn backends() -> Vec<Backend> {
+    let pg = std::env::var("PATCHPORT_TEST_DATABASE_URL").is_ok();
+    let s3 = std::env::var("PATCHPORT_TEST_S3_ENDPOINT").is_ok();
+    SKIP_NOTE.call_once(|| {
+        if !pg {
+            eprintln!("postgres tests skipped: PATCHPORT_TEST_DATABASE_URL not set");
+        }
+        if !s3 {
+            eprintln!("S3 tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set");
+        }
+    });
+    if pg || s3 {
+        vec![Backend::Embedded, Backend::Production]
+    } else {
+        vec![Backend::Embedded]
+    }
+}
+
+/// A fresh Postgres database on the configured server; returns its URL.
+pub async fn fresh_postgres_db(base_url: &str) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    let name = format!("pp_test_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = sqlx::PgConnection::connect(base_url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await?;
+    let mut url = url_without_db(base_url);
+    url.push('/');
+    url.push_str(&name);
+    Ok(url)
+}
+
+fn url_without_db(url: &str) -> String {
+    // postgres://user@host:port/db?params -> postgres://user@host:port
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let authority = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{authority}")
+}
+
+/// A running registry and what it stores into.
+#[derive(Debug)]
+pub struct TestRegistry {
+    /// The backend.
+    pub backend: Backend,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The configuration it was started with (to restart it on the same stores).
+    pub config: Config,
+    /// Holds the SQLite file and blob directory.
+    pub dir: tempfile::TempDir,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestRegistry {
+    /// Starts a registry on fresh stores of `backend`.
+    pub async fn start(backend: Backend) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let sqlite = format!("sqlite://{}/registry.db", dir.path().display());
+        let files = format!("file://{}/blobs", dir.path().display());
+        std::fs::create_dir_all(dir.path().join("blobs"))?;
+        let (database, blobs) = match backend {
+            Backend::Embedded => (sqlite, files),
+            Backend::Production => {
+                let database = match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
+                    Ok(url) => fresh_postgres_db(&url).await?,
+                    Err(_) => sqlite,
+                };
+                let blobs = match std::env::var("PATCHPORT_TEST_S3_ENDPOINT") {
+                    Ok(_) => {
+                        let bucket = std::env::var("PATCHPORT_TEST_S3_BUCKET")
+                            .unwrap_or_else(|_| "patchport-test".to_owned());
+                        format!("s3://{bucket}/t-{}", uuid::Uuid::new_v4().simple())
+                    }
+                    Err(_) => "memory://".to_owned(),
+                };
+                (database, blobs)
+            }
+        };
+        let config = Config {
+            listen: "127.0.0.1:0".parse()?,
+            database,
+            blobs,
+        };
+        Self::start_with(backend, config, dir).await
+    }
+
+    async fn start_with(backend: Backend, config: Config, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        let app = Application::build(config.clone()).await?;
+        let url = format!("http://{}", app.local_addr());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = app
+                .run_until(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            backend,
+            url,
+            config,
+            dir,
+            shutdown: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// Stops the server and starts a new one on the same stores (a registry restart).
+    /// `memory://` blobs do not survive a restart, so such registries keep the
+    /// in-memory store only within one process start.
+    pub async fn restart(mut self) -> anyhow::Result<Self> {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.listen = "127.0.0.1:0".parse()?;
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
+        Self::start_with(self.backend, config, dir).await
+    }
+
+    /// Stops the server.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// A client connected to it.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Ok(Client::connect(&self.url).await?)
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Every file under `dir`, relative path to bytes.
+pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    patchport_client::scan_dir(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|f| {
+            let bytes = std::fs::read(&f.local).unwrap_or_default();
+            (f.path, bytes)
+        })
+        .collect()
+}
