@@ -117,7 +117,11 @@ impl TestRegistry {
         Self::start_with(backend, config, dir).await
     }
 
-    async fn start_with(backend: Backend, config: Config, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+    async fn start_with(
+        backend: Backend,
+        config: Config,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
         let app = Application::build(config.clone()).await?;
         let url = format!("http://{}", app.local_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

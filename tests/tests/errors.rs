@@ -5,7 +5,7 @@ use std::path::Path;
 
 use patchport_client::{ClientError, NoProgress, PushKind};
 use patchport_proto::v1;
-use patchport_tests::{fixtures, read_tree, Backend, TestRegistry};
+use patchport_tests::{Backend, TestRegistry, fixtures, read_tree};
 use tonic::Code;
 
 fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
@@ -63,9 +63,16 @@ async fn seeded() -> (TestRegistry, Vec<v1::BaseVersion>, Vec<v1::PatchVersion>)
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
     let f = fixtures().join("llama-micro");
-    client.push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress).await.unwrap();
     client
-        .push_dir(&f.join("patches/lora-qv"), &patch("acme/qv", "1", "acme/llama:v1"), &NoProgress)
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("patches/lora-qv"),
+            &patch("acme/qv", "1", "acme/llama:v1"),
+            &NoProgress,
+        )
         .await
         .unwrap();
     let (b, p) = listing(&reg).await;
@@ -74,9 +81,24 @@ async fn seeded() -> (TestRegistry, Vec<v1::BaseVersion>, Vec<v1::PatchVersion>)
 
 async fn listing(reg: &TestRegistry) -> (Vec<v1::BaseVersion>, Vec<v1::PatchVersion>) {
     let client = reg.client().await.unwrap();
-    let req = v1::ListRequest { filter: String::new(), include_yanked: true };
-    let b = client.registry().list_base_versions(req.clone()).await.unwrap().into_inner().versions;
-    let p = client.registry().list_patch_versions(req).await.unwrap().into_inner().versions;
+    let req = v1::ListRequest {
+        filter: String::new(),
+        include_yanked: true,
+    };
+    let b = client
+        .registry()
+        .list_base_versions(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let p = client
+        .registry()
+        .list_patch_versions(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
     (b, p)
 }
 
@@ -84,13 +106,25 @@ async fn listing(reg: &TestRegistry) -> (Vec<v1::BaseVersion>, Vec<v1::PatchVers
 async fn malformed_safetensors_are_refused_with_the_file_and_the_problem() {
     let (reg, bases, patches) = seeded().await;
     let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
-        ("bad header length", {
-            let mut v = safetensors("{}", 0);
-            v[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
-            v
-        }, &["model.safetensors", "bad header length"]),
-        ("too short", vec![1, 2, 3], &["model.safetensors", "too short"]),
-        ("bad json", safetensors("{\"a\": nope}", 0), &["model.safetensors", "bad header JSON"]),
+        (
+            "bad header length",
+            {
+                let mut v = safetensors("{}", 0);
+                v[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                v
+            },
+            &["model.safetensors", "bad header length"],
+        ),
+        (
+            "too short",
+            vec![1, 2, 3],
+            &["model.safetensors", "too short"],
+        ),
+        (
+            "bad json",
+            safetensors("{\"a\": nope}", 0),
+            &["model.safetensors", "bad header JSON"],
+        ),
         (
             "overlapping offsets",
             safetensors(
@@ -101,21 +135,38 @@ async fn malformed_safetensors_are_refused_with_the_file_and_the_problem() {
         ),
         (
             "offsets past the end of the file",
-            safetensors(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, 8),
+            safetensors(
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                8,
+            ),
             &["model.safetensors", "bad tensor offsets"],
         ),
         (
             "unknown dtype",
-            safetensors(r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#, 1),
+            safetensors(
+                r#"{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#,
+                1,
+            ),
             &["model.safetensors", "Q7"],
         ),
     ];
     for (what, bytes, words) in cases {
         let dir = model_dir(&[("config.json", CONFIG.into()), ("model.safetensors", bytes)]);
         eprintln!("case: {what}");
-        expect_err(&reg, dir.path(), &base("acme/llama", "bad", Some("v1")), Code::InvalidArgument, words).await;
+        expect_err(
+            &reg,
+            dir.path(),
+            &base("acme/llama", "bad", Some("v1")),
+            Code::InvalidArgument,
+            words,
+        )
+        .await;
     }
-    assert_eq!(listing(&reg).await, (bases, patches), "a failed push changed what was stored");
+    assert_eq!(
+        listing(&reg).await,
+        (bases, patches),
+        "a failed push changed what was stored"
+    );
 }
 
 #[tokio::test]
@@ -125,7 +176,10 @@ async fn a_blob_whose_bytes_do_not_match_its_digest_is_refused_and_never_stored(
     let claimed = patchport_core::Digest::of(b"the bytes I claim");
     let mut blobs = client.blobs();
     let start = blobs
-        .start_upload(v1::StartUploadRequest { digest: claimed.to_string(), size: 17 })
+        .start_upload(v1::StartUploadRequest {
+            digest: claimed.to_string(),
+            size: 17,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -134,15 +188,26 @@ async fn a_blob_whose_bytes_do_not_match_its_digest_is_refused_and_never_stored(
         offset: 0,
         data: bytes::Bytes::from_static(b"other bytes here!"),
     };
-    blobs.upload_chunks(futures::stream::iter(vec![chunk])).await.unwrap();
+    blobs
+        .upload_chunks(futures::stream::iter(vec![chunk]))
+        .await
+        .unwrap();
     let err = blobs
-        .commit_upload(v1::CommitUploadRequest { upload_id: start.upload_id })
+        .commit_upload(v1::CommitUploadRequest {
+            upload_id: start.upload_id,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("digest mismatch"), "{}", err.message());
+    assert!(
+        err.message().contains("digest mismatch"),
+        "{}",
+        err.message()
+    );
     let missing = blobs
-        .find_missing_blobs(v1::FindMissingBlobsRequest { digests: vec![claimed.to_string()] })
+        .find_missing_blobs(v1::FindMissingBlobsRequest {
+            digests: vec![claimed.to_string()],
+        })
         .await
         .unwrap()
         .into_inner()
@@ -150,7 +215,10 @@ async fn a_blob_whose_bytes_do_not_match_its_digest_is_refused_and_never_stored(
     assert_eq!(missing, vec![claimed.to_string()]);
     // A malformed digest is InvalidArgument too.
     let err = blobs
-        .start_upload(v1::StartUploadRequest { digest: "sha256:xyz".into(), size: 1 })
+        .start_upload(v1::StartUploadRequest {
+            digest: "sha256:xyz".into(),
+            size: 1,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -185,7 +253,11 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("has not been uploaded"), "{}", err.message());
+    assert!(
+        err.message().contains("has not been uploaded"),
+        "{}",
+        err.message()
+    );
     // Paths that escape the version are refused before anything is looked at.
     let err = client
         .registry()
@@ -203,7 +275,11 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("invalid file path"), "{}", err.message());
+    assert!(
+        err.message().contains("invalid file path"),
+        "{}",
+        err.message()
+    );
 }
 
 #[tokio::test]
@@ -219,7 +295,10 @@ async fn a_sharded_index_naming_missing_files_is_refused() {
         dir.path(),
         &base("acme/llama", "v2", Some("v1")),
         Code::InvalidArgument,
-        &["model.safetensors.index.json", "model-00006-of-00006.safetensors"],
+        &[
+            "model.safetensors.index.json",
+            "model-00006-of-00006.safetensors",
+        ],
     )
     .await;
     assert_eq!(listing(&reg).await, (bases, patches));
@@ -230,16 +309,72 @@ async fn bad_names_versions_parents_and_bases_are_refused() {
     let (reg, bases, patches) = seeded().await;
     let v2 = fixtures().join("llama-micro").join("v2");
     let qv = fixtures().join("llama-micro").join("patches/lora-qv");
-    expect_err(&reg, &v2, &base("Acme/Llama", "v2", None), Code::InvalidArgument, &["invalid namespace", "Acme"]).await;
-    expect_err(&reg, &v2, &base("acme", "v2", None), Code::InvalidArgument, &["expected namespace/name"]).await;
-    expect_err(&reg, &v2, &base("acme/llama", "v 2", None), Code::InvalidArgument, &["invalid version"]).await;
-    expect_err(&reg, &v2, &base("acme/llama", "v2", Some("v0")), Code::NotFound, &["parent", "acme/llama:v0"]).await;
-    expect_err(&reg, &qv, &patch("acme/qv", "2", "acme/llama:v9"), Code::NotFound, &["base version acme/llama:v9 not found"]).await;
-    expect_err(&reg, &qv, &patch("acme/qv", "2", "acme/llama"), Code::InvalidArgument, &["invalid reference"]).await;
+    expect_err(
+        &reg,
+        &v2,
+        &base("Acme/Llama", "v2", None),
+        Code::InvalidArgument,
+        &["invalid namespace", "Acme"],
+    )
+    .await;
+    expect_err(
+        &reg,
+        &v2,
+        &base("acme", "v2", None),
+        Code::InvalidArgument,
+        &["expected namespace/name"],
+    )
+    .await;
+    expect_err(
+        &reg,
+        &v2,
+        &base("acme/llama", "v 2", None),
+        Code::InvalidArgument,
+        &["invalid version"],
+    )
+    .await;
+    expect_err(
+        &reg,
+        &v2,
+        &base("acme/llama", "v2", Some("v0")),
+        Code::NotFound,
+        &["parent", "acme/llama:v0"],
+    )
+    .await;
+    expect_err(
+        &reg,
+        &qv,
+        &patch("acme/qv", "2", "acme/llama:v9"),
+        Code::NotFound,
+        &["base version acme/llama:v9 not found"],
+    )
+    .await;
+    expect_err(
+        &reg,
+        &qv,
+        &patch("acme/qv", "2", "acme/llama"),
+        Code::InvalidArgument,
+        &["invalid reference"],
+    )
+    .await;
     // A model directory is not an adapter: adapter_config.json is missing.
-    expect_err(&reg, &v2, &patch("acme/qv", "2", "acme/llama:v1"), Code::InvalidArgument, &["missing adapter_config.json"]).await;
+    expect_err(
+        &reg,
+        &v2,
+        &patch("acme/qv", "2", "acme/llama:v1"),
+        Code::InvalidArgument,
+        &["missing adapter_config.json"],
+    )
+    .await;
     // An adapter directory is not a model.
-    expect_err(&reg, &qv, &base("acme/llama", "v2", None), Code::InvalidArgument, &["missing config.json"]).await;
+    expect_err(
+        &reg,
+        &qv,
+        &base("acme/llama", "v2", None),
+        Code::InvalidArgument,
+        &["missing config.json"],
+    )
+    .await;
     assert_eq!(listing(&reg).await, (bases, patches));
 }
 
@@ -248,7 +383,14 @@ async fn versions_are_immutable() {
     let (reg, bases, patches) = seeded().await;
     let f = fixtures().join("llama-micro");
     // Other content under an existing version: AlreadyExists, nothing changes.
-    expect_err(&reg, &f.join("v2"), &base("acme/llama", "v1", None), Code::AlreadyExists, &["acme/llama:v1", "already exists"]).await;
+    expect_err(
+        &reg,
+        &f.join("v2"),
+        &base("acme/llama", "v1", None),
+        Code::AlreadyExists,
+        &["acme/llama:v1", "already exists"],
+    )
+    .await;
     expect_err(
         &reg,
         &f.join("patches/lora-all-rslora"),
@@ -259,12 +401,23 @@ async fn versions_are_immutable() {
     .await;
     // The same content again: a no-op.
     let client = reg.client().await.unwrap();
-    let again = client.push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress).await.unwrap();
+    let again = client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
     assert!(!again.created);
     assert_eq!(listing(&reg).await, (bases, patches));
     // The stored bytes are still the original ones.
     let out = tempfile::tempdir().unwrap();
-    client.pull(&"acme/llama:v1".parse().unwrap(), out.path(), false, &NoProgress).await.unwrap();
+    client
+        .pull(
+            &"acme/llama:v1".parse().unwrap(),
+            out.path(),
+            false,
+            &NoProgress,
+        )
+        .await
+        .unwrap();
     assert_eq!(read_tree(out.path()), read_tree(&f.join("v1")));
 }
 
@@ -279,13 +432,30 @@ async fn a_patch_with_nan_or_a_bad_adapter_config_is_refused() {
     st[8 + n..8 + n + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
     let dir = model_dir(&files);
-    expect_err(&reg, dir.path(), &patch("acme/nan", "1", "acme/llama:v1"), Code::InvalidArgument, &["NaN or infinite"]).await;
+    expect_err(
+        &reg,
+        dir.path(),
+        &patch("acme/nan", "1", "acme/llama:v1"),
+        Code::InvalidArgument,
+        &["NaN or infinite"],
+    )
+    .await;
 
     let mut tree = read_tree(&src);
-    tree.insert("adapter_config.json".into(), br#"{"peft_type":"LORA","r":"four","lora_alpha":8}"#.to_vec());
+    tree.insert(
+        "adapter_config.json".into(),
+        br#"{"peft_type":"LORA","r":"four","lora_alpha":8}"#.to_vec(),
+    );
     let files: Vec<(&str, Vec<u8>)> = tree.iter().map(|(p, b)| (p.as_str(), b.clone())).collect();
     let dir = model_dir(&files);
-    expect_err(&reg, dir.path(), &patch("acme/bad", "1", "acme/llama:v1"), Code::InvalidArgument, &["adapter_config.json", "\"r\""]).await;
+    expect_err(
+        &reg,
+        dir.path(),
+        &patch("acme/bad", "1", "acme/llama:v1"),
+        Code::InvalidArgument,
+        &["adapter_config.json", "\"r\""],
+    )
+    .await;
     assert_eq!(listing(&reg).await, (bases, patches));
 }
 
@@ -294,7 +464,12 @@ async fn unknown_references_are_not_found() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
     let err = client
-        .pull(&"acme/none:1".parse().unwrap(), tempfile::tempdir().unwrap().path(), false, &NoProgress)
+        .pull(
+            &"acme/none:1".parse().unwrap(),
+            tempfile::tempdir().unwrap().path(),
+            false,
+            &NoProgress,
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(Code::NotFound));

@@ -1,11 +1,10 @@
 //! The registry foundation, end to end through gRPC: every fixture round-trips byte for
 //! byte, uploads resume and dedupe, pushes are immutable and all-or-nothing.
 
-
 use patchport_client::{NoProgress, PushKind};
 use patchport_core::AnyRef;
 use patchport_proto::v1;
-use patchport_tests::{backends, fixtures, read_tree, Backend, TestRegistry};
+use patchport_tests::{Backend, TestRegistry, backends, fixtures, read_tree};
 
 fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
     PushKind::Base {
@@ -30,17 +29,27 @@ fn fixture_versions() -> Vec<(std::path::PathBuf, PushKind, String)> {
     let mut out = Vec::new();
     for (family, bases) in [
         ("gpt2-micro", &["v1", "v2"][..]),
-        ("llama-micro", &["v1", "v2", "v2-bf16", "v2-f16", "v2-sharded", "v3-vocab"][..]),
+        (
+            "llama-micro",
+            &["v1", "v2", "v2-bf16", "v2-f16", "v2-sharded", "v3-vocab"][..],
+        ),
         ("task-llama", &["v1", "v2", "v2-drift"][..]),
     ] {
         let name = format!("fixtures/{family}");
         for v in bases {
             let parent = (*v != "v1").then_some("v1");
-            out.push((f.join(family).join(v), base(&name, v, parent), format!("{name}:{v}")));
+            out.push((
+                f.join(family).join(v),
+                base(&name, v, parent),
+                format!("{name}:{v}"),
+            ));
         }
         let expected = f.join(family).join("expected");
         if expected.is_dir() {
-            let mut dirs: Vec<_> = std::fs::read_dir(&expected).unwrap().map(|e| e.unwrap().path()).collect();
+            let mut dirs: Vec<_> = std::fs::read_dir(&expected)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
             dirs.sort();
             for d in dirs {
                 let v = d.file_name().unwrap().to_string_lossy().replace('@', "-");
@@ -54,8 +63,15 @@ fn fixture_versions() -> Vec<(std::path::PathBuf, PushKind, String)> {
             .collect();
         patches.sort();
         for p in patches {
-            let pname = format!("fixtures/{family}-{}", p.file_name().unwrap().to_string_lossy());
-            out.push((p, patch(&pname, "1", &format!("{name}:v1")), format!("{pname}:1")));
+            let pname = format!(
+                "fixtures/{family}-{}",
+                p.file_name().unwrap().to_string_lossy()
+            );
+            out.push((
+                p,
+                patch(&pname, "1", &format!("{name}:v1")),
+                format!("{pname}:1"),
+            ));
         }
     }
     out
@@ -77,7 +93,10 @@ async fn every_fixture_pushes_and_pulls_back_byte_identical() {
         for (dir, _, reference) in &versions {
             let out = tempfile::tempdir().unwrap();
             let r: AnyRef = reference.parse().unwrap();
-            client.pull(&r, out.path(), false, &NoProgress).await.unwrap();
+            client
+                .pull(&r, out.path(), false, &NoProgress)
+                .await
+                .unwrap();
             let want = read_tree(dir);
             let got = read_tree(out.path());
             assert_eq!(
@@ -86,7 +105,10 @@ async fn every_fixture_pushes_and_pulls_back_byte_identical() {
                 "{backend:?} {reference}"
             );
             for (path, bytes) in &want {
-                assert!(got[path] == *bytes, "{backend:?} {reference}: {path} differs");
+                assert!(
+                    got[path] == *bytes,
+                    "{backend:?} {reference}: {path} differs"
+                );
             }
         }
         // The tensor index is there for every safetensors file.
@@ -98,11 +120,16 @@ async fn every_fixture_pushes_and_pulls_back_byte_identical() {
             .await
             .unwrap()
             .into_inner();
-        assert!(ix.tensors.iter().any(|t| t.name == "model.layers.0.self_attn.q_proj.weight"
-            && t.file.starts_with("model-0000")
-            && t.shape == vec![64, 64]
-            && t.dtype == "F32"));
-        let files: std::collections::BTreeSet<_> = ix.tensors.iter().map(|t| t.file.clone()).collect();
+        assert!(
+            ix.tensors
+                .iter()
+                .any(|t| t.name == "model.layers.0.self_attn.q_proj.weight"
+                    && t.file.starts_with("model-0000")
+                    && t.shape == vec![64, 64]
+                    && t.dtype == "F32")
+        );
+        let files: std::collections::BTreeSet<_> =
+            ix.tensors.iter().map(|t| t.file.clone()).collect();
         assert_eq!(files.len(), 6);
     }
 }
@@ -114,9 +141,16 @@ async fn tensor_index_tells_which_tensors_changed() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
     let f = fixtures().join("llama-micro");
-    client.push_dir(&f.join("v2"), &base("acme/llama", "v2", None), &NoProgress).await.unwrap();
     client
-        .push_dir(&f.join("v2-sharded"), &base("acme/llama", "v2s", None), &NoProgress)
+        .push_dir(&f.join("v2"), &base("acme/llama", "v2", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("v2-sharded"),
+            &base("acme/llama", "v2s", None),
+            &NoProgress,
+        )
         .await
         .unwrap();
     let index = |r: &str| {
@@ -143,21 +177,43 @@ async fn a_re_push_sends_only_changed_blobs_and_the_same_version_twice_sends_not
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
         let f = fixtures().join("llama-micro");
-        let v1 = client.push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress).await.unwrap();
+        let v1 = client
+            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+            .await
+            .unwrap();
         assert_eq!(v1.uploaded_blobs, 3);
-        let v1_digests: std::collections::BTreeSet<String> =
-            v1.base.unwrap().files.into_iter().map(|f| f.digest).collect();
+        let v1_digests: std::collections::BTreeSet<String> = v1
+            .base
+            .unwrap()
+            .files
+            .into_iter()
+            .map(|f| f.digest)
+            .collect();
         let v2_files = patchport_client::scan_dir(&f.join("v2")).unwrap();
-        let changed = v2_files.iter().filter(|f| !v1_digests.contains(&f.digest.to_string())).count();
-        assert!(changed >= 1 && changed < v2_files.len(), "fixture v2 shares config files with v1");
+        let changed = v2_files
+            .iter()
+            .filter(|f| !v1_digests.contains(&f.digest.to_string()))
+            .count();
+        assert!(
+            changed >= 1 && changed < v2_files.len(),
+            "fixture v2 shares config files with v1"
+        );
         let v2 = client
-            .push_dir(&f.join("v2"), &base("acme/llama", "v2", Some("v1")), &NoProgress)
+            .push_dir(
+                &f.join("v2"),
+                &base("acme/llama", "v2", Some("v1")),
+                &NoProgress,
+            )
             .await
             .unwrap();
         assert_eq!(v2.uploaded_blobs, changed, "{backend:?}");
         assert_eq!(v2.skipped_blobs, v2_files.len() - changed);
         let again = client
-            .push_dir(&f.join("v2"), &base("acme/llama", "v2", Some("v1")), &NoProgress)
+            .push_dir(
+                &f.join("v2"),
+                &base("acme/llama", "v2", Some("v1")),
+                &NoProgress,
+            )
             .await
             .unwrap();
         assert!(!again.created);
@@ -170,7 +226,11 @@ async fn a_re_push_sends_only_changed_blobs_and_the_same_version_twice_sends_not
 
 /// Sends the first `half` bytes of `data` as an upload and then drops the stream
 /// mid-call (the connection is cut, not closed cleanly).
-async fn cut_upload(reg: &TestRegistry, data: &[u8], cut_at: usize) -> (String, patchport_core::Digest) {
+async fn cut_upload(
+    reg: &TestRegistry,
+    data: &[u8],
+    cut_at: usize,
+) -> (String, patchport_core::Digest) {
     let client = reg.client().await.unwrap();
     let digest = patchport_core::Digest::of(data);
     let start = client
@@ -185,7 +245,9 @@ async fn cut_upload(reg: &TestRegistry, data: &[u8], cut_at: usize) -> (String, 
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let mut blobs = client.blobs();
     let call = tokio::spawn(async move {
-        blobs.upload_chunks(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+        blobs
+            .upload_chunks(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
     });
     let chunk = 256 << 10;
     let mut offset = 0;
@@ -214,24 +276,37 @@ async fn an_upload_cut_halfway_resumes_from_the_committed_offset_after_a_restart
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         // A blob larger than one storage segment so a cut leaves whole segments behind.
-        let data: Vec<u8> = (0..40u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..40u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let half = data.len() / 2;
         let (upload_id, digest) = cut_upload(&reg, &data, half).await;
         let persistent = !reg.config.blobs.starts_with("memory://");
-        let reg = if persistent { reg.restart().await.unwrap() } else { reg };
+        let reg = if persistent {
+            reg.restart().await.unwrap()
+        } else {
+            reg
+        };
         let client = reg.client().await.unwrap();
         let status = client
             .blobs()
-            .get_upload(v1::GetUploadRequest { upload_id: upload_id.clone() })
+            .get_upload(v1::GetUploadRequest {
+                upload_id: upload_id.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
-        assert!(status.committed_offset > 0, "{backend:?}: nothing was kept of the first half");
+        assert!(
+            status.committed_offset > 0,
+            "{backend:?}: nothing was kept of the first half"
+        );
         assert!(status.committed_offset <= half as u64);
         // The blob is not visible before it is complete and verified.
         let missing = client
             .blobs()
-            .find_missing_blobs(v1::FindMissingBlobsRequest { digests: vec![digest.to_string()] })
+            .find_missing_blobs(v1::FindMissingBlobsRequest {
+                digests: vec![digest.to_string()],
+            })
             .await
             .unwrap()
             .into_inner()
@@ -244,10 +319,16 @@ async fn an_upload_cut_halfway_resumes_from_the_committed_offset_after_a_restart
             .upload_file(tmp.path(), digest, data.len() as u64, "blob", &NoProgress)
             .await
             .unwrap();
-        assert_eq!(sent, data.len() as u64 - status.committed_offset, "{backend:?}");
+        assert_eq!(
+            sent,
+            data.len() as u64 - status.committed_offset,
+            "{backend:?}"
+        );
         let stat = client
             .blobs()
-            .stat_blob(v1::StatBlobRequest { digest: digest.to_string() })
+            .stat_blob(v1::StatBlobRequest {
+                digest: digest.to_string(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -256,7 +337,11 @@ async fn an_upload_cut_halfway_resumes_from_the_committed_offset_after_a_restart
         let mut got = Vec::new();
         let mut stream = client
             .blobs()
-            .read_blob(v1::ReadBlobRequest { digest: digest.to_string(), offset: 0, length: 0 })
+            .read_blob(v1::ReadBlobRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                length: 0,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -267,7 +352,11 @@ async fn an_upload_cut_halfway_resumes_from_the_committed_offset_after_a_restart
         let mut ranged = Vec::new();
         let mut stream = client
             .blobs()
-            .read_blob(v1::ReadBlobRequest { digest: digest.to_string(), offset: 12345, length: 3_000_000 })
+            .read_blob(v1::ReadBlobRequest {
+                digest: digest.to_string(),
+                offset: 12345,
+                length: 3_000_000,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -289,7 +378,11 @@ async fn concurrent_pushes_of_the_same_blobs_are_safe() {
         tasks.push(tokio::spawn(async move {
             let client = patchport_client::Client::connect(&url).await.unwrap();
             client
-                .push_dir(&dir, &base("acme/llama", &format!("v1-{}", i % 2), None), &NoProgress)
+                .push_dir(
+                    &dir,
+                    &base("acme/llama", &format!("v1-{}", i % 2), None),
+                    &NoProgress,
+                )
                 .await
         }));
     }
@@ -299,9 +392,13 @@ async fn concurrent_pushes_of_the_same_blobs_are_safe() {
     let client = reg.client().await.unwrap();
     let out = tempfile::tempdir().unwrap();
     client
-        .pull(&"acme/llama:v1-0".parse().unwrap(), out.path(), false, &NoProgress)
+        .pull(
+            &"acme/llama:v1-0".parse().unwrap(),
+            out.path(),
+            false,
+            &NoProgress,
+        )
         .await
         .unwrap();
     assert_eq!(read_tree(out.path()), read_tree(&dir));
 }
-

@@ -12,13 +12,18 @@ use clap::{Parser, Subcommand};
 /// patchport: a registry and build service for LoRA patches that keeps them alive while
 /// their base models evolve.
 #[derive(Debug, Parser)]
-#[command(name = "patchport", version, propagate_version = true)]
+#[command(name = "patchport", version)]
 struct Cli {
     /// Registry address for client commands.
     #[arg(long, env = "PATCHPORT_REGISTRY", default_value = patchport_client::DEFAULT_REGISTRY, global = true)]
     registry: String,
     /// Log format on stderr: text or json.
-    #[arg(long, env = "PATCHPORT_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "PATCHPORT_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     log_format: String,
     #[command(subcommand)]
     command: Command,

@@ -1,10 +1,13 @@
 //! Human and JSON renderings of registry messages.
 
 use patchport_proto::v1;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 pub(crate) fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string()));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
 }
 
 pub(crate) fn human_bytes(n: u64) -> String {
@@ -113,7 +116,12 @@ pub(crate) fn patch_json(p: &v1::PatchVersion) -> Value {
 fn print_files(files: &[v1::FileEntry]) {
     println!("  files:");
     for f in files {
-        println!("    {:<44} {:>10}  {}", f.path, human_bytes(f.size), short_digest(&f.digest));
+        println!(
+            "    {:<44} {:>10}  {}",
+            f.path,
+            human_bytes(f.size),
+            short_digest(&f.digest)
+        );
     }
 }
 
@@ -121,15 +129,28 @@ pub(crate) fn print_base(b: &v1::BaseVersion) {
     println!("base {}:{} ({})", b.name, b.version, state_name(b.state));
     println!("  digest   {}", b.digest);
     if !b.parent.is_empty() {
-        println!("  parent   {} ({})", b.parent, short_digest(&b.parent_digest));
+        println!(
+            "  parent   {} ({})",
+            b.parent,
+            short_digest(&b.parent_digest)
+        );
     }
     if let Some(c) = &b.config {
         println!(
             "  model    {} hidden {} layers {} heads {} vocab {} {}",
-            c.model_type, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.vocab_size, c.torch_dtype
+            c.model_type,
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.vocab_size,
+            c.torch_dtype
         );
     }
-    println!("  tensors  {} in {}", b.tensor_count, human_bytes(b.total_size));
+    println!(
+        "  tensors  {} in {}",
+        b.tensor_count,
+        human_bytes(b.total_size)
+    );
     print_files(&b.files);
 }
 
@@ -137,7 +158,12 @@ pub(crate) fn print_patch(p: &v1::PatchVersion) {
     println!("patch {}:{} ({})", p.name, p.version, state_name(p.state));
     println!("  digest   {}", p.digest);
     if let Some(b) = &p.base {
-        println!("  base     {}:{} ({})", b.name, b.version, short_digest(&b.digest));
+        println!(
+            "  base     {}:{} ({})",
+            b.name,
+            b.version,
+            short_digest(&b.digest)
+        );
     }
     if let Some(a) = &p.adapter {
         println!(
@@ -150,6 +176,10 @@ pub(crate) fn print_patch(p: &v1::PatchVersion) {
             if a.use_dora { " dora" } else { "" }
         );
     }
-    println!("  tensors  {} in {}", p.tensor_count, human_bytes(p.total_size));
+    println!(
+        "  tensors  {} in {}",
+        p.tensor_count,
+        human_bytes(p.total_size)
+    );
     print_files(&p.files);
 }

@@ -18,7 +18,7 @@ use patchport_proto::v1::{
 use tonic::transport::{Channel, Endpoint};
 
 pub use pull::PullOutcome;
-pub use push::{scan_dir, FileToPush, PushKind, PushOutcome};
+pub use push::{FileToPush, PushKind, PushOutcome, scan_dir};
 
 /// The default registry address.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";

@@ -26,7 +26,10 @@ pub struct PullOutcome {
 
 impl Client {
     /// Looks up a base or patch version by reference (bases first).
-    pub async fn lookup(&self, r: &Reference) -> Result<(&'static str, String, Vec<v1::FileEntry>), ClientError> {
+    pub async fn lookup(
+        &self,
+        r: &Reference,
+    ) -> Result<(&'static str, String, Vec<v1::FileEntry>), ClientError> {
         let req = v1::GetVersionRequest {
             reference: r.to_string(),
         };
@@ -75,10 +78,18 @@ impl Client {
                     })
                     .await?
                     .into_inner();
-                let files = if merged { port.merged_files } else { port.adapter_files };
+                let files = if merged {
+                    port.merged_files
+                } else {
+                    port.adapter_files
+                };
                 if files.is_empty() {
                     return Err(ClientError::Invalid {
-                        message: format!("port {p} has no {} artifact (state {})", if merged { "merged" } else { "adapter" }, port.state),
+                        message: format!(
+                            "port {p} has no {} artifact (state {})",
+                            if merged { "merged" } else { "adapter" },
+                            port.state
+                        ),
                     });
                 }
                 ("port", port.patch_digest, files)
@@ -114,7 +125,9 @@ impl Client {
         }
         let tmp = dest.with_file_name(format!(
             ".{}.partial",
-            dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         ));
         let mut file = std::io::BufWriter::with_capacity(
             1 << 20,
@@ -129,7 +142,9 @@ impl Client {
                 .iter()
                 .map(|s| match &s.source {
                     Some(v1::segment::Source::Inline(b)) => (String::new(), 0, 0, Some(b.clone())),
-                    Some(v1::segment::Source::Blob(r)) => (r.digest.clone(), r.offset, r.length, None),
+                    Some(v1::segment::Source::Blob(r)) => {
+                        (r.digest.clone(), r.offset, r.length, None)
+                    }
                     None => (String::new(), 0, 0, Some(bytes::Bytes::new())),
                 })
                 .collect()
@@ -137,13 +152,18 @@ impl Client {
         for (digest, offset, length, inline) in ranges {
             if let Some(b) = inline {
                 hasher.update(&b);
-                file.write_all(&b).map_err(|e| ClientError::io(tmp.display(), e))?;
+                file.write_all(&b)
+                    .map_err(|e| ClientError::io(tmp.display(), e))?;
                 progress.advance(b.len() as u64);
                 continue;
             }
             let mut stream = self
                 .blobs()
-                .read_blob(v1::ReadBlobRequest { digest, offset, length })
+                .read_blob(v1::ReadBlobRequest {
+                    digest,
+                    offset,
+                    length,
+                })
                 .await?
                 .into_inner();
             while let Some(chunk) = stream.next().await {
@@ -155,7 +175,8 @@ impl Client {
             }
         }
         progress.finish();
-        file.flush().map_err(|e| ClientError::io(tmp.display(), e))?;
+        file.flush()
+            .map_err(|e| ClientError::io(tmp.display(), e))?;
         drop(file);
         let size = hasher.len();
         let actual = hasher.finish().to_string();

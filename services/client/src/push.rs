@@ -9,7 +9,7 @@ use patchport_core::{Digest, Hasher};
 use patchport_proto::v1;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Client, ClientError, Progress, CHUNK};
+use crate::{CHUNK, Client, ClientError, Progress};
 
 /// Attempts per blob before an upload gives up.
 const UPLOAD_ATTEMPTS: usize = 5;
@@ -74,7 +74,9 @@ fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     let mut h = Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ClientError::io(path.display(), e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ClientError::io(path.display(), e))?;
         if n == 0 {
             break;
         }
@@ -147,8 +149,8 @@ impl Client {
                 let (digest, size) = tokio::task::spawn_blocking(move || hash_file(&p2))
                     .await
                     .map_err(|e| ClientError::Invalid {
-                        message: format!("hashing task failed: {e}"),
-                    })??;
+                    message: format!("hashing task failed: {e}"),
+                })??;
                 Some(FileToPush {
                     path: "eval.jsonl".to_owned(),
                     local: p.clone(),
@@ -160,7 +162,8 @@ impl Client {
         };
         let mut all: Vec<&FileToPush> = files.iter().collect();
         all.extend(eval.iter());
-        let (uploaded_blobs, uploaded_bytes, skipped_blobs) = self.upload_missing(&all, progress).await?;
+        let (uploaded_blobs, uploaded_bytes, skipped_blobs) =
+            self.upload_missing(&all, progress).await?;
         let entries: Vec<v1::FileEntry> = files
             .iter()
             .map(|f| v1::FileEntry {
@@ -180,7 +183,11 @@ impl Client {
             skipped_blobs,
         };
         match kind {
-            PushKind::Base { name, version, parent } => {
+            PushKind::Base {
+                name,
+                version,
+                parent,
+            } => {
                 let resp = registry
                     .push_base_version(v1::PushBaseVersionRequest {
                         name: name.clone(),
@@ -193,7 +200,12 @@ impl Client {
                 out.created = resp.created;
                 out.base = resp.version;
             }
-            PushKind::Patch { name, version, base, .. } => {
+            PushKind::Patch {
+                name,
+                version,
+                base,
+                ..
+            } => {
                 let resp = registry
                     .push_patch_version(v1::PushPatchVersionRequest {
                         name: name.clone(),
@@ -223,7 +235,9 @@ impl Client {
         digests.dedup();
         let missing = self
             .blobs()
-            .find_missing_blobs(v1::FindMissingBlobsRequest { digests: digests.clone() })
+            .find_missing_blobs(v1::FindMissingBlobsRequest {
+                digests: digests.clone(),
+            })
             .await?
             .into_inner()
             .missing;
@@ -235,7 +249,9 @@ impl Client {
             if !missing.contains(&d) || !done.insert(d) {
                 continue;
             }
-            sent_bytes += self.upload_file(&f.local, f.digest, f.size, &f.path, progress).await?;
+            sent_bytes += self
+                .upload_file(&f.local, f.digest, f.size, &f.path, progress)
+                .await?;
             sent_blobs += 1;
         }
         Ok((sent_blobs, sent_bytes, digests.len() - sent_blobs))
@@ -330,7 +346,8 @@ impl Client {
         let id = upload_id.to_owned();
         let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel::<u64>();
         let reader = tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
-            let mut f = std::fs::File::open(&path).map_err(|e| ClientError::io(path.display(), e))?;
+            let mut f =
+                std::fs::File::open(&path).map_err(|e| ClientError::io(path.display(), e))?;
             f.seek(SeekFrom::Start(from))
                 .map_err(|e| ClientError::io(path.display(), e))?;
             let mut offset = from;

@@ -86,7 +86,10 @@ pub struct AdapterConfig {
     pub raw: Value,
 }
 
-fn opt_str(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<String>, AdapterConfigError> {
+fn opt_str(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, AdapterConfigError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -97,7 +100,10 @@ fn opt_str(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<
     }
 }
 
-fn opt_bool(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<bool, AdapterConfigError> {
+fn opt_bool(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<bool, AdapterConfigError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -138,9 +144,10 @@ fn pattern_regex(key: &str, field: &'static str) -> Result<regex::Regex, Adapter
 impl AdapterConfig {
     /// Parses `adapter_config.json`.
     pub fn parse(bytes: &[u8]) -> Result<Self, AdapterConfigError> {
-        let raw: Value = serde_json::from_slice(bytes).map_err(|e| AdapterConfigError::NotJson {
-            message: e.to_string(),
-        })?;
+        let raw: Value =
+            serde_json::from_slice(bytes).map_err(|e| AdapterConfigError::NotJson {
+                message: e.to_string(),
+            })?;
         let obj = raw.as_object().ok_or_else(|| AdapterConfigError::NotJson {
             message: "the top level is not an object".to_owned(),
         })?;
@@ -176,10 +183,12 @@ impl AdapterConfig {
                 items
                     .iter()
                     .map(|v| {
-                        v.as_str().map(str::to_owned).ok_or_else(|| AdapterConfigError::BadField {
-                            field: "target_modules",
-                            message: format!("expected strings, found {v}"),
-                        })
+                        v.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| AdapterConfigError::BadField {
+                                field: "target_modules",
+                                message: format!("expected strings, found {v}"),
+                            })
                     })
                     .collect::<Result<_, _>>()?,
             ),
@@ -217,10 +226,12 @@ impl AdapterConfig {
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_str().map(str::to_owned).ok_or_else(|| AdapterConfigError::BadField {
-                        field: "modules_to_save",
-                        message: format!("expected strings, found {v}"),
-                    })
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| AdapterConfigError::BadField {
+                            field: "modules_to_save",
+                            message: format!("expected strings, found {v}"),
+                        })
                 })
                 .collect::<Result<_, _>>()?,
             Some(other) => {
@@ -241,10 +252,8 @@ impl AdapterConfig {
                 });
             }
         };
-        let trainable_token_indices = !matches!(
-            obj.get("trainable_token_indices"),
-            None | Some(Value::Null)
-        );
+        let trainable_token_indices =
+            !matches!(obj.get("trainable_token_indices"), None | Some(Value::Null));
         Ok(Self {
             peft_type,
             r,
@@ -348,12 +357,18 @@ impl AdapterConfig {
             out.push(Refusal::new(
                 RefusalKind::LoraBias,
                 "bias",
-                format!("bias={}: trained base biases are not part of the s·B·A delta", self.bias),
+                format!(
+                    "bias={}: trained base biases are not part of the s·B·A delta",
+                    self.bias
+                ),
             ));
         }
         if let InitLoraWeights::Method(m) = &self.init_lora_weights {
             let m = m.to_ascii_lowercase();
-            if ["pissa", "olora", "loftq", "corda"].iter().any(|p| m.starts_with(p)) {
+            if ["pissa", "olora", "loftq", "corda"]
+                .iter()
+                .any(|p| m.starts_with(p))
+            {
                 out.push(Refusal::new(
                     RefusalKind::InitMethod,
                     &m,
@@ -369,7 +384,10 @@ impl AdapterConfig {
     pub fn repointed_json(&self, base_name: &str, revision: Option<&str>) -> Vec<u8> {
         let mut raw = self.raw.clone();
         if let Some(obj) = raw.as_object_mut() {
-            obj.insert("base_model_name_or_path".to_owned(), Value::String(base_name.to_owned()));
+            obj.insert(
+                "base_model_name_or_path".to_owned(),
+                Value::String(base_name.to_owned()),
+            );
             obj.insert(
                 "revision".to_owned(),
                 revision.map_or(Value::Null, |r| Value::String(r.to_owned())),
@@ -419,17 +437,27 @@ mod tests {
 
     #[test]
     fn rslora_scale() {
-        let c = AdapterConfig::parse(br#"{"peft_type":"LORA","r":16,"lora_alpha":16,"use_rslora":true}"#)
-            .unwrap();
+        let c = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":16,"lora_alpha":16,"use_rslora":true}"#,
+        )
+        .unwrap();
         assert_eq!(c.scale_for("x"), 4.0);
     }
 
     #[test]
     fn refusals_name_their_reason() {
         let kinds = |json: &[u8]| -> Vec<RefusalKind> {
-            AdapterConfig::parse(json).unwrap().refusals().into_iter().map(|r| r.kind).collect()
+            AdapterConfig::parse(json)
+                .unwrap()
+                .refusals()
+                .into_iter()
+                .map(|r| r.kind)
+                .collect()
         };
-        assert_eq!(kinds(br#"{"peft_type":"IA3"}"#), vec![RefusalKind::PeftType]);
+        assert_eq!(
+            kinds(br#"{"peft_type":"IA3"}"#),
+            vec![RefusalKind::PeftType]
+        );
         assert_eq!(
             kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"use_dora":true}"#),
             vec![RefusalKind::Dora]
@@ -439,10 +467,15 @@ mod tests {
             vec![RefusalKind::ModulesToSave]
         );
         assert_eq!(
-            kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"pissa_niter_4"}"#),
+            kinds(
+                br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"pissa_niter_4"}"#
+            ),
             vec![RefusalKind::InitMethod]
         );
-        assert!(kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"gaussian"}"#).is_empty());
+        assert!(
+            kinds(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"init_lora_weights":"gaussian"}"#)
+                .is_empty()
+        );
     }
 
     #[test]
@@ -450,8 +483,14 @@ mod tests {
         for (json, field) in [
             (&br#"{"peft_type":"LORA","lora_alpha":8}"#[..], "r"),
             (br#"{"peft_type":"LORA","r":0,"lora_alpha":8}"#, "r"),
-            (br#"{"peft_type":"LORA","r":4,"lora_alpha":"x"}"#, "lora_alpha"),
-            (br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"rank_pattern":{"(":2}}"#, "rank_pattern"),
+            (
+                br#"{"peft_type":"LORA","r":4,"lora_alpha":"x"}"#,
+                "lora_alpha",
+            ),
+            (
+                br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"rank_pattern":{"(":2}}"#,
+                "rank_pattern",
+            ),
             (br#"{"r":4}"#, "peft_type"),
         ] {
             match AdapterConfig::parse(json) {
@@ -459,14 +498,20 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(matches!(AdapterConfig::parse(b"[1]"), Err(AdapterConfigError::NotJson { .. })));
+        assert!(matches!(
+            AdapterConfig::parse(b"[1]"),
+            Err(AdapterConfigError::NotJson { .. })
+        ));
     }
 
     #[test]
     fn repointing_keeps_other_fields() {
-        let c = AdapterConfig::parse(br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"base_model_name_or_path":"a","x":1}"#)
-            .unwrap();
-        let v: Value = serde_json::from_slice(&c.repointed_json("acme/llama:v2", Some("sha256:00"))).unwrap();
+        let c = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":4,"lora_alpha":8,"base_model_name_or_path":"a","x":1}"#,
+        )
+        .unwrap();
+        let v: Value =
+            serde_json::from_slice(&c.repointed_json("acme/llama:v2", Some("sha256:00"))).unwrap();
         assert_eq!(v["base_model_name_or_path"], "acme/llama:v2");
         assert_eq!(v["revision"], "sha256:00");
         assert_eq!(v["x"], 1);

@@ -191,10 +191,7 @@ impl ShardIndex {
 
     /// Checks the index against the files and their tensor lists: every named shard is
     /// in the version, and every mapped tensor is in the shard the index names.
-    pub fn check(
-        &self,
-        shards: &BTreeMap<String, BTreeSet<String>>,
-    ) -> Result<(), LayoutError> {
+    pub fn check(&self, shards: &BTreeMap<String, BTreeSet<String>>) -> Result<(), LayoutError> {
         for (tensor, file) in &self.weight_map {
             let Some(names) = shards.get(file) else {
                 return Err(LayoutError::BadShardIndex {
@@ -205,7 +202,9 @@ impl ShardIndex {
             };
             if !names.contains(tensor) {
                 return Err(LayoutError::BadShardIndex {
-                    message: format!("tensor {tensor:?} is mapped to {file:?}, which does not contain it"),
+                    message: format!(
+                        "tensor {tensor:?} is mapped to {file:?}, which does not contain it"
+                    ),
                 });
             }
         }
@@ -280,7 +279,10 @@ impl TensorIndexer {
                 if self.prefix.len() >= 8 {
                     let n = safetensors::json_len(&self.prefix, self.file_size)?;
                     if self.prefix.len() as u64 == 8 + n {
-                        self.header = Some(safetensors::parse_header(&self.prefix[8..], self.file_size)?);
+                        self.header = Some(safetensors::parse_header(
+                            &self.prefix[8..],
+                            self.file_size,
+                        )?);
                         self.prefix = Vec::new();
                     }
                 }
@@ -408,7 +410,10 @@ mod tests {
             }
             let (h, recs) = ix.finish().unwrap();
             assert_eq!(h.tensors.len(), 2);
-            assert_eq!(recs[0].digest, Digest::of(&f[recs[0].begin as usize..recs[0].end as usize]));
+            assert_eq!(
+                recs[0].digest,
+                Digest::of(&f[recs[0].begin as usize..recs[0].end as usize])
+            );
             assert_eq!(recs[0].non_finite, 1);
             assert_eq!(recs[1].non_finite, 1);
             assert_eq!(recs[1].dtype, "BF16");
@@ -428,14 +433,27 @@ mod tests {
         for ok in ["config.json", "a/b.safetensors", "tokenizer.model"] {
             validate_path(ok).unwrap();
         }
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a\\b", "./a", "a\nb"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a\\b",
+            "./a",
+            "a\nb",
+        ] {
             assert!(validate_path(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn manifest_digest_ignores_order_but_not_kind() {
-        let f = |p: &str| FileRef { path: p.into(), digest: Digest::of(p.as_bytes()), size: 1 };
+        let f = |p: &str| FileRef {
+            path: p.into(),
+            digest: Digest::of(p.as_bytes()),
+            size: 1,
+        };
         let a = normalize_files(vec![f("b"), f("a")]).unwrap();
         let b = normalize_files(vec![f("a"), f("b")]).unwrap();
         assert_eq!(manifest_digest("base", &a), manifest_digest("base", &b));
@@ -445,10 +463,14 @@ mod tests {
 
     #[test]
     fn shard_index_names_missing_files() {
-        let ix = ShardIndex::parse(br#"{"metadata":{},"weight_map":{"w":"model-1.safetensors"}}"#).unwrap();
+        let ix = ShardIndex::parse(br#"{"metadata":{},"weight_map":{"w":"model-1.safetensors"}}"#)
+            .unwrap();
         let mut shards = BTreeMap::new();
         assert!(ix.check(&shards).is_err());
-        shards.insert("model-1.safetensors".to_owned(), BTreeSet::from(["w".to_owned()]));
+        shards.insert(
+            "model-1.safetensors".to_owned(),
+            BTreeSet::from(["w".to_owned()]),
+        );
         ix.check(&shards).unwrap();
     }
 

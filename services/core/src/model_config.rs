@@ -40,7 +40,8 @@ pub struct ModelConfig {
 }
 
 fn first_u64(obj: &serde_json::Map<String, Value>, keys: &[&str]) -> Option<u64> {
-    keys.iter().find_map(|k| obj.get(*k).and_then(Value::as_u64))
+    keys.iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_u64))
 }
 
 impl ModelConfig {
@@ -61,7 +62,11 @@ impl ModelConfig {
         let architectures = obj
             .get("architectures")
             .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
         let torch_dtype = ["dtype", "torch_dtype"]
             .iter()
@@ -85,13 +90,28 @@ impl ModelConfig {
     pub fn family_mismatches(&self, other: &ModelConfig) -> Vec<String> {
         let mut out = Vec::new();
         if self.model_type != other.model_type {
-            out.push(format!("model_type: {} vs {}", self.model_type, other.model_type));
+            out.push(format!(
+                "model_type: {} vs {}",
+                self.model_type, other.model_type
+            ));
         }
         let pairs = [
             ("hidden_size", self.hidden_size, other.hidden_size),
-            ("num_hidden_layers", self.num_hidden_layers, other.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads, other.num_attention_heads),
-            ("num_key_value_heads", self.num_key_value_heads, other.num_key_value_heads),
+            (
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                other.num_hidden_layers,
+            ),
+            (
+                "num_attention_heads",
+                self.num_attention_heads,
+                other.num_attention_heads,
+            ),
+            (
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                other.num_key_value_heads,
+            ),
         ];
         for (field, a, b) in pairs {
             if a != b {
@@ -113,12 +133,23 @@ mod tests {
             br#"{"model_type":"llama","hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":320,"dtype":"float32"}"#,
         )
         .unwrap();
-        let g = ModelConfig::parse(br#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":4,"vocab_size":320}"#)
-            .unwrap();
+        let g = ModelConfig::parse(
+            br#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":4,"vocab_size":320}"#,
+        )
+        .unwrap();
         assert_eq!(l.hidden_size, g.hidden_size);
         assert_eq!(l.torch_dtype.as_deref(), Some("float32"));
-        assert_eq!(l.family_mismatches(&g), vec!["model_type: llama vs gpt2".to_owned()]);
-        assert!(matches!(ModelConfig::parse(b"{}"), Err(ModelConfigError::NoModelType)));
-        assert!(matches!(ModelConfig::parse(b"nope"), Err(ModelConfigError::NotJson { .. })));
+        assert_eq!(
+            l.family_mismatches(&g),
+            vec!["model_type: llama vs gpt2".to_owned()]
+        );
+        assert!(matches!(
+            ModelConfig::parse(b"{}"),
+            Err(ModelConfigError::NoModelType)
+        ));
+        assert!(matches!(
+            ModelConfig::parse(b"nope"),
+            Err(ModelConfigError::NotJson { .. })
+        ));
     }
 }

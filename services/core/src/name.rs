@@ -67,8 +67,9 @@ fn valid_part(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= MAX_PART_LEN
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
 }
 
 /// `namespace/name` of a base or a patch.
@@ -326,14 +327,7 @@ mod tests {
         assert_eq!(n.namespace(), "acme");
         assert_eq!(n.name(), "med-qa");
         for bad in [
-            "acme",
-            "Acme/x",
-            "acme/",
-            "/x",
-            "a/b/c",
-            "acme/-x",
-            "acme/x y",
-            "acme/é",
+            "acme", "Acme/x", "acme/", "/x", "a/b/c", "acme/-x", "acme/x y", "acme/é",
         ] {
             assert!(bad.parse::<Name>().is_err(), "{bad}");
         }

@@ -24,9 +24,7 @@ pub enum SafetensorsError {
         size: u64,
     },
     /// The declared header length exceeds the limit or the file.
-    #[error(
-        "bad header length: the file declares a {declared}-byte header but {reason}"
-    )]
+    #[error("bad header length: the file declares a {declared}-byte header but {reason}")]
     BadHeaderLength {
         /// The declared length.
         declared: u64,
@@ -203,17 +201,17 @@ fn describe_crate_error(message: &str) -> String {
     if message.contains("overflow") {
         return "tensor shape or offsets overflow".to_owned();
     }
-    if !message.is_empty() {
-        return "a tensor's bit size is not a whole number of bytes".to_owned();
-    }
-    "invalid tensor offsets".to_owned()
+    format!("invalid tensor layout ({message})")
 }
 
 /// The size in bytes of one element, for byte-sized dtypes.
 pub fn dtype_size(dtype: Dtype) -> Option<usize> {
     let bits = dtype.bitsize();
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
+
+/// A serialised header (prefix + padded JSON) and each tensor's absolute `[begin, end)`.
+pub type HeaderBytes = (Vec<u8>, Vec<(u64, u64)>);
 
 /// Serialises a header for tensors laid out contiguously in the given order; returns the
 /// complete header bytes (prefix + JSON padded with spaces to a multiple of 8) and each
@@ -221,7 +219,7 @@ pub fn dtype_size(dtype: Dtype) -> Option<usize> {
 pub fn write_header(
     tensors: &[(String, Dtype, Vec<u64>)],
     metadata: &BTreeMap<String, String>,
-) -> Result<(Vec<u8>, Vec<(u64, u64)>), SafetensorsError> {
+) -> Result<HeaderBytes, SafetensorsError> {
     let mut map = serde_json::Map::new();
     if !metadata.is_empty() {
         map.insert(
@@ -235,11 +233,11 @@ pub fn write_header(
     let mut rel = Vec::with_capacity(tensors.len());
     for (name, dtype, shape) in tensors {
         let numel: u64 = shape.iter().product();
-        let bits = numel
-            .checked_mul(dtype.bitsize() as u64)
-            .ok_or_else(|| SafetensorsError::BadOffsets {
+        let bits = numel.checked_mul(dtype.bitsize() as u64).ok_or_else(|| {
+            SafetensorsError::BadOffsets {
                 message: format!("tensor {name:?} is too large"),
-            })?;
+            }
+        })?;
         let size = bits.div_ceil(8);
         map.insert(
             name.clone(),
@@ -266,7 +264,9 @@ pub fn write_header(
     out.extend_from_slice(&json);
     Ok((
         out,
-        rel.into_iter().map(|(b, e)| (start + b, start + e)).collect(),
+        rel.into_iter()
+            .map(|(b, e)| (start + b, start + e))
+            .collect(),
     ))
 }
 
@@ -311,7 +311,10 @@ mod tests {
             parse_file_header(&file("{not json", 0)),
             Err(SafetensorsError::BadJson { .. })
         ));
-        let unknown = file(r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#, 1);
+        let unknown = file(
+            r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#,
+            1,
+        );
         assert!(matches!(
             parse_file_header(&unknown),
             Err(SafetensorsError::BadJson { .. })

@@ -101,12 +101,13 @@ impl Application {
             url: config.blobs.clone(),
             source,
         })?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -129,7 +130,10 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes; health turns NOT_SERVING first.
-    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), StartError> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(patchport_proto::FILE_DESCRIPTOR_SET)
@@ -146,19 +150,22 @@ impl Application {
         })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-        health_reporter.set_service_status("", ServingStatus::Serving).await;
-        for name in [
-            "patchport.v1.BlobService",
-            "patchport.v1.RegistryService",
-        ] {
-            health_reporter.set_service_status(name, ServingStatus::Serving).await;
+        health_reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        for name in ["patchport.v1.BlobService", "patchport.v1.RegistryService"] {
+            health_reporter
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
         }
         tracing::info!(addr = %self.addr, "registry listening");
         let reporter = health_reporter.clone();
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down");
-            reporter.set_service_status("", ServingStatus::NotServing).await;
+            reporter
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
         };
         tonic::transport::Server::builder()
             .add_service(health_service)

@@ -1,10 +1,10 @@
 //! Domain records to wire messages and back. Parsing of request fields happens here,
 //! once: a failure is InvalidArgument.
 
+use patchport_core::Digest;
 use patchport_core::adapter::{AdapterConfig, InitLoraWeights, TargetModules};
 use patchport_core::layout::{FileRef, TensorRecord};
 use patchport_core::model_config::ModelConfig;
-use patchport_core::Digest;
 use patchport_proto::v1;
 use patchport_store::meta::{BaseVersionRecord, PatchVersionRecord, VersionState};
 
@@ -114,8 +114,16 @@ pub(crate) fn base_to_proto(r: &BaseVersionRecord) -> v1::BaseVersion {
         name: r.name.to_string(),
         version: r.version.to_string(),
         digest: r.digest.to_string(),
-        parent: r.parent.as_ref().map(|p| p.0.to_string()).unwrap_or_default(),
-        parent_digest: r.parent.as_ref().map(|p| p.1.to_string()).unwrap_or_default(),
+        parent: r
+            .parent
+            .as_ref()
+            .map(|p| p.0.to_string())
+            .unwrap_or_default(),
+        parent_digest: r
+            .parent
+            .as_ref()
+            .map(|p| p.1.to_string())
+            .unwrap_or_default(),
         state: state(r.state),
         files: r.files.iter().map(file_to_proto).collect(),
         config: model_config(&r.config_json),

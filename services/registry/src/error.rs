@@ -139,7 +139,9 @@ impl From<ApiError> for Status {
             ApiError::User { kind, message } => Status::new(kind.code(), message),
             ApiError::Internal { ref context, .. } => {
                 tracing::error!(error = %chain(&e), "internal error");
-                Status::internal(format!("internal error while {context}; see the registry log"))
+                Status::internal(format!(
+                    "internal error while {context}; see the registry log"
+                ))
             }
         }
     }
@@ -184,7 +186,9 @@ impl From<StoreError> for ApiError {
             StoreErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             StoreErrorKind::NotFound => ErrorKind::NotFound,
             StoreErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
-            StoreErrorKind::Internal => return ApiError::internal("accessing the metadata store", e),
+            StoreErrorKind::Internal => {
+                return ApiError::internal("accessing the metadata store", e);
+            }
         };
         ApiError::User {
             kind,

@@ -8,8 +8,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use patchport_core::adapter::AdapterConfig;
 use patchport_core::layout::{
-    self, FileRef, ShardIndex, TensorIndexer, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG,
-    SHARD_INDEX,
+    self, ADAPTER_CONFIG, ADAPTER_WEIGHTS, FileRef, MODEL_CONFIG, SHARD_INDEX, ShardIndex,
+    TensorIndexer,
 };
 use patchport_core::model_config::ModelConfig;
 use patchport_core::{Digest, Name, Reference, Version, VersionRef};
@@ -110,7 +110,8 @@ impl Registry {
         if let Some(e) = read_error {
             return Err(ApiError::from(e));
         }
-        let (header, tensors) = indexed.map_err(|e| ApiError::invalid(format!("{}: {e}", f.path)))?;
+        let (header, tensors) =
+            indexed.map_err(|e| ApiError::invalid(format!("{}: {e}", f.path)))?;
         let ix = BlobIndex {
             json_len: header.json_len,
             tensors,
@@ -120,7 +121,10 @@ impl Registry {
     }
 
     /// Indexes every safetensors file; returns tensor names per file and the total count.
-    async fn index_files(&self, files: &[FileRef]) -> ApiResult<(BTreeMap<String, BlobIndex>, u64)> {
+    async fn index_files(
+        &self,
+        files: &[FileRef],
+    ) -> ApiResult<(BTreeMap<String, BlobIndex>, u64)> {
         let mut out = BTreeMap::new();
         let mut count = 0;
         for f in files.iter().filter(|f| layout::is_safetensors(&f.path)) {
@@ -144,7 +148,11 @@ impl Registry {
         let parent: Option<VersionRef> = if parent.is_empty() {
             None
         } else {
-            Some(parent.parse::<VersionRef>().map_err(|e| ApiError::invalid(format!("parent: {e}")))?)
+            Some(
+                parent
+                    .parse::<VersionRef>()
+                    .map_err(|e| ApiError::invalid(format!("parent: {e}")))?,
+            )
         };
         let files = layout::normalize_files(files)?;
         layout::check_base_files(&files)?;
@@ -156,11 +164,13 @@ impl Registry {
             )));
         }
         self.check_blobs(&files).await?;
-        let config_file = files.iter().find(|f| f.path == MODEL_CONFIG).ok_or_else(|| {
-            ApiError::invalid("missing config.json")
-        })?;
+        let config_file = files
+            .iter()
+            .find(|f| f.path == MODEL_CONFIG)
+            .ok_or_else(|| ApiError::invalid("missing config.json"))?;
         let config_bytes = self.read_json(config_file).await?;
-        let config = ModelConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let config =
+            ModelConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
         let config_json = String::from_utf8(config_bytes.to_vec())
             .map_err(|_| ApiError::invalid("config.json is not UTF-8"))?;
         let (indexes, tensor_count) = self.index_files(&files).await?;
@@ -168,7 +178,12 @@ impl Registry {
             let shard_index = ShardIndex::parse(&self.read_json(ix_file).await?)?;
             let shards: BTreeMap<String, BTreeSet<String>> = indexes
                 .iter()
-                .map(|(path, ix)| (path.clone(), ix.tensors.iter().map(|t| t.name.clone()).collect()))
+                .map(|(path, ix)| {
+                    (
+                        path.clone(),
+                        ix.tensors.iter().map(|t| t.name.clone()).collect(),
+                    )
+                })
                 .collect();
             shard_index.check(&shards)?;
         }
@@ -207,7 +222,12 @@ impl Registry {
         };
         let files = layout::normalize_files(files)?;
         layout::check_patch_files(&files)?;
-        if self.meta.get_base_version(&base.name, &base.version).await?.is_none() {
+        if self
+            .meta
+            .get_base_version(&base.name, &base.version)
+            .await?
+            .is_none()
+        {
             return Err(ApiError::not_found(format!(
                 "base version {base} not found; push the base first or fix --base"
             )));
@@ -220,11 +240,13 @@ impl Registry {
                 "eval set blob {d} has not been uploaded"
             )));
         }
-        let config_file = files.iter().find(|f| f.path == ADAPTER_CONFIG).ok_or_else(|| {
-            ApiError::invalid("missing adapter_config.json")
-        })?;
+        let config_file = files
+            .iter()
+            .find(|f| f.path == ADAPTER_CONFIG)
+            .ok_or_else(|| ApiError::invalid("missing adapter_config.json"))?;
         let config_bytes = self.read_json(config_file).await?;
-        let adapter = AdapterConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let adapter =
+            AdapterConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
         let adapter_json = String::from_utf8(config_bytes.to_vec())
             .map_err(|_| ApiError::invalid("adapter_config.json is not UTF-8"))?;
         let (indexes, tensor_count) = self.index_files(&files).await?;

@@ -539,10 +539,8 @@ async fn shared_session_both_commit(b: &Backend) {
     );
     let (c1, c2) = (c1.expect("first commit"), c2.expect("second commit"));
     assert_eq!((c1.digest, c2.digest), (digest, digest));
-    assert!(
-        c1.deduplicated || c2.deduplicated,
-        "one of them found the blob there"
-    );
+    // Which one reports `deduplicated` is not asserted: without a create-only copy (S3's
+    // head-then-copy fallback) two racing commits may both write the identical bytes.
     assert_eq!(first.read_all(&digest).await.unwrap(), bytes);
 }
 

@@ -27,7 +27,9 @@ fn candle_device(device: Device) -> Result<candle_core::Device, EngineError> {
         Device::Cuda(n) => n,
     };
     let cache = DEVICES.get_or_init(|| Mutex::new(Vec::new()));
-    let mut cache = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut cache = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((_, d)) = cache.iter().find(|(n, _)| *n == ordinal) {
         return Ok(d.clone());
     }
@@ -51,7 +53,10 @@ pub(crate) fn delta(device: Device, delta: &LowRankDelta) -> Result<Vec<f64>, En
 fn delta_on(dev: &candle_core::Device, d: &LowRankDelta) -> candle_core::Result<Vec<f64>> {
     let l = candle_core::Tensor::from_slice(d.left(), (d.rows(), d.rank()), dev)?;
     let r = candle_core::Tensor::from_slice(d.right(), (d.rank(), d.cols()), dev)?;
-    l.matmul(&r)?.affine(d.scale(), 0.0)?.flatten_all()?.to_vec1::<f64>()
+    l.matmul(&r)?
+        .affine(d.scale(), 0.0)?
+        .flatten_all()?
+        .to_vec1::<f64>()
 }
 
 #[cfg(test)]
@@ -63,8 +68,12 @@ mod tests {
     #[test]
     fn candle_path_matches_the_cpu_kernel() {
         let (rank, inf, outf) = (5, 37, 29);
-        let a: Vec<f64> = (0..rank * inf).map(|i| ((i * 7 % 13) as f64 - 6.0) * 0.013).collect();
-        let b: Vec<f64> = (0..outf * rank).map(|i| ((i * 5 % 11) as f64 - 5.0) * 0.021).collect();
+        let a: Vec<f64> = (0..rank * inf)
+            .map(|i| ((i * 7 % 13) as f64 - 6.0) * 0.013)
+            .collect();
+        let b: Vec<f64> = (0..outf * rank)
+            .map(|i| ((i * 5 % 11) as f64 - 5.0) * 0.021)
+            .collect();
         let d = LowRankDelta::from_lora(&a, &b, rank, inf, outf, 1.5, false).unwrap();
         let on_candle = delta_on(&candle_core::Device::Cpu, &d).unwrap();
         let mut w = vec![0u8; outf * inf * 8];

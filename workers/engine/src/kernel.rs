@@ -269,7 +269,9 @@ fn cpu_merge<E: Elem, O: Elem>(
         return DeltaStats::default();
     }
     let threads = if rows * cols >= PARALLEL_MIN_ELEMS {
-        std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows)
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(rows)
     } else {
         1
     };
@@ -284,7 +286,9 @@ fn cpu_merge<E: Elem, O: Elem>(
         let mut old_chunks = old.map(|o| o.chunks(old_chunk));
         for (t, part) in new.chunks_mut(chunk).enumerate() {
             let opart = old_chunks.as_mut().and_then(Iterator::next);
-            handles.push(scope.spawn(move || cpu_rows::<E, O>(t * rows_per, part, opart, delta, write)));
+            handles.push(
+                scope.spawn(move || cpu_rows::<E, O>(t * rows_per, part, opart, delta, write)),
+            );
         }
         let mut total = DeltaStats::default();
         for h in handles {
@@ -353,8 +357,11 @@ fn rows_avx2_fma<E: Elem, O: Elem>(
 const MR: usize = 4;
 /// Columns of a register tile (two AVX2 registers of f64).
 const NR: usize = 8;
-/// Columns of `R` kept hot in L1 while all rows pass over them (`rank × NC × 8` bytes).
-const NC: usize = 128;
+/// Columns of `R` packed and kept in L2 while all rows pass over them (`rank × NC × 8`
+/// bytes: 128 KiB at rank 16); each row's segment of the weight is then a page-sized
+/// sequential run (4 KiB of f32), which the prefetchers follow. Measured on a 2-core
+/// VM: 128 and 4096 were both slower.
+const NC: usize = 1024;
 
 /// Per-lane partial sums of the diagnostics (independent lanes vectorise; a single
 /// running f64 sum is a serial dependency chain).
@@ -366,10 +373,12 @@ struct Lanes {
     dr: [f64; NR],
 }
 
-/// The fused kernel over whole rows: for each `MR × NR` tile, accumulate
-/// `Σ_k L[i][k]·R[k][j]` in f64 registers (fused multiply-add when `FMA`), scale, add to
-/// the loaded weight, round once, store, and add the tile to the diagnostics sums.
-/// Columns go in blocks of `NC` so the slice of `R` in use stays in L1.
+/// The fused kernel over whole rows. For each block of `NC` columns, `R`'s block is
+/// packed tile by tile (`[tile][k][NR]`, zero-padded at the right edge); for each group of
+/// `MR` rows, `L`'s rows are packed `[k][MR]`; then each `MR × NR` tile of `L·R` is
+/// accumulated in f64 registers (fused multiply-add when `FMA`), scaled, added to the
+/// loaded weight, rounded once and stored, and its diagnostics sums accumulated. The
+/// packing buffers are allocated once per call (per thread and tensor).
 #[inline(always)]
 fn rows_impl<E: Elem, O: Elem, const FMA: bool>(
     row0: usize,
@@ -382,41 +391,54 @@ fn rows_impl<E: Elem, O: Elem, const FMA: bool>(
     let k = delta.rank;
     let nrows = part.len() / (cols * E::SIZE);
     let mut lanes = Lanes::default();
-    // `R`'s last `cols % NR` columns, zero-padded to a full tile width.
-    let tail = cols % NR;
-    let full_end = cols - tail;
-    let mut rpad = vec![0.0f64; k * NR];
-    for kk in 0..k {
-        rpad[kk * NR..kk * NR + tail].copy_from_slice(&delta.r[kk * cols + full_end..(kk + 1) * cols]);
-    }
+    let mut rpack = vec![0.0f64; NC.div_ceil(NR) * k * NR];
+    let mut lpack = vec![0.0f64; k * MR];
     let mut jb = 0;
-    loop {
-        let jend = (jb + NC).min(full_end);
-        let last = jend == full_end;
+    while jb < cols {
+        let nc = NC.min(cols - jb);
+        let tiles = nc.div_ceil(NR);
+        for t in 0..tiles {
+            let j = jb + t * NR;
+            let nr = NR.min(cols - j);
+            for kk in 0..k {
+                let dst = &mut rpack[(t * k + kk) * NR..(t * k + kk + 1) * NR];
+                dst[..nr].copy_from_slice(&delta.r[kk * cols + j..kk * cols + j + nr]);
+                dst[nr..].fill(0.0);
+            }
+        }
         let mut i = 0;
         while i < nrows {
             let mr = MR.min(nrows - i);
-            let l = &delta.l[(row0 + i) * k..(row0 + i + mr) * k];
-            let mut j = jb;
-            while j < jend {
-                let t = Tile { i, j, mr, nr: NR, rj: j, r_stride: cols };
-                if mr == MR {
-                    tile::<E, O, FMA, MR>(&t, l, &delta.r, k, delta.scale, part, old, cols, write, &mut lanes);
-                } else {
-                    tile::<E, O, FMA, 1>(&t, l, &delta.r, k, delta.scale, part, old, cols, write, &mut lanes);
+            for kk in 0..k {
+                for a in 0..MR {
+                    lpack[kk * MR + a] = if a < mr {
+                        delta.l[(row0 + i + a) * k + kk]
+                    } else {
+                        0.0
+                    };
                 }
-                j += NR;
             }
-            if last && tail > 0 {
-                let t = Tile { i, j: full_end, mr, nr: tail, rj: 0, r_stride: NR };
-                tile::<E, O, FMA, 1>(&t, l, &rpad, k, delta.scale, part, old, cols, write, &mut lanes);
+            for t in 0..tiles {
+                let j = jb + t * NR;
+                let nr = NR.min(cols - j);
+                let rtile = &rpack[t * k * NR..(t + 1) * k * NR];
+                let acc = tile_product::<FMA>(rtile, &lpack);
+                let at = At {
+                    i,
+                    j,
+                    cols,
+                    scale: delta.scale,
+                    write,
+                };
+                if mr == MR && nr == NR {
+                    tile_store::<E, O, true>(&acc, &at, MR, NR, part, old, &mut lanes);
+                } else {
+                    tile_store::<E, O, false>(&acc, &at, mr, nr, part, old, &mut lanes);
+                }
             }
             i += mr;
         }
-        if last {
-            break;
-        }
-        jb = jend;
+        jb += nc;
     }
     let sum = |a: &[f64; NR]| a.iter().sum::<f64>();
     DeltaStats {
@@ -427,86 +449,90 @@ fn rows_impl<E: Elem, O: Elem, const FMA: bool>(
     }
 }
 
-/// A tile: weight rows `[i, i + mr)` (relative to the part), columns `[j, j + nr)`,
-/// reading `R` at column `rj` of rows `r_stride` apart.
-struct Tile {
-    i: usize,
-    j: usize,
-    mr: usize,
-    nr: usize,
-    rj: usize,
-    r_stride: usize,
+/// `Σ_k L[a][k]·R[k][b]` for one `MR × NR` tile from packed panels.
+#[inline(always)]
+fn tile_product<const FMA: bool>(rtile: &[f64], lpack: &[f64]) -> [[f64; NR]; MR] {
+    let mut acc = [[0.0f64; NR]; MR];
+    let (rs, _) = rtile.as_chunks::<NR>();
+    let (ls, _) = lpack.as_chunks::<MR>();
+    for (rv, lv) in rs.iter().zip(ls) {
+        for (acc_row, &l) in acc.iter_mut().zip(lv) {
+            for (x, &r) in acc_row.iter_mut().zip(rv) {
+                *x = if FMA { l.mul_add(r, *x) } else { *x + l * r };
+            }
+        }
+    }
+    acc
 }
 
-/// One tile. `ROWS` is the row count of the register block: `MR` for full tiles
-/// (`t.mr == MR`, `t.nr == NR`), 1 for edge tiles, done row by row.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn tile<E: Elem, O: Elem, const FMA: bool, const ROWS: usize>(
-    t: &Tile,
-    l: &[f64],
-    r: &[f64],
-    k: usize,
+/// Where a tile lands: weight rows from `i` (relative to the part), columns from `j`.
+struct At {
+    i: usize,
+    j: usize,
+    cols: usize,
     scale: f64,
+    write: bool,
+}
+
+/// Adds a tile of `L·R` (scaled) to the weight, rounding once, and accumulates the
+/// diagnostics. `FULL`: the tile is `MR × NR` (constant bounds, vectorised); otherwise
+/// `mr × nr` at an edge.
+#[inline(always)]
+fn tile_store<E: Elem, O: Elem, const FULL: bool>(
+    acc: &[[f64; NR]; MR],
+    at: &At,
+    mr: usize,
+    nr: usize,
     w: &mut [u8],
     old: Option<&[u8]>,
-    cols: usize,
-    write: bool,
     lanes: &mut Lanes,
 ) {
-    let mut a0 = 0;
-    while a0 < t.mr {
-        let mut acc = [[0.0f64; NR]; ROWS];
-        for kk in 0..k {
-            let off = kk * t.r_stride + t.rj;
-            let rv = &r[off..off + NR];
-            for (a, acc_row) in acc.iter_mut().enumerate() {
-                let lv = l[(a0 + a) * k + kk];
-                for (x, &rb) in acc_row.iter_mut().zip(rv) {
-                    *x = if FMA { lv.mul_add(rb, *x) } else { *x + lv * rb };
-                }
-            }
-        }
+    if FULL {
         for (a, acc_row) in acc.iter().enumerate() {
-            let row = t.i + a0 + a;
-            let woff = (row * cols + t.j) * E::SIZE;
-            let wrow = &mut w[woff..woff + t.nr * E::SIZE];
-            match old {
-                None => {
-                    for (b, wc) in wrow.chunks_exact_mut(E::SIZE).enumerate() {
-                        let x = E::load(wc);
-                        let d = scale * acc_row[b];
-                        lanes.dd[b] += d * d;
-                        lanes.oo[b] += x * x;
-                        if write {
-                            E::store(x + d, wc);
-                        }
-                    }
-                }
+            let row = at.i + a;
+            let woff = (row * at.cols + at.j) * E::SIZE;
+            let wrow = &mut w[woff..woff + NR * E::SIZE];
+            let x = E::load_n::<NR>(wrow);
+            let d: [f64; NR] = std::array::from_fn(|b| at.scale * acc_row[b]);
+            let y = match old {
+                None => x,
                 Some(o) => {
-                    let ooff = (row * cols + t.j) * O::SIZE;
-                    let orow = &o[ooff..ooff + t.nr * O::SIZE];
-                    for (b, (wc, oc)) in wrow
-                        .chunks_exact_mut(E::SIZE)
-                        .zip(orow.chunks_exact(O::SIZE))
-                        .enumerate()
-                    {
-                        let x = E::load(wc);
-                        let y = O::load(oc);
-                        let d = scale * acc_row[b];
-                        let r = x - y;
-                        lanes.dd[b] += d * d;
-                        lanes.rr[b] += r * r;
-                        lanes.oo[b] += y * y;
-                        lanes.dr[b] += d * r;
-                        if write {
-                            E::store(x + d, wc);
-                        }
-                    }
+                    let ooff = (row * at.cols + at.j) * O::SIZE;
+                    O::load_n::<NR>(&o[ooff..ooff + NR * O::SIZE])
                 }
+            };
+            for b in 0..NR {
+                let r = x[b] - y[b];
+                lanes.dd[b] += d[b] * d[b];
+                lanes.rr[b] += r * r;
+                lanes.oo[b] += y[b] * y[b];
+                lanes.dr[b] += d[b] * r;
+            }
+            if at.write {
+                let out: [f64; NR] = std::array::from_fn(|b| x[b] + d[b]);
+                E::store_n::<NR>(&out, wrow);
             }
         }
-        a0 += ROWS;
+        return;
+    }
+    for (a, acc_row) in acc.iter().enumerate().take(mr) {
+        let row = at.i + a;
+        let woff = (row * at.cols + at.j) * E::SIZE;
+        let ooff = (row * at.cols + at.j) * O::SIZE;
+        for b in 0..nr {
+            let wc = &mut w[woff + b * E::SIZE..woff + (b + 1) * E::SIZE];
+            let x = E::load(wc);
+            let y = old.map_or(x, |o| O::load(&o[ooff + b * O::SIZE..]));
+            let d = at.scale * acc_row[b];
+            let r = x - y;
+            lanes.dd[b] += d * d;
+            lanes.rr[b] += r * r;
+            lanes.oo[b] += y * y;
+            lanes.dr[b] += d * r;
+            if at.write {
+                E::store(x + d, wc);
+            }
+        }
     }
 }
 
@@ -516,7 +542,13 @@ const LANES: usize = 8;
 
 /// One pass over a block: `w ← round(w + d)` (when `write`) and the diagnostics sums.
 #[inline(always)]
-fn fused<E: Elem, O: Elem>(w: &mut [u8], old: Option<&[u8]>, d: &[f64], write: bool, stats: &mut DeltaStats) {
+fn fused<E: Elem, O: Elem>(
+    w: &mut [u8],
+    old: Option<&[u8]>,
+    d: &[f64],
+    write: bool,
+    stats: &mut DeltaStats,
+) {
     let mut dd = [0.0f64; LANES];
     let mut rr = [0.0f64; LANES];
     let mut oo = [0.0f64; LANES];

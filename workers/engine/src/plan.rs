@@ -180,12 +180,14 @@ impl BaseIndex {
             message,
         };
         let index = if has(SHARD_INDEX) {
-            Some(ShardIndex::parse(&read_small(src, SHARD_INDEX)?).map_err(|e| {
-                EngineError::BadConfig {
-                    file: src.location(SHARD_INDEX),
-                    message: e.to_string(),
-                }
-            })?)
+            Some(
+                ShardIndex::parse(&read_small(src, SHARD_INDEX)?).map_err(|e| {
+                    EngineError::BadConfig {
+                        file: src.location(SHARD_INDEX),
+                        message: e.to_string(),
+                    }
+                })?,
+            )
         } else {
             None
         };
@@ -435,7 +437,10 @@ pub fn preflight(
                     refusals.push(
                         RefusalKind::LoraBias,
                         m,
-                        format!("{}: a trained LoRA bias is not part of the s·B·A delta", t.name),
+                        format!(
+                            "{}: a trained LoRA bias is not part of the s·B·A delta",
+                            t.name
+                        ),
                     );
                 }
             }
@@ -521,7 +526,11 @@ fn check_module(
     refusals: &mut Refusals,
 ) -> Option<ModulePlan> {
     let (Some(a), Some(b)) = (&mt.a, &mt.b) else {
-        let (have, miss) = if mt.a.is_some() { ("A", "B") } else { ("B", "A") };
+        let (have, miss) = if mt.a.is_some() {
+            ("A", "B")
+        } else {
+            ("B", "A")
+        };
         refusals.push(
             RefusalKind::UnknownTensor,
             module,
@@ -534,7 +543,10 @@ fn check_module(
             refusals.push(
                 RefusalKind::UnknownTensor,
                 &t.name,
-                format!("{}: dtype {:?} is not a floating-point LoRA factor", t.name, t.dtype),
+                format!(
+                    "{}: dtype {:?} is not a floating-point LoRA factor",
+                    t.name, t.dtype
+                ),
             );
             return None;
         }
@@ -654,7 +666,16 @@ fn check_module(
 /// Other weight formats: copying them into a merged model would ship unmerged weights.
 fn is_other_weights(path: &str) -> bool {
     const EXT: [&str; 10] = [
-        ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".ot", ".safetensors",
+        ".bin",
+        ".pt",
+        ".pth",
+        ".ckpt",
+        ".h5",
+        ".msgpack",
+        ".gguf",
+        ".onnx",
+        ".ot",
+        ".safetensors",
     ];
     EXT.iter().any(|e| path.ends_with(e)) || path.ends_with(".bin.index.json")
 }
@@ -714,14 +735,14 @@ fn compose_weights(fh: &FileHeader, targets: &HashMap<&str, &ModulePlan>) -> Com
     let mut pieces = Vec::new();
     let mut run: Option<(u64, u64)> = None;
     let flush = |run: &mut Option<(u64, u64)>, pieces: &mut Vec<Piece>| {
-        if let Some((begin, end)) = run.take() {
-            if end > begin {
-                pieces.push(Piece::Source {
-                    file: fh.path.clone(),
-                    begin,
-                    end,
-                });
-            }
+        if let Some((begin, end)) = run.take()
+            && end > begin
+        {
+            pieces.push(Piece::Source {
+                file: fh.path.clone(),
+                begin,
+                end,
+            });
         }
     };
     for t in &fh.header.tensors {
@@ -778,7 +799,10 @@ mod tests {
             classify(&p("model.layers.0.mlp.down_proj.ia3_l")),
             AdapterKey::Unknown
         );
-        assert_eq!(classify("model.layers.0.q_proj.lora_A.weight"), AdapterKey::Unknown);
+        assert_eq!(
+            classify("model.layers.0.q_proj.lora_A.weight"),
+            AdapterKey::Unknown
+        );
         assert_eq!(classify(&p("x.lora_A.default.weight")), AdapterKey::Unknown);
     }
 }

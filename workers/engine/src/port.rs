@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use patchport_core::layout::count_non_finite;
-use patchport_core::safetensors::Dtype;
 use patchport_core::port::{ModuleDiagnostics, PortDiagnostics, Refusal, RefusalKind};
+use patchport_core::safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::device::Device;
@@ -134,8 +134,15 @@ pub fn port_planned(
     let mut all_unchanged = !pre.modules.is_empty();
     let mut write_s = 0.0;
     for plan in &pre.modules {
-        let (stats, unchanged) =
-            merge_module(plan, old, new, patch, opts.device, sink.is_some(), &mut bufs)?;
+        let (stats, unchanged) = merge_module(
+            plan,
+            old,
+            new,
+            patch,
+            opts.device,
+            sink.is_some(),
+            &mut bufs,
+        )?;
         if let Some(sink) = sink.as_deref_mut() {
             let t = Instant::now();
             sink.merged_tensor(&plan.base_tensor, &bufs.new)
@@ -199,7 +206,12 @@ fn scan_patch(pre: &Preflight, patch: &dyn ModelSource) -> Result<Vec<Refusal>, 
     let mut out = Vec::new();
     for plan in &pre.modules {
         for t in [&plan.lora_a, &plan.lora_b] {
-            read(patch, patchport_core::layout::ADAPTER_WEIGHTS, (t.begin, t.end), &mut buf)?;
+            read(
+                patch,
+                patchport_core::layout::ADAPTER_WEIGHTS,
+                (t.begin, t.end),
+                &mut buf,
+            )?;
             let n = count_non_finite(t.dtype, &buf);
             if n > 0 {
                 out.push(Refusal::new(
@@ -227,9 +239,19 @@ fn merge_module(
         tensor: tensor.to_owned(),
         message: "bytes do not match the dtype".to_owned(),
     };
-    read(patch, weights, (plan.lora_a.begin, plan.lora_a.end), &mut bufs.raw)?;
+    read(
+        patch,
+        weights,
+        (plan.lora_a.begin, plan.lora_a.end),
+        &mut bufs.raw,
+    )?;
     decode_f64(plan.lora_a.dtype, &bufs.raw, &mut bufs.a).ok_or_else(|| bad(&plan.lora_a.name))?;
-    read(patch, weights, (plan.lora_b.begin, plan.lora_b.end), &mut bufs.raw)?;
+    read(
+        patch,
+        weights,
+        (plan.lora_b.begin, plan.lora_b.end),
+        &mut bufs.raw,
+    )?;
     decode_f64(plan.lora_b.dtype, &bufs.raw, &mut bufs.b).ok_or_else(|| bad(&plan.lora_b.name))?;
     let rank = plan.rank as usize;
     let in_f = plan.lora_a.shape[1] as usize;
@@ -258,11 +280,7 @@ fn merge_module(
         // A base re-stored in another dtype (v2 in bf16 from v1 in f32): the drift is
         // measured on values, so the old weight goes to the kernel as f64.
         read(old, &plan.old_file, plan.old_range, &mut bufs.raw)?;
-        if bufs.raw.len() % plan.old_dtype.bitsize().div_ceil(8).max(1) != 0 {
-            return Err(bad(&plan.base_tensor));
-        }
         bufs.old.clear();
-        bufs.old.reserve(bufs.raw.len() / (plan.old_dtype.bitsize() / 8).max(1) * 8);
         let mut vals = Vec::new();
         for chunk in bufs.raw.chunks(1 << 16) {
             decode_f64(plan.old_dtype, chunk, &mut vals).ok_or_else(|| bad(&plan.base_tensor))?;
@@ -272,20 +290,28 @@ fn merge_module(
         }
         Some((Dtype::F64, bufs.old.as_slice()))
     };
-    let stats = merge_tensor(plan.dtype, &mut bufs.new, old_bytes, &delta, write, device)
-        .map_err(|e| match e {
-            EngineError::BadTensor { message, .. } => EngineError::BadTensor {
-                tensor: plan.base_tensor.clone(),
-                message,
-            },
-            e => e,
+    let stats =
+        merge_tensor(plan.dtype, &mut bufs.new, old_bytes, &delta, write, device).map_err(|e| {
+            match e {
+                EngineError::BadTensor { message, .. } => EngineError::BadTensor {
+                    tensor: plan.base_tensor.clone(),
+                    message,
+                },
+                e => e,
+            }
         })?;
     Ok((stats, unchanged))
 }
 
 fn diagnostics(module: &str, s: &DeltaStats, unchanged: bool) -> ModuleDiagnostics {
     let old_norm = s.old_sq.sqrt();
-    let ratio = |x: f64| if old_norm > 0.0 { x.sqrt() / old_norm } else { 0.0 };
+    let ratio = |x: f64| {
+        if old_norm > 0.0 {
+            x.sqrt() / old_norm
+        } else {
+            0.0
+        }
+    };
     let base_drift = ratio(s.drift_sq);
     let patch_size = ratio(s.delta_sq);
     let denom = (s.delta_sq * s.drift_sq).sqrt();

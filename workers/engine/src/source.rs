@@ -185,7 +185,8 @@ pub(crate) fn read_header(src: &dyn ModelSource, path: &str) -> Result<FileHeade
     };
     let size = src.file_size(path).map_err(io_err)?;
     let mut raw = Vec::new();
-    src.read_range(path, 0, size.min(8), &mut raw).map_err(io_err)?;
+    src.read_range(path, 0, size.min(8), &mut raw)
+        .map_err(io_err)?;
     let n = safetensors::json_len(&raw, size).map_err(bad)?;
     src.read_range(path, 0, 8 + n, &mut raw).map_err(io_err)?;
     let header = safetensors::parse_header(&raw[8..], size).map_err(bad)?;

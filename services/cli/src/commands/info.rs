@@ -47,11 +47,21 @@ pub(crate) async fn list(registry: &str, a: ListArgs) -> anyhow::Result<()> {
     };
     match a.kind {
         ListKind::Bases => {
-            let versions = client.registry().list_base_versions(req).await?.into_inner().versions;
+            let versions = client
+                .registry()
+                .list_base_versions(req)
+                .await?
+                .into_inner()
+                .versions;
             if a.json {
-                output::print_json(&serde_json::Value::Array(versions.iter().map(output::base_json).collect()));
+                output::print_json(&serde_json::Value::Array(
+                    versions.iter().map(output::base_json).collect(),
+                ));
             } else {
-                println!("{:<40} {:<12} {:<10} {:>10} {:<10} DIGEST", "BASE", "VERSION", "PARENT", "SIZE", "STATE");
+                println!(
+                    "{:<40} {:<12} {:<10} {:>10} {:<10} DIGEST",
+                    "BASE", "VERSION", "PARENT", "SIZE", "STATE"
+                );
                 for b in &versions {
                     println!(
                         "{:<40} {:<12} {:<10} {:>10} {:<10} {}",
@@ -66,13 +76,27 @@ pub(crate) async fn list(registry: &str, a: ListArgs) -> anyhow::Result<()> {
             }
         }
         ListKind::Patches => {
-            let versions = client.registry().list_patch_versions(req).await?.into_inner().versions;
+            let versions = client
+                .registry()
+                .list_patch_versions(req)
+                .await?
+                .into_inner()
+                .versions;
             if a.json {
-                output::print_json(&serde_json::Value::Array(versions.iter().map(output::patch_json).collect()));
+                output::print_json(&serde_json::Value::Array(
+                    versions.iter().map(output::patch_json).collect(),
+                ));
             } else {
-                println!("{:<40} {:<12} {:<40} {:<10} DIGEST", "PATCH", "VERSION", "BASE", "STATE");
+                println!(
+                    "{:<40} {:<12} {:<40} {:<10} DIGEST",
+                    "PATCH", "VERSION", "BASE", "STATE"
+                );
                 for p in &versions {
-                    let base = p.base.as_ref().map(|b| format!("{}:{}", b.name, b.version)).unwrap_or_default();
+                    let base = p
+                        .base
+                        .as_ref()
+                        .map(|b| format!("{}:{}", b.name, b.version))
+                        .unwrap_or_default();
                     println!(
                         "{:<40} {:<12} {:<40} {:<10} {}",
                         p.name,
@@ -101,7 +125,9 @@ pub(crate) async fn status(registry: &str, a: StatusArgs) -> anyhow::Result<()> 
     };
     if let Some(b) = base {
         if a.json {
-            output::print_json(&serde_json::json!({"kind": "base", "version": output::base_json(&b)}));
+            output::print_json(
+                &serde_json::json!({"kind": "base", "version": output::base_json(&b)}),
+            );
         } else {
             output::print_base(&b);
         }
@@ -111,7 +137,9 @@ pub(crate) async fn status(registry: &str, a: StatusArgs) -> anyhow::Result<()> 
         Ok(p) => {
             let p = p.into_inner();
             if a.json {
-                output::print_json(&serde_json::json!({"kind": "patch", "version": output::patch_json(&p)}));
+                output::print_json(
+                    &serde_json::json!({"kind": "patch", "version": output::patch_json(&p)}),
+                );
             } else {
                 output::print_patch(&p);
             }

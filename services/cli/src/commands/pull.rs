@@ -27,7 +27,9 @@ pub(crate) struct PullArgs {
 pub(crate) async fn run(registry: &str, a: PullArgs) -> anyhow::Result<()> {
     let reference: AnyRef = a.reference.parse().context("parsing the reference")?;
     let client = super::connect(registry).await?;
-    let out = client.pull(&reference, &a.out, a.merged, &Bars::default()).await?;
+    let out = client
+        .pull(&reference, &a.out, a.merged, &Bars::default())
+        .await?;
     if a.json {
         output::print_json(&serde_json::json!({
             "kind": out.kind,

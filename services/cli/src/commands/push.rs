@@ -78,8 +78,18 @@ pub(crate) struct YankArgs {
 
 fn report(out: &PushOutcome, json: bool) {
     let (kind, value, reference, digest) = match (&out.base, &out.patch) {
-        (Some(b), _) => ("base", output::base_json(b), format!("{}:{}", b.name, b.version), b.digest.clone()),
-        (_, Some(p)) => ("patch", output::patch_json(p), format!("{}:{}", p.name, p.version), p.digest.clone()),
+        (Some(b), _) => (
+            "base",
+            output::base_json(b),
+            format!("{}:{}", b.name, b.version),
+            b.digest.clone(),
+        ),
+        (_, Some(p)) => (
+            "patch",
+            output::patch_json(p),
+            format!("{}:{}", p.name, p.version),
+            p.digest.clone(),
+        ),
         _ => return,
     };
     if json {
@@ -92,7 +102,11 @@ fn report(out: &PushOutcome, json: bool) {
             "version": value,
         }));
     } else {
-        let what = if out.created { "pushed" } else { "already present (no change)" };
+        let what = if out.created {
+            "pushed"
+        } else {
+            "already present (no change)"
+        };
         println!(
             "{kind} {reference} {what}\n  digest {digest}\n  uploaded {} blobs ({}), {} already in the registry",
             out.uploaded_blobs,

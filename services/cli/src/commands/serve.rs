@@ -14,10 +14,18 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "PATCHPORT_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
     /// Metadata database: sqlite://PATH or postgres://USER@HOST/DB.
-    #[arg(long, env = "PATCHPORT_DATABASE", default_value = "sqlite://./patchport-data/registry.db")]
+    #[arg(
+        long,
+        env = "PATCHPORT_DATABASE",
+        default_value = "sqlite://./patchport-data/registry.db"
+    )]
     database: String,
     /// Blob store: file://PATH, memory:// or s3://BUCKET[/PREFIX] (AWS_* variables for S3).
-    #[arg(long, env = "PATCHPORT_BLOBS", default_value = "file://./patchport-data/blobs")]
+    #[arg(
+        long,
+        env = "PATCHPORT_BLOBS",
+        default_value = "file://./patchport-data/blobs"
+    )]
     blobs: String,
 }
 
@@ -29,7 +37,9 @@ fn absolute_file_url(url: &str) -> anyhow::Result<String> {
                 .context("reading the current directory")?
                 .join(Path::new(path));
             std::fs::create_dir_all(&abs).with_context(|| format!("creating {}", abs.display()))?;
-            let abs = abs.canonicalize().with_context(|| format!("resolving {}", abs.display()))?;
+            let abs = abs
+                .canonicalize()
+                .with_context(|| format!("resolving {}", abs.display()))?;
             Ok(format!("file://{}", abs.display()))
         }
         _ => Ok(url.to_owned()),

@@ -110,7 +110,8 @@ impl BlobService for Blobs {
         while let Some(chunk) = next.take() {
             if chunk.upload_id != upload_id {
                 failure = Some(
-                    ApiError::invalid("every chunk of one stream must name the same upload_id").into(),
+                    ApiError::invalid("every chunk of one stream must name the same upload_id")
+                        .into(),
                 );
                 break;
             }
@@ -210,7 +211,10 @@ impl BlobService for Blobs {
                 loop {
                     if buf.len() >= READ_CHUNK {
                         let data = buf.split_to(READ_CHUNK).freeze();
-                        let msg = v1::ReadBlobChunk { offset, data: data.clone() };
+                        let msg = v1::ReadBlobChunk {
+                            offset,
+                            data: data.clone(),
+                        };
                         offset += data.len() as u64;
                         return Some((Ok(msg), (inner, buf, offset, false)));
                     }
@@ -225,7 +229,10 @@ impl BlobService for Blobs {
                                 return None;
                             }
                             let data = buf.split().freeze();
-                            let msg = v1::ReadBlobChunk { offset, data: data.clone() };
+                            let msg = v1::ReadBlobChunk {
+                                offset,
+                                data: data.clone(),
+                            };
                             offset += data.len() as u64;
                             return Some((Ok(msg), (inner, buf, offset, true)));
                         }
@@ -242,7 +249,13 @@ impl BlobService for Blobs {
         req: Request<v1::StatBlobRequest>,
     ) -> Result<Response<v1::StatBlobResponse>, Status> {
         let digest = parse_digest(&req.into_inner().digest)?;
-        match self.registry.blobs.size(&digest).await.map_err(ApiError::from)? {
+        match self
+            .registry
+            .blobs
+            .size(&digest)
+            .await
+            .map_err(ApiError::from)?
+        {
             Some(size) => Ok(Response::new(v1::StatBlobResponse {
                 digest: digest.to_string(),
                 size,

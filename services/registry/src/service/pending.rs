@@ -13,7 +13,8 @@ use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
 
-const MESSAGE: &str = "ports, compatibility queries, events and workers are not enabled on this registry yet";
+const MESSAGE: &str =
+    "ports, compatibility queries, events and workers are not enabled on this registry yet";
 
 fn pending<T>() -> Result<T, Status> {
     Err(ApiError::unimplemented(MESSAGE).into())
@@ -34,13 +35,22 @@ impl PortService for Pending {
     ) -> Result<Response<v1::QueryCompatResponse>, Status> {
         pending()
     }
-    async fn resolve(&self, _: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
+    async fn resolve(
+        &self,
+        _: Request<v1::ResolveRequest>,
+    ) -> Result<Response<v1::ResolveResponse>, Status> {
         pending()
     }
-    async fn request_port(&self, _: Request<v1::RequestPortRequest>) -> Result<Response<v1::Port>, Status> {
+    async fn request_port(
+        &self,
+        _: Request<v1::RequestPortRequest>,
+    ) -> Result<Response<v1::Port>, Status> {
         pending()
     }
-    async fn cancel_port(&self, _: Request<v1::GetPortRequest>) -> Result<Response<v1::Port>, Status> {
+    async fn cancel_port(
+        &self,
+        _: Request<v1::GetPortRequest>,
+    ) -> Result<Response<v1::Port>, Status> {
         pending()
     }
 }
@@ -59,7 +69,10 @@ impl EventService for Pending {
 
 #[tonic::async_trait]
 impl WorkerService for Pending {
-    async fn lease_job(&self, _: Request<v1::LeaseJobRequest>) -> Result<Response<v1::LeaseJobResponse>, Status> {
+    async fn lease_job(
+        &self,
+        _: Request<v1::LeaseJobRequest>,
+    ) -> Result<Response<v1::LeaseJobResponse>, Status> {
         pending()
     }
     async fn heartbeat(
@@ -74,7 +87,10 @@ impl WorkerService for Pending {
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
         pending()
     }
-    async fn fail_job(&self, _: Request<v1::FailJobRequest>) -> Result<Response<v1::FailJobResponse>, Status> {
+    async fn fail_job(
+        &self,
+        _: Request<v1::FailJobRequest>,
+    ) -> Result<Response<v1::FailJobResponse>, Status> {
         pending()
     }
     async fn release_job(

@@ -195,9 +195,10 @@ impl RegistryService for Versions {
         let (digest, files) = match self.base(&r).await {
             Ok(b) => (b.digest, b.files),
             Err(e) if e.kind() == crate::error::ErrorKind::NotFound => {
-                let p = self.patch(&r).await.map_err(|_| {
-                    ApiError::not_found(format!("no base or patch version {r}"))
-                })?;
+                let p = self
+                    .patch(&r)
+                    .await
+                    .map_err(|_| ApiError::not_found(format!("no base or patch version {r}")))?;
                 (p.digest, p.files)
             }
             Err(e) => return Err(e.into()),

@@ -119,7 +119,7 @@ impl BlobStore {
         };
         match scheme {
             "file" => {
-                let dir = if rest.starts_with('/') {
+                let dir = if rest.starts_with('/') || rest.starts_with("localhost/") {
                     url::Url::parse(url)
                         .ok()
                         .and_then(|u| u.to_file_path().ok())

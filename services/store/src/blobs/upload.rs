@@ -26,6 +26,9 @@ const MIN_PART_SIZE: usize = 16 << 20;
 /// S3 allows 10,000 parts; stay well below.
 const MAX_PARTS: u64 = 9_000;
 
+/// Running hashes kept in memory at most (about 200 bytes each).
+const MAX_RUNNING_HASHES: usize = 10_000;
+
 /// An upload session: what was declared and how many bytes are durably received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadSession {
@@ -195,7 +198,12 @@ impl UploadWriter {
         self.committed += n;
         self.buffered -= n;
         if let Some(h) = hashed {
-            self.store.hashers().insert(self.upload_id.clone(), h);
+            let mut hashers = self.store.hashers();
+            // Abandoned sessions would otherwise accumulate; the map is only a shortcut.
+            if hashers.len() >= MAX_RUNNING_HASHES && !hashers.contains_key(&self.upload_id) {
+                hashers.clear();
+            }
+            hashers.insert(self.upload_id.clone(), h);
         }
         Ok(())
     }
@@ -313,8 +321,9 @@ impl BlobStore {
 
     /// Verifies the session's bytes against the declared digest and size and promotes
     /// them to a blob. An incomplete upload is FailedPrecondition; a digest mismatch is
-    /// InvalidArgument and deletes the session. An already stored blob is dedup, and
-    /// committing a committed session again answers the same.
+    /// InvalidArgument and deletes the session. A blob that is already stored is dedup
+    /// (even if this session did not receive every byte), and committing a committed
+    /// session again answers the same.
     pub async fn commit_upload(&self, upload_id: &str) -> Result<CommitOutcome, BlobError> {
         check_upload_id(upload_id)?;
         let rec = self.load_session(upload_id).await?;
@@ -337,16 +346,6 @@ impl BlobStore {
             };
         }
 
-        let segments = self.list_segments(upload_id).await?;
-        let committed = contiguous_end(&segments, size);
-        if committed < size {
-            return Err(BlobError::Incomplete {
-                upload_id: upload_id.to_owned(),
-                committed,
-                size,
-            });
-        }
-
         if let Some(existing) = self.head(&final_key).await? {
             if existing.size != size {
                 self.delete_session(upload_id, &rec).await;
@@ -358,6 +357,16 @@ impl BlobStore {
             }
             self.finish_session(upload_id, &rec).await;
             return Ok(outcome(true));
+        }
+
+        let segments = self.list_segments(upload_id).await?;
+        let committed = contiguous_end(&segments, size);
+        if committed < size {
+            return Err(BlobError::Incomplete {
+                upload_id: upload_id.to_owned(),
+                committed,
+                size,
+            });
         }
 
         // The uninterrupted case knows the digest already: refuse a mismatch before
@@ -436,9 +445,8 @@ impl BlobStore {
             if !objects.iter().all(is_old) {
                 continue;
             }
-            for meta in &objects {
-                self.delete_quiet(&meta.location).await?;
-            }
+            self.delete_many(objects.into_iter().map(|m| m.location).collect())
+                .await?;
             if let Some(upload_id) = dir.filename() {
                 self.hashers().remove(upload_id);
                 tracing::info!(%upload_id, "expired upload session");
@@ -453,9 +461,9 @@ impl BlobStore {
             .try_collect()
             .await
             .map_err(|e| BlobError::storage("list", &staging, e))?;
-        for meta in leftovers.iter().filter(|m| is_old(m)) {
-            self.delete_quiet(&meta.location).await?;
-        }
+        let leftovers = leftovers.into_iter().filter(|m| is_old(m));
+        self.delete_many(leftovers.map(|m| m.location).collect())
+            .await?;
 
         let index = self.prefix.clone().join("upload-index");
         let entries: Vec<ObjectMeta> = self
@@ -679,11 +687,37 @@ impl BlobStore {
     }
 
     async fn delete_segments(&self, upload_id: &str) -> Result<(), BlobError> {
-        for segment in self.list_segments(upload_id).await? {
-            self.delete_quiet(&self.segment_key(upload_id, segment.offset))
-                .await?;
+        let keys = self
+            .list_segments(upload_id)
+            .await?
+            .into_iter()
+            .map(|segment| self.segment_key(upload_id, segment.offset))
+            .collect();
+        self.delete_many(keys).await
+    }
+
+    /// Deletes objects in batches where the backend has them (S3 DeleteObjects); missing
+    /// ones are fine.
+    async fn delete_many(&self, keys: Vec<Path>) -> Result<(), BlobError> {
+        let Some(first) = keys.first().cloned() else {
+            return Ok(());
+        };
+        let mut results = self
+            .store
+            .delete_stream(stream::iter(keys.into_iter().map(Ok)).boxed());
+        let mut failure = None;
+        while let Some(result) = results.next().await {
+            match result {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        match failure {
+            None => Ok(()),
+            Some(e) => Err(BlobError::storage("delete", &first, e)),
+        }
     }
 
     async fn committed_offset(&self, upload_id: &str, size: u64) -> Result<u64, BlobError> {

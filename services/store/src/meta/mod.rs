@@ -33,7 +33,9 @@ pub enum StoreErrorKind {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// `name:version` already holds other content.
-    #[error("{what} already exists with different content (digest {existing}); versions are immutable, push under a new version")]
+    #[error(
+        "{what} already exists with different content (digest {existing}); versions are immutable, push under a new version"
+    )]
     AlreadyExists {
         /// `acme/qv:1`.
         what: String,
@@ -284,7 +286,10 @@ pub trait MetadataStore: Send + Sync + fmt::Debug {
         version: &VersionRef,
     ) -> Result<Option<BaseVersionRecord>, StoreError>;
     /// Base versions, by name then creation.
-    async fn list_base_versions(&self, filter: &ListFilter) -> Result<Vec<BaseVersionRecord>, StoreError>;
+    async fn list_base_versions(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<BaseVersionRecord>, StoreError>;
     /// Marks a base version yanked.
     async fn yank_base_version(
         &self,
@@ -304,7 +309,10 @@ pub trait MetadataStore: Send + Sync + fmt::Debug {
         version: &VersionRef,
     ) -> Result<Option<PatchVersionRecord>, StoreError>;
     /// Patch versions, by name then creation.
-    async fn list_patch_versions(&self, filter: &ListFilter) -> Result<Vec<PatchVersionRecord>, StoreError>;
+    async fn list_patch_versions(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<PatchVersionRecord>, StoreError>;
     /// Marks a patch version yanked.
     async fn yank_patch_version(
         &self,
@@ -325,9 +333,7 @@ pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>, Sto
     } else if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(SqliteStore::connect(url).await?))
     } else {
-        Err(StoreError::BadUrl {
-            url: redact(url),
-        })
+        Err(StoreError::BadUrl { url: redact(url) })
     }
 }
 

@@ -14,8 +14,13 @@ impl PgStore {
     /// Connects and runs the embedded migrations (under Postgres' migration lock, so
     /// several registry replicas can start together).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new().max_connections(16).connect(url).await?;
-        sqlx::migrate!("../../migrations/postgres").run(&pool).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(url)
+            .await?;
+        sqlx::migrate!("../../migrations/postgres")
+            .run(&pool)
+            .await?;
         Ok(Self { pool })
     }
 

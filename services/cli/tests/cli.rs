@@ -1,0 +1,203 @@
+//! The README walk-through with the real binary: `patchport serve` in its own process,
+//! every client command as a separate process.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_patchport");
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data: &Path) -> Server {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--database")
+        .arg(format!("sqlite://{}/registry.db", data.display()))
+        .arg("--blobs")
+        .arg(format!("file://{}/blobs", data.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn patchport serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line.trim().rsplit(' ').next().expect("address").to_owned();
+    Server {
+        child,
+        url: format!("http://{addr}"),
+    }
+}
+
+fn run(server: &Server, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("PATCHPORT_REGISTRY", &server.url)
+        .output()
+        .expect("run patchport")
+}
+
+fn ok(server: &Server, args: &[&str]) -> String {
+    let out = run(server, args);
+    assert!(
+        out.status.success(),
+        "patchport {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| {
+            let e = e.expect("entry");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_readme_walk_through_works_with_the_real_binary() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = serve(data.path());
+    let f = fixtures().join("llama-micro");
+    let v1 = f.join("v1");
+    let v2 = f.join("v2");
+    let qv = f.join("patches/lora-qv");
+    let out = ok(
+        &server,
+        &[
+            "base",
+            "push",
+            v1.to_str().unwrap(),
+            "--name",
+            "acme/llama-micro",
+            "--version",
+            "v1",
+        ],
+    );
+    assert!(out.contains("base acme/llama-micro:v1 pushed"), "{out}");
+    let json = ok(
+        &server,
+        &[
+            "base",
+            "push",
+            v2.to_str().unwrap(),
+            "--name",
+            "acme/llama-micro",
+            "--version",
+            "v2",
+            "--parent",
+            "v1",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("push --json is JSON");
+    assert_eq!(v["created"], true);
+    assert_eq!(v["version"]["parent"], "v1");
+    ok(
+        &server,
+        &[
+            "patch",
+            "push",
+            qv.to_str().unwrap(),
+            "--name",
+            "acme/qv",
+            "--version",
+            "1",
+            "--base",
+            "acme/llama-micro:v1",
+        ],
+    );
+
+    let out_dir = data.path().join("v2-copy");
+    ok(
+        &server,
+        &[
+            "pull",
+            "acme/llama-micro:v2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(files(&out_dir), files(&v2));
+    let qv_dir = data.path().join("qv-copy");
+    ok(
+        &server,
+        &["pull", "acme/qv:1", "--out", qv_dir.to_str().unwrap()],
+    );
+    assert_eq!(files(&qv_dir), files(&qv));
+
+    let bases: serde_json::Value =
+        serde_json::from_str(&ok(&server, &["list", "bases", "--json"])).expect("json");
+    assert_eq!(bases.as_array().map(Vec::len), Some(2));
+    let patches = ok(&server, &["list", "patches"]);
+    assert!(
+        patches.contains("acme/qv") && patches.contains("acme/llama-micro:v1"),
+        "{patches}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&server, &["status", "acme/qv:1", "--json"])).expect("json");
+    assert_eq!(status["kind"], "patch");
+    assert_eq!(
+        status["version"]["base"]["reference"],
+        "acme/llama-micro:v1"
+    );
+    assert_eq!(status["version"]["adapter"]["r"], 4);
+    let human = ok(&server, &["status", "acme/llama-micro:v2"]);
+    assert!(human.contains("parent   v1"), "{human}");
+
+    // Errors reach the user as one clear line and a failing exit code.
+    let bad = run(
+        &server,
+        &[
+            "pull",
+            "acme/none:1",
+            "--out",
+            data.path().join("x").to_str().unwrap(),
+        ],
+    );
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("no base or patch version acme/none:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_server_stops_on_sigterm() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut server = serve(data.path());
+    let pid = server.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = server.child.wait().expect("wait");
+    assert!(exit.success(), "serve exited with {exit:?} after SIGTERM");
+}

@@ -1,0 +1,347 @@
+//! The metadata store conformance suite: every test runs against SQLite always and
+//! against Postgres when `PATCHPORT_TEST_DATABASE_URL` is set (a fresh database each).
+
+use std::sync::Arc;
+
+use patchport_core::layout::{FileRef, TensorRecord};
+use patchport_core::{Digest, Name, Version, VersionRef};
+use patchport_store::meta::{
+    self, BlobIndex, ListFilter, MetadataStore, NewBaseVersion, NewPatchVersion, StoreErrorKind,
+    VersionState,
+};
+
+struct Backend {
+    label: &'static str,
+    store: Arc<dyn MetadataStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn backends() -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = meta::connect(&format!("sqlite://{}/meta.db", dir.path().display()))
+        .await
+        .unwrap();
+    let mut out = vec![Backend {
+        label: "sqlite",
+        store: sqlite,
+        _dir: Some(dir),
+    }];
+    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
+        Ok(url) => {
+            use sqlx::Connection;
+            let name = format!("pp_test_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
+            let store = meta::connect(&format!("{base}/{name}")).await.unwrap();
+            out.push(Backend {
+                label: "postgres",
+                store,
+                _dir: None,
+            });
+        }
+        Err(_) => eprintln!("postgres metadata tests skipped: PATCHPORT_TEST_DATABASE_URL not set"),
+    }
+    out
+}
+
+fn name(s: &str) -> Name {
+    s.parse().unwrap()
+}
+
+fn ver(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+fn vref(s: &str) -> VersionRef {
+    s.parse().unwrap()
+}
+
+fn file(path: &str, content: &str) -> FileRef {
+    FileRef {
+        path: path.to_owned(),
+        digest: Digest::of(content.as_bytes()),
+        size: content.len() as u64,
+    }
+}
+
+fn new_base(n: &str, v: &str, parent: Option<&str>, content: &str) -> NewBaseVersion {
+    let files = vec![
+        file("config.json", "{}"),
+        file("model.safetensors", content),
+    ];
+    NewBaseVersion {
+        name: name(n),
+        version: ver(v),
+        digest: patchport_core::layout::manifest_digest("base", &files),
+        parent: parent.map(vref),
+        files,
+        config_json: r#"{"model_type":"llama"}"#.to_owned(),
+        model_type: "llama".to_owned(),
+        tensor_count: 3,
+    }
+}
+
+fn new_patch(n: &str, v: &str, base: &str, base_version: &str, content: &str) -> NewPatchVersion {
+    let files = vec![
+        file("adapter_config.json", "{}"),
+        file("adapter_model.safetensors", content),
+    ];
+    NewPatchVersion {
+        name: name(n),
+        version: ver(v),
+        digest: patchport_core::layout::manifest_digest("patch", &files),
+        base_name: name(base),
+        base: vref(base_version),
+        files,
+        adapter_json: r#"{"peft_type":"LORA"}"#.to_owned(),
+        peft_type: "LORA".to_owned(),
+        tensor_count: 4,
+        eval_digest: None,
+    }
+}
+
+#[tokio::test]
+async fn base_versions_insert_get_list_and_lineage() {
+    for b in backends().await {
+        let s = &b.store;
+        let (v1, created) = s
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .await
+            .unwrap();
+        assert!(created, "{}", b.label);
+        assert_eq!(v1.parent, None);
+        assert_eq!(v1.files.len(), 2);
+        assert_eq!(v1.total_size, 3);
+        let (v2, _) = s
+            .insert_base_version(new_base("acme/llama", "v2", Some("v1"), "b"))
+            .await
+            .unwrap();
+        assert_eq!(v2.parent, Some((ver("v1"), v1.digest)));
+        // By digest, too.
+        let by_digest = s
+            .get_base_version(&name("acme/llama"), &VersionRef::Digest(v2.digest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_digest, v2);
+        // A parent may be named by digest.
+        let (v3, _) = s
+            .insert_base_version(new_base(
+                "acme/llama",
+                "v3",
+                Some(&v2.digest.to_string()),
+                "c",
+            ))
+            .await
+            .unwrap();
+        assert_eq!(v3.parent.unwrap().0, ver("v2"));
+        s.insert_base_version(new_base("acme/llama-2", "v1", None, "d"))
+            .await
+            .unwrap();
+        s.insert_base_version(new_base("other/llama", "v1", None, "e"))
+            .await
+            .unwrap();
+        let list = |prefix: &str| {
+            let f = ListFilter {
+                prefix: prefix.to_owned(),
+                include_yanked: false,
+            };
+            let s = s.clone();
+            async move {
+                s.list_base_versions(&f)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|r| format!("{}:{}", r.name, r.version))
+                    .collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            list("acme/llama").await,
+            ["acme/llama:v1", "acme/llama:v2", "acme/llama:v3"]
+        );
+        assert_eq!(list("acme").await.len(), 4, "{}", b.label);
+        assert_eq!(list("").await.len(), 5);
+        // `_` is not a wildcard.
+        assert!(list("acm_").await.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn versions_are_immutable_and_a_same_content_push_is_a_no_op() {
+    for b in backends().await {
+        let s = &b.store;
+        let (first, _) = s
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .await
+            .unwrap();
+        let (again, created) = s
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .await
+            .unwrap();
+        assert!(!created);
+        assert_eq!(again, first);
+        let err = s
+            .insert_base_version(new_base("acme/llama", "v1", None, "other"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::AlreadyExists, "{}", b.label);
+        assert!(err.to_string().contains("acme/llama:v1"));
+        let after = s
+            .get_base_version(&name("acme/llama"), &vref("v1"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after, first);
+        // Unknown parent: NotFound, and nothing inserted.
+        let err = s
+            .insert_base_version(new_base("acme/llama", "v9", Some("v8"), "z"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound);
+        assert!(
+            s.get_base_version(&name("acme/llama"), &vref("v9"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_inserts_of_one_version_agree() {
+    for b in backends().await {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let s = b.store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.insert_base_version(new_base("acme/llama", "v1", None, "a"))
+                    .await
+            }));
+        }
+        let mut created = 0;
+        for t in tasks {
+            let (_, c) = t.await.unwrap().unwrap();
+            created += usize::from(c);
+        }
+        assert_eq!(created, 1, "{}", b.label);
+    }
+}
+
+#[tokio::test]
+async fn patch_versions_pin_their_base() {
+    for b in backends().await {
+        let s = &b.store;
+        let (base, _) = s
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .await
+            .unwrap();
+        let (p, created) = s
+            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "p"))
+            .await
+            .unwrap();
+        assert!(created);
+        assert_eq!(p.base_digest, base.digest);
+        assert_eq!(p.base_version, ver("v1"));
+        let err = s
+            .insert_patch_version(new_patch("acme/qv", "2", "acme/llama", "v7", "p"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound, "{}", b.label);
+        let err = s
+            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "other"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::AlreadyExists);
+        let got = s
+            .get_patch_version(&name("acme/qv"), &VersionRef::Digest(p.digest))
+            .await
+            .unwrap();
+        assert_eq!(got, Some(p.clone()));
+        let listed = s.list_patch_versions(&ListFilter::default()).await.unwrap();
+        assert_eq!(listed, vec![p]);
+    }
+}
+
+#[tokio::test]
+async fn yanked_versions_leave_listings_but_stay_readable() {
+    for b in backends().await {
+        let s = &b.store;
+        s.insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .await
+            .unwrap();
+        let y = s
+            .yank_base_version(&name("acme/llama"), &vref("v1"), "bad weights")
+            .await
+            .unwrap();
+        assert_eq!(y.state, VersionState::Yanked);
+        assert_eq!(y.yank_reason.as_deref(), Some("bad weights"));
+        assert!(
+            s.list_base_versions(&ListFilter::default())
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let all = ListFilter {
+            prefix: String::new(),
+            include_yanked: true,
+        };
+        assert_eq!(
+            s.list_base_versions(&all).await.unwrap().len(),
+            1,
+            "{}",
+            b.label
+        );
+        assert!(
+            s.get_base_version(&name("acme/llama"), &vref("v1"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let err = s
+            .yank_base_version(&name("acme/llama"), &vref("v2"), "")
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::NotFound);
+    }
+}
+
+#[tokio::test]
+async fn blob_indexes_are_stored_once() {
+    for b in backends().await {
+        let s = &b.store;
+        let blob = Digest::of(b"blob");
+        assert!(s.get_blob_index(&blob).await.unwrap().is_none());
+        let ix = BlobIndex {
+            json_len: 120,
+            tensors: vec![TensorRecord {
+                name: "model.layers.0.self_attn.q_proj.weight".into(),
+                dtype: "BF16".into(),
+                shape: vec![64, 64],
+                begin: 128,
+                end: 128 + 64 * 64 * 2,
+                digest: Digest::of(b"t"),
+                non_finite: 0,
+            }],
+        };
+        s.put_blob_index(&blob, &ix).await.unwrap();
+        s.put_blob_index(&blob, &ix).await.unwrap();
+        assert_eq!(
+            s.get_blob_index(&blob).await.unwrap(),
+            Some(ix),
+            "{}",
+            b.label
+        );
+        let empty = Digest::of(b"empty");
+        let none = BlobIndex {
+            json_len: 2,
+            tensors: vec![],
+        };
+        s.put_blob_index(&empty, &none).await.unwrap();
+        assert_eq!(s.get_blob_index(&empty).await.unwrap(), Some(none));
+    }
+}
