@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace.
+#
+#   scripts/test.sh [cargo test args...]
+#
+# With no servers configured everything runs on SQLite, file:// and memory://. The same
+# suites also run on Postgres when PATCHPORT_TEST_DATABASE_URL is set (a fresh database per
+# test, e.g. postgres://postgres@127.0.0.1:5432/test) and on an S3-compatible server when
+# PATCHPORT_TEST_S3_ENDPOINT is set (see scripts/s3-server.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -n "${PATCHPORT_TEST_DATABASE_URL:-}" ]; then
+  echo "postgres tests: on (${PATCHPORT_TEST_DATABASE_URL%%\?*})"
+  # Drop the per-test databases of earlier runs (best effort).
+  if command -v psql >/dev/null 2>&1; then
+    psql "$PATCHPORT_TEST_DATABASE_URL" -Atc \
+      "SELECT datname FROM pg_database WHERE datname LIKE 'pp\_test\_%'" 2>/dev/null |
+      while read -r db; do
+        psql "$PATCHPORT_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true
+      done
+  fi
+else
+  echo "postgres tests skipped: PATCHPORT_TEST_DATABASE_URL not set (SQLite only)"
+fi
+if [ -n "${PATCHPORT_TEST_S3_ENDPOINT:-}" ]; then
+  echo "S3 tests: on (${PATCHPORT_TEST_S3_ENDPOINT}, bucket ${PATCHPORT_TEST_S3_BUCKET:-patchport-test})"
+else
+  echo "S3 tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set (file:// and memory:// only)"
+fi
+
+exec cargo test --workspace --locked "$@"
