@@ -483,3 +483,28 @@ mod tests {
         }
     }
 }
+
+/// A byte range of a stored blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRange {
+    /// The blob.
+    pub digest: Digest,
+    /// First byte.
+    pub offset: u64,
+    /// Number of bytes.
+    pub length: u64,
+}
+
+/// A file of a port artifact: a whole blob (`segments` empty), or a file *composed* on
+/// download from byte ranges of several blobs (a merged model's safetensors file: its
+/// header, the new base's bytes for untouched tensors, the merged tensors). `file.digest`
+/// and `file.size` always describe the bytes a download produces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactFile {
+    /// Path, digest and size of the (composed) file.
+    #[serde(flatten)]
+    pub file: FileRef,
+    /// The pieces, in order; empty for a plain blob.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<BlobRange>,
+}

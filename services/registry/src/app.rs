@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 
 use crate::service::blobs::{Blobs, MAX_CHUNK};
 use crate::service::pending::Pending;
+use crate::service::ports::Ports;
 use crate::service::registry::Versions;
 use crate::state::Registry;
 
@@ -172,7 +173,9 @@ impl Application {
             .add_service(reflection)
             .add_service(blobs)
             .add_service(versions)
-            .add_service(PortServiceServer::new(Pending))
+            .add_service(PortServiceServer::new(Ports {
+                registry: self.registry.clone(),
+            }))
             .add_service(EventServiceServer::new(Pending))
             .add_service(WorkerServiceServer::new(Pending))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)

@@ -165,3 +165,76 @@ pub(crate) fn tensor_to_proto(file: &str, t: &TensorRecord) -> v1::TensorEntry {
         digest: t.digest.to_string(),
     }
 }
+
+pub(crate) fn artifact_to_proto(a: &patchport_core::layout::ArtifactFile) -> v1::FileEntry {
+    v1::FileEntry {
+        path: a.file.path.clone(),
+        digest: a.file.digest.to_string(),
+        size: a.file.size,
+        segments: a
+            .segments
+            .iter()
+            .map(|s| v1::Segment {
+                source: Some(v1::segment::Source::Blob(v1::BlobRange {
+                    digest: s.digest.to_string(),
+                    offset: s.offset,
+                    length: s.length,
+                })),
+            })
+            .collect(),
+    }
+}
+
+fn diagnostics_to_proto(d: &patchport_core::port::ModuleDiagnostics) -> v1::ModuleDiagnostics {
+    v1::ModuleDiagnostics {
+        module: d.module.clone(),
+        base_drift: d.base_drift,
+        patch_size: d.patch_size,
+        drift_to_patch: d.drift_to_patch,
+        cosine: d.cosine,
+        unchanged: d.unchanged,
+    }
+}
+
+pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
+    use patchport_store::meta::PortState;
+    let state = match p.state {
+        PortState::Queued => v1::PortState::Queued,
+        PortState::Running => v1::PortState::Running,
+        PortState::Succeeded => v1::PortState::Succeeded,
+        PortState::Incompatible => v1::PortState::Incompatible,
+        PortState::Failed => v1::PortState::Failed,
+        PortState::Cancelled => v1::PortState::Cancelled,
+    };
+    v1::Port {
+        patch: format!("{}:{}", p.patch_name, p.patch_version),
+        patch_digest: p.patch_digest.to_string(),
+        base: format!("{}:{}", p.base_name, p.base_version),
+        base_digest: p.base_digest.to_string(),
+        source_base_digest: p.source_base_digest.to_string(),
+        state: state as i32,
+        refusals: p
+            .refusals
+            .iter()
+            .map(|r| v1::Refusal {
+                kind: r.kind.as_str().to_owned(),
+                message: r.message.clone(),
+                subject: r.subject.clone(),
+            })
+            .collect(),
+        diagnostics: p.diagnostics.as_ref().map(|d| v1::PortDiagnostics {
+            modules: d.modules.iter().map(diagnostics_to_proto).collect(),
+            total: Some(diagnostics_to_proto(&d.total)),
+            risk: 0.0,
+        }),
+        adapter_files: p.adapter_files.iter().map(artifact_to_proto).collect(),
+        merged_files: p.merged_files.iter().map(artifact_to_proto).collect(),
+        attempts: p.attempts,
+        error: p.error.clone().unwrap_or_default(),
+        method_version: p.method_version.clone(),
+        queued_at: Some(timestamp(p.queued_at)),
+        started_at: p.started_at.map(timestamp),
+        finished_at: p.finished_at.map(timestamp),
+        job_id: String::new(),
+    }
+}

@@ -2,4 +2,5 @@
 
 pub(crate) mod blobs;
 pub(crate) mod pending;
+pub(crate) mod ports;
 pub(crate) mod registry;

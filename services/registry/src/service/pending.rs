@@ -1,13 +1,12 @@
-//! The parts of API v1 that the build service implements (ports, compatibility, events,
-//! the worker protocol). Until it is enabled they answer Unimplemented with a message
+//! The parts of API v1 that the build service implements (events and the worker
+//! protocol). Until it is enabled they answer Unimplemented with a message
 //! saying so, so clients can tell "not offered here" from a failure.
 
 use std::pin::Pin;
 
 use futures::Stream;
 use patchport_proto::v1::{
-    self, event_service_server::EventService, port_service_server::PortService,
-    worker_service_server::WorkerService,
+    self, event_service_server::EventService, worker_service_server::WorkerService,
 };
 use tonic::{Request, Response, Status};
 
@@ -20,40 +19,9 @@ fn pending<T>() -> Result<T, Status> {
     Err(ApiError::unimplemented(MESSAGE).into())
 }
 
-/// Port, event and worker services that are not enabled yet.
+/// Event and worker services that are not enabled yet.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Pending;
-
-#[tonic::async_trait]
-impl PortService for Pending {
-    async fn get_port(&self, _: Request<v1::GetPortRequest>) -> Result<Response<v1::Port>, Status> {
-        pending()
-    }
-    async fn query_compat(
-        &self,
-        _: Request<v1::QueryCompatRequest>,
-    ) -> Result<Response<v1::QueryCompatResponse>, Status> {
-        pending()
-    }
-    async fn resolve(
-        &self,
-        _: Request<v1::ResolveRequest>,
-    ) -> Result<Response<v1::ResolveResponse>, Status> {
-        pending()
-    }
-    async fn request_port(
-        &self,
-        _: Request<v1::RequestPortRequest>,
-    ) -> Result<Response<v1::Port>, Status> {
-        pending()
-    }
-    async fn cancel_port(
-        &self,
-        _: Request<v1::GetPortRequest>,
-    ) -> Result<Response<v1::Port>, Status> {
-        pending()
-    }
-}
 
 #[tonic::async_trait]
 impl EventService for Pending {

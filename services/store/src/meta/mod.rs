@@ -10,7 +10,8 @@ mod sqlite;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use patchport_core::layout::{FileRef, TensorRecord};
+use patchport_core::layout::{ArtifactFile, FileRef, TensorRecord};
+use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, Name, Version, VersionRef};
 
 pub use postgres::PgStore;
@@ -260,6 +261,128 @@ pub struct BlobIndex {
     pub tensors: Vec<TensorRecord>,
 }
 
+/// Where a port stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortState {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker is on it.
+    Running,
+    /// Ported: artifacts and diagnostics are stored.
+    Succeeded,
+    /// Refused by pre-flight (final, with reasons).
+    Incompatible,
+    /// Failed after its attempts.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl PortState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortState::Queued => "queued",
+            PortState::Running => "running",
+            PortState::Succeeded => "succeeded",
+            PortState::Incompatible => "incompatible",
+            PortState::Failed => "failed",
+            PortState::Cancelled => "cancelled",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "incompatible" => Self::Incompatible,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            other => {
+                return Err(StoreError::Corrupt {
+                    table: "ports",
+                    message: format!("unknown state {other:?}"),
+                });
+            }
+        })
+    }
+}
+
+/// A stored port of a patch version onto a base version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortRecord {
+    /// The patch.
+    pub patch_name: Name,
+    /// Its version.
+    pub patch_version: Version,
+    /// Its digest.
+    pub patch_digest: Digest,
+    /// The target base.
+    pub base_name: Name,
+    /// Its version.
+    pub base_version: Version,
+    /// Its digest.
+    pub base_digest: Digest,
+    /// The base the patch was trained on.
+    pub source_base_digest: Digest,
+    /// The port method.
+    pub method_version: String,
+    /// Where it stands.
+    pub state: PortState,
+    /// Why it is incompatible.
+    pub refusals: Vec<Refusal>,
+    /// Portability diagnostics.
+    pub diagnostics: Option<PortDiagnostics>,
+    /// The ported adapter.
+    pub adapter_files: Vec<ArtifactFile>,
+    /// The merged model.
+    pub merged_files: Vec<ArtifactFile>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub queued_at: i64,
+    /// Unix milliseconds.
+    pub started_at: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_at: Option<i64>,
+}
+
+/// A port's new state, written whole (insert or update by patch, base and method).
+#[derive(Debug, Clone)]
+pub struct PortUpdate {
+    /// The patch name.
+    pub patch_name: Name,
+    /// The patch version.
+    pub patch_version: VersionRef,
+    /// The target base name.
+    pub base_name: Name,
+    /// The target base version.
+    pub base_version: VersionRef,
+    /// The port method.
+    pub method_version: String,
+    /// The state.
+    pub state: PortState,
+    /// Refusals.
+    pub refusals: Vec<Refusal>,
+    /// Diagnostics.
+    pub diagnostics: Option<PortDiagnostics>,
+    /// The ported adapter.
+    pub adapter_files: Vec<ArtifactFile>,
+    /// The merged model.
+    pub merged_files: Vec<ArtifactFile>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last error.
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub started_at: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_at: Option<i64>,
+}
+
 /// Which versions to list.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
@@ -324,6 +447,18 @@ pub trait MetadataStore: Send + Sync + fmt::Debug {
     async fn get_blob_index(&self, blob: &Digest) -> Result<Option<BlobIndex>, StoreError>;
     /// Stores the tensor index of a blob (idempotent).
     async fn put_blob_index(&self, blob: &Digest, index: &BlobIndex) -> Result<(), StoreError>;
+    /// The port of a patch version onto a base version with a method.
+    async fn get_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        method_version: &str,
+    ) -> Result<Option<PortRecord>, StoreError>;
+    /// Writes a port's state (creating the row the first time); NotFound when the patch
+    /// or the base does not exist.
+    async fn save_port(&self, update: PortUpdate) -> Result<PortRecord, StoreError>;
 }
 
 /// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.
@@ -348,7 +483,8 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-pub(crate) fn now_millis() -> i64 {
+/// Unix milliseconds now.
+pub fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)

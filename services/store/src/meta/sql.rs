@@ -63,6 +63,67 @@ pub(crate) struct TensorRow {
     pub(crate) non_finite: i64,
 }
 
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct PortRow {
+    pub(crate) patch_name: String,
+    pub(crate) patch_version: String,
+    pub(crate) patch_digest: String,
+    pub(crate) base_name: String,
+    pub(crate) base_version: String,
+    pub(crate) base_digest: String,
+    pub(crate) source_base_digest: String,
+    pub(crate) method_version: String,
+    pub(crate) state: String,
+    pub(crate) refusals_json: String,
+    pub(crate) diagnostics_json: Option<String>,
+    pub(crate) adapter_files_json: String,
+    pub(crate) merged_files_json: String,
+    pub(crate) attempts: i64,
+    pub(crate) error: Option<String>,
+    pub(crate) queued_at: i64,
+    pub(crate) started_at: Option<i64>,
+    pub(crate) finished_at: Option<i64>,
+}
+
+pub(crate) const PORT_SELECT: &str = "SELECT p.name AS patch_name, p.version AS patch_version, \
+    p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
+    b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
+    t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
+    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at \
+    FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
+    JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
+
+pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError> {
+    const T: &str = "ports";
+    fn json<V: serde::de::DeserializeOwned>(s: &str) -> Result<V, StoreError> {
+        serde_json::from_str(s).map_err(|e| corrupt(T, e))
+    }
+    Ok(super::PortRecord {
+        patch_name: name(T, &row.patch_name)?,
+        patch_version: version(T, &row.patch_version)?,
+        patch_digest: digest(T, &row.patch_digest)?,
+        base_name: name(T, &row.base_name)?,
+        base_version: version(T, &row.base_version)?,
+        base_digest: digest(T, &row.base_digest)?,
+        source_base_digest: digest(T, &row.source_base_digest)?,
+        method_version: row.method_version,
+        state: super::PortState::parse(&row.state)?,
+        refusals: json(&row.refusals_json)?,
+        diagnostics: row.diagnostics_json.as_deref().map(json).transpose()?,
+        adapter_files: json(&row.adapter_files_json)?,
+        merged_files: json(&row.merged_files_json)?,
+        attempts: row.attempts as u32,
+        error: row.error,
+        queued_at: row.queued_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+    })
+}
+
+pub(crate) fn to_json<V: serde::Serialize>(v: &V) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+}
+
 pub(crate) const BASE_SELECT: &str = "SELECT b.id, b.name, b.version, b.digest, \
     p.version AS parent_version, p.digest AS parent_digest, b.state, b.yank_reason, \
     b.config_json, b.model_type, b.tensor_count, b.total_size, b.created_at \
@@ -615,6 +676,96 @@ macro_rules! impl_sql_store {
                 }
                 tx.commit().await?;
                 Ok(())
+            }
+
+            async fn get_port(
+                &self,
+                patch_name: &patchport_core::Name,
+                patch_version: &patchport_core::VersionRef,
+                base_name: &patchport_core::Name,
+                base_version: &patchport_core::VersionRef,
+                method_version: &str,
+            ) -> Result<Option<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let Some(patch) = Self::patch_by_ref(&mut conn, patch_name, patch_version).await? else {
+                    return Ok(None);
+                };
+                let Some(base) = Self::base_by_ref(&mut conn, base_name, base_version).await? else {
+                    return Ok(None);
+                };
+                let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.patch_id = $1 AND t.base_id = $2 AND t.method_version = $3",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(patch.id)
+                .bind(base.id)
+                .bind(method_version)
+                .fetch_optional(&mut *conn)
+                .await?;
+                row.map($crate::meta::sql::port_record).transpose()
+            }
+
+            async fn save_port(
+                &self,
+                u: $crate::meta::PortUpdate,
+            ) -> Result<$crate::meta::PortRecord, $crate::meta::StoreError> {
+                use $crate::meta::sql::to_json;
+                let mut tx = self.pool.begin().await?;
+                let Some(patch) = Self::patch_by_ref(&mut tx, &u.patch_name, &u.patch_version).await? else {
+                    return Err($crate::meta::StoreError::NotFound {
+                        what: format!("patch version {}:{}", u.patch_name, u.patch_version),
+                    });
+                };
+                let Some(base) = Self::base_by_ref(&mut tx, &u.base_name, &u.base_version).await? else {
+                    return Err($crate::meta::StoreError::NotFound {
+                        what: format!("base version {}:{}", u.base_name, u.base_version),
+                    });
+                };
+                let source: i64 = sqlx::query_scalar("SELECT base_id FROM patch_versions WHERE id = $1")
+                    .bind(patch.id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO ports (patch_id, base_id, source_base_id, method_version, state, \
+                     refusals_json, diagnostics_json, adapter_files_json, merged_files_json, attempts, \
+                     error, queued_at, started_at, finished_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     ON CONFLICT (patch_id, base_id, method_version) DO UPDATE SET \
+                     state = excluded.state, refusals_json = excluded.refusals_json, \
+                     diagnostics_json = excluded.diagnostics_json, \
+                     adapter_files_json = excluded.adapter_files_json, \
+                     merged_files_json = excluded.merged_files_json, attempts = excluded.attempts, \
+                     error = excluded.error, started_at = excluded.started_at, \
+                     finished_at = excluded.finished_at",
+                )
+                .bind(patch.id)
+                .bind(base.id)
+                .bind(source)
+                .bind(&u.method_version)
+                .bind(u.state.as_str())
+                .bind(to_json(&u.refusals))
+                .bind(u.diagnostics.as_ref().map(to_json))
+                .bind(to_json(&u.adapter_files))
+                .bind(to_json(&u.merged_files))
+                .bind(i64::from(u.attempts))
+                .bind(u.error.as_deref())
+                .bind($crate::meta::now_millis())
+                .bind(u.started_at)
+                .bind(u.finished_at)
+                .execute(&mut *tx)
+                .await?;
+                let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.patch_id = $1 AND t.base_id = $2 AND t.method_version = $3",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(patch.id)
+                .bind(base.id)
+                .bind(&u.method_version)
+                .fetch_one(&mut *tx)
+                .await?;
+                let rec = $crate::meta::sql::port_record(row)?;
+                tx.commit().await?;
+                Ok(rec)
             }
         }
     };

@@ -1,0 +1,258 @@
+//! Ports of stored patches onto stored bases: the ported adapter reuses the patch's
+//! tensor blob, the merged model stores only the merged tensors and pulls back byte for
+//! byte equal to what the offline `patchport port --merged` writes.
+
+use std::path::Path;
+
+use patchport_client::{NoProgress, PushKind};
+use patchport_core::AnyRef;
+use patchport_proto::v1;
+use patchport_tests::{Backend, TestRegistry, backends, fixtures, read_tree};
+
+fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
+    PushKind::Base {
+        name: name.into(),
+        version: version.into(),
+        parent: parent.map(str::to_owned),
+    }
+}
+
+fn patch(name: &str, version: &str, base: &str) -> PushKind {
+    PushKind::Patch {
+        name: name.into(),
+        version: version.into(),
+        base: base.into(),
+        eval: None,
+    }
+}
+
+fn blob_count(dir: &Path) -> usize {
+    fn walk(d: &Path) -> usize {
+        std::fs::read_dir(d)
+            .map(|it| {
+                it.map(|e| {
+                    let p = e.unwrap().path();
+                    if p.is_dir() { walk(&p) } else { 1 }
+                })
+                .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&dir.join("blobs").join("blobs"))
+}
+
+async fn request(reg: &TestRegistry, patch: &str, base: &str) -> v1::Port {
+    let client = reg.client().await.unwrap();
+    client
+        .ports()
+        .request_port(v1::RequestPortRequest {
+            patch: patch.into(),
+            base: base.into(),
+            priority: 0,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("request {patch}@{base}: {e}"))
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_stored_port_pulls_back_equal_to_the_offline_port() {
+    for backend in backends() {
+        let reg = TestRegistry::start(backend).await.unwrap();
+        let client = reg.client().await.unwrap();
+        let f = fixtures().join("llama-micro");
+        for (v, parent) in [
+            ("v1", None),
+            ("v2", Some("v1")),
+            ("v2-sharded", Some("v1")),
+            ("v2-bf16", Some("v1")),
+        ] {
+            client
+                .push_dir(&f.join(v), &base("acme/llama", v, parent), &NoProgress)
+                .await
+                .unwrap();
+        }
+        client
+            .push_dir(
+                &f.join("patches/lora-qv"),
+                &patch("acme/qv", "1", "acme/llama:v1"),
+                &NoProgress,
+            )
+            .await
+            .unwrap();
+        for target in ["v2", "v2-sharded", "v2-bf16"] {
+            let before = blob_count(reg.dir.path());
+            let port = request(&reg, "acme/qv:1", &format!("acme/llama:{target}")).await;
+            assert_eq!(
+                port.state,
+                v1::PortState::Succeeded as i32,
+                "{backend:?} {target}: {port:?}"
+            );
+            let diag = port.diagnostics.clone().unwrap();
+            assert_eq!(diag.modules.len(), 4);
+            assert!(diag.total.unwrap().base_drift > 0.0);
+
+            // Offline reference.
+            let offline = tempfile::tempdir().unwrap();
+            let opts = patchport_engine::PortOptions {
+                merged: true,
+                ..Default::default()
+            };
+            patchport_engine::port_dirs(
+                &f.join("v1"),
+                &f.join(target),
+                &f.join("patches/lora-qv"),
+                offline.path(),
+                &opts,
+            )
+            .unwrap();
+
+            // The ported adapter: the patch's own tensor bytes, config re-pointed.
+            let out = tempfile::tempdir().unwrap();
+            let r: AnyRef = format!("acme/qv:1@acme/llama:{target}").parse().unwrap();
+            client
+                .pull(&r, out.path(), false, &NoProgress)
+                .await
+                .unwrap();
+            let got = read_tree(out.path());
+            let orig = read_tree(&f.join("patches/lora-qv"));
+            assert!(got["adapter_model.safetensors"] == orig["adapter_model.safetensors"]);
+            let cfg: serde_json::Value =
+                serde_json::from_slice(&got["adapter_config.json"]).unwrap();
+            assert_eq!(
+                cfg["base_model_name_or_path"],
+                format!("acme/llama:{target}")
+            );
+            assert_eq!(cfg["revision"], port.base_digest);
+
+            // The merged model: composed on download, byte-identical to the offline one.
+            let merged = tempfile::tempdir().unwrap();
+            client
+                .pull(&r, merged.path(), true, &NoProgress)
+                .await
+                .unwrap();
+            assert_eq!(
+                read_tree(merged.path()),
+                read_tree(&offline.path().join("merged")),
+                "{backend:?} {target}"
+            );
+
+            if backend == Backend::Embedded {
+                // Stored: 4 merged tensors, one header per weight file, one adapter config.
+                let weight_files = port
+                    .merged_files
+                    .iter()
+                    .filter(|f| f.path.ends_with(".safetensors"))
+                    .count();
+                let touched = port
+                    .merged_files
+                    .iter()
+                    .filter(|f| !f.segments.is_empty())
+                    .count();
+                let added = blob_count(reg.dir.path()) - before;
+                assert!(touched >= 1 && touched <= weight_files);
+                // At most that: a merged tensor equal to one stored earlier (v2-sharded
+                // holds v2's weights) is deduplicated.
+                assert!(
+                    added <= 4 + touched + 1,
+                    "{target}: only merged tensors, headers and the config are new"
+                );
+                if target == "v2" {
+                    assert_eq!(added, 4 + touched + 1);
+                }
+            }
+        }
+        // Asking again returns the stored port.
+        let again = request(&reg, "acme/qv:1", "acme/llama:v2").await;
+        assert_eq!(again.state, v1::PortState::Succeeded as i32);
+    }
+}
+
+#[tokio::test]
+async fn refused_ports_are_recorded_with_their_reasons() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("v2"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    for (p, reason) in [
+        ("dora", "dora"),
+        ("modules-to-save", "modules_to_save"),
+        ("ia3", "ia3"),
+    ] {
+        client
+            .push_dir(
+                &f.join("patches").join(p),
+                &patch(&format!("acme/{p}"), "1", "acme/llama:v1"),
+                &NoProgress,
+            )
+            .await
+            .unwrap();
+        let port = request(&reg, &format!("acme/{p}:1"), "acme/llama:v2").await;
+        assert_eq!(port.state, v1::PortState::Incompatible as i32, "{p}");
+        assert!(
+            port.refusals
+                .iter()
+                .any(|r| r.kind == reason || r.subject.contains(reason)),
+            "{p}: {:?}",
+            port.refusals
+        );
+        assert!(port.adapter_files.is_empty() && port.merged_files.is_empty());
+        let got = client
+            .ports()
+            .get_port(v1::GetPortRequest {
+                reference: format!("acme/{p}:1@acme/llama:v2"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got, port);
+        let err = client
+            .pull(
+                &format!("acme/{p}:1@acme/llama:v2").parse().unwrap(),
+                tempfile::tempdir().unwrap().path(),
+                false,
+                &NoProgress,
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no adapter artifact"), "{err}");
+    }
+    // A port onto another base family is refused before any work.
+    client
+        .push_dir(
+            &fixtures().join("gpt2-micro/v2"),
+            &base("acme/gpt2", "v2", None),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let err = client
+        .ports()
+        .request_port(v1::RequestPortRequest {
+            patch: "acme/dora:1".into(),
+            base: "acme/gpt2:v2".into(),
+            priority: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let err = client
+        .ports()
+        .get_port(v1::GetPortRequest {
+            reference: "acme/dora:1@acme/llama:v1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
