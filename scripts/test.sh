@@ -29,4 +29,4 @@ else
   echo "S3 tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set (file:// and memory:// only)"
 fi
 
-exec cargo test --workspace --locked "$@"
+exec cargo test --workspace --locked --no-fail-fast "$@"
