@@ -188,3 +188,22 @@ pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+/// A base push: `name`, `version`, optional parent version.
+pub fn base(name: &str, version: &str, parent: Option<&str>) -> patchport_client::PushKind {
+    patchport_client::PushKind::Base {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        parent: parent.map(str::to_owned),
+    }
+}
+
+/// A patch push: `name`, `version`, the base reference it was trained on.
+pub fn patch(name: &str, version: &str, base: &str) -> patchport_client::PushKind {
+    patchport_client::PushKind::Patch {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        base: base.to_owned(),
+        eval: None,
+    }
+}

@@ -5,25 +5,8 @@ use std::path::Path;
 
 use patchport_client::{ClientError, NoProgress, PushKind};
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, fixtures, read_tree};
+use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, read_tree};
 use tonic::Code;
-
-fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
-    PushKind::Base {
-        name: name.to_owned(),
-        version: version.to_owned(),
-        parent: parent.map(str::to_owned),
-    }
-}
-
-fn patch(name: &str, version: &str, base: &str) -> PushKind {
-    PushKind::Patch {
-        name: name.to_owned(),
-        version: version.to_owned(),
-        base: base.to_owned(),
-        eval: None,
-    }
-}
 
 const CONFIG: &str = r#"{"model_type":"llama","hidden_size":4,"num_hidden_layers":1,"num_attention_heads":1,"vocab_size":8}"#;
 

@@ -4,27 +4,10 @@
 
 use std::path::Path;
 
-use patchport_client::{NoProgress, PushKind};
+use patchport_client::NoProgress;
 use patchport_core::AnyRef;
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, backends, fixtures, read_tree};
-
-fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
-    PushKind::Base {
-        name: name.into(),
-        version: version.into(),
-        parent: parent.map(str::to_owned),
-    }
-}
-
-fn patch(name: &str, version: &str, base: &str) -> PushKind {
-    PushKind::Patch {
-        name: name.into(),
-        version: version.into(),
-        base: base.into(),
-        eval: None,
-    }
-}
+use patchport_tests::{Backend, TestRegistry, backends, base, fixtures, patch, read_tree};
 
 fn blob_count(dir: &Path) -> usize {
     fn walk(d: &Path) -> usize {

@@ -4,24 +4,7 @@
 use patchport_client::{NoProgress, PushKind};
 use patchport_core::AnyRef;
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, backends, fixtures, read_tree};
-
-fn base(name: &str, version: &str, parent: Option<&str>) -> PushKind {
-    PushKind::Base {
-        name: name.to_owned(),
-        version: version.to_owned(),
-        parent: parent.map(str::to_owned),
-    }
-}
-
-fn patch(name: &str, version: &str, base: &str) -> PushKind {
-    PushKind::Patch {
-        name: name.to_owned(),
-        version: version.to_owned(),
-        base: base.to_owned(),
-        eval: None,
-    }
-}
+use patchport_tests::{Backend, TestRegistry, backends, base, fixtures, patch, read_tree};
 
 /// Every model and adapter directory of the fixtures, as (dir, kind, reference).
 fn fixture_versions() -> Vec<(std::path::PathBuf, PushKind, String)> {
