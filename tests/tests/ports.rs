@@ -151,6 +151,55 @@ async fn a_stored_port_pulls_back_equal_to_the_offline_port() {
     }
 }
 
+/// A new base version whose target tensors did not change makes an "unchanged" port: the
+/// tensor digests of the registry's index say so without reading the weights.
+#[tokio::test]
+async fn a_port_onto_unchanged_weights_says_so() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    // The same weights again, under a new version with a different generation config.
+    let copy = tempfile::tempdir().unwrap();
+    for (path, bytes) in read_tree(&f.join("v1")) {
+        std::fs::write(copy.path().join(&path), bytes).unwrap();
+    }
+    std::fs::write(
+        copy.path().join("generation_config.json"),
+        b"{\"max_new_tokens\": 8}",
+    )
+    .unwrap();
+    client
+        .push_dir(
+            copy.path(),
+            &base("acme/llama", "v1.1", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("patches/lora-qv"),
+            &patch("acme/qv", "1", "acme/llama:v1"),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let port = request(&reg, "acme/qv:1", "acme/llama:v1.1").await;
+    assert_eq!(port.state, v1::PortState::Succeeded as i32);
+    let diag = port.diagnostics.unwrap();
+    assert!(
+        diag.modules
+            .iter()
+            .all(|m| m.unchanged && m.base_drift == 0.0),
+        "{diag:?}"
+    );
+    assert!(diag.total.unwrap().unchanged);
+}
+
 #[tokio::test]
 async fn refused_ports_are_recorded_with_their_reasons() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
