@@ -385,3 +385,59 @@ async fn concurrent_pushes_of_the_same_blobs_are_safe() {
         .unwrap();
     assert_eq!(read_tree(out.path()), read_tree(&dir));
 }
+
+/// grpcurl works: reflection lists every service, and health says SERVING.
+#[tokio::test]
+async fn reflection_and_health_are_served() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(reg.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(futures::stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "patchport.v1.BlobService",
+        "patchport.v1.RegistryService",
+        "patchport.v1.PortService",
+        "patchport.v1.EventService",
+        "patchport.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
