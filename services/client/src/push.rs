@@ -384,3 +384,46 @@ impl Client {
         Ok(resp?.into_inner().committed_offset)
     }
 }
+
+impl Client {
+    /// Uploads bytes held in memory as a blob (a merged tensor, a config); returns its
+    /// digest. Nothing is sent when the registry already holds it.
+    pub async fn upload_bytes(&self, data: Bytes) -> Result<Digest, ClientError> {
+        let digest = Digest::of(&data);
+        let size = data.len() as u64;
+        let mut blobs = self.blobs();
+        let start = blobs
+            .start_upload(v1::StartUploadRequest {
+                digest: digest.to_string(),
+                size,
+            })
+            .await?
+            .into_inner();
+        if start.already_exists {
+            return Ok(digest);
+        }
+        let chunk = if start.max_chunk_size == 0 {
+            CHUNK
+        } else {
+            (start.max_chunk_size as usize).min(CHUNK)
+        };
+        let from = start.committed_offset as usize;
+        let chunks: Vec<v1::UploadChunk> = (from..data.len())
+            .step_by(chunk.max(1))
+            .map(|offset| v1::UploadChunk {
+                upload_id: start.upload_id.clone(),
+                offset: offset as u64,
+                data: data.slice(offset..(offset + chunk).min(data.len())),
+            })
+            .collect();
+        if !chunks.is_empty() {
+            blobs.upload_chunks(futures::stream::iter(chunks)).await?;
+        }
+        blobs
+            .commit_upload(v1::CommitUploadRequest {
+                upload_id: start.upload_id,
+            })
+            .await?;
+        Ok(digest)
+    }
+}

@@ -12,7 +12,8 @@ use futures::StreamExt;
 use patchport_core::layout::{self, ADAPTER_CONFIG, ArtifactFile, BlobRange, FileRef};
 use patchport_core::port::METHOD_VERSION;
 use patchport_core::{Digest, Hasher, VersionRef};
-use patchport_engine::{ComposedFile, MergedSink, ModelSource, Piece, PortOptions};
+use patchport_engine::artifact::compose_ranges;
+use patchport_engine::{ComposedFile, MergedSink, ModelSource, PortOptions};
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta::{
     BaseVersionRecord, PatchVersionRecord, PortRecord, PortState, PortUpdate,
@@ -127,22 +128,6 @@ impl MergedSink for BlobSink {
     }
 }
 
-/// Appends a range, merging it into the previous one when they are contiguous in the
-/// same blob.
-fn push_range(segments: &mut Vec<BlobRange>, r: BlobRange) {
-    if r.length == 0 {
-        return;
-    }
-    if let Some(last) = segments.last_mut()
-        && last.digest == r.digest
-        && last.offset + last.length == r.offset
-    {
-        last.length += r.length;
-        return;
-    }
-    segments.push(r);
-}
-
 impl Registry {
     /// Hashes the bytes a composed file's segments produce.
     async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
@@ -171,58 +156,14 @@ impl Registry {
             .collect();
         let mut out = Vec::with_capacity(composed.len());
         for c in composed {
-            let mut segments = Vec::new();
-            if !c.header.is_empty() {
-                let len = c.header.len() as u64;
-                let digest = self.blobs.put_bytes(Bytes::from(c.header.clone())).await?;
-                push_range(
-                    &mut segments,
-                    BlobRange {
-                        digest,
-                        offset: 0,
-                        length: len,
-                    },
-                );
-            }
-            for p in &c.pieces {
-                let range = match p {
-                    Piece::Source { file, begin, end } => {
-                        let f = base_files.get(file.as_str()).ok_or_else(|| {
-                            ApiError::internal(
-                                "composing a merged model",
-                                format!("no base file {file}"),
-                            )
-                        })?;
-                        BlobRange {
-                            digest: f.digest,
-                            offset: *begin,
-                            length: end - begin,
-                        }
-                    }
-                    Piece::Merged { tensor, len } => {
-                        let (digest, stored) = merged.get(tensor).ok_or_else(|| {
-                            ApiError::internal(
-                                "composing a merged model",
-                                format!("merged tensor {tensor} was not stored"),
-                            )
-                        })?;
-                        if stored != len {
-                            return Err(ApiError::internal(
-                                "composing a merged model",
-                                format!(
-                                    "merged tensor {tensor}: {stored} bytes stored, {len} planned"
-                                ),
-                            ));
-                        }
-                        BlobRange {
-                            digest: *digest,
-                            offset: 0,
-                            length: *len,
-                        }
-                    }
-                };
-                push_range(&mut segments, range);
-            }
+            let header = if c.header.is_empty() {
+                None
+            } else {
+                Some(self.blobs.put_bytes(Bytes::from(c.header.clone())).await?)
+            };
+            let segments =
+                compose_ranges(c, header, |p| base_files.get(p).map(|f| f.digest), merged)
+                    .map_err(|e| ApiError::internal("composing a merged model", e))?;
             // A file that is one whole blob is stored as that blob.
             let whole = match segments.as_slice() {
                 [s] if s.offset == 0 => base_files

@@ -35,6 +35,7 @@
 //! the network, a database, gRPC, object storage or an async runtime; callers on async
 //! threads run it on a blocking thread.
 
+pub mod artifact;
 mod device;
 mod error;
 mod gpu;

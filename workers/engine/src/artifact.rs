@@ -1,0 +1,79 @@
+//! From the engine's composed layout to stored byte ranges: each merged-model file as a
+//! list of blob ranges (the header's blob, ranges of the new base's blobs, the merged
+//! tensors' blobs). Pure: the caller stores the blobs and supplies their digests.
+
+use std::collections::HashMap;
+
+use patchport_core::Digest;
+use patchport_core::layout::BlobRange;
+
+use crate::plan::{ComposedFile, Piece};
+
+/// Appends a range, merging it into the previous one when they are contiguous in the
+/// same blob.
+pub fn push_range(segments: &mut Vec<BlobRange>, r: BlobRange) {
+    if r.length == 0 {
+        return;
+    }
+    if let Some(last) = segments.last_mut()
+        && last.digest == r.digest
+        && last.offset + last.length == r.offset
+    {
+        last.length += r.length;
+        return;
+    }
+    segments.push(r);
+}
+
+/// The blob ranges that reproduce `file`: `header` is the stored header's digest (when
+/// the file has one), `base_file` gives the digest of a file of the new base, `merged`
+/// the stored digest and length of each merged tensor. Fails naming what is missing.
+pub fn compose_ranges(
+    file: &ComposedFile,
+    header: Option<Digest>,
+    base_file: impl Fn(&str) -> Option<Digest>,
+    merged: &HashMap<String, (Digest, u64)>,
+) -> Result<Vec<BlobRange>, String> {
+    let mut segments = Vec::new();
+    if !file.header.is_empty() {
+        let digest = header.ok_or_else(|| format!("{}: header not stored", file.path))?;
+        push_range(
+            &mut segments,
+            BlobRange {
+                digest,
+                offset: 0,
+                length: file.header.len() as u64,
+            },
+        );
+    }
+    for p in &file.pieces {
+        let range = match p {
+            Piece::Source {
+                file: src,
+                begin,
+                end,
+            } => BlobRange {
+                digest: base_file(src).ok_or_else(|| format!("no base file {src}"))?,
+                offset: *begin,
+                length: end - begin,
+            },
+            Piece::Merged { tensor, len } => {
+                let (digest, stored) = merged
+                    .get(tensor)
+                    .ok_or_else(|| format!("merged tensor {tensor} was not stored"))?;
+                if stored != len {
+                    return Err(format!(
+                        "merged tensor {tensor}: {stored} bytes stored, {len} planned"
+                    ));
+                }
+                BlobRange {
+                    digest: *digest,
+                    offset: 0,
+                    length: *len,
+                }
+            }
+        };
+        push_range(&mut segments, range);
+    }
+    Ok(segments)
+}
