@@ -1,0 +1,143 @@
+//! The worker side of a port: everything read through the registry's gRPC API, merged
+//! tensors uploaded as blobs, the merged model described as blob ranges that compose
+//! into exactly the offline `--merged` bytes.
+
+use patchport_client::NoProgress;
+use patchport_core::Digest;
+use patchport_engine::Device;
+use patchport_proto::v1;
+use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, read_tree};
+
+async fn job(client: &patchport_client::Client, patch_ref: &str, target: &str) -> v1::Job {
+    let get = |r: &str| v1::GetVersionRequest {
+        reference: r.to_owned(),
+    };
+    let patch = client
+        .registry()
+        .get_patch_version(get(patch_ref))
+        .await
+        .unwrap()
+        .into_inner();
+    let b = patch.base.clone().unwrap();
+    let source = client
+        .registry()
+        .get_base_version(get(&format!("{}@{}", b.name, b.digest)))
+        .await
+        .unwrap()
+        .into_inner();
+    let target = client
+        .registry()
+        .get_base_version(get(target))
+        .await
+        .unwrap()
+        .into_inner();
+    v1::Job {
+        job_id: "test".into(),
+        patch: Some(patch),
+        source_base: Some(source),
+        target_base: Some(target),
+        merged: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_remote_port_composes_into_the_offline_bytes() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("v2-sharded"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    for p in ["lora-qv", "dora"] {
+        client
+            .push_dir(
+                &f.join("patches").join(p),
+                &patch(&format!("acme/{p}"), "1", "acme/llama:v1"),
+                &NoProgress,
+            )
+            .await
+            .unwrap();
+    }
+
+    let result = patchport_worker::port_job(
+        &client,
+        &job(&client, "acme/lora-qv:1", "acme/llama:v2").await,
+        Device::Cpu,
+    )
+    .await
+    .unwrap();
+    assert!(result.refusals.is_empty());
+    assert_eq!(result.diagnostics.as_ref().unwrap().modules.len(), 4);
+
+    let offline = tempfile::tempdir().unwrap();
+    let opts = patchport_engine::PortOptions {
+        merged: true,
+        ..Default::default()
+    };
+    patchport_engine::port_dirs(
+        &f.join("v1"),
+        &f.join("v2-sharded"),
+        &f.join("patches/lora-qv"),
+        offline.path(),
+        &opts,
+    )
+    .unwrap();
+    let want = read_tree(&offline.path().join("merged"));
+    let out = tempfile::tempdir().unwrap();
+    assert_eq!(result.merged_files.len(), want.len());
+    let mut composed = 0;
+    for mut file in result.merged_files.clone() {
+        let bytes = &want[&file.path];
+        if !file.segments.is_empty() {
+            composed += 1;
+            assert!(
+                file.digest.is_empty(),
+                "the registry, not the worker, hashes composed files"
+            );
+            assert_eq!(file.size, bytes.len() as u64);
+            file.digest = Digest::of(bytes).to_string();
+        }
+        // download_file verifies the composed bytes against the offline file's digest.
+        client
+            .download_file(&file, out.path(), &NoProgress)
+            .await
+            .unwrap();
+    }
+    assert!(composed >= 1);
+    assert_eq!(read_tree(out.path()), want);
+
+    // The adapter: the patch's tensor blob, the config re-pointed.
+    let adapter = tempfile::tempdir().unwrap();
+    for file in &result.adapter_files {
+        client
+            .download_file(file, adapter.path(), &NoProgress)
+            .await
+            .unwrap();
+    }
+    let got = read_tree(adapter.path());
+    let orig = read_tree(&f.join("patches/lora-qv"));
+    assert!(got["adapter_model.safetensors"] == orig["adapter_model.safetensors"]);
+    let cfg: serde_json::Value = serde_json::from_slice(&got["adapter_config.json"]).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "acme/llama:v2");
+
+    // A refusal is a result, not an error, and stores nothing.
+    let refused = patchport_worker::port_job(
+        &client,
+        &job(&client, "acme/dora:1", "acme/llama:v2").await,
+        Device::Cpu,
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.refusals[0].kind, "dora");
+    assert!(refused.adapter_files.is_empty() && refused.merged_files.is_empty());
+}
