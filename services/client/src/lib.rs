@@ -12,8 +12,9 @@ mod push;
 use std::time::Duration;
 
 use patchport_proto::v1::{
-    blob_service_client::BlobServiceClient, port_service_client::PortServiceClient,
-    registry_service_client::RegistryServiceClient,
+    blob_service_client::BlobServiceClient, event_service_client::EventServiceClient,
+    port_service_client::PortServiceClient, registry_service_client::RegistryServiceClient,
+    worker_service_client::WorkerServiceClient,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -126,6 +127,8 @@ pub struct Client {
     blobs: BlobServiceClient<Channel>,
     registry: RegistryServiceClient<Channel>,
     ports: PortServiceClient<Channel>,
+    events: EventServiceClient<Channel>,
+    workers: WorkerServiceClient<Channel>,
 }
 
 impl Client {
@@ -159,7 +162,11 @@ impl Client {
             registry: RegistryServiceClient::new(channel.clone())
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-            ports: PortServiceClient::new(channel),
+            ports: PortServiceClient::new(channel.clone()),
+            events: EventServiceClient::new(channel.clone()),
+            workers: WorkerServiceClient::new(channel)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
         }
     }
 
@@ -181,5 +188,15 @@ impl Client {
     /// The raw port service client.
     pub fn ports(&self) -> PortServiceClient<Channel> {
         self.ports.clone()
+    }
+
+    /// The raw event service client.
+    pub fn events(&self) -> EventServiceClient<Channel> {
+        self.events.clone()
+    }
+
+    /// The raw worker service client.
+    pub fn workers(&self) -> WorkerServiceClient<Channel> {
+        self.workers.clone()
     }
 }

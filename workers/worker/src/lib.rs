@@ -7,6 +7,8 @@
 //! lease loop (LeaseJob, Heartbeat, CompleteJob) drives [`port_job`]; this crate never
 //! decides what to port, only how.
 
+mod run;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
@@ -19,6 +21,8 @@ use patchport_engine::artifact::compose_ranges;
 use patchport_engine::{Device, MergedSink, ModelSource, PortOptions};
 use patchport_proto::v1;
 use tokio::runtime::Handle;
+
+pub use run::{WorkerConfig, run};
 
 /// A worker failure (the job is failed and retried; refusals are not failures).
 #[derive(Debug, thiserror::Error)]

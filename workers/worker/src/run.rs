@@ -1,0 +1,186 @@
+//! The lease loop: lease a job (preferring the base this worker already holds), keep the
+//! lease alive with heartbeats, port, and complete or fail the job with its fencing
+//! token. On shutdown the current lease is released, not left to expire.
+
+use std::time::Duration;
+
+use patchport_client::{Client, ClientError};
+use patchport_engine::Device;
+use patchport_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+use crate::{WorkerError, port_job};
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// A stable identity for leases and logs.
+    pub worker_id: String,
+    /// Where ports compute.
+    pub device: Device,
+    /// How long one LeaseJob call waits for work.
+    pub lease_wait: Duration,
+    /// How often a running job's lease is renewed.
+    pub heartbeat_every: Duration,
+}
+
+impl WorkerConfig {
+    /// Defaults for `worker_id` on `device`.
+    pub fn new(worker_id: String, device: Device) -> Self {
+        Self {
+            worker_id,
+            device,
+            lease_wait: Duration::from_secs(10),
+            heartbeat_every: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Leases and ports jobs until `shutdown` is cancelled.
+pub async fn run(
+    client: Client,
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let mut loaded: Vec<String> = Vec::new();
+    let mut failures = 0u32;
+    let mut workers = client.workers();
+    while !shutdown.is_cancelled() {
+        let lease = tokio::select! {
+            () = shutdown.cancelled() => break,
+            r = workers.lease_job(v1::LeaseJobRequest {
+                worker_id: config.worker_id.clone(),
+                loaded_base_digests: loaded.clone(),
+                wait_seconds: config.lease_wait.as_secs() as u32,
+                device: config.device.to_string(),
+            }) => r,
+        };
+        let job = match lease {
+            Ok(resp) => {
+                failures = 0;
+                match resp.into_inner().job {
+                    Some(job) => job,
+                    None => continue,
+                }
+            }
+            Err(status) => {
+                // The registry is restarting or unreachable: back off and try again.
+                failures += 1;
+                let wait = Duration::from_millis(200 << failures.min(6));
+                tracing::warn!(error = %status.message(), code = ?status.code(), ?wait, "lease failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        let target = job
+            .target_base
+            .as_ref()
+            .map(|b| b.digest.clone())
+            .unwrap_or_default();
+        tracing::info!(job_id = %job.job_id, attempt = job.attempt, "job leased");
+        run_one(&client, &config, &job, &shutdown).await?;
+        loaded = vec![target];
+    }
+    Ok(())
+}
+
+async fn run_one(
+    client: &Client,
+    config: &WorkerConfig,
+    job: &v1::Job,
+    shutdown: &CancellationToken,
+) -> Result<(), WorkerError> {
+    let (job_id, token) = (job.job_id.clone(), job.fencing_token);
+    let lost = CancellationToken::new();
+    let heartbeat = {
+        let (client, job_id, lost, every) = (
+            client.clone(),
+            job_id.clone(),
+            lost.clone(),
+            config.heartbeat_every,
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match client
+                    .workers()
+                    .heartbeat(v1::HeartbeatRequest {
+                        job_id: job_id.clone(),
+                        fencing_token: token,
+                    })
+                    .await
+                {
+                    Ok(r) if !r.get_ref().cancelled => {}
+                    Ok(_) => {
+                        tracing::info!(job_id = %job_id, "job cancelled");
+                        lost.cancel();
+                        return;
+                    }
+                    Err(status) => {
+                        tracing::warn!(job_id = %job_id, error = %status.message(), "lease lost");
+                        lost.cancel();
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let outcome = tokio::select! {
+        r = port_job(client, job, config.device) => Some(r),
+        () = lost.cancelled() => None,
+        () = shutdown.cancelled() => {
+            heartbeat.abort();
+            let _ = client.workers().release_job(v1::ReleaseJobRequest { job_id: job_id.clone(), fencing_token: token }).await;
+            tracing::info!(job_id = %job_id, "lease released on shutdown");
+            return Ok(());
+        }
+    };
+    heartbeat.abort();
+    let Some(outcome) = outcome else {
+        // Cancelled or the lease went to another worker: nothing of ours may be written.
+        return Ok(());
+    };
+    let reply = match outcome {
+        Ok(r) => client
+            .workers()
+            .complete_job(v1::CompleteJobRequest {
+                job_id: job_id.clone(),
+                fencing_token: token,
+                refusals: r.refusals,
+                diagnostics: r.diagnostics,
+                adapter_files: r.adapter_files,
+                merged_files: r.merged_files,
+                engine_seconds: r.engine_seconds,
+            })
+            .await
+            .map(|_| ()),
+        Err(e) => {
+            let retryable = !matches!(e, WorkerError::BadJob { .. });
+            tracing::warn!(job_id = %job_id, error = %e, retryable, "port failed");
+            client
+                .workers()
+                .fail_job(v1::FailJobRequest {
+                    job_id: job_id.clone(),
+                    fencing_token: token,
+                    error: e.to_string(),
+                    retryable,
+                })
+                .await
+                .map(|_| ())
+        }
+    };
+    match reply {
+        Ok(()) => Ok(()),
+        // A stale fence: the job was leased again after our lease expired; our result
+        // is refused by design and the other attempt owns it.
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            tracing::warn!(job_id = %job_id, error = %s.message(), "result refused by the fence");
+            Ok(())
+        }
+        Err(s) => Err(WorkerError::Registry {
+            source: ClientError::from(s),
+        }),
+    }
+}
