@@ -4,17 +4,19 @@
 //! shared by both (see `sql.rs`), one conformance suite run against both.
 
 mod postgres;
+mod queue;
 mod sql;
 mod sqlite;
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use patchport_core::layout::{ArtifactFile, FileRef, TensorRecord};
 use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, Name, Version, VersionRef};
 
 pub use postgres::PgStore;
+pub use queue::{EventCursor, EventRecord, JobOutcome, JobRecord, LeasedJob, RetryPolicy};
 pub use sqlite::SqliteStore;
 
 /// What kind of failure a store error is (maps to one gRPC code in the registry).
@@ -348,6 +350,8 @@ pub struct PortRecord {
     pub started_at: Option<i64>,
     /// Unix milliseconds.
     pub finished_at: Option<i64>,
+    /// The job doing the work (None for ports run synchronously by `save_port`).
+    pub job_id: Option<i64>,
 }
 
 /// A port's new state, written whole (insert or update by patch, base and method).
@@ -459,6 +463,81 @@ pub trait MetadataStore: Send + Sync + fmt::Debug {
     /// Writes a port's state (creating the row the first time); NotFound when the patch
     /// or the base does not exist.
     async fn save_port(&self, update: PortUpdate) -> Result<PortRecord, StoreError>;
+
+    // The build service (DESIGN.md §5). Fan-out happens inside `insert_base_version`
+    // and `insert_patch_version`.
+
+    /// A job by id.
+    async fn get_job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
+    /// The port rows of a job, by id.
+    async fn job_ports(&self, job_id: i64) -> Result<Vec<PortRecord>, StoreError>;
+    /// Ports onto a base version, by id (its fan-out, among others).
+    async fn list_ports_onto(
+        &self,
+        base_name: &Name,
+        base_version: &VersionRef,
+    ) -> Result<Vec<PortRecord>, StoreError>;
+    /// Sets a job's priority (higher is leased first).
+    async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
+    /// Leases the next ready job: jobs whose target base is in `loaded_base_digests`
+    /// first, then by priority (higher first), then oldest. Marks it and its ports
+    /// running, bumps attempts and the fencing token.
+    async fn lease_job(
+        &self,
+        worker_id: &str,
+        loaded_base_digests: &[Digest],
+        lease_duration: Duration,
+    ) -> Result<Option<LeasedJob>, StoreError>;
+    /// Renews a lease; FailedPrecondition "lease lost" when the token is stale or the
+    /// job is no longer running. `Ok(true)` asks the worker to stop: every port of the
+    /// job was cancelled.
+    async fn heartbeat(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        lease_duration: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Records the final outcome of an attempt on the job and every running port of it.
+    async fn complete_job(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        outcome: JobOutcome,
+    ) -> Result<JobRecord, StoreError>;
+    /// Records a failed attempt: queued again after a backoff while attempts remain and
+    /// the error is retryable, failed otherwise.
+    async fn fail_job(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        error: &str,
+        retryable: bool,
+    ) -> Result<JobRecord, StoreError>;
+    /// Gives a lease back unfinished (graceful shutdown): queued again, the attempt not
+    /// counted.
+    async fn release_job(&self, job_id: i64, fencing_token: i64) -> Result<JobRecord, StoreError>;
+    /// Requeues (or fails, when out of attempts) running jobs whose lease expired
+    /// before `now` (unix ms); returns how many.
+    async fn reap_expired(&self, now: i64) -> Result<usize, StoreError>;
+    /// Cancels a queued or running port; its job is cancelled (queued) or asked to stop
+    /// (running) once none of its ports still wants the work.
+    async fn cancel_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        method_version: &str,
+    ) -> Result<PortRecord, StoreError>;
+    /// Events after a cursor (`None`: from the head, i.e. only what commits from now),
+    /// oldest first, and the cursor to resume from.
+    async fn read_events(
+        &self,
+        after: Option<&EventCursor>,
+        limit: u32,
+    ) -> Result<(Vec<EventRecord>, EventCursor), StoreError>;
+    /// The current head of the event log.
+    async fn head_cursor(&self) -> Result<EventCursor, StoreError>;
 }
 
 /// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.

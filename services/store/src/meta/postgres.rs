@@ -2,12 +2,15 @@
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
-use super::StoreError;
+use super::queue::bad_cursor;
+use super::sql::{EventRow, event_record};
+use super::{EventCursor, EventRecord, RetryPolicy, StoreError};
 
 /// Metadata in Postgres.
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    retry: RetryPolicy,
 }
 
 impl PgStore {
@@ -21,12 +24,100 @@ impl PgStore {
         sqlx::migrate!("../../migrations/postgres")
             .run(&pool)
             .await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            retry: RetryPolicy::default(),
+        })
     }
 
     /// The pool (for tests and future stores sharing the connection).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Retries failed attempts with this policy instead of the default.
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Lease queries skip rows another transaction holds.
+    const SKIP_LOCKED: &'static str = " FOR UPDATE SKIP LOCKED";
+
+    /// Wakes `LISTEN patchport_events` readers when the transaction commits (one
+    /// notification per transaction: Postgres folds identical ones).
+    async fn notify_events(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_notify('patchport_events', '')")
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// `pg:<xid>:<id>`; `origin` is `(0, 0)`.
+    fn parse_cursor(c: &EventCursor) -> Result<(u64, i64), StoreError> {
+        if c.0 == "origin" {
+            return Ok((0, 0));
+        }
+        let mut parts =
+            c.0.strip_prefix("pg:")
+                .ok_or_else(|| bad_cursor(c))?
+                .split(':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(x), Some(i), None) => Ok((
+                x.parse().map_err(|_| bad_cursor(c))?,
+                i.parse().map_err(|_| bad_cursor(c))?,
+            )),
+            _ => Err(bad_cursor(c)),
+        }
+    }
+
+    fn cursor(xid: &str, id: i64) -> EventCursor {
+        EventCursor(format!("pg:{xid}:{id}"))
+    }
+
+    /// Events are read by `(xid, id)` and only below the oldest transaction still
+    /// running: a transaction that took its xid early and commits late has not been
+    /// passed by any cursor handed out, so it is never skipped.
+    async fn read_events_after(
+        &self,
+        after: Option<&EventCursor>,
+        limit: u32,
+    ) -> Result<(Vec<EventRecord>, EventCursor), StoreError> {
+        let from = match after.filter(|c| !c.0.is_empty()) {
+            Some(c) => c.clone(),
+            None => self.head_event_cursor().await?,
+        };
+        let (xid, id) = Self::parse_cursor(&from)?;
+        let rows = sqlx::query_as::<_, EventRow>(
+            "SELECT id, xid::text AS xid, kind, subject, job_id, port_id, detail, created_at \
+             FROM events WHERE (xid, id) > ($1::text::xid8, $2) \
+             AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid, id LIMIT $3",
+        )
+        .bind(xid.to_string())
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let next = rows.last().map_or(from, |r| Self::cursor(&r.xid, r.id));
+        let out = rows
+            .into_iter()
+            .map(|r| {
+                let c = Self::cursor(&r.xid, r.id);
+                event_record(r, c)
+            })
+            .collect();
+        Ok((out, next))
+    }
+
+    async fn head_event_cursor(&self) -> Result<EventCursor, StoreError> {
+        let last: Option<(String, i64)> = sqlx::query_as(
+            "SELECT xid::text, id FROM events \
+             WHERE xid < pg_snapshot_xmin(pg_current_snapshot()) \
+             ORDER BY xid DESC, id DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(last.map_or_else(|| Self::cursor("0", 0), |(x, i)| Self::cursor(&x, i)))
     }
 }
 

@@ -83,13 +83,14 @@ pub(crate) struct PortRow {
     pub(crate) queued_at: i64,
     pub(crate) started_at: Option<i64>,
     pub(crate) finished_at: Option<i64>,
+    pub(crate) job_id: Option<i64>,
 }
 
 pub(crate) const PORT_SELECT: &str = "SELECT p.name AS patch_name, p.version AS patch_version, \
     p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
     b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
     t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
-    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at \
+    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id \
     FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
     JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
 
@@ -117,8 +118,86 @@ pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError>
         queued_at: row.queued_at,
         started_at: row.started_at,
         finished_at: row.finished_at,
+        job_id: row.job_id,
     })
 }
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct JobRow {
+    pub(crate) id: i64,
+    pub(crate) job_key: String,
+    pub(crate) patch_digest: String,
+    pub(crate) source_base_digest: String,
+    pub(crate) target_base_digest: String,
+    pub(crate) method_version: String,
+    pub(crate) state: String,
+    pub(crate) priority: i64,
+    pub(crate) attempts: i64,
+    pub(crate) max_attempts: i64,
+    pub(crate) run_after: i64,
+    pub(crate) lease_owner: Option<String>,
+    pub(crate) lease_expires_at: Option<i64>,
+    pub(crate) fencing_token: i64,
+    pub(crate) cancel_requested: i64,
+    pub(crate) last_error: Option<String>,
+}
+
+pub(crate) const JOB_SELECT: &str = "SELECT id, job_key, patch_digest, source_base_digest, \
+    target_base_digest, method_version, state, priority, attempts, max_attempts, run_after, \
+    lease_owner, lease_expires_at, fencing_token, cancel_requested, last_error FROM jobs";
+
+pub(crate) fn job_record(row: JobRow) -> Result<super::JobRecord, StoreError> {
+    const T: &str = "jobs";
+    Ok(super::JobRecord {
+        id: row.id,
+        job_key: row.job_key,
+        patch_digest: digest(T, &row.patch_digest)?,
+        source_base_digest: digest(T, &row.source_base_digest)?,
+        target_base_digest: digest(T, &row.target_base_digest)?,
+        method_version: row.method_version,
+        state: super::PortState::parse(&row.state)?,
+        priority: row.priority,
+        attempts: row.attempts as u32,
+        max_attempts: row.max_attempts as u32,
+        run_after: row.run_after,
+        lease_owner: row.lease_owner,
+        lease_expires_at: row.lease_expires_at,
+        fencing_token: row.fencing_token,
+        cancel_requested: row.cancel_requested != 0,
+        last_error: row.last_error,
+    })
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    pub(crate) id: i64,
+    /// The writing transaction (Postgres) or empty (SQLite).
+    pub(crate) xid: String,
+    pub(crate) kind: String,
+    pub(crate) subject: String,
+    pub(crate) job_id: Option<i64>,
+    pub(crate) port_id: Option<i64>,
+    pub(crate) detail: Option<String>,
+    pub(crate) created_at: i64,
+}
+
+pub(crate) fn event_record(row: EventRow, cursor: super::EventCursor) -> super::EventRecord {
+    super::EventRecord {
+        cursor,
+        id: row.id,
+        kind: row.kind,
+        subject: row.subject,
+        job_id: row.job_id,
+        port_id: row.port_id,
+        detail: row.detail,
+        created_at: row.created_at,
+    }
+}
+
+/// The subject of a port event: `acme/qv:1@acme/llama:v2` (over `ports t`, `patch_versions
+/// p`, `base_versions b`).
+pub(crate) const PORT_SUBJECT: &str =
+    "p.name || ':' || p.version || '@' || b.name || ':' || b.version";
 
 pub(crate) fn to_json<V: serde::Serialize>(v: &V) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
@@ -380,6 +459,23 @@ macro_rules! impl_sql_store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // Fan-out, in this transaction: every published patch version pinned to
+                // an ancestor of the new version gets a port onto it.
+                Self::emit(&mut tx, "base.published", &format!("{}:{}", new.name, new.version)).await?;
+                let patches: Vec<i64> = sqlx::query_scalar(
+                    "WITH RECURSIVE anc (id) AS ( \
+                     SELECT parent_id FROM base_versions WHERE id = $1 AND parent_id IS NOT NULL \
+                     UNION ALL SELECT b.parent_id FROM base_versions b JOIN anc ON b.id = anc.id \
+                     WHERE b.parent_id IS NOT NULL) \
+                     SELECT p.id FROM patch_versions p JOIN anc ON p.base_id = anc.id \
+                     WHERE p.state = 'published' ORDER BY p.id",
+                )
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for patch_id in patches {
+                    Self::queue_port(&mut tx, patch_id, id, self.retry.max_attempts).await?;
+                }
                 let row = Self::base_by_ref(&mut tx, &new.name, &this)
                     .await?
                     .ok_or_else(|| StoreError::NotFound {
@@ -442,6 +538,22 @@ macro_rules! impl_sql_store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // Catch-up, in this transaction: a port onto every published descendant
+                // of the pinned base.
+                Self::emit(&mut tx, "patch.pushed", &format!("{}:{}", new.name, new.version)).await?;
+                let targets: Vec<i64> = sqlx::query_scalar(
+                    "WITH RECURSIVE des (id) AS ( \
+                     SELECT id FROM base_versions WHERE parent_id = $1 \
+                     UNION ALL SELECT b.id FROM base_versions b JOIN des ON b.parent_id = des.id) \
+                     SELECT b.id FROM base_versions b JOIN des ON b.id = des.id \
+                     WHERE b.state = 'published' ORDER BY b.id",
+                )
+                .bind(base.id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for target_id in targets {
+                    Self::queue_port(&mut tx, id, target_id, self.retry.max_attempts).await?;
+                }
                 let row = Self::patch_by_ref(&mut tx, &new.name, &this)
                     .await?
                     .ok_or_else(|| StoreError::NotFound {
@@ -450,6 +562,276 @@ macro_rules! impl_sql_store {
                 let rec = Self::load_patch(&mut tx, row).await?;
                 tx.commit().await?;
                 Ok((rec, true))
+            }
+
+            /// Appends one event (and wakes listeners, on Postgres, at commit).
+            async fn emit(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                kind: &str,
+                subject: &str,
+            ) -> Result<(), $crate::meta::StoreError> {
+                sqlx::query(
+                    "INSERT INTO events (kind, subject, job_id, port_id, detail, created_at) \
+                     VALUES ($1, $2, NULL, NULL, NULL, $3)",
+                )
+                .bind(kind)
+                .bind(subject)
+                .bind($crate::meta::now_millis())
+                .execute(&mut *conn)
+                .await?;
+                Self::notify_events(conn).await
+            }
+
+            /// Appends one event per port row matching `filter` (over `ports t`, with `$4`
+            /// bound to `arg`), in port order.
+            async fn emit_ports(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                kind: &str,
+                detail: Option<&str>,
+                filter: &'static str,
+                arg: i64,
+            ) -> Result<(), $crate::meta::StoreError> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO events (kind, subject, job_id, port_id, detail, created_at) \
+                     SELECT $1, {}, t.job_id, t.id, $2, $3 \
+                     FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
+                     JOIN base_versions b ON b.id = t.base_id WHERE {filter} ORDER BY t.id",
+                    $crate::meta::sql::PORT_SUBJECT
+                )))
+                .bind(kind)
+                .bind(detail)
+                .bind($crate::meta::now_millis())
+                .bind(arg)
+                .execute(&mut *conn)
+                .await?;
+                Self::notify_events(conn).await
+            }
+
+            /// Creates (or finds, by key) the job porting a patch version onto a base
+            /// version and the patch version's port row linked to it, with its events.
+            /// Idempotent: an existing port row is left alone.
+            async fn queue_port(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                patch_id: i64,
+                target_id: i64,
+                max_attempts: u32,
+            ) -> Result<(), $crate::meta::StoreError> {
+                use patchport_core::port::METHOD_VERSION;
+                let now = $crate::meta::now_millis();
+                let (patch_digest, source_id, source_digest): (String, i64, String) = sqlx::query_as(
+                    "SELECT p.digest, p.base_id, s.digest FROM patch_versions p \
+                     JOIN base_versions s ON s.id = p.base_id WHERE p.id = $1",
+                )
+                .bind(patch_id)
+                .fetch_one(&mut *conn)
+                .await?;
+                let target_digest: String =
+                    sqlx::query_scalar("SELECT digest FROM base_versions WHERE id = $1")
+                        .bind(target_id)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                let key = format!("port:{patch_digest}:{source_digest}:{target_digest}:{METHOD_VERSION}");
+                sqlx::query(
+                    "INSERT INTO jobs (job_key, patch_digest, source_base_digest, target_base_digest, \
+                     method_version, state, max_attempts, run_after, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $7, $7) \
+                     ON CONFLICT (job_key) DO NOTHING",
+                )
+                .bind(&key)
+                .bind(&patch_digest)
+                .bind(&source_digest)
+                .bind(&target_digest)
+                .bind(METHOD_VERSION)
+                .bind(i64::from(max_attempts))
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                let (job_id, job_state): (i64, String) =
+                    sqlx::query_as("SELECT id, state FROM jobs WHERE job_key = $1")
+                        .bind(&key)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                let port_id: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO ports (patch_id, base_id, source_base_id, method_version, state, \
+                     refusals_json, diagnostics_json, adapter_files_json, merged_files_json, attempts, \
+                     error, queued_at, started_at, finished_at, job_id) \
+                     VALUES ($1, $2, $3, $4, 'queued', '[]', NULL, '[]', '[]', 0, NULL, $5, NULL, NULL, $6) \
+                     ON CONFLICT (patch_id, base_id, method_version) DO NOTHING RETURNING id",
+                )
+                .bind(patch_id)
+                .bind(target_id)
+                .bind(source_id)
+                .bind(METHOD_VERSION)
+                .bind(now)
+                .bind(job_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                let Some(port_id) = port_id else {
+                    return Ok(());
+                };
+                let one = "t.id = $4";
+                match job_state.as_str() {
+                    "queued" => Self::emit_ports(conn, "port.queued", None, one, port_id).await,
+                    "running" => {
+                        // Another patch version with the same content is being ported
+                        // right now: this one rides along.
+                        sqlx::query(
+                            "UPDATE ports SET state = 'running', \
+                             attempts = (SELECT attempts FROM jobs WHERE id = $1), started_at = $2 \
+                             WHERE id = $3",
+                        )
+                        .bind(job_id)
+                        .bind(now)
+                        .bind(port_id)
+                        .execute(&mut *conn)
+                        .await?;
+                        Self::emit_ports(conn, "port.queued", None, one, port_id).await?;
+                        Self::emit_ports(conn, "port.started", None, one, port_id).await
+                    }
+                    done => {
+                        // The work is done: share a sibling's result when one holds it,
+                        // otherwise (cancelled) queue the job again.
+                        let copied = sqlx::query(
+                            "UPDATE ports SET (state, refusals_json, diagnostics_json, \
+                             adapter_files_json, merged_files_json, attempts, error, started_at, \
+                             finished_at) = (SELECT s.state, s.refusals_json, s.diagnostics_json, \
+                             s.adapter_files_json, s.merged_files_json, s.attempts, s.error, \
+                             s.started_at, s.finished_at FROM ports s WHERE s.job_id = $1 \
+                             AND s.id <> $2 AND s.state = $3 ORDER BY s.id LIMIT 1) \
+                             WHERE id = $2 AND EXISTS (SELECT 1 FROM ports s WHERE s.job_id = $1 \
+                             AND s.id <> $2 AND s.state = $3)",
+                        )
+                        .bind(job_id)
+                        .bind(port_id)
+                        .bind(done)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                        if copied == 1 {
+                            let kind = if done == "failed" { "port.failed" } else { "port.completed" };
+                            Self::emit_ports(conn, kind, Some(done), one, port_id).await
+                        } else {
+                            sqlx::query(
+                                "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, \
+                                 cancel_requested = 0, last_error = NULL, updated_at = $1 WHERE id = $2",
+                            )
+                            .bind(now)
+                            .bind(job_id)
+                            .execute(&mut *conn)
+                            .await?;
+                            Self::emit_ports(conn, "port.queued", None, one, port_id).await
+                        }
+                    }
+                }
+            }
+
+            /// Ends a running attempt (token checked) in `next` (`queued`, `failed` or
+            /// `cancelled`), moving its running ports along with their events.
+            #[allow(clippy::too_many_arguments)]
+            async fn end_attempt(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                job_id: i64,
+                fencing_token: i64,
+                next: &str,
+                run_after: i64,
+                error: Option<&str>,
+                attempts_delta: i64,
+                detail: &str,
+            ) -> Result<(), $crate::meta::StoreError> {
+                let now = $crate::meta::now_millis();
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = $1, run_after = $2, lease_owner = NULL, \
+                     lease_expires_at = NULL, last_error = COALESCE($3, last_error), \
+                     attempts = attempts + $4, updated_at = $5 \
+                     WHERE id = $6 AND fencing_token = $7 AND state = 'running'",
+                )
+                .bind(next)
+                .bind(run_after)
+                .bind(error)
+                .bind(attempts_delta)
+                .bind(now)
+                .bind(job_id)
+                .bind(fencing_token)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err($crate::meta::queue::lease_lost(job_id));
+                }
+                let (kind, finished) = match next {
+                    "queued" => ("port.queued", None),
+                    "failed" => ("port.failed", Some(now)),
+                    _ => ("port.cancelled", Some(now)),
+                };
+                let running = "t.job_id = $4 AND t.state = 'running'";
+                Self::emit_ports(conn, kind, Some(detail), running, job_id).await?;
+                sqlx::query(
+                    "UPDATE ports SET state = $1, error = COALESCE($2, error), finished_at = $3, \
+                     attempts = (SELECT attempts FROM jobs WHERE id = $4) \
+                     WHERE job_id = $4 AND state = 'running'",
+                )
+                .bind(next)
+                .bind(error)
+                .bind(finished)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+
+            async fn load_job(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                job_id: i64,
+            ) -> Result<Option<$crate::meta::JobRecord>, $crate::meta::StoreError> {
+                let row = sqlx::query_as::<_, $crate::meta::sql::JobRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE id = $1",
+                    $crate::meta::sql::JOB_SELECT
+                )))
+                .bind(job_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                row.map($crate::meta::sql::job_record).transpose()
+            }
+
+            async fn must_load_job(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                job_id: i64,
+            ) -> Result<$crate::meta::JobRecord, $crate::meta::StoreError> {
+                Self::load_job(conn, job_id)
+                    .await?
+                    .ok_or_else(|| $crate::meta::StoreError::NotFound {
+                        what: format!("job {job_id}"),
+                    })
+            }
+
+            async fn load_job_ports(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                job_id: i64,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.job_id = $1 ORDER BY t.id",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(job_id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.into_iter().map($crate::meta::sql::port_record).collect()
+            }
+
+            /// Where a running job goes when its attempt ends without an outcome.
+            fn next_state(
+                cancel_requested: i64,
+                attempts: i64,
+                max_attempts: i64,
+                retryable: bool,
+            ) -> &'static str {
+                if cancel_requested != 0 {
+                    "cancelled"
+                } else if retryable && attempts < max_attempts {
+                    "queued"
+                } else {
+                    "failed"
+                }
             }
         }
 
@@ -766,6 +1148,361 @@ macro_rules! impl_sql_store {
                 let rec = $crate::meta::sql::port_record(row)?;
                 tx.commit().await?;
                 Ok(rec)
+            }
+
+            async fn get_job(
+                &self,
+                job_id: i64,
+            ) -> Result<Option<$crate::meta::JobRecord>, $crate::meta::StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                Self::load_job(&mut conn, job_id).await
+            }
+
+            async fn job_ports(
+                &self,
+                job_id: i64,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                Self::load_job_ports(&mut conn, job_id).await
+            }
+
+            async fn list_ports_onto(
+                &self,
+                base_name: &patchport_core::Name,
+                base_version: &patchport_core::VersionRef,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let Some(base) = Self::base_by_ref(&mut conn, base_name, base_version).await? else {
+                    return Err($crate::meta::StoreError::NotFound {
+                        what: format!("base version {base_name}:{base_version}"),
+                    });
+                };
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.base_id = $1 ORDER BY t.id",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(base.id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.into_iter().map($crate::meta::sql::port_record).collect()
+            }
+
+            async fn set_job_priority(
+                &self,
+                job_id: i64,
+                priority: i64,
+            ) -> Result<(), $crate::meta::StoreError> {
+                let n = sqlx::query("UPDATE jobs SET priority = $1, updated_at = $2 WHERE id = $3")
+                    .bind(priority)
+                    .bind($crate::meta::now_millis())
+                    .bind(job_id)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                if n == 0 {
+                    return Err($crate::meta::StoreError::NotFound {
+                        what: format!("job {job_id}"),
+                    });
+                }
+                Ok(())
+            }
+
+            async fn lease_job(
+                &self,
+                worker_id: &str,
+                loaded_base_digests: &[patchport_core::Digest],
+                lease_duration: std::time::Duration,
+            ) -> Result<Option<$crate::meta::LeasedJob>, $crate::meta::StoreError> {
+                let now = $crate::meta::now_millis();
+                let mut tx = self.pool.begin().await?;
+                let affinity = if loaded_base_digests.is_empty() {
+                    String::new()
+                } else {
+                    let marks: Vec<String> =
+                        (0..loaded_base_digests.len()).map(|i| format!("${}", i + 2)).collect();
+                    format!(
+                        "CASE WHEN target_base_digest IN ({}) THEN 0 ELSE 1 END, ",
+                        marks.join(", ")
+                    )
+                };
+                let sql = format!(
+                    "SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $1 \
+                     ORDER BY {affinity}priority DESC, id LIMIT 1{}",
+                    Self::SKIP_LOCKED
+                );
+                let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
+                for d in loaded_base_digests {
+                    q = q.bind(d.to_string());
+                }
+                let Some(job_id) = q.fetch_optional(&mut *tx).await? else {
+                    return Ok(None);
+                };
+                let expires = now.saturating_add(lease_duration.as_millis() as i64);
+                sqlx::query(
+                    "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+                     attempts = attempts + 1, fencing_token = fencing_token + 1, \
+                     cancel_requested = 0, updated_at = $3 WHERE id = $4",
+                )
+                .bind(worker_id)
+                .bind(expires)
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE ports SET state = 'running', started_at = $1, error = NULL, \
+                     attempts = (SELECT attempts FROM jobs WHERE id = $2) \
+                     WHERE job_id = $2 AND state = 'queued'",
+                )
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+                Self::emit_ports(&mut tx, "port.started", Some(worker_id), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
+                let job = Self::must_load_job(&mut tx, job_id).await?;
+                let ports = Self::load_job_ports(&mut tx, job_id).await?;
+                tx.commit().await?;
+                Ok(Some($crate::meta::LeasedJob { job, ports }))
+            }
+
+            async fn heartbeat(
+                &self,
+                job_id: i64,
+                fencing_token: i64,
+                lease_duration: std::time::Duration,
+            ) -> Result<bool, $crate::meta::StoreError> {
+                let now = $crate::meta::now_millis();
+                let cancel: Option<i64> = sqlx::query_scalar(
+                    "UPDATE jobs SET lease_expires_at = $1, updated_at = $2 \
+                     WHERE id = $3 AND fencing_token = $4 AND state = 'running' \
+                     RETURNING cancel_requested",
+                )
+                .bind(now.saturating_add(lease_duration.as_millis() as i64))
+                .bind(now)
+                .bind(job_id)
+                .bind(fencing_token)
+                .fetch_optional(&self.pool)
+                .await?;
+                match cancel {
+                    Some(c) => Ok(c != 0),
+                    None => Err($crate::meta::queue::lease_lost(job_id)),
+                }
+            }
+
+            async fn complete_job(
+                &self,
+                job_id: i64,
+                fencing_token: i64,
+                outcome: $crate::meta::JobOutcome,
+            ) -> Result<$crate::meta::JobRecord, $crate::meta::StoreError> {
+                use $crate::meta::sql::to_json;
+                use $crate::meta::JobOutcome;
+                let now = $crate::meta::now_millis();
+                let (state, refusals, diagnostics, adapter, merged) = match &outcome {
+                    JobOutcome::Succeeded { adapter_files, merged_files, diagnostics } => (
+                        "succeeded",
+                        "[]".to_owned(),
+                        Some(to_json(diagnostics)),
+                        to_json(adapter_files),
+                        to_json(merged_files),
+                    ),
+                    JobOutcome::Incompatible { refusals } => (
+                        "incompatible",
+                        to_json(refusals),
+                        None,
+                        "[]".to_owned(),
+                        "[]".to_owned(),
+                    ),
+                };
+                let mut tx = self.pool.begin().await?;
+                let n = sqlx::query(
+                    "UPDATE jobs SET state = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                     last_error = NULL, updated_at = $2 \
+                     WHERE id = $3 AND fencing_token = $4 AND state = 'running'",
+                )
+                .bind(state)
+                .bind(now)
+                .bind(job_id)
+                .bind(fencing_token)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err($crate::meta::queue::lease_lost(job_id));
+                }
+                Self::emit_ports(&mut tx, "port.completed", Some(state), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
+                sqlx::query(
+                    "UPDATE ports SET state = $1, refusals_json = $2, diagnostics_json = $3, \
+                     adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6 \
+                     WHERE job_id = $7 AND state = 'running'",
+                )
+                .bind(state)
+                .bind(refusals)
+                .bind(diagnostics)
+                .bind(adapter)
+                .bind(merged)
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+                let job = Self::must_load_job(&mut tx, job_id).await?;
+                tx.commit().await?;
+                Ok(job)
+            }
+
+            async fn fail_job(
+                &self,
+                job_id: i64,
+                fencing_token: i64,
+                error: &str,
+                retryable: bool,
+            ) -> Result<$crate::meta::JobRecord, $crate::meta::StoreError> {
+                let now = $crate::meta::now_millis();
+                let mut tx = self.pool.begin().await?;
+                let row: Option<(i64, i64, i64)> = sqlx::query_as(
+                    "SELECT attempts, max_attempts, cancel_requested FROM jobs \
+                     WHERE id = $1 AND fencing_token = $2 AND state = 'running'",
+                )
+                .bind(job_id)
+                .bind(fencing_token)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((attempts, max, cancel)) = row else {
+                    return Err($crate::meta::queue::lease_lost(job_id));
+                };
+                let next = Self::next_state(cancel, attempts, max, retryable);
+                let run_after = now + self.retry.backoff_millis(attempts as u32);
+                let detail = if next == "queued" { "retry" } else { error };
+                Self::end_attempt(&mut tx, job_id, fencing_token, next, run_after, Some(error), 0, detail).await?;
+                let job = Self::must_load_job(&mut tx, job_id).await?;
+                tx.commit().await?;
+                Ok(job)
+            }
+
+            async fn release_job(
+                &self,
+                job_id: i64,
+                fencing_token: i64,
+            ) -> Result<$crate::meta::JobRecord, $crate::meta::StoreError> {
+                let now = $crate::meta::now_millis();
+                let mut tx = self.pool.begin().await?;
+                let cancel: Option<i64> = sqlx::query_scalar(
+                    "SELECT cancel_requested FROM jobs \
+                     WHERE id = $1 AND fencing_token = $2 AND state = 'running'",
+                )
+                .bind(job_id)
+                .bind(fencing_token)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(cancel) = cancel else {
+                    return Err($crate::meta::queue::lease_lost(job_id));
+                };
+                let next = if cancel != 0 { "cancelled" } else { "queued" };
+                Self::end_attempt(&mut tx, job_id, fencing_token, next, now, None, -1, "released").await?;
+                let job = Self::must_load_job(&mut tx, job_id).await?;
+                tx.commit().await?;
+                Ok(job)
+            }
+
+            async fn reap_expired(&self, now: i64) -> Result<usize, $crate::meta::StoreError> {
+                let mut tx = self.pool.begin().await?;
+                let expired: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id, fencing_token, attempts, max_attempts, cancel_requested FROM jobs \
+                     WHERE state = 'running' AND lease_expires_at < $1 ORDER BY id{}",
+                    Self::SKIP_LOCKED
+                )))
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                for &(id, token, attempts, max, cancel) in &expired {
+                    let next = Self::next_state(cancel, attempts, max, true);
+                    let run_after = now + self.retry.backoff_millis(attempts as u32);
+                    tracing::warn!(job_id = id, attempts, next, "lease expired");
+                    Self::end_attempt(&mut tx, id, token, next, run_after, Some("lease expired"), 0, "lease expired").await?;
+                }
+                tx.commit().await?;
+                Ok(expired.len())
+            }
+
+            async fn cancel_port(
+                &self,
+                patch_name: &patchport_core::Name,
+                patch_version: &patchport_core::VersionRef,
+                base_name: &patchport_core::Name,
+                base_version: &patchport_core::VersionRef,
+                method_version: &str,
+            ) -> Result<$crate::meta::PortRecord, $crate::meta::StoreError> {
+                use $crate::meta::StoreError;
+                let now = $crate::meta::now_millis();
+                let mut tx = self.pool.begin().await?;
+                let what = format!("port of {patch_name}:{patch_version} onto {base_name}:{base_version}");
+                let (Some(patch), Some(base)) = (
+                    Self::patch_by_ref(&mut tx, patch_name, patch_version).await?,
+                    Self::base_by_ref(&mut tx, base_name, base_version).await?,
+                ) else {
+                    return Err(StoreError::NotFound { what });
+                };
+                let port: Option<(i64, String, Option<i64>)> = sqlx::query_as(
+                    "SELECT id, state, job_id FROM ports \
+                     WHERE patch_id = $1 AND base_id = $2 AND method_version = $3",
+                )
+                .bind(patch.id)
+                .bind(base.id)
+                .bind(method_version)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some((port_id, state, job_id)) = port else {
+                    return Err(StoreError::NotFound { what });
+                };
+                if state != "queued" && state != "running" {
+                    return Err(StoreError::FailedPrecondition {
+                        message: format!("{what} is {state}, only queued or running ports can be cancelled"),
+                    });
+                }
+                Self::emit_ports(&mut tx, "port.cancelled", None, "t.id = $4", port_id).await?;
+                sqlx::query("UPDATE ports SET state = 'cancelled', finished_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(port_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if let Some(job_id) = job_id {
+                    // Once no port wants the work, a queued job is cancelled and a running
+                    // one hears it on its next heartbeat.
+                    sqlx::query(
+                        "UPDATE jobs SET \
+                         state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, \
+                         cancel_requested = CASE WHEN state = 'running' THEN 1 ELSE cancel_requested END, \
+                         updated_at = $1 \
+                         WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM ports \
+                         WHERE job_id = $2 AND state IN ('queued', 'running'))",
+                    )
+                    .bind(now)
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.id = $1",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(port_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let rec = $crate::meta::sql::port_record(row)?;
+                tx.commit().await?;
+                Ok(rec)
+            }
+
+            async fn read_events(
+                &self,
+                after: Option<&$crate::meta::EventCursor>,
+                limit: u32,
+            ) -> Result<(Vec<$crate::meta::EventRecord>, $crate::meta::EventCursor), $crate::meta::StoreError> {
+                self.read_events_after(after, limit).await
+            }
+
+            async fn head_cursor(&self) -> Result<$crate::meta::EventCursor, $crate::meta::StoreError> {
+                self.head_event_cursor().await
             }
         }
     };

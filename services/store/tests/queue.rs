@@ -1,0 +1,943 @@
+//! The build-service state machine in the metadata store: fan-out, leases, fencing,
+//! retries, affinity, priority, cancellation and the events outbox. Every test runs
+//! against SQLite always and against Postgres when `PATCHPORT_TEST_DATABASE_URL` is set
+//! (a fresh database each).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use patchport_core::layout::FileRef;
+use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, RefusalKind};
+use patchport_core::{Digest, Name, Version, VersionRef};
+use patchport_store::meta::{
+    self, EventCursor, EventRecord, JobOutcome, LeasedJob, MetadataStore, NewBaseVersion,
+    NewPatchVersion, PgStore, PortState, RetryPolicy, SqliteStore, StoreErrorKind,
+};
+
+const MAX_ATTEMPTS: u32 = 3;
+const LEASE: Duration = Duration::from_secs(30);
+
+struct Backend {
+    label: &'static str,
+    store: Arc<dyn MetadataStore>,
+    pg: Option<sqlx::PgPool>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: MAX_ATTEMPTS,
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(4),
+    }
+}
+
+async fn backends() -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::connect(&format!("sqlite://{}/meta.db", dir.path().display()))
+        .await
+        .unwrap()
+        .with_retry_policy(policy());
+    let mut out = vec![Backend {
+        label: "sqlite",
+        store: Arc::new(sqlite),
+        pg: None,
+        _dir: Some(dir),
+    }];
+    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
+        Ok(url) => {
+            use sqlx::Connection;
+            let name = format!("pp_test_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
+            let store = PgStore::connect(&format!("{base}/{name}"))
+                .await
+                .unwrap()
+                .with_retry_policy(policy());
+            out.push(Backend {
+                label: "postgres",
+                pg: Some(store.pool().clone()),
+                store: Arc::new(store),
+                _dir: None,
+            });
+        }
+        Err(_) => eprintln!("postgres queue tests skipped: PATCHPORT_TEST_DATABASE_URL not set"),
+    }
+    out
+}
+
+fn name(s: &str) -> Name {
+    s.parse().unwrap()
+}
+
+fn ver(s: &str) -> Version {
+    s.parse().unwrap()
+}
+
+fn vref(s: &str) -> VersionRef {
+    s.parse().unwrap()
+}
+
+fn file(path: &str, content: &str) -> FileRef {
+    FileRef {
+        path: path.to_owned(),
+        digest: Digest::of(content.as_bytes()),
+        size: content.len() as u64,
+    }
+}
+
+fn new_base(n: &str, v: &str, parent: Option<&str>, content: &str) -> NewBaseVersion {
+    let files = vec![
+        file("config.json", "{}"),
+        file("model.safetensors", content),
+    ];
+    NewBaseVersion {
+        name: name(n),
+        version: ver(v),
+        digest: patchport_core::layout::manifest_digest("base", &files),
+        parent: parent.map(vref),
+        files,
+        config_json: r#"{"model_type":"llama"}"#.to_owned(),
+        model_type: "llama".to_owned(),
+        tensor_count: 3,
+    }
+}
+
+fn new_patch(n: &str, v: &str, base: &str, base_version: &str, content: &str) -> NewPatchVersion {
+    let files = vec![
+        file("adapter_config.json", "{}"),
+        file("adapter_model.safetensors", content),
+    ];
+    NewPatchVersion {
+        name: name(n),
+        version: ver(v),
+        digest: patchport_core::layout::manifest_digest("patch", &files),
+        base_name: name(base),
+        base: vref(base_version),
+        files,
+        adapter_json: r#"{"peft_type":"LORA"}"#.to_owned(),
+        peft_type: "LORA".to_owned(),
+        tensor_count: 4,
+        eval_digest: None,
+    }
+}
+
+async fn base(s: &dyn MetadataStore, n: &str, v: &str, parent: Option<&str>) -> Digest {
+    s.insert_base_version(new_base(n, v, parent, &format!("{n}{v}")))
+        .await
+        .unwrap()
+        .0
+        .digest
+}
+
+async fn patch(s: &dyn MetadataStore, n: &str, v: &str, b: &str, bv: &str, content: &str) {
+    s.insert_patch_version(new_patch(n, v, b, bv, content))
+        .await
+        .unwrap();
+}
+
+fn succeeded() -> JobOutcome {
+    JobOutcome::Succeeded {
+        adapter_files: vec![],
+        merged_files: vec![],
+        diagnostics: PortDiagnostics::default(),
+    }
+}
+
+/// Waits until every committed event is readable. On Postgres a reader holds back rows
+/// at or above the oldest running transaction of the whole cluster (other tests' databases
+/// included): a delay, never a loss.
+async fn settle(b: &Backend) {
+    let Some(pool) = &b.pg else { return };
+    loop {
+        let settled: bool = sqlx::query_scalar(
+            "SELECT COALESCE(MAX(xid) < pg_snapshot_xmin(pg_current_snapshot()), true) FROM events",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if settled {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Every event from the origin.
+async fn all_events(b: &Backend) -> Vec<EventRecord> {
+    settle(b).await;
+    let s = b.store.as_ref();
+    let mut out = Vec::new();
+    let mut cursor = EventCursor::origin();
+    loop {
+        let (page, next) = s.read_events(Some(&cursor), 7).await.unwrap();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+        cursor = next;
+    }
+}
+
+/// Leases, waiting out a backoff (the test policy's backoffs are a few milliseconds).
+async fn lease_soon(s: &dyn MetadataStore, worker: &str) -> LeasedJob {
+    for _ in 0..1_000 {
+        if let Some(j) = s.lease_job(worker, &[], LEASE).await.unwrap() {
+            return j;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("no job became ready");
+}
+
+#[tokio::test]
+async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v0", None).await;
+        base(s, "acme/llama", "v1", Some("v0")).await;
+        base(s, "other/model", "v1", None).await;
+        patch(s, "acme/old", "1", "acme/llama", "v0", "old").await;
+        for i in 0..4 {
+            patch(
+                s,
+                &format!("acme/p{i}"),
+                "1",
+                "acme/llama",
+                "v1",
+                &format!("p{i}"),
+            )
+            .await;
+        }
+        // Two versions with identical content: two port rows, one job.
+        patch(s, "acme/twin", "1", "acme/llama", "v1", "twin").await;
+        patch(s, "acme/twin", "2", "acme/llama", "v1", "twin").await;
+        patch(s, "other/x", "1", "other/model", "v1", "x").await;
+        assert!(
+            s.list_ports_onto(&name("acme/llama"), &vref("v1"))
+                .await
+                .unwrap()
+                .len()
+                == 1,
+            "{l}: v0 patch caught up onto v1"
+        );
+
+        let v2 = base(s, "acme/llama", "v2", Some("v1")).await;
+        let ports = s
+            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .await
+            .unwrap();
+        let names: Vec<String> = ports
+            .iter()
+            .map(|p| format!("{}:{}", p.patch_name, p.patch_version))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "acme/old:1",
+                "acme/p0:1",
+                "acme/p1:1",
+                "acme/p2:1",
+                "acme/p3:1",
+                "acme/twin:1",
+                "acme/twin:2"
+            ],
+            "{l}"
+        );
+        let jobs: BTreeSet<i64> = ports.iter().map(|p| p.job_id.unwrap()).collect();
+        assert_eq!(jobs.len(), 6, "{l}: the twins share a job");
+        assert_eq!(ports[5].job_id, ports[6].job_id, "{l}");
+        for p in &ports {
+            assert_eq!(p.state, PortState::Queued, "{l}");
+            assert_eq!(p.method_version, METHOD_VERSION, "{l}");
+            let job = s.get_job(p.job_id.unwrap()).await.unwrap().unwrap();
+            assert_eq!(job.target_base_digest, v2, "{l}");
+            assert_eq!(job.source_base_digest, p.source_base_digest, "{l}");
+            assert_eq!(
+                job.job_key,
+                format!(
+                    "port:{}:{}:{}:{METHOD_VERSION}",
+                    p.patch_digest, p.source_base_digest, v2
+                ),
+                "{l}"
+            );
+            assert_eq!(
+                (job.state, job.max_attempts),
+                (PortState::Queued, MAX_ATTEMPTS),
+                "{l}"
+            );
+        }
+
+        // Idempotent: the same publish again creates nothing.
+        let before = all_events(&b).await.len();
+        assert!(
+            !s.insert_base_version(new_base("acme/llama", "v2", Some("v1"), "acme/llamav2"))
+                .await
+                .unwrap()
+                .1
+        );
+        patch(s, "acme/p0", "1", "acme/llama", "v1", "p0").await;
+        assert_eq!(
+            s.list_ports_onto(&name("acme/llama"), &vref("v2"))
+                .await
+                .unwrap()
+                .len(),
+            7,
+            "{l}"
+        );
+        assert_eq!(all_events(&b).await.len(), before, "{l}");
+
+        // Catch-up: a patch pushed onto v1 is queued onto v2 but not onto a yanked v3.
+        base(s, "acme/llama", "v3", Some("v2")).await;
+        s.yank_base_version(&name("acme/llama"), &vref("v3"), "bad")
+            .await
+            .unwrap();
+        let n3 = s
+            .list_ports_onto(&name("acme/llama"), &vref("v3"))
+            .await
+            .unwrap()
+            .len();
+        patch(s, "acme/late", "1", "acme/llama", "v1", "late").await;
+        let onto2 = s
+            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .await
+            .unwrap();
+        assert_eq!(onto2.len(), 8, "{l}");
+        assert_eq!(onto2[7].patch_name, name("acme/late"), "{l}");
+        assert_eq!(
+            s.list_ports_onto(&name("acme/llama"), &vref("v3"))
+                .await
+                .unwrap()
+                .len(),
+            n3,
+            "{l}"
+        );
+
+        // The events of the v2 publish: base.published, then one port.queued per port.
+        let ev = all_events(&b).await;
+        let at = ev
+            .iter()
+            .position(|e| e.kind == "base.published" && e.subject == "acme/llama:v2")
+            .unwrap();
+        let queued: Vec<&str> = ev[at + 1..at + 8]
+            .iter()
+            .map(|e| e.subject.as_str())
+            .collect();
+        assert!(
+            ev[at + 1..at + 8].iter().all(|e| e.kind == "port.queued"),
+            "{l}"
+        );
+        assert_eq!(queued[0], "acme/old:1@acme/llama:v2", "{l}");
+        assert!(
+            ev.iter()
+                .any(|e| e.kind == "patch.pushed" && e.subject == "acme/late:1"),
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn lease_heartbeat_complete_and_the_fence() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/qv", "1", "acme/llama", "v1", "qv").await;
+        patch(s, "acme/qv", "2", "acme/llama", "v1", "qv").await;
+        base(s, "acme/llama", "v2", Some("v1")).await;
+
+        let leased = s.lease_job("w1", &[], LEASE).await.unwrap().unwrap();
+        let job = &leased.job;
+        assert_eq!(
+            (job.state, job.attempts, job.fencing_token),
+            (PortState::Running, 1, 1),
+            "{l}"
+        );
+        assert_eq!(job.lease_owner.as_deref(), Some("w1"), "{l}");
+        assert_eq!(leased.ports.len(), 2, "{l}");
+        assert!(
+            leased.ports.iter().all(|p| p.state == PortState::Running),
+            "{l}"
+        );
+        assert!(
+            s.lease_job("w2", &[], LEASE).await.unwrap().is_none(),
+            "{l}: one job, leased"
+        );
+        assert!(
+            !s.heartbeat(job.id, job.fencing_token, LEASE).await.unwrap(),
+            "{l}"
+        );
+
+        // The lease expires (a tiny renewal, then the reaper); w2 takes the job over.
+        s.heartbeat(job.id, job.fencing_token, Duration::from_millis(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(s.reap_expired(meta::now_millis()).await.unwrap(), 1, "{l}");
+        assert_eq!(
+            s.get_job(job.id).await.unwrap().unwrap().state,
+            PortState::Queued,
+            "{l}"
+        );
+        let again = lease_soon(s, "w2").await;
+        assert_eq!(
+            (again.job.id, again.job.fencing_token, again.job.attempts),
+            (job.id, 2, 2),
+            "{l}"
+        );
+
+        // The dead attempt's writes are refused.
+        for err in [
+            s.heartbeat(job.id, 1, LEASE).await.err(),
+            s.complete_job(job.id, 1, succeeded()).await.err(),
+            s.fail_job(job.id, 1, "boom", true).await.err(),
+            s.release_job(job.id, 1).await.err(),
+        ] {
+            let err = err.expect("stale fencing token accepted");
+            assert_eq!(err.kind(), StoreErrorKind::FailedPrecondition, "{l}");
+            assert!(err.to_string().contains("lease lost"), "{l}: {err}");
+        }
+
+        let diagnostics = PortDiagnostics::default();
+        let done = s
+            .complete_job(
+                job.id,
+                2,
+                JobOutcome::Succeeded {
+                    adapter_files: vec![],
+                    merged_files: vec![],
+                    diagnostics: diagnostics.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (done.state, done.lease_owner),
+            (PortState::Succeeded, None),
+            "{l}"
+        );
+        for p in s.job_ports(job.id).await.unwrap() {
+            assert_eq!(p.state, PortState::Succeeded, "{l}");
+            assert_eq!(p.diagnostics.as_ref(), Some(&diagnostics), "{l}");
+            assert_eq!(p.attempts, 2, "{l}");
+            assert!(p.finished_at.is_some(), "{l}");
+        }
+        // Exactly once: a second complete, even with the live token, is refused.
+        assert_eq!(
+            s.complete_job(job.id, 2, succeeded())
+                .await
+                .unwrap_err()
+                .kind(),
+            StoreErrorKind::FailedPrecondition
+        );
+        assert!(
+            s.lease_job("w1", &[], LEASE).await.unwrap().is_none(),
+            "{l}"
+        );
+        let ev = all_events(&b).await;
+        let completed: Vec<&str> = ev
+            .iter()
+            .filter(|e| e.kind == "port.completed")
+            .map(|e| e.subject.as_str())
+            .collect();
+        assert_eq!(
+            completed,
+            ["acme/qv:1@acme/llama:v2", "acme/qv:2@acme/llama:v2"],
+            "{l}"
+        );
+
+        // A third version with the same content shares the finished result.
+        patch(s, "acme/qv", "3", "acme/llama", "v1", "qv").await;
+        let p3 = s
+            .get_port(
+                &name("acme/qv"),
+                &vref("3"),
+                &name("acme/llama"),
+                &vref("v2"),
+                METHOD_VERSION,
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p3.state, p3.job_id),
+            (PortState::Succeeded, Some(job.id)),
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retries_back_off_until_max_attempts_then_fail_and_incompatible_is_final() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/flaky", "1", "acme/llama", "v1", "flaky").await;
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let j = lease_soon(s, "w").await;
+            assert_eq!(j.job.attempts, attempt, "{l}");
+            let before = meta::now_millis();
+            let after = s
+                .fail_job(j.job.id, j.job.fencing_token, "cuda oom", true)
+                .await
+                .unwrap();
+            assert_eq!(after.last_error.as_deref(), Some("cuda oom"), "{l}");
+            if attempt < MAX_ATTEMPTS {
+                assert_eq!(after.state, PortState::Queued, "{l}");
+                let ceiling = policy().ceiling_millis(attempt);
+                assert!(
+                    after.run_after >= before && after.run_after <= meta::now_millis() + ceiling,
+                    "{l}"
+                );
+                assert_eq!(
+                    s.job_ports(j.job.id).await.unwrap()[0].state,
+                    PortState::Queued,
+                    "{l}"
+                );
+            } else {
+                assert_eq!(after.state, PortState::Failed, "{l}");
+                let port = &s.job_ports(j.job.id).await.unwrap()[0];
+                assert_eq!(
+                    (port.state, port.error.as_deref()),
+                    (PortState::Failed, Some("cuda oom")),
+                    "{l}"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(s.lease_job("w", &[], LEASE).await.unwrap().is_none(), "{l}");
+        let ev = all_events(&b).await;
+        let kinds: Vec<&str> = ev
+            .iter()
+            .filter(|e| e.kind.starts_with("port."))
+            .map(|e| e.kind.as_str())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "port.queued",
+                "port.started",
+                "port.queued",
+                "port.started",
+                "port.queued",
+                "port.started",
+                "port.failed"
+            ],
+            "{l}"
+        );
+
+        // A non-retryable error fails at once; a refusal is final.
+        patch(s, "acme/bad", "1", "acme/llama", "v1", "bad").await;
+        let j = lease_soon(s, "w").await;
+        assert_eq!(
+            s.fail_job(j.job.id, j.job.fencing_token, "corrupt blob", false)
+                .await
+                .unwrap()
+                .state,
+            PortState::Failed,
+            "{l}"
+        );
+        patch(s, "acme/dora", "1", "acme/llama", "v1", "dora").await;
+        let j = lease_soon(s, "w").await;
+        let refusals = vec![Refusal::new(
+            RefusalKind::Dora,
+            "dora",
+            "DoRA cannot be ported".to_owned(),
+        )];
+        let done = s
+            .complete_job(
+                j.job.id,
+                j.job.fencing_token,
+                JobOutcome::Incompatible {
+                    refusals: refusals.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (done.state, done.attempts),
+            (PortState::Incompatible, 1),
+            "{l}"
+        );
+        let port = &s.job_ports(j.job.id).await.unwrap()[0];
+        assert_eq!(
+            (port.state, &port.refusals),
+            (PortState::Incompatible, &refusals),
+            "{l}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(s.lease_job("w", &[], LEASE).await.unwrap().is_none(), "{l}");
+
+        // Reaping out of attempts fails the job; release does not spend an attempt.
+        patch(s, "acme/slow", "1", "acme/llama", "v1", "slow").await;
+        let j = lease_soon(s, "w").await;
+        let released = s.release_job(j.job.id, j.job.fencing_token).await.unwrap();
+        assert_eq!(
+            (released.state, released.attempts),
+            (PortState::Queued, 0),
+            "{l}"
+        );
+        for _ in 0..MAX_ATTEMPTS {
+            let j = lease_soon(s, "w").await;
+            s.heartbeat(j.job.id, j.job.fencing_token, Duration::ZERO)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(s.reap_expired(meta::now_millis()).await.unwrap(), 1, "{l}");
+        }
+        let job = s.get_job(j.job.id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.attempts),
+            (PortState::Failed, MAX_ATTEMPTS),
+            "{l}"
+        );
+        assert_eq!(job.last_error.as_deref(), Some("lease expired"), "{l}");
+    }
+}
+
+#[tokio::test]
+async fn affinity_to_the_loaded_base_then_priority_then_age() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/a", "v1", None).await;
+        base(s, "acme/b", "v1", None).await;
+        for i in 0..3 {
+            patch(
+                s,
+                &format!("acme/pa{i}"),
+                "1",
+                "acme/a",
+                "v1",
+                &format!("a{i}"),
+            )
+            .await;
+        }
+        patch(s, "acme/pb", "1", "acme/b", "v1", "b").await;
+        base(s, "acme/a", "v2", Some("v1")).await;
+        let b2 = base(s, "acme/b", "v2", Some("v1")).await;
+        let job_of = |ports: Vec<meta::PortRecord>, n: &str| {
+            ports
+                .into_iter()
+                .find(|p| p.patch_name == name(n))
+                .unwrap()
+                .job_id
+                .unwrap()
+        };
+        let a_ports = s
+            .list_ports_onto(&name("acme/a"), &vref("v2"))
+            .await
+            .unwrap();
+        let (pa0, pa1, pa2) = (
+            job_of(a_ports.clone(), "acme/pa0"),
+            job_of(a_ports.clone(), "acme/pa1"),
+            job_of(a_ports, "acme/pa2"),
+        );
+        let pb = job_of(
+            s.list_ports_onto(&name("acme/b"), &vref("v2"))
+                .await
+                .unwrap(),
+            "acme/pb",
+        );
+        s.set_job_priority(pa2, 10).await.unwrap();
+        s.set_job_priority(pa1, 5).await.unwrap();
+
+        // A worker holding b:v2 gets b's job first, over higher priorities.
+        let j = s.lease_job("wb", &[b2], LEASE).await.unwrap().unwrap();
+        assert_eq!(j.job.id, pb, "{l}");
+        let mut order = Vec::new();
+        while let Some(j) = s.lease_job("w", &[b2], LEASE).await.unwrap() {
+            order.push(j.job.id);
+        }
+        assert_eq!(order, [pa2, pa1, pa0], "{l}");
+        assert_eq!(
+            s.set_job_priority(-1, 1).await.unwrap_err().kind(),
+            StoreErrorKind::NotFound
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_workers_never_lease_the_same_job() {
+    const JOBS: usize = 24;
+    for b in backends().await {
+        let s = b.store.clone();
+        base(&*s, "acme/llama", "v1", None).await;
+        for i in 0..JOBS {
+            patch(
+                &*s,
+                &format!("acme/p{i}"),
+                "1",
+                "acme/llama",
+                "v1",
+                &format!("p{i}"),
+            )
+            .await;
+        }
+        base(&*s, "acme/llama", "v2", Some("v1")).await;
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(j) = s.lease_job(&format!("w{w}"), &[], LEASE).await.unwrap() {
+                    got.push(j.job.id);
+                    tokio::task::yield_now().await;
+                }
+                got
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let distinct: BTreeSet<i64> = all.iter().copied().collect();
+        assert_eq!((all.len(), distinct.len()), (JOBS, JOBS), "{}", b.label);
+    }
+}
+
+#[tokio::test]
+async fn cancelling_ports_cancels_or_stops_their_job() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/q", "1", "acme/llama", "v1", "q").await;
+        patch(s, "acme/r", "1", "acme/llama", "v1", "r").await;
+        patch(s, "acme/r", "2", "acme/llama", "v1", "r").await;
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        let cancel = |n: &'static str, v: &'static str| async move {
+            s.cancel_port(
+                &name(n),
+                &vref(v),
+                &name("acme/llama"),
+                &vref("v2"),
+                METHOD_VERSION,
+            )
+            .await
+        };
+        // A queued job with its only port cancelled is cancelled.
+        let q = cancel("acme/q", "1").await.unwrap();
+        assert_eq!(q.state, PortState::Cancelled, "{l}");
+        assert_eq!(
+            s.get_job(q.job_id.unwrap()).await.unwrap().unwrap().state,
+            PortState::Cancelled,
+            "{l}"
+        );
+        assert_eq!(
+            cancel("acme/q", "1").await.unwrap_err().kind(),
+            StoreErrorKind::FailedPrecondition
+        );
+        // A running job keeps going while one of its ports still wants it; then the worker
+        // hears the cancellation on heartbeat and releasing it ends it.
+        let j = s.lease_job("w", &[], LEASE).await.unwrap().unwrap();
+        cancel("acme/r", "1").await.unwrap();
+        assert!(
+            !s.heartbeat(j.job.id, j.job.fencing_token, LEASE)
+                .await
+                .unwrap(),
+            "{l}"
+        );
+        cancel("acme/r", "2").await.unwrap();
+        assert!(
+            s.heartbeat(j.job.id, j.job.fencing_token, LEASE)
+                .await
+                .unwrap(),
+            "{l}"
+        );
+        let job = s.release_job(j.job.id, j.job.fencing_token).await.unwrap();
+        assert_eq!(job.state, PortState::Cancelled, "{l}");
+        assert!(s.lease_job("w", &[], LEASE).await.unwrap().is_none(), "{l}");
+    }
+}
+
+#[tokio::test]
+async fn events_appear_once_in_order_and_resume_from_any_cursor() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        let head = s.head_cursor().await.unwrap();
+        let (none, same) = s.read_events(None, 10).await.unwrap();
+        assert!(none.is_empty(), "{l}");
+        assert_eq!(same, head, "{l}");
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/qv", "1", "acme/llama", "v1", "qv").await;
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        let j = s.lease_job("w", &[], LEASE).await.unwrap().unwrap();
+        s.complete_job(j.job.id, j.job.fencing_token, succeeded())
+            .await
+            .unwrap();
+
+        let all = all_events(&b).await;
+        let got: Vec<(&str, &str)> = all
+            .iter()
+            .map(|e| (e.kind.as_str(), e.subject.as_str()))
+            .collect();
+        let port = "acme/qv:1@acme/llama:v2";
+        assert_eq!(
+            got,
+            [
+                ("base.published", "acme/llama:v1"),
+                ("patch.pushed", "acme/qv:1"),
+                ("base.published", "acme/llama:v2"),
+                ("port.queued", port),
+                ("port.started", port),
+                ("port.completed", port),
+            ],
+            "{l}"
+        );
+        assert_eq!(all[5].detail.as_deref(), Some("succeeded"), "{l}");
+        assert_eq!(all[4].job_id, Some(j.job.id), "{l}");
+        // From the head taken first, everything; resuming one at a time, the same.
+        settle(&b).await;
+        let (from_head, _) = s.read_events(Some(&head), 100).await.unwrap();
+        assert_eq!(from_head, all, "{l}");
+        let mut cursor = head;
+        let mut one_by_one = Vec::new();
+        loop {
+            let (page, next) = s.read_events(Some(&cursor), 1).await.unwrap();
+            let Some(e) = page.into_iter().next() else {
+                break;
+            };
+            assert_eq!(e.cursor, next, "{l}");
+            one_by_one.push(e);
+            cursor = next;
+        }
+        assert_eq!(one_by_one, all, "{l}");
+        let bad = s
+            .read_events(Some(&"nonsense".parse().unwrap()), 1)
+            .await
+            .unwrap_err();
+        assert_eq!(bad.kind(), StoreErrorKind::FailedPrecondition, "{l}");
+    }
+}
+
+#[tokio::test]
+async fn a_resuming_reader_misses_nothing_while_writers_commit_concurrently() {
+    for b in backends().await {
+        let s = b.store.clone();
+        let l = b.label;
+        base(&*s, "acme/llama", "v1", None).await;
+        base(&*s, "acme/llama", "v2", Some("v1")).await;
+        settle(&b).await;
+        let start = s.head_cursor().await.unwrap();
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let s = s.clone();
+            writers.push(tokio::spawn(async move {
+                for i in 0..10 {
+                    patch(
+                        &*s,
+                        &format!("acme/w{w}p{i}"),
+                        "1",
+                        "acme/llama",
+                        "v1",
+                        &format!("{w}/{i}"),
+                    )
+                    .await;
+                }
+            }));
+        }
+        // The reader resumes from its last cursor with small pages while writers commit.
+        let mut seen: BTreeMap<i64, EventRecord> = BTreeMap::new();
+        let mut cursor = start.clone();
+        let mut done = false;
+        loop {
+            let (page, next) = s.read_events(Some(&cursor), 3).await.unwrap();
+            for e in page {
+                seen.insert(e.id, e);
+            }
+            cursor = next;
+            if done {
+                settle(&b).await;
+                let (rest, _) = s.read_events(Some(&cursor), 1_000).await.unwrap();
+                for e in rest {
+                    seen.insert(e.id, e);
+                }
+                break;
+            }
+            done = writers.iter().all(|w| w.is_finished());
+            tokio::task::yield_now().await;
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        settle(&b).await;
+        let (expected, _) = s.read_events(Some(&start), 10_000).await.unwrap();
+        assert_eq!(expected.len(), 80, "{l}: 40 patch.pushed + 40 port.queued");
+        let ids: Vec<i64> = seen.keys().copied().collect();
+        let mut want: Vec<i64> = expected.iter().map(|e| e.id).collect();
+        want.sort_unstable();
+        assert_eq!(ids, want, "{l}");
+    }
+}
+
+/// Two transactions opened by hand: the one that takes its id first commits last. A plain
+/// `id > cursor` reader skips it; the `(xid, id)` below `xmin` reader does not.
+#[tokio::test]
+async fn postgres_a_transaction_that_commits_late_is_not_skipped() {
+    for b in backends().await {
+        let Some(pool) = &b.pg else { continue };
+        let s = b.store.as_ref();
+        let insert =
+            "INSERT INTO events (kind, subject, created_at) VALUES ('test', $1, 0) RETURNING id";
+        let start = s.head_cursor().await.unwrap();
+        let mut plain_cursor: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM events")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+
+        let mut early = pool.begin().await.unwrap();
+        let early_id: i64 = sqlx::query_scalar(insert)
+            .bind("early")
+            .fetch_one(&mut *early)
+            .await
+            .unwrap();
+        let mut late = pool.begin().await.unwrap();
+        let late_id: i64 = sqlx::query_scalar(insert)
+            .bind("late")
+            .fetch_one(&mut *late)
+            .await
+            .unwrap();
+        assert!(early_id < late_id);
+        late.commit().await.unwrap();
+
+        // While `early` is open: the plain reader sees `late` and moves past `early`'s id.
+        let plain: Vec<i64> = sqlx::query_scalar("SELECT id FROM events WHERE id > $1 ORDER BY id")
+            .bind(plain_cursor)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert_eq!(plain, [late_id]);
+        plain_cursor = late_id;
+        let (page, cursor) = s.read_events(Some(&start), 100).await.unwrap();
+        assert!(
+            page.is_empty(),
+            "held back below the open transaction: {page:?}"
+        );
+
+        early.commit().await.unwrap();
+        let plain_after: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM events WHERE id > $1 ORDER BY id")
+                .bind(plain_cursor)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert!(
+            plain_after.is_empty(),
+            "the plain id cursor skipped the late commit"
+        );
+        settle(&b).await;
+        let (page, _) = s.read_events(Some(&cursor), 100).await.unwrap();
+        let subjects: Vec<&str> = page.iter().map(|e| e.subject.as_str()).collect();
+        assert_eq!(subjects, ["early", "late"]);
+    }
+}
