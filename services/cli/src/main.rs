@@ -47,6 +47,10 @@ enum Command {
     Status(commands::info::StatusArgs),
     /// Port a patch onto a new base offline, from local directories (no server).
     Port(commands::port::PortArgs),
+    /// Run a port worker against the registry (leases jobs over gRPC; no database access).
+    Worker(commands::worker::WorkerArgs),
+    /// Stream registry events (base.published, port.completed, ...), resumable with --from.
+    Watch(commands::worker::WatchArgs),
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -65,7 +69,7 @@ fn init_tracing(format: &str, default_level: &str) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
         "info"
     } else {
         "warn"
@@ -79,6 +83,8 @@ async fn main() -> std::process::ExitCode {
         Command::List(args) => commands::info::list(&cli.registry, args).await,
         Command::Status(args) => commands::info::status(&cli.registry, args).await,
         Command::Port(args) => commands::port::run(args).await,
+        Command::Worker(args) => commands::worker::run(&cli.registry, args).await,
+        Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -16,9 +16,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::service::blobs::{Blobs, MAX_CHUNK};
-use crate::service::pending::Pending;
+use crate::service::events::Events;
 use crate::service::ports::Ports;
 use crate::service::registry::Versions;
+use crate::service::workers::Workers;
 use crate::state::Registry;
 
 /// Largest gRPC message accepted or sent (a chunk plus framing).
@@ -159,6 +160,21 @@ impl Application {
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
+        // The reaper: leases that expired (a worker died) go back to the queue.
+        let reaper = {
+            let meta = self.registry.meta.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+                loop {
+                    tick.tick().await;
+                    match meta.reap_expired(patchport_store::meta::now_millis()).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::warn!(jobs = n, "expired leases requeued"),
+                        Err(e) => tracing::error!(error = %e, "reaping expired leases failed"),
+                    }
+                }
+            })
+        };
         tracing::info!(addr = %self.addr, "registry listening");
         let reporter = health_reporter.clone();
         let shutdown = async move {
@@ -168,7 +184,7 @@ impl Application {
                 .set_service_status("", ServingStatus::NotServing)
                 .await;
         };
-        tonic::transport::Server::builder()
+        let served = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(blobs)
@@ -176,10 +192,20 @@ impl Application {
             .add_service(PortServiceServer::new(Ports {
                 registry: self.registry.clone(),
             }))
-            .add_service(EventServiceServer::new(Pending))
-            .add_service(WorkerServiceServer::new(Pending))
+            .add_service(EventServiceServer::new(Events {
+                registry: self.registry.clone(),
+            }))
+            .add_service(
+                WorkerServiceServer::new(Workers {
+                    registry: self.registry.clone(),
+                })
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            )
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
             .await
-            .map_err(|source| StartError::Serve { source })
+            .map_err(|source| StartError::Serve { source });
+        reaper.abort();
+        served
     }
 }

@@ -235,6 +235,6 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         queued_at: Some(timestamp(p.queued_at)),
         started_at: p.started_at.map(timestamp),
         finished_at: p.finished_at.map(timestamp),
-        job_id: String::new(),
+        job_id: p.job_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }

@@ -130,7 +130,7 @@ impl MergedSink for BlobSink {
 
 impl Registry {
     /// Hashes the bytes a composed file's segments produce.
-    async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
+    pub(crate) async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
         let mut hasher = Hasher::new();
         for s in segments {
             let mut stream = self.blobs.read(&s.digest, s.offset, Some(s.length)).await?;

@@ -5,6 +5,7 @@ pub(crate) mod port;
 pub(crate) mod pull;
 pub(crate) mod push;
 pub(crate) mod serve;
+pub(crate) mod worker;
 
 /// Connects to the registry named by `--registry` / `PATCHPORT_REGISTRY`.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<patchport_client::Client> {

@@ -27,6 +27,10 @@ pub(crate) struct ServeArgs {
         default_value = "file://./patchport-data/blobs"
     )]
     blobs: String,
+    /// Port workers run in this process (the same loop as `patchport worker`); 0 when
+    /// separate worker processes do the ports.
+    #[arg(long, env = "PATCHPORT_WORKERS", default_value_t = 1)]
+    workers: usize,
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -49,7 +53,8 @@ fn absolute_file_url(url: &str) -> anyhow::Result<String> {
 /// Registers SIGTERM and SIGINT handlers now (before the server announces itself, so a
 /// signal sent right after start is never lost) and resolves on the first of them.
 #[cfg(unix)]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal()
+-> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -62,7 +67,8 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 #[cfg(not(unix))]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+pub(crate) fn shutdown_signal()
+-> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
@@ -74,10 +80,43 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         database: args.database,
         blobs: absolute_file_url(&args.blobs)?,
     };
-    let shutdown = shutdown_signal()?;
+    let signal = shutdown_signal()?;
     let app = Application::build(config).await?;
+    let addr = app.local_addr();
     // Test harnesses read this line to learn the port when listening on :0.
-    println!("patchport registry listening on {}", app.local_addr());
+    println!("patchport registry listening on {addr}");
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let stop = stop_workers.clone();
+        let id = format!("{}-inproc-{i}", super::worker::default_worker_id());
+        workers.push(tokio::spawn(async move {
+            let url = format!("http://{addr}");
+            // The in-process worker speaks gRPC to this very server: one code path.
+            let client = loop {
+                match patchport_client::Client::connect(&url).await {
+                    Ok(c) => break c,
+                    Err(_) if !stop.is_cancelled() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                    }
+                    Err(_) => return,
+                }
+            };
+            let config = patchport_worker::WorkerConfig::new(id, patchport_engine::Device::Cpu);
+            if let Err(e) = patchport_worker::run(client, config, stop).await {
+                tracing::error!(error = %e, "in-process worker stopped");
+            }
+        }));
+    }
+    let stop = stop_workers.clone();
+    let shutdown = async move {
+        signal.await;
+        // Workers release their leases while the server can still answer.
+        stop.cancel();
+        for w in workers {
+            let _ = w.await;
+        }
+    };
     app.run_until(shutdown).await?;
     Ok(())
 }

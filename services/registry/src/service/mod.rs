@@ -1,6 +1,7 @@
 //! The gRPC services.
 
 pub(crate) mod blobs;
-pub(crate) mod pending;
+pub(crate) mod events;
 pub(crate) mod ports;
 pub(crate) mod registry;
+pub(crate) mod workers;
