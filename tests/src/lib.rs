@@ -113,6 +113,7 @@ impl TestRegistry {
             listen: "127.0.0.1:0".parse()?,
             database,
             blobs,
+            lease: std::time::Duration::from_secs(30),
         };
         Self::start_with(backend, config, dir).await
     }

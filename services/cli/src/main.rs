@@ -51,6 +51,10 @@ enum Command {
     Worker(commands::worker::WorkerArgs),
     /// Stream registry events (base.published, port.completed, ...), resumable with --from.
     Watch(commands::worker::WatchArgs),
+    /// Which patch/base pairs work: native, ported (with diagnostics), queued, incompatible.
+    Compat(commands::worker::CompatArgs),
+    /// The exact adapter artifact of a patch for the base digest a serving engine loaded.
+    Resolve(commands::worker::ResolveArgs),
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -85,6 +89,8 @@ async fn main() -> std::process::ExitCode {
         Command::Port(args) => commands::port::run(args).await,
         Command::Worker(args) => commands::worker::run(&cli.registry, args).await,
         Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
+        Command::Compat(args) => commands::worker::compat(&cli.registry, args).await,
+        Command::Resolve(args) => commands::worker::resolve(&cli.registry, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -36,15 +36,15 @@ fn ok(url: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
-#[test]
-fn publishing_a_base_ports_every_patch_through_worker_processes() {
-    let data = tempfile::tempdir().expect("tempdir");
+fn serve(data: &Path, workers: usize, lease_seconds: u64) -> (Proc, String) {
     let mut serve = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", "0"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--workers", &workers.to_string()])
+        .args(["--lease-seconds", &lease_seconds.to_string()])
         .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.path().display()))
+        .arg(format!("sqlite://{}/registry.db", data.display()))
         .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.path().display()))
+        .arg(format!("file://{}/blobs", data.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -55,29 +55,34 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
         .read_line(&mut line)
         .expect("listening line");
     let url = format!("http://{}", line.trim().rsplit(' ').next().expect("addr"));
-    let _serve = Proc(serve);
-    let workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            Proc(
-                Command::new(BIN)
-                    .args(["worker", "--id", &format!("w{i}")])
-                    .env("PATCHPORT_REGISTRY", &url)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn worker"),
-            )
-        })
-        .collect();
-    let mut watch = Command::new(BIN)
-        .args(["watch", "--json", "--from", "origin"])
-        .env("PATCHPORT_REGISTRY", &url)
+    (Proc(serve), url)
+}
+
+fn worker(url: &str, id: &str, stall_ms: Option<u64>) -> Proc {
+    let mut cmd = Command::new(BIN);
+    if let Some(ms) = stall_ms {
+        cmd.env("PATCHPORT_TEST_STALL_MS", ms.to_string());
+    }
+    Proc(
+        cmd.args(["worker", "--id", id])
+            .env("PATCHPORT_REGISTRY", url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn worker"),
+    )
+}
+
+/// `patchport watch --json --from CURSOR`, its events on a channel.
+fn watch(url: &str, from: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
+    let mut child = Command::new(BIN)
+        .args(["watch", "--json", "--from", from])
+        .env("PATCHPORT_REGISTRY", url)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn watch");
-    let stdout = watch.stdout.take().expect("stdout");
-    let _watch = Proc(watch);
+    let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel::<serde_json::Value>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -89,11 +94,60 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
             }
         }
     });
+    (Proc(child), rx)
+}
 
+fn s(p: PathBuf) -> String {
+    p.to_str().expect("utf-8 path").to_owned()
+}
+
+/// Waits for `n` distinct `port.completed` subjects; returns them with every event type seen.
+fn completions(
+    rx: &mpsc::Receiver<serde_json::Value>,
+    n: usize,
+) -> (
+    std::collections::BTreeMap<String, serde_json::Value>,
+    std::collections::BTreeSet<String>,
+) {
+    let mut completed = std::collections::BTreeMap::new();
+    let mut kinds = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while completed.len() < n {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "only {} of {n} port.completed events in time",
+                completed.len()
+            )
+        });
+        kinds.insert(e["type"].as_str().unwrap_or_default().to_owned());
+        if e["type"] == "port.completed" {
+            let subject = e["subject"].as_str().unwrap_or_default().to_owned();
+            assert!(
+                completed
+                    .insert(subject.clone(), e["payload"].clone())
+                    .is_none(),
+                "{subject} completed twice"
+            );
+        }
+    }
+    (completed, kinds)
+}
+
+const COPIES: usize = 50;
+const REFUSED: [(&str, &str); 3] = [
+    ("dora", "dora"),
+    ("ia3", "ia3"),
+    ("modules-to-save", "modules_to_save"),
+];
+
+/// The scenario of the build-service issue: v2 published with 50 patches (and the
+/// fixtures' refused ones) on v1; every port completes once; compat and resolve answer.
+fn scenario(url: &str, data: &Path) {
+    let (_watch, rx) = watch(url, "origin");
     let f = fixtures().join("llama-micro");
-    let s = |p: PathBuf| p.to_str().expect("utf-8 path").to_owned();
     ok(
-        &url,
+        url,
         &[
             "base",
             "push",
@@ -104,10 +158,9 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
             "v1",
         ],
     );
-    let n = 6;
-    for i in 0..n {
+    for i in 0..COPIES {
         ok(
-            &url,
+            url,
             &[
                 "patch",
                 "push",
@@ -121,22 +174,24 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
             ],
         );
     }
+    for (p, _) in REFUSED {
+        ok(
+            url,
+            &[
+                "patch",
+                "push",
+                &s(f.join("patches").join(p)),
+                "--name",
+                &format!("acme/{p}"),
+                "--version",
+                "1",
+                "--base",
+                "acme/llama:v1",
+            ],
+        );
+    }
     ok(
-        &url,
-        &[
-            "patch",
-            "push",
-            &s(f.join("patches/dora")),
-            "--name",
-            "acme/dora",
-            "--version",
-            "1",
-            "--base",
-            "acme/llama:v1",
-        ],
-    );
-    ok(
-        &url,
+        url,
         &[
             "base",
             "push",
@@ -150,26 +205,7 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
         ],
     );
 
-    // Every port completes once: n ported, the DoRA patch incompatible.
-    let mut completed = std::collections::BTreeMap::new();
-    let mut kinds = std::collections::BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    while completed.len() < n + 1 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let e = rx
-            .recv_timeout(left)
-            .expect("port.completed events in time");
-        kinds.insert(e["type"].as_str().unwrap_or_default().to_owned());
-        if e["type"] == "port.completed" {
-            let subject = e["subject"].as_str().unwrap_or_default().to_owned();
-            assert!(
-                completed
-                    .insert(subject.clone(), e["payload"].clone())
-                    .is_none(),
-                "{subject} completed twice"
-            );
-        }
-    }
+    let (completed, kinds) = completions(&rx, COPIES + REFUSED.len());
     for k in [
         "base.published",
         "patch.pushed",
@@ -179,11 +215,76 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
     ] {
         assert!(kinds.contains(k), "no {k} event: {kinds:?}");
     }
+    assert_eq!(completed.len(), COPIES + REFUSED.len());
+
+    // compat --base: 50 ported pairs with diagnostics, the refused ones with their reason.
+    let rows: serde_json::Value =
+        serde_json::from_str(&ok(url, &["compat", "--base", "acme/llama:v2", "--json"]))
+            .expect("json");
+    let rows = rows.as_array().expect("array");
+    let ported: Vec<_> = rows.iter().filter(|r| r["kind"] == "ported").collect();
+    assert_eq!(ported.len(), COPIES);
+    for r in &ported {
+        assert_eq!(
+            r["diagnostics"]["modules"].as_array().map(Vec::len),
+            Some(4),
+            "{r}"
+        );
+    }
+    for (p, reason) in REFUSED {
+        let row = rows
+            .iter()
+            .find(|r| r["patch"] == format!("acme/{p}:1"))
+            .unwrap_or_else(|| panic!("no compat row for {p}"));
+        assert_eq!(row["kind"], "incompatible");
+        assert!(row["reasons"].to_string().contains(reason), "{p}: {row}");
+    }
+    // compat --patch: native on v1, ported on v2.
+    let rows: serde_json::Value =
+        serde_json::from_str(&ok(url, &["compat", "--patch", "acme/p7:1", "--json"]))
+            .expect("json");
+    let kinds: Vec<_> = rows
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| (r["base"].clone(), r["kind"].clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (
+                serde_json::json!("acme/llama:v1"),
+                serde_json::json!("native")
+            ),
+            (
+                serde_json::json!("acme/llama:v2"),
+                serde_json::json!("ported")
+            )
+        ]
+    );
+
+    // resolve: the exact artifact for the base a server has loaded.
+    let v2: serde_json::Value =
+        serde_json::from_str(&ok(url, &["status", "acme/llama:v2", "--json"])).expect("json");
+    let digest = v2["version"]["digest"].as_str().expect("digest").to_owned();
+    let r: serde_json::Value = serde_json::from_str(&ok(
+        url,
+        &["resolve", "acme/p3:1", "--base-digest", &digest, "--json"],
+    ))
+    .expect("json");
+    assert_eq!(r["kind"], "ported");
+    let bad = Command::new(BIN)
+        .args(["resolve", "acme/dora:1", "--base-digest", &digest])
+        .env("PATCHPORT_REGISTRY", url)
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("incompatible"));
 
     // The merged model pulled from the registry equals the offline port.
-    let offline = data.path().join("offline");
+    let offline = data.join("offline");
     ok(
-        &url,
+        url,
         &[
             "port",
             "--old-base",
@@ -197,9 +298,9 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
             "--merged",
         ],
     );
-    let pulled = data.path().join("pulled");
+    let pulled = data.join("pulled");
     ok(
-        &url,
+        url,
         &[
             "pull",
             "acme/p3:1@acme/llama:v2",
@@ -215,5 +316,143 @@ fn publishing_a_base_ports_every_patch_through_worker_processes() {
             "{name} differs"
         );
     }
-    drop(workers);
+}
+
+#[test]
+fn publishing_a_base_ports_every_patch_through_two_worker_processes() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_serve, url) = serve(data.path(), 0, 30);
+    let _workers = [worker(&url, "w0", None), worker(&url, "w1", None)];
+    scenario(&url, data.path());
+}
+
+#[test]
+fn the_same_scenario_runs_in_one_process_on_sqlite() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_serve, url) = serve(data.path(), 2, 30);
+    scenario(&url, data.path());
+}
+
+/// One patch on v1, a watcher from the origin, v2 published; returns when the port has
+/// been leased (`port.started`).
+fn publish_one(url: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
+    let (watch_proc, rx) = watch(url, "origin");
+    let f = fixtures().join("llama-micro");
+    ok(
+        url,
+        &[
+            "base",
+            "push",
+            &s(f.join("v1")),
+            "--name",
+            "acme/llama",
+            "--version",
+            "v1",
+        ],
+    );
+    ok(
+        url,
+        &[
+            "patch",
+            "push",
+            &s(f.join("patches/lora-qv")),
+            "--name",
+            "acme/qv",
+            "--version",
+            "1",
+            "--base",
+            "acme/llama:v1",
+        ],
+    );
+    ok(
+        url,
+        &[
+            "base",
+            "push",
+            &s(f.join("v2")),
+            "--name",
+            "acme/llama",
+            "--version",
+            "v2",
+            "--parent",
+            "v1",
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let e = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("port.started in time");
+        if e["type"] == "port.started" {
+            return (watch_proc, rx);
+        }
+    }
+}
+
+fn attempts(url: &str) -> u64 {
+    let rows: serde_json::Value =
+        serde_json::from_str(&ok(url, &["compat", "--base", "acme/llama:v2", "--json"]))
+            .expect("json");
+    rows[0]["attempts"].as_u64().expect("attempts")
+}
+
+/// No second `port.completed` arrives within `wait`.
+fn no_more_completions(rx: &mpsc::Receiver<serde_json::Value>, wait: Duration) {
+    let deadline = std::time::Instant::now() + wait;
+    while let Ok(e) = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        assert_ne!(e["type"], "port.completed", "a port completed twice: {e}");
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_port_costs_one_lease_and_the_port_completes_once() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_serve, url) = serve(data.path(), 0, 2);
+    // A worker that hangs after leasing, then is killed with SIGKILL.
+    let mut doomed = worker(&url, "doomed", Some(600_000));
+    let (_watch, rx) = publish_one(&url);
+    let status = Command::new("kill")
+        .args(["-KILL", &doomed.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let _ = doomed.0.wait();
+    // Another worker gets the job once the lease has expired, and completes it.
+    let _rescuer = worker(&url, "rescuer", None);
+    let (completed, _) = completions(&rx, 1);
+    assert_eq!(completed.len(), 1);
+    no_more_completions(&rx, Duration::from_secs(3));
+    assert_eq!(
+        attempts(&url),
+        2,
+        "one attempt lost with the dead worker, one that completed"
+    );
+    let pulled = data.path().join("pulled");
+    ok(
+        &url,
+        &[
+            "pull",
+            "acme/qv:1@acme/llama:v2",
+            "--out",
+            &s(pulled),
+            "--merged",
+        ],
+    );
+}
+
+#[test]
+fn a_stalled_workers_late_result_is_refused_by_the_fence() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_serve, url) = serve(data.path(), 0, 2);
+    // Stalls 6 s without heartbeats (its 2 s lease expires), then ports and tries to
+    // complete with its old fencing token.
+    let _late = worker(&url, "late", Some(6_000));
+    let (_watch, rx) = publish_one(&url);
+    let _rescuer = worker(&url, "rescuer", None);
+    let (completed, _) = completions(&rx, 1);
+    assert_eq!(completed.len(), 1);
+    // The late worker wakes after ~6 s; its CompleteJob must change nothing.
+    no_more_completions(&rx, Duration::from_secs(8));
+    assert_eq!(attempts(&url), 2);
 }

@@ -34,6 +34,8 @@ pub struct Config {
     pub database: String,
     /// `file:///abs/path`, `memory://` or `s3://bucket/prefix`.
     pub blobs: String,
+    /// How long a port job's lease lasts without a heartbeat.
+    pub lease: std::time::Duration,
 }
 
 /// A failure to start.
@@ -88,6 +90,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     registry: Registry,
+    lease: std::time::Duration,
 }
 
 impl Application {
@@ -118,6 +121,7 @@ impl Application {
             listener,
             addr,
             registry: Registry { meta, blobs },
+            lease: config.lease,
         })
     }
 
@@ -164,7 +168,11 @@ impl Application {
         let reaper = {
             let meta = self.registry.meta.clone();
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+                let period = (self.lease / 4).clamp(
+                    std::time::Duration::from_millis(250),
+                    std::time::Duration::from_secs(2),
+                );
+                let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
                     match meta.reap_expired(patchport_store::meta::now_millis()).await {
@@ -198,6 +206,7 @@ impl Application {
             .add_service(
                 WorkerServiceServer::new(Workers {
                     registry: self.registry.clone(),
+                    lease: self.lease,
                 })
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),

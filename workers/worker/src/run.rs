@@ -93,14 +93,31 @@ async fn run_one(
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
     let (job_id, token) = (job.job_id.clone(), job.fencing_token);
+    // Fault-injection hook for the crash tests: stall this long after leasing, without
+    // heartbeats, as a hung or partitioned worker would.
+    if let Some(ms) = std::env::var("PATCHPORT_TEST_STALL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        tracing::warn!(job_id = %job_id, ms, "stalling (PATCHPORT_TEST_STALL_MS)");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    // Renew at a third of the lease the registry granted (and at least as often as
+    // configured).
+    let every = job
+        .lease_expires_at
+        .as_ref()
+        .map(|t| {
+            let expires = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            Duration::from_millis(((expires - now) / 3).max(100) as u64)
+        })
+        .map_or(config.heartbeat_every, |d| d.min(config.heartbeat_every));
     let lost = CancellationToken::new();
     let heartbeat = {
-        let (client, job_id, lost, every) = (
-            client.clone(),
-            job_id.clone(),
-            lost.clone(),
-            config.heartbeat_every,
-        );
+        let (client, job_id, lost) = (client.clone(), job_id.clone(), lost.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;

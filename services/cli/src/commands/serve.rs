@@ -31,6 +31,9 @@ pub(crate) struct ServeArgs {
     /// separate worker processes do the ports.
     #[arg(long, env = "PATCHPORT_WORKERS", default_value_t = 1)]
     workers: usize,
+    /// Seconds a port job's lease lasts without a heartbeat (a dead worker costs this).
+    #[arg(long, env = "PATCHPORT_LEASE_SECONDS", default_value_t = 30)]
+    lease_seconds: u64,
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -79,6 +82,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         database: args.database,
         blobs: absolute_file_url(&args.blobs)?,
+        lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
     };
     let signal = shutdown_signal()?;
     let app = Application::build(config).await?;

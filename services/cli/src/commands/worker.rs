@@ -94,3 +94,157 @@ pub(crate) async fn watch(registry: &str, a: WatchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Compatibility query arguments.
+#[derive(Debug, Args)]
+pub(crate) struct CompatArgs {
+    /// Every base this patch works on (native or ported).
+    #[arg(long, conflicts_with = "base", required_unless_present = "base")]
+    patch: Option<String>,
+    /// Every patch that works on this base.
+    #[arg(long)]
+    base: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resolve arguments.
+#[derive(Debug, Args)]
+pub(crate) struct ResolveArgs {
+    /// The patch reference (namespace/name:version).
+    patch: String,
+    /// The digest of the base the serving engine has loaded.
+    #[arg(long)]
+    base_digest: String,
+    /// Only a port whose evaluation passed.
+    #[arg(long)]
+    require_pass: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn kind_name(kind: i32) -> &'static str {
+    match v1::CompatKind::try_from(kind) {
+        Ok(v1::CompatKind::Native) => "native",
+        Ok(v1::CompatKind::Ported) => "ported",
+        Ok(v1::CompatKind::Queued) => "queued",
+        Ok(v1::CompatKind::Running) => "running",
+        Ok(v1::CompatKind::Incompatible) => "incompatible",
+        Ok(v1::CompatKind::Failed) => "failed",
+        Ok(v1::CompatKind::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn diag_json(d: &v1::ModuleDiagnostics) -> serde_json::Value {
+    serde_json::json!({
+        "module": d.module, "base_drift": d.base_drift, "patch_size": d.patch_size,
+        "drift_to_patch": d.drift_to_patch, "cosine": d.cosine, "unchanged": d.unchanged,
+    })
+}
+
+pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> {
+    let client = super::connect(registry).await?;
+    let subject = match (a.patch, a.base) {
+        (Some(p), _) => v1::query_compat_request::Subject::Patch(p),
+        (None, Some(b)) => v1::query_compat_request::Subject::Base(b),
+        (None, None) => anyhow::bail!("give --patch or --base"),
+    };
+    let entries = client
+        .ports()
+        .query_compat(v1::QueryCompatRequest {
+            subject: Some(subject),
+        })
+        .await?
+        .into_inner()
+        .entries;
+    if a.json {
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let port = e.port.as_ref();
+                serde_json::json!({
+                    "patch": e.patch,
+                    "patch_digest": e.patch_digest,
+                    "base": e.base,
+                    "base_digest": e.base_digest,
+                    "kind": kind_name(e.kind),
+                    "reasons": port.map(|p| p.refusals.iter().map(|r| serde_json::json!({"kind": r.kind, "subject": r.subject, "message": r.message})).collect::<Vec<_>>()),
+                    "diagnostics": port.and_then(|p| p.diagnostics.as_ref()).map(|d| serde_json::json!({
+                        "total": d.total.as_ref().map(diag_json),
+                        "modules": d.modules.iter().map(diag_json).collect::<Vec<_>>(),
+                    })),
+                    "error": port.map(|p| p.error.clone()).filter(|e| !e.is_empty()),
+                    "attempts": port.map(|p| p.attempts),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<32} {:<32} {:<13} DETAIL", "PATCH", "BASE", "KIND");
+        for e in &entries {
+            let detail = e
+                .port
+                .as_ref()
+                .map(|p| {
+                    if let Some(t) = p.diagnostics.as_ref().and_then(|d| d.total.as_ref()) {
+                        format!(
+                            "drift {:.3} patch {:.3} cosine {:+.3}",
+                            t.base_drift, t.patch_size, t.cosine
+                        )
+                    } else {
+                        p.refusals
+                            .iter()
+                            .map(|r| r.kind.clone())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    }
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<32} {:<32} {:<13} {detail}",
+                e.patch,
+                e.base,
+                kind_name(e.kind)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn resolve(registry: &str, a: ResolveArgs) -> anyhow::Result<()> {
+    let client = super::connect(registry).await?;
+    let r = client
+        .ports()
+        .resolve(v1::ResolveRequest {
+            patch: a.patch,
+            base_digest: a.base_digest,
+            require_pass: a.require_pass,
+        })
+        .await?
+        .into_inner();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "kind": kind_name(r.kind),
+                "patch": r.patch,
+                "base": r.base,
+                "files": r.adapter_files.iter().map(crate::output::file_json).collect::<Vec<_>>(),
+            }))?
+        );
+    } else {
+        println!(
+            "{} adapter of {} for {}",
+            kind_name(r.kind),
+            r.patch,
+            r.base
+        );
+        for f in &r.adapter_files {
+            println!("  {:<32} {}", f.path, f.digest);
+        }
+    }
+    Ok(())
+}

@@ -4,17 +4,46 @@
 //! process and returns its outcome; `GetPort` answers from what is stored.
 
 use patchport_core::port::METHOD_VERSION;
-use patchport_core::{PortRef, Reference};
+use patchport_core::{Digest, PortRef, Reference};
 use patchport_proto::v1::{self, port_service_server::PortService};
-use patchport_store::meta::PortState;
+use patchport_store::meta::{ListFilter, PortState};
 use tonic::{Request, Response, Status};
 
-use crate::convert::port_to_proto;
+use crate::convert::{artifact_to_proto, file_to_proto, port_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
-const PENDING: &str =
-    "compatibility queries, resolution and cancellation arrive with the build service";
+const PENDING: &str = "cancelling a port is not offered yet";
+
+fn native(p: &patchport_store::meta::PatchVersionRecord) -> v1::CompatEntry {
+    v1::CompatEntry {
+        patch: format!("{}:{}", p.name, p.version),
+        patch_digest: p.digest.to_string(),
+        base: format!("{}:{}", p.base_name, p.base_version),
+        base_digest: p.base_digest.to_string(),
+        kind: v1::CompatKind::Native as i32,
+        port: None,
+    }
+}
+
+fn ported(port: &patchport_store::meta::PortRecord) -> v1::CompatEntry {
+    let kind = match port.state {
+        PortState::Queued => v1::CompatKind::Queued,
+        PortState::Running => v1::CompatKind::Running,
+        PortState::Succeeded => v1::CompatKind::Ported,
+        PortState::Incompatible => v1::CompatKind::Incompatible,
+        PortState::Failed => v1::CompatKind::Failed,
+        PortState::Cancelled => v1::CompatKind::Cancelled,
+    };
+    v1::CompatEntry {
+        patch: format!("{}:{}", port.patch_name, port.patch_version),
+        patch_digest: port.patch_digest.to_string(),
+        base: format!("{}:{}", port.base_name, port.base_version),
+        base_digest: port.base_digest.to_string(),
+        kind: kind as i32,
+        port: Some(port_to_proto(port)),
+    }
+}
 
 /// The port service.
 #[derive(Debug, Clone)]
@@ -72,18 +101,120 @@ impl PortService for Ports {
         Ok(Response::new(port_to_proto(&port)))
     }
 
+    #[tracing::instrument(skip_all, err)]
     async fn query_compat(
         &self,
-        _: Request<v1::QueryCompatRequest>,
+        req: Request<v1::QueryCompatRequest>,
     ) -> Result<Response<v1::QueryCompatResponse>, Status> {
-        Err(ApiError::unimplemented(PENDING).into())
+        let meta = &self.registry.meta;
+        let mut entries = Vec::new();
+        match req.into_inner().subject {
+            Some(v1::query_compat_request::Subject::Patch(r)) => {
+                let r: Reference = r.parse().map_err(ApiError::from)?;
+                let p = meta
+                    .get_patch_version(&r.name, &r.version)
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
+                entries.push(native(&p));
+                for port in meta
+                    .list_ports_of(&r.name, &r.version)
+                    .await
+                    .map_err(ApiError::from)?
+                {
+                    entries.push(ported(&port));
+                }
+            }
+            Some(v1::query_compat_request::Subject::Base(r)) => {
+                let r: Reference = r.parse().map_err(ApiError::from)?;
+                let b = meta
+                    .get_base_version(&r.name, &r.version)
+                    .await
+                    .map_err(ApiError::from)?
+                    .ok_or_else(|| ApiError::not_found(format!("base version {r} not found")))?;
+                let patches = meta
+                    .list_patch_versions(&ListFilter::default())
+                    .await
+                    .map_err(ApiError::from)?;
+                entries.extend(
+                    patches
+                        .iter()
+                        .filter(|p| p.base_digest == b.digest)
+                        .map(native),
+                );
+                for port in meta
+                    .list_ports_onto(&r.name, &r.version)
+                    .await
+                    .map_err(ApiError::from)?
+                {
+                    entries.push(ported(&port));
+                }
+            }
+            None => return Err(ApiError::invalid("set either patch or base").into()),
+        }
+        Ok(Response::new(v1::QueryCompatResponse { entries }))
     }
 
+    #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch), err)]
     async fn resolve(
         &self,
-        _: Request<v1::ResolveRequest>,
+        req: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
-        Err(ApiError::unimplemented(PENDING).into())
+        let req = req.into_inner();
+        let r: Reference = req.patch.parse().map_err(ApiError::from)?;
+        let digest: Digest = req.base_digest.parse().map_err(ApiError::from)?;
+        let meta = &self.registry.meta;
+        let p = meta
+            .get_patch_version(&r.name, &r.version)
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
+        if req.require_pass {
+            return Err(ApiError::precondition(
+                "--require-pass: port evaluation is not enabled on this registry, so no port has passed one",
+            )
+            .into());
+        }
+        if p.base_digest == digest {
+            return Ok(Response::new(v1::ResolveResponse {
+                kind: v1::CompatKind::Native as i32,
+                patch: format!("{}:{}", p.name, p.version),
+                base: format!("{}:{}", p.base_name, p.base_version),
+                adapter_files: p.files.iter().map(file_to_proto).collect(),
+            }));
+        }
+        let ports = meta
+            .list_ports_of(&r.name, &r.version)
+            .await
+            .map_err(ApiError::from)?;
+        let Some(port) = ports.iter().find(|port| port.base_digest == digest) else {
+            return Err(ApiError::not_found(format!(
+                "no port of {r} for base {digest}: it is not a descendant of {}:{} in the registry",
+                p.base_name, p.base_version
+            ))
+            .into());
+        };
+        if port.state != PortState::Succeeded {
+            let reasons: Vec<&str> = port.refusals.iter().map(|x| x.message.as_str()).collect();
+            return Err(ApiError::precondition(format!(
+                "the port of {r} onto {}:{} is {}{}",
+                port.base_name,
+                port.base_version,
+                port.state.as_str(),
+                if reasons.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", reasons.join("; "))
+                }
+            ))
+            .into());
+        }
+        Ok(Response::new(v1::ResolveResponse {
+            kind: v1::CompatKind::Ported as i32,
+            patch: format!("{}:{}", p.name, p.version),
+            base: format!("{}:{}", port.base_name, port.base_version),
+            adapter_files: port.adapter_files.iter().map(artifact_to_proto).collect(),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch, base = %req.get_ref().base), err)]

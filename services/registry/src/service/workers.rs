@@ -15,8 +15,6 @@ use crate::convert::{base_to_proto, patch_to_proto, timestamp};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
-/// How long a lease lasts without a heartbeat.
-pub(crate) const LEASE: Duration = Duration::from_secs(30);
 /// The longest a LeaseJob call waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
@@ -24,6 +22,8 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub(crate) struct Workers {
     pub(crate) registry: Registry,
+    /// How long a lease lasts without a heartbeat.
+    pub(crate) lease: Duration,
 }
 
 fn job_id(s: &str) -> ApiResult<i64> {
@@ -176,7 +176,7 @@ impl WorkerService for Workers {
             if let Some(leased) = self
                 .registry
                 .meta
-                .lease_job(&req.worker_id, &loaded, LEASE)
+                .lease_job(&req.worker_id, &loaded, self.lease)
                 .await
                 .map_err(ApiError::from)?
             {
@@ -204,10 +204,10 @@ impl WorkerService for Workers {
         let cancelled = self
             .registry
             .meta
-            .heartbeat(job_id(&req.job_id)?, req.fencing_token, LEASE)
+            .heartbeat(job_id(&req.job_id)?, req.fencing_token, self.lease)
             .await
             .map_err(ApiError::from)?;
-        let expires = patchport_store::meta::now_millis() + LEASE.as_millis() as i64;
+        let expires = patchport_store::meta::now_millis() + self.lease.as_millis() as i64;
         Ok(Response::new(v1::HeartbeatResponse {
             lease_expires_at: Some(timestamp(expires)),
             cancelled,

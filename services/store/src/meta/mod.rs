@@ -471,6 +471,12 @@ pub trait MetadataStore: Send + Sync + fmt::Debug {
     async fn get_job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
     /// The port rows of a job, by id.
     async fn job_ports(&self, job_id: i64) -> Result<Vec<PortRecord>, StoreError>;
+    /// Every port of a patch version, oldest first.
+    async fn list_ports_of(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+    ) -> Result<Vec<PortRecord>, StoreError>;
     /// Ports onto a base version, by id (its fan-out, among others).
     async fn list_ports_onto(
         &self,

@@ -1187,6 +1187,27 @@ macro_rules! impl_sql_store {
                 rows.into_iter().map($crate::meta::sql::port_record).collect()
             }
 
+            async fn list_ports_of(
+                &self,
+                patch_name: &patchport_core::Name,
+                patch_version: &patchport_core::VersionRef,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let mut conn = self.pool.acquire().await?;
+                let Some(patch) = Self::patch_by_ref(&mut conn, patch_name, patch_version).await? else {
+                    return Err($crate::meta::StoreError::NotFound {
+                        what: format!("patch version {patch_name}:{patch_version}"),
+                    });
+                };
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.patch_id = $1 ORDER BY t.id",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(patch.id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.into_iter().map($crate::meta::sql::port_record).collect()
+            }
+
             async fn set_job_priority(
                 &self,
                 job_id: i64,
