@@ -12,7 +12,6 @@ use patchport_proto::v1::{
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::service::blobs::{Blobs, MAX_CHUNK};
@@ -211,7 +210,12 @@ impl Application {
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
             )
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .serve_with_incoming_shutdown(
+                // No Nagle: small request/response pairs (leases, chunk acks) must not
+                // wait for delayed ACKs.
+                tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                shutdown,
+            )
             .await
             .map_err(|source| StartError::Serve { source });
         reaper.abort();
