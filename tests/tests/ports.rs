@@ -1,4 +1,5 @@
-//! Ports of stored patches onto stored bases: the ported adapter reuses the patch's
+//! Ports of stored patches onto stored bases (bases pushed without `--parent`, so
+//! `RequestPort` runs each port in the registry): the ported adapter reuses the patch's
 //! tensor blob, the merged model stores only the merged tensors and pulls back byte for
 //! byte equal to what the offline `patchport port --merged` writes.
 
@@ -46,9 +47,9 @@ async fn a_stored_port_pulls_back_equal_to_the_offline_port() {
         let f = fixtures().join("llama-micro");
         for (v, parent) in [
             ("v1", None),
-            ("v2", Some("v1")),
-            ("v2-sharded", Some("v1")),
-            ("v2-bf16", Some("v1")),
+            ("v2", None),
+            ("v2-sharded", None),
+            ("v2-bf16", None),
         ] {
             client
                 .push_dir(&f.join(v), &base("acme/llama", v, parent), &NoProgress)
@@ -173,11 +174,7 @@ async fn a_port_onto_unchanged_weights_says_so() {
     )
     .unwrap();
     client
-        .push_dir(
-            copy.path(),
-            &base("acme/llama", "v1.1", Some("v1")),
-            &NoProgress,
-        )
+        .push_dir(copy.path(), &base("acme/llama", "v1.1", None), &NoProgress)
         .await
         .unwrap();
     client
@@ -210,11 +207,7 @@ async fn refused_ports_are_recorded_with_their_reasons() {
         .await
         .unwrap();
     client
-        .push_dir(
-            &f.join("v2"),
-            &base("acme/llama", "v2", Some("v1")),
-            &NoProgress,
-        )
+        .push_dir(&f.join("v2"), &base("acme/llama", "v2", None), &NoProgress)
         .await
         .unwrap();
     for (p, reason) in [
@@ -287,4 +280,61 @@ async fn refused_ports_are_recorded_with_their_reasons() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// Publishing queues a port (no worker here); cancelling it is final for that port.
+#[tokio::test]
+async fn a_queued_port_can_be_cancelled() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("patches/lora-qv"),
+            &patch("acme/qv", "1", "acme/llama:v1"),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("v2"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let reference = "acme/qv:1@acme/llama:v2".to_owned();
+    let queued = client
+        .ports()
+        .get_port(v1::GetPortRequest {
+            reference: reference.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(queued.state, v1::PortState::Queued as i32);
+    assert!(!queued.job_id.is_empty());
+    let cancelled = client
+        .ports()
+        .cancel_port(v1::GetPortRequest { reference })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, v1::PortState::Cancelled as i32);
+    let err = client
+        .ports()
+        .resolve(v1::ResolveRequest {
+            patch: "acme/qv:1".into(),
+            base_digest: cancelled.base_digest,
+            require_pass: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("cancelled"), "{}", err.message());
 }

@@ -36,13 +36,29 @@ fn ok(url: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// The database of a test registry: a fresh Postgres database when
+/// `PATCHPORT_TEST_DATABASE_URL` is set, a SQLite file otherwise.
+fn database(data: &Path) -> String {
+    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
+        Ok(url) => tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(patchport_tests::fresh_postgres_db(&url))
+            .expect("fresh postgres database"),
+        Err(_) => format!("sqlite://{}/registry.db", data.display()),
+    }
+}
+
 fn serve(data: &Path, workers: usize, lease_seconds: u64) -> (Proc, String) {
+    serve_on(&database(data), data, workers, lease_seconds)
+}
+
+fn serve_on(database: &str, data: &Path, workers: usize, lease_seconds: u64) -> (Proc, String) {
     let mut serve = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(["--workers", &workers.to_string()])
         .args(["--lease-seconds", &lease_seconds.to_string()])
         .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.display()))
+        .arg(database)
         .arg("--blobs")
         .arg(format!("file://{}/blobs", data.display()))
         .stdout(Stdio::piped())
@@ -329,7 +345,8 @@ fn publishing_a_base_ports_every_patch_through_two_worker_processes() {
 #[test]
 fn the_same_scenario_runs_in_one_process_on_sqlite() {
     let data = tempfile::tempdir().expect("tempdir");
-    let (_serve, url) = serve(data.path(), 2, 30);
+    let sqlite = format!("sqlite://{}/registry.db", data.path().display());
+    let (_serve, url) = serve_on(&sqlite, data.path(), 2, 30);
     scenario(&url, data.path());
 }
 

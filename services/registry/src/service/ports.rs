@@ -1,7 +1,9 @@
 //! `patchport.v1.PortService`: ports of stored patches onto stored bases.
 //!
-//! Until the build service queues ports for workers, `RequestPort` runs the port in this
-//! process and returns its outcome; `GetPort` answers from what is stored.
+//! Publishing a base queues its ports for workers. `RequestPort` returns a port that is
+//! already queued, running or done; for a pair with no port yet (a base pushed without
+//! `--parent`), or a failed or cancelled one, it runs the port in this process and
+//! returns the outcome.
 
 use patchport_core::port::METHOD_VERSION;
 use patchport_core::{Digest, PortRef, Reference};
@@ -12,8 +14,6 @@ use tonic::{Request, Response, Status};
 use crate::convert::{artifact_to_proto, file_to_proto, port_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
-
-const PENDING: &str = "cancelling a port is not offered yet";
 
 fn native(p: &patchport_store::meta::PatchVersionRecord) -> v1::CompatEntry {
     v1::CompatEntry {
@@ -251,10 +251,7 @@ impl PortService for Ports {
             )
             .await
             .map_err(ApiError::from)?
-            && matches!(
-                existing.state,
-                PortState::Succeeded | PortState::Incompatible
-            )
+            && !matches!(existing.state, PortState::Failed | PortState::Cancelled)
         {
             return Ok(Response::new(port_to_proto(&existing)));
         }
@@ -263,10 +260,24 @@ impl PortService for Ports {
         Ok(Response::new(port_to_proto(&port)))
     }
 
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
     async fn cancel_port(
         &self,
-        _: Request<v1::GetPortRequest>,
+        req: Request<v1::GetPortRequest>,
     ) -> Result<Response<v1::Port>, Status> {
-        Err(ApiError::unimplemented(PENDING).into())
+        let r: PortRef = req.into_inner().reference.parse().map_err(ApiError::from)?;
+        let port = self
+            .registry
+            .meta
+            .cancel_port(
+                &r.patch.name,
+                &r.patch.version,
+                &r.base.name,
+                &r.base.version,
+                METHOD_VERSION,
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(port_to_proto(&port)))
     }
 }
