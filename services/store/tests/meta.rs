@@ -1,13 +1,15 @@
 //! The metadata store conformance suite: every test runs against SQLite always and
 //! against Postgres when `PATCHPORT_TEST_DATABASE_URL` is set (a fresh database each).
 
+mod common;
+
+use common::{file, name, new_base, new_patch, ver, vref};
 use std::sync::Arc;
 
-use patchport_core::layout::{FileRef, TensorRecord};
-use patchport_core::{Digest, Name, Version, VersionRef};
+use patchport_core::layout::TensorRecord;
+use patchport_core::{Digest, VersionRef};
 use patchport_store::meta::{
-    self, BlobIndex, ListFilter, MetadataStore, NewBaseVersion, NewPatchVersion, StoreErrorKind,
-    VersionState,
+    self, BlobIndex, ListFilter, MetadataStore, StoreErrorKind, VersionState,
 };
 
 struct Backend {
@@ -28,15 +30,8 @@ async fn backends() -> Vec<Backend> {
     }];
     match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
         Ok(url) => {
-            use sqlx::Connection;
-            let name = format!("pp_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
-            let store = meta::connect(&format!("{base}/{name}")).await.unwrap();
+            let fresh = common::fresh_pg_url(&url).await;
+            let store = meta::connect(&fresh).await.unwrap();
             out.push(Backend {
                 label: "postgres",
                 store,
@@ -46,62 +41,6 @@ async fn backends() -> Vec<Backend> {
         Err(_) => eprintln!("postgres metadata tests skipped: PATCHPORT_TEST_DATABASE_URL not set"),
     }
     out
-}
-
-fn name(s: &str) -> Name {
-    s.parse().unwrap()
-}
-
-fn ver(s: &str) -> Version {
-    s.parse().unwrap()
-}
-
-fn vref(s: &str) -> VersionRef {
-    s.parse().unwrap()
-}
-
-fn file(path: &str, content: &str) -> FileRef {
-    FileRef {
-        path: path.to_owned(),
-        digest: Digest::of(content.as_bytes()),
-        size: content.len() as u64,
-    }
-}
-
-fn new_base(n: &str, v: &str, parent: Option<&str>, content: &str) -> NewBaseVersion {
-    let files = vec![
-        file("config.json", "{}"),
-        file("model.safetensors", content),
-    ];
-    NewBaseVersion {
-        name: name(n),
-        version: ver(v),
-        digest: patchport_core::layout::manifest_digest("base", &files),
-        parent: parent.map(vref),
-        files,
-        config_json: r#"{"model_type":"llama"}"#.to_owned(),
-        model_type: "llama".to_owned(),
-        tensor_count: 3,
-    }
-}
-
-fn new_patch(n: &str, v: &str, base: &str, base_version: &str, content: &str) -> NewPatchVersion {
-    let files = vec![
-        file("adapter_config.json", "{}"),
-        file("adapter_model.safetensors", content),
-    ];
-    NewPatchVersion {
-        name: name(n),
-        version: ver(v),
-        digest: patchport_core::layout::manifest_digest("patch", &files),
-        base_name: name(base),
-        base: vref(base_version),
-        files,
-        adapter_json: r#"{"peft_type":"LORA"}"#.to_owned(),
-        peft_type: "LORA".to_owned(),
-        tensor_count: 4,
-        eval_digest: None,
-    }
 }
 
 #[tokio::test]

@@ -3,16 +3,18 @@
 //! against SQLite always and against Postgres when `PATCHPORT_TEST_DATABASE_URL` is set
 //! (a fresh database each).
 
+mod common;
+
+use common::{name, new_base, new_patch, vref};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use patchport_core::layout::FileRef;
+use patchport_core::Digest;
 use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, RefusalKind};
-use patchport_core::{Digest, Name, Version, VersionRef};
 use patchport_store::meta::{
-    self, EventCursor, EventRecord, JobOutcome, LeasedJob, MetadataStore, NewBaseVersion,
-    NewPatchVersion, PgStore, PortState, RetryPolicy, SqliteStore, StoreErrorKind,
+    self, EventCursor, EventRecord, JobOutcome, LeasedJob, MetadataStore, PgStore, PortState,
+    RetryPolicy, SqliteStore, StoreErrorKind,
 };
 
 const MAX_ATTEMPTS: u32 = 3;
@@ -47,15 +49,8 @@ async fn backends() -> Vec<Backend> {
     }];
     match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
         Ok(url) => {
-            use sqlx::Connection;
-            let name = format!("pp_test_{}", uuid::Uuid::new_v4().simple());
-            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            let base = url.rsplit_once('/').map(|(b, _)| b).unwrap_or(&url);
-            let store = PgStore::connect(&format!("{base}/{name}"))
+            let fresh = common::fresh_pg_url(&url).await;
+            let store = PgStore::connect(&fresh)
                 .await
                 .unwrap()
                 .with_retry_policy(policy());
@@ -69,62 +64,6 @@ async fn backends() -> Vec<Backend> {
         Err(_) => eprintln!("postgres queue tests skipped: PATCHPORT_TEST_DATABASE_URL not set"),
     }
     out
-}
-
-fn name(s: &str) -> Name {
-    s.parse().unwrap()
-}
-
-fn ver(s: &str) -> Version {
-    s.parse().unwrap()
-}
-
-fn vref(s: &str) -> VersionRef {
-    s.parse().unwrap()
-}
-
-fn file(path: &str, content: &str) -> FileRef {
-    FileRef {
-        path: path.to_owned(),
-        digest: Digest::of(content.as_bytes()),
-        size: content.len() as u64,
-    }
-}
-
-fn new_base(n: &str, v: &str, parent: Option<&str>, content: &str) -> NewBaseVersion {
-    let files = vec![
-        file("config.json", "{}"),
-        file("model.safetensors", content),
-    ];
-    NewBaseVersion {
-        name: name(n),
-        version: ver(v),
-        digest: patchport_core::layout::manifest_digest("base", &files),
-        parent: parent.map(vref),
-        files,
-        config_json: r#"{"model_type":"llama"}"#.to_owned(),
-        model_type: "llama".to_owned(),
-        tensor_count: 3,
-    }
-}
-
-fn new_patch(n: &str, v: &str, base: &str, base_version: &str, content: &str) -> NewPatchVersion {
-    let files = vec![
-        file("adapter_config.json", "{}"),
-        file("adapter_model.safetensors", content),
-    ];
-    NewPatchVersion {
-        name: name(n),
-        version: ver(v),
-        digest: patchport_core::layout::manifest_digest("patch", &files),
-        base_name: name(base),
-        base: vref(base_version),
-        files,
-        adapter_json: r#"{"peft_type":"LORA"}"#.to_owned(),
-        peft_type: "LORA".to_owned(),
-        tensor_count: 4,
-        eval_digest: None,
-    }
 }
 
 async fn base(s: &dyn MetadataStore, n: &str, v: &str, parent: Option<&str>) -> Digest {
