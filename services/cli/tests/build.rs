@@ -473,3 +473,44 @@ fn a_stalled_workers_late_result_is_refused_by_the_fence() {
     no_more_completions(&rx, Duration::from_secs(8));
     assert_eq!(attempts(&url), 2);
 }
+
+#[test]
+fn sigterm_releases_the_lease_so_another_worker_takes_the_job_at_once() {
+    let data = tempfile::tempdir().expect("tempdir");
+    // A long lease: only a release can explain a quick hand-over.
+    let (_serve, url) = serve(data.path(), 0, 120);
+    let mut leaving = worker(&url, "leaving", Some(600_000));
+    let (_watch, rx) = publish_one(&url);
+    let status = Command::new("kill")
+        .args(["-TERM", &leaving.0.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = leaving.0.wait().expect("wait");
+    assert!(exit.success(), "worker exited with {exit:?} after SIGTERM");
+    let _next = worker(&url, "next", None);
+    // The job went back to the queue because it was released, not because its
+    // (120 s) lease expired, and then completed once.
+    let mut released = false;
+    loop {
+        let e = rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("events in time");
+        if e["type"] == "port.queued" && e["payload"]["detail"] == "released" {
+            released = true;
+        }
+        if e["type"] == "port.completed" {
+            break;
+        }
+    }
+    assert!(
+        released,
+        "no port.queued(released) event before the completion"
+    );
+    no_more_completions(&rx, Duration::from_secs(2));
+    assert_eq!(
+        attempts(&url),
+        1,
+        "a released lease does not count as an attempt"
+    );
+}

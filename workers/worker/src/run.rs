@@ -100,7 +100,13 @@ async fn run_one(
         .and_then(|v| v.parse::<u64>().ok())
     {
         tracing::warn!(job_id = %job_id, ms, "stalling (PATCHPORT_TEST_STALL_MS)");
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            () = shutdown.cancelled() => {
+                release(client, &job_id, token).await;
+                return Ok(());
+            }
+        }
     }
     // Renew at a third of the lease the registry granted (and at least as often as
     // configured).
@@ -149,8 +155,7 @@ async fn run_one(
         () = lost.cancelled() => None,
         () = shutdown.cancelled() => {
             heartbeat.abort();
-            let _ = client.workers().release_job(v1::ReleaseJobRequest { job_id: job_id.clone(), fencing_token: token }).await;
-            tracing::info!(job_id = %job_id, "lease released on shutdown");
+            release(client, &job_id, token).await;
             return Ok(());
         }
     };
@@ -199,5 +204,23 @@ async fn run_one(
         Err(s) => Err(WorkerError::Registry {
             source: ClientError::from(s),
         }),
+    }
+}
+
+/// Gives the lease back (graceful shutdown): the job is queued again at once instead of
+/// waiting for the lease to expire, and the attempt does not count.
+async fn release(client: &Client, job_id: &str, token: i64) {
+    match client
+        .workers()
+        .release_job(v1::ReleaseJobRequest {
+            job_id: job_id.to_owned(),
+            fencing_token: token,
+        })
+        .await
+    {
+        Ok(_) => tracing::info!(job_id = %job_id, "lease released on shutdown"),
+        Err(s) => {
+            tracing::warn!(job_id = %job_id, error = %s.message(), "releasing the lease failed")
+        }
     }
 }
