@@ -402,6 +402,22 @@ macro_rules! impl_sql_store {
                 $crate::meta::sql::patch_record(row, files)
             }
 
+            /// Ports matching `filter` (a fixed `t.<column> = $1` clause) for `id`, oldest first.
+            async fn ports_where(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                filter: &'static str,
+                id: i64,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE {filter} ORDER BY t.id",
+                    $crate::meta::sql::PORT_SELECT
+                )))
+                .bind(id)
+                .fetch_all(&mut *conn)
+                .await?;
+                rows.into_iter().map($crate::meta::sql::port_record).collect()
+            }
+
             async fn try_insert_base(
                 &self,
                 new: &$crate::meta::NewBaseVersion,
@@ -808,14 +824,7 @@ macro_rules! impl_sql_store {
                 conn: &mut <$db as sqlx::Database>::Connection,
                 job_id: i64,
             ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
-                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
-                    "{} WHERE t.job_id = $1 ORDER BY t.id",
-                    $crate::meta::sql::PORT_SELECT
-                )))
-                .bind(job_id)
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.into_iter().map($crate::meta::sql::port_record).collect()
+                Self::ports_where(conn, "t.job_id = $1", job_id).await
             }
 
             /// Where a running job goes when its attempt ends without an outcome.
@@ -1177,14 +1186,7 @@ macro_rules! impl_sql_store {
                         what: format!("base version {base_name}:{base_version}"),
                     });
                 };
-                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
-                    "{} WHERE t.base_id = $1 ORDER BY t.id",
-                    $crate::meta::sql::PORT_SELECT
-                )))
-                .bind(base.id)
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.into_iter().map($crate::meta::sql::port_record).collect()
+                Self::ports_where(&mut conn, "t.base_id = $1", base.id).await
             }
 
             async fn list_ports_of(
@@ -1198,14 +1200,7 @@ macro_rules! impl_sql_store {
                         what: format!("patch version {patch_name}:{patch_version}"),
                     });
                 };
-                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
-                    "{} WHERE t.patch_id = $1 ORDER BY t.id",
-                    $crate::meta::sql::PORT_SELECT
-                )))
-                .bind(patch.id)
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.into_iter().map($crate::meta::sql::port_record).collect()
+                Self::ports_where(&mut conn, "t.patch_id = $1", patch.id).await
             }
 
             async fn set_job_priority(
