@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "patchport/v1/ports.proto",
         "patchport/v1/events.proto",
         "patchport/v1/worker.proto",
+        "patchport/v1/admin.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -87,6 +87,15 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts a registry on fresh stores of `backend`.
     pub async fn start(backend: Backend) -> anyhow::Result<Self> {
+        Self::start_configured(backend, |_| {}).await
+    }
+
+    /// Starts a registry on `backend` with `configure` applied to its config (auth,
+    /// limits, TLS).
+    pub async fn start_configured(
+        backend: Backend,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let sqlite = format!("sqlite://{}/registry.db", dir.path().display());
         let files = format!("file://{}/blobs", dir.path().display());
@@ -114,7 +123,10 @@ impl TestRegistry {
             database,
             blobs,
             lease: std::time::Duration::from_secs(30),
+            ..Config::default()
         };
+        let mut config = config;
+        configure(&mut config);
         Self::start_with(backend, config, dir).await
     }
 
@@ -167,6 +179,15 @@ impl TestRegistry {
     /// A client connected to it.
     pub async fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.url).await?)
+    }
+
+    /// A client sending `token` (none: anonymous).
+    pub async fn client_as(&self, token: Option<&str>) -> anyhow::Result<Client> {
+        let options = patchport_client::ClientOptions {
+            token: token.map(str::to_owned),
+            ..Default::default()
+        };
+        Ok(Client::connect_with(&self.url, options).await?)
     }
 }
 

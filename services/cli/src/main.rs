@@ -55,6 +55,14 @@ enum Command {
     Compat(commands::worker::CompatArgs),
     /// The exact adapter artifact of a patch for the base digest a serving engine loaded.
     Resolve(commands::worker::ResolveArgs),
+    /// Access tokens (the client sends PATCHPORT_TOKEN; PATCHPORT_CA_CERT trusts a private CA).
+    #[command(subcommand)]
+    Token(commands::admin::TokenCommand),
+    /// Namespace policies: anonymous read, required evaluation pass.
+    #[command(subcommand)]
+    Namespace(commands::admin::NamespaceCommand),
+    /// The audit log of state changes (admins).
+    Audit(commands::admin::AuditArgs),
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -91,6 +99,9 @@ async fn main() -> std::process::ExitCode {
         Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
         Command::Compat(args) => commands::worker::compat(&cli.registry, args).await,
         Command::Resolve(args) => commands::worker::resolve(&cli.registry, args).await,
+        Command::Token(cmd) => commands::admin::token(&cli.registry, cmd).await,
+        Command::Namespace(cmd) => commands::admin::namespace(&cli.registry, cmd).await,
+        Command::Audit(args) => commands::admin::audit(&cli.registry, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

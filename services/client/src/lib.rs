@@ -12,11 +12,13 @@ mod push;
 use std::time::Duration;
 
 use patchport_proto::v1::{
-    blob_service_client::BlobServiceClient, event_service_client::EventServiceClient,
-    port_service_client::PortServiceClient, registry_service_client::RegistryServiceClient,
-    worker_service_client::WorkerServiceClient,
+    admin_service_client::AdminServiceClient, blob_service_client::BlobServiceClient,
+    event_service_client::EventServiceClient, port_service_client::PortServiceClient,
+    registry_service_client::RegistryServiceClient, worker_service_client::WorkerServiceClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use pull::PullOutcome;
 pub use push::{FileToPush, PushKind, PushOutcome, scan_dir};
@@ -120,28 +122,159 @@ impl Progress for NoProgress {
     fn finish(&self) {}
 }
 
+/// Adds `authorization: Bearer <token>` to every request when a token is set. Its Debug
+/// output never shows the token.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.header.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The transport every service client uses: a channel plus credentials.
+pub type Transport = InterceptedService<Channel, Credentials>;
+
+/// How to reach a registry: token, TLS trust, and whether a token may cross plain text.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// Bearer token (`PATCHPORT_TOKEN`).
+    pub token: Option<String>,
+    /// PEM CA certificate to trust for `https://` registries (`PATCHPORT_CA_CERT`), in
+    /// addition to the webpki roots.
+    pub ca_cert_pem: Option<Vec<u8>>,
+    /// Send the token over plain `http://` to a non-loopback host
+    /// (`PATCHPORT_ALLOW_PLAINTEXT_TOKEN=1`); refused otherwise.
+    pub allow_plaintext_token: bool,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_cert_pem", &self.ca_cert_pem.is_some())
+            .field("allow_plaintext_token", &self.allow_plaintext_token)
+            .finish()
+    }
+}
+
+impl ClientOptions {
+    /// From `PATCHPORT_TOKEN`, `PATCHPORT_CA_CERT` (a file) and
+    /// `PATCHPORT_ALLOW_PLAINTEXT_TOKEN`.
+    pub fn from_env() -> Result<Self, ClientError> {
+        let token = std::env::var("PATCHPORT_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
+        let ca_cert_pem = match std::env::var_os("PATCHPORT_CA_CERT").filter(|v| !v.is_empty()) {
+            Some(path) => Some(
+                std::fs::read(&path)
+                    .map_err(|e| ClientError::io(std::path::Path::new(&path).display(), e))?,
+            ),
+            None => None,
+        };
+        let allow_plaintext_token = std::env::var("PATCHPORT_ALLOW_PLAINTEXT_TOKEN")
+            .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        Ok(Self {
+            token,
+            ca_cert_pem,
+            allow_plaintext_token,
+        })
+    }
+}
+
+/// Selects rustls' ring provider for this process (other dependencies enable a second
+/// provider, and rustls then refuses to guess). Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Whether `host` (from a URL) is a loopback address or `localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// A connection to a registry.
 #[derive(Debug, Clone)]
 pub struct Client {
     url: String,
-    blobs: BlobServiceClient<Channel>,
-    registry: RegistryServiceClient<Channel>,
-    ports: PortServiceClient<Channel>,
-    events: EventServiceClient<Channel>,
-    workers: WorkerServiceClient<Channel>,
+    blobs: BlobServiceClient<Transport>,
+    registry: RegistryServiceClient<Transport>,
+    ports: PortServiceClient<Transport>,
+    events: EventServiceClient<Transport>,
+    workers: WorkerServiceClient<Transport>,
+    admin: AdminServiceClient<Transport>,
 }
 
 impl Client {
-    /// Connects to `url` (`http://host:port`).
+    /// Connects to `url` (`http://host:port` or `https://host:port`) with
+    /// [`ClientOptions::from_env`].
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|source| ClientError::BadUrl {
-                url: url.to_owned(),
-                source,
-            })?
+        Self::connect_with(url, ClientOptions::from_env()?).await
+    }
+
+    /// Connects to `url` with explicit options.
+    pub async fn connect_with(url: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let bad_url = |source| ClientError::BadUrl {
+            url: url.to_owned(),
+            source,
+        };
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(bad_url)?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
+        let uri = endpoint.uri().clone();
+        let https = uri.scheme_str() == Some("https");
+        if https {
+            install_tls_provider();
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(pem) = &options.ca_cert_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(host) = uri.host() {
+                tls = tls.domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+            }
+            endpoint = endpoint.tls_config(tls).map_err(bad_url)?;
+        } else if options.token.is_some()
+            && !options.allow_plaintext_token
+            && !uri.host().is_some_and(is_loopback_host)
+        {
+            return Err(ClientError::Invalid {
+                message: format!(
+                    "refusing to send a token over plain text to {url}: use https:// (with PATCHPORT_CA_CERT for a private CA), or set PATCHPORT_ALLOW_PLAINTEXT_TOKEN=1 to force it"
+                ),
+            });
+        }
+        let header = match &options.token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse::<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>()
+                    .map_err(|_| ClientError::Invalid {
+                        message: "the token contains characters that cannot be sent in a header"
+                            .to_owned(),
+                    })?,
+            ),
+            None => None,
+        };
         let channel = endpoint
             .connect()
             .await
@@ -149,22 +282,24 @@ impl Client {
                 url: url.to_owned(),
                 source,
             })?;
-        Ok(Self::from_channel(url, channel))
+        Ok(Self::from_channel(url, channel, Credentials { header }))
     }
 
     /// A client over an existing channel.
-    pub fn from_channel(url: &str, channel: Channel) -> Self {
+    pub fn from_channel(url: &str, channel: Channel, credentials: Credentials) -> Self {
+        let t = |c: &Channel| InterceptedService::new(c.clone(), credentials.clone());
         Self {
             url: url.to_owned(),
-            blobs: BlobServiceClient::new(channel.clone())
+            blobs: BlobServiceClient::new(t(&channel))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-            registry: RegistryServiceClient::new(channel.clone())
+            registry: RegistryServiceClient::new(t(&channel))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-            ports: PortServiceClient::new(channel.clone()),
-            events: EventServiceClient::new(channel.clone()),
-            workers: WorkerServiceClient::new(channel)
+            ports: PortServiceClient::new(t(&channel)),
+            events: EventServiceClient::new(t(&channel)),
+            admin: AdminServiceClient::new(t(&channel)),
+            workers: WorkerServiceClient::new(t(&channel))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         }
@@ -176,27 +311,32 @@ impl Client {
     }
 
     /// The raw blob service client.
-    pub fn blobs(&self) -> BlobServiceClient<Channel> {
+    pub fn blobs(&self) -> BlobServiceClient<Transport> {
         self.blobs.clone()
     }
 
     /// The raw registry service client.
-    pub fn registry(&self) -> RegistryServiceClient<Channel> {
+    pub fn registry(&self) -> RegistryServiceClient<Transport> {
         self.registry.clone()
     }
 
     /// The raw port service client.
-    pub fn ports(&self) -> PortServiceClient<Channel> {
+    pub fn ports(&self) -> PortServiceClient<Transport> {
         self.ports.clone()
     }
 
     /// The raw event service client.
-    pub fn events(&self) -> EventServiceClient<Channel> {
+    pub fn events(&self) -> EventServiceClient<Transport> {
         self.events.clone()
     }
 
+    /// The raw admin service client.
+    pub fn admin(&self) -> AdminServiceClient<Transport> {
+        self.admin.clone()
+    }
+
     /// The raw worker service client.
-    pub fn workers(&self) -> WorkerServiceClient<Channel> {
+    pub fn workers(&self) -> WorkerServiceClient<Transport> {
         self.workers.clone()
     }
 }

@@ -19,18 +19,28 @@ pub enum ErrorKind {
     FailedPrecondition,
     /// Not offered by this registry.
     Unimplemented,
+    /// No valid credentials.
+    Unauthenticated,
+    /// Valid credentials without the right scope or namespace.
+    PermissionDenied,
+    /// A limit or rate was exceeded.
+    ResourceExhausted,
     /// A failure of the registry, not of the request.
     Internal,
 }
 
 impl ErrorKind {
-    fn code(self) -> Code {
+    /// The gRPC code.
+    pub fn code(self) -> Code {
         match self {
             ErrorKind::InvalidArgument => Code::InvalidArgument,
             ErrorKind::NotFound => Code::NotFound,
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::Unimplemented => Code::Unimplemented,
+            ErrorKind::Unauthenticated => Code::Unauthenticated,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
+            ErrorKind::ResourceExhausted => Code::ResourceExhausted,
             ErrorKind::Internal => Code::Internal,
         }
     }
@@ -87,6 +97,30 @@ impl ApiError {
     pub fn unimplemented(message: impl Into<String>) -> Self {
         Self::User {
             kind: ErrorKind::Unimplemented,
+            message: message.into(),
+        }
+    }
+
+    /// Unauthenticated.
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::Unauthenticated,
+            message: message.into(),
+        }
+    }
+
+    /// PermissionDenied.
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::PermissionDenied,
+            message: message.into(),
+        }
+    }
+
+    /// ResourceExhausted.
+    pub fn exhausted(message: impl Into<String>) -> Self {
+        Self::User {
+            kind: ErrorKind::ResourceExhausted,
             message: message.into(),
         }
     }

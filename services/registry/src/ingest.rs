@@ -76,6 +76,24 @@ impl Registry {
         if let Some(ix) = self.meta.get_blob_index(&f.digest).await? {
             return Ok(ix);
         }
+        let limits = self.limits.clone();
+        if f.size >= 8 {
+            let mut prefix = Vec::with_capacity(8);
+            let mut head = self.blobs.read(&f.digest, 0, Some(8)).await?;
+            while let Some(chunk) = head.next().await {
+                prefix.extend_from_slice(&chunk?);
+            }
+            let declared = prefix
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, u64::from_le_bytes);
+            if declared > limits.max_header_bytes {
+                return Err(ApiError::exhausted(format!(
+                    "{}: safetensors header of {declared} bytes; the limit is {} (--max-header-bytes)",
+                    f.path, limits.max_header_bytes
+                )));
+            }
+        }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let size = f.size;
         let worker = tokio::task::spawn_blocking(move || {
@@ -112,6 +130,14 @@ impl Registry {
         }
         let (header, tensors) =
             indexed.map_err(|e| ApiError::invalid(format!("{}: {e}", f.path)))?;
+        if tensors.len() > limits.max_tensors {
+            return Err(ApiError::exhausted(format!(
+                "{}: {} tensors; the limit is {} (--max-tensors)",
+                f.path,
+                tensors.len(),
+                limits.max_tensors
+            )));
+        }
         let ix = BlobIndex {
             json_len: header.json_len,
             tensors,

@@ -7,13 +7,16 @@
 //! talks SQL or object storage directly: it goes through `patchport-store`.
 
 mod app;
+pub mod auth;
 mod convert;
 mod error;
 mod ingest;
+mod limits;
 mod porting;
 mod service;
 mod state;
 
-pub use app::{Application, Config, StartError};
+pub use app::{Application, Config, StartError, TlsConfig};
 pub use error::{ApiError, ErrorKind};
+pub use limits::Limits;
 pub use state::Registry;

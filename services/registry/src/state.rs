@@ -1,9 +1,13 @@
-//! The registry's shared state: the two stores every handler needs.
+//! The registry's shared state: the two stores every handler needs, access control and
+//! limits.
 
 use std::sync::Arc;
 
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta::MetadataStore;
+
+use crate::auth::Auth;
+use crate::limits::Limits;
 
 /// Stores shared by every service (cheap to clone).
 #[derive(Debug, Clone)]
@@ -12,4 +16,8 @@ pub struct Registry {
     pub meta: Arc<dyn MetadataStore>,
     /// Bytes.
     pub blobs: BlobStore,
+    /// Who may do what.
+    pub auth: Auth,
+    /// Request limits.
+    pub limits: Arc<Limits>,
 }

@@ -34,6 +34,39 @@ pub(crate) struct ServeArgs {
     /// Seconds a port job's lease lasts without a heartbeat (a dead worker costs this).
     #[arg(long, env = "PATCHPORT_LEASE_SECONDS", default_value_t = 30)]
     lease_seconds: u64,
+    /// Require tokens (also on whenever PATCHPORT_ADMIN_TOKEN is set).
+    #[arg(long, env = "PATCHPORT_AUTH")]
+    auth: bool,
+    /// Serve without auth on a non-loopback address (refused otherwise).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// PEM certificate chain for TLS on the gRPC endpoint.
+    #[arg(long, env = "PATCHPORT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "PATCHPORT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Version pushes per minute per token.
+    #[arg(long, env = "PATCHPORT_PUSH_RATE_PER_MINUTE", default_value_t = 600)]
+    push_rate_per_minute: u32,
+    /// Largest upload chunk in bytes.
+    #[arg(long, env = "PATCHPORT_MAX_CHUNK_BYTES", default_value_t = 4 << 20)]
+    max_chunk_bytes: u64,
+    /// Largest gRPC message of the metadata services in bytes.
+    #[arg(long, env = "PATCHPORT_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    max_message_bytes: usize,
+    /// Largest safetensors JSON header in bytes.
+    #[arg(long, env = "PATCHPORT_MAX_HEADER_BYTES", default_value_t = 16 << 20)]
+    max_header_bytes: u64,
+    /// Most tensors in one safetensors file.
+    #[arg(long, env = "PATCHPORT_MAX_TENSORS", default_value_t = 100_000)]
+    max_tensors: usize,
+    /// Longest namespace/name in bytes.
+    #[arg(long, env = "PATCHPORT_MAX_NAME_LENGTH", default_value_t = 200)]
+    max_name_length: usize,
+    /// Seconds an unfinished upload session is kept before it is deleted.
+    #[arg(long, env = "PATCHPORT_UPLOAD_SESSION_SECONDS", default_value_t = 24 * 3600)]
+    upload_session_seconds: u64,
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -78,27 +111,77 @@ pub(crate) fn shutdown_signal()
 }
 
 pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let admin_token = std::env::var("PATCHPORT_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+        anyhow::bail!(
+            "PATCHPORT_ADMIN_TOKEN is shorter than 16 characters: use a long random value"
+        );
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(patchport_registry::TlsConfig {
+            cert_pem: std::fs::read(cert)
+                .with_context(|| format!("reading the TLS certificate {}", cert.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("reading the TLS key {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    let tls_cert_pem = tls.as_ref().map(|t| t.cert_pem.clone());
     let config = Config {
         listen: args.listen,
         database: args.database,
         blobs: absolute_file_url(&args.blobs)?,
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+        auth: patchport_registry::auth::AuthConfig {
+            enabled: args.auth,
+            admin_token,
+            push_rate_per_minute: args.push_rate_per_minute,
+        },
+        insecure_no_auth: args.insecure_no_auth,
+        tls,
+        limits: patchport_registry::Limits {
+            max_chunk_bytes: args.max_chunk_bytes.clamp(1 << 10, 64 << 20),
+            max_message_bytes: args.max_message_bytes.max(1 << 20),
+            max_header_bytes: args.max_header_bytes,
+            max_tensors: args.max_tensors,
+            max_name_len: args.max_name_length,
+            upload_session_ttl: std::time::Duration::from_secs(args.upload_session_seconds.max(1)),
+        },
     };
     let signal = shutdown_signal()?;
     let app = Application::build(config).await?;
     let addr = app.local_addr();
+    let internal_token = app.registry().auth.internal_worker_token().to_owned();
+    // In-process workers reach this server on loopback.
+    let local = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
     // Test harnesses read this line to learn the port when listening on :0.
     println!("patchport registry listening on {addr}");
     let stop_workers = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let stop = stop_workers.clone();
+        let options = patchport_client::ClientOptions {
+            token: Some(internal_token.clone()),
+            ca_cert_pem: tls_cert_pem.clone(),
+            allow_plaintext_token: false,
+        };
         let id = format!("{}-inproc-{i}", super::worker::default_worker_id());
         workers.push(tokio::spawn(async move {
-            let url = format!("http://{addr}");
+            let url = if options.ca_cert_pem.is_some() {
+                format!("https://localhost:{}", local.port())
+            } else {
+                format!("http://{local}")
+            };
             // The in-process worker speaks gRPC to this very server: one code path.
             let client = loop {
-                match patchport_client::Client::connect(&url).await {
+                match patchport_client::Client::connect_with(&url, options.clone()).await {
                     Ok(c) => break c,
                     Err(_) if !stop.is_cancelled() => {
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await

@@ -9,15 +9,14 @@ use patchport_proto::v1::{self, blob_service_server::BlobService};
 use patchport_store::blobs::UploadStart;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::error::ApiError;
+use crate::auth::{Need, Principal};
+use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
 /// Most digests in one FindMissingBlobs call.
 const MAX_DIGESTS: usize = 10_000;
 /// Size of the chunks ReadBlob sends.
 pub(crate) const READ_CHUNK: usize = 1 << 20;
-/// Largest chunk accepted by UploadChunks.
-pub(crate) const MAX_CHUNK: u64 = 4 << 20;
 
 /// The blob service.
 #[derive(Debug, Clone)]
@@ -29,6 +28,42 @@ fn parse_digest(s: &str) -> Result<Digest, ApiError> {
     s.parse::<Digest>().map_err(ApiError::from)
 }
 
+impl Blobs {
+    /// Uploads (and the existence checks that go with them) need push somewhere, or
+    /// the worker scope.
+    async fn uploader(&self, md: &tonic::metadata::MetadataMap) -> ApiResult<Principal> {
+        self.registry.auth.check_somewhere(md, Need::Push).await
+    }
+
+    /// A blob is readable through any version or port that holds it; an uploader may
+    /// also stat blobs (FindMissingBlobs tells it as much).
+    async fn reader(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        digest: &Digest,
+        stat: bool,
+    ) -> ApiResult<()> {
+        let auth = &self.registry.auth;
+        let who = auth.principal(md).await?;
+        if auth.may_read_blob(&who, &digest.to_string()).await? {
+            return Ok(());
+        }
+        if stat && auth.check_somewhere(md, Need::Push).await.is_ok() {
+            return Ok(());
+        }
+        // The same refusal whether or not the blob exists.
+        Err(match who {
+            Principal::Anonymous => ApiError::unauthenticated(format!(
+                "a token is required to read blob {digest}: set PATCHPORT_TOKEN"
+            )),
+            other => ApiError::denied(format!(
+                "{} may not read blob {digest}: no version it may read holds it",
+                other.actor()
+            )),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl BlobService for Blobs {
     #[tracing::instrument(skip_all, fields(count = req.get_ref().digests.len()), err)]
@@ -36,6 +71,7 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::FindMissingBlobsRequest>,
     ) -> Result<Response<v1::FindMissingBlobsResponse>, Status> {
+        self.uploader(req.metadata()).await?;
         let req = req.into_inner();
         if req.digests.len() > MAX_DIGESTS {
             return Err(ApiError::invalid(format!(
@@ -65,6 +101,8 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::StartUploadRequest>,
     ) -> Result<Response<v1::StartUploadResponse>, Status> {
+        self.uploader(req.metadata()).await?;
+        let max_chunk = self.registry.limits.max_chunk_bytes;
         let req = req.into_inner();
         let digest = parse_digest(&req.digest)?;
         let start = self
@@ -78,13 +116,13 @@ impl BlobService for Blobs {
                 upload_id: String::new(),
                 committed_offset: req.size,
                 already_exists: true,
-                max_chunk_size: MAX_CHUNK,
+                max_chunk_size: max_chunk,
             },
             UploadStart::Session(s) => v1::StartUploadResponse {
                 upload_id: s.upload_id,
                 committed_offset: s.committed,
                 already_exists: false,
-                max_chunk_size: MAX_CHUNK,
+                max_chunk_size: max_chunk,
             },
         }))
     }
@@ -94,6 +132,8 @@ impl BlobService for Blobs {
         &self,
         req: Request<Streaming<v1::UploadChunk>>,
     ) -> Result<Response<v1::UploadChunksResponse>, Status> {
+        self.uploader(req.metadata()).await?;
+        let max_chunk = self.registry.limits.max_chunk_bytes;
         let mut stream = req.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(ApiError::invalid("empty upload stream: send at least one chunk").into());
@@ -115,10 +155,10 @@ impl BlobService for Blobs {
                 );
                 break;
             }
-            if chunk.data.len() as u64 > MAX_CHUNK {
+            if chunk.data.len() as u64 > max_chunk {
                 failure = Some(
-                    ApiError::invalid(format!(
-                        "chunk of {} bytes; the limit is {MAX_CHUNK}",
+                    ApiError::exhausted(format!(
+                        "chunk of {} bytes; the limit is {max_chunk} (--max-chunk-bytes)",
                         chunk.data.len()
                     ))
                     .into(),
@@ -152,6 +192,7 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::GetUploadRequest>,
     ) -> Result<Response<v1::UploadStatus>, Status> {
+        self.uploader(req.metadata()).await?;
         let s = self
             .registry
             .blobs
@@ -171,6 +212,7 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::CommitUploadRequest>,
     ) -> Result<Response<v1::CommitUploadResponse>, Status> {
+        self.uploader(req.metadata()).await?;
         let out = self
             .registry
             .blobs
@@ -191,8 +233,9 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::ReadBlobRequest>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let digest = parse_digest(&req.get_ref().digest)?;
+        self.reader(req.metadata(), &digest, false).await?;
         let req = req.into_inner();
-        let digest = parse_digest(&req.digest)?;
         let len = (req.length > 0).then_some(req.length);
         let inner = self
             .registry
@@ -248,7 +291,8 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::StatBlobRequest>,
     ) -> Result<Response<v1::StatBlobResponse>, Status> {
-        let digest = parse_digest(&req.into_inner().digest)?;
+        let digest = parse_digest(&req.get_ref().digest)?;
+        self.reader(req.metadata(), &digest, true).await?;
         match self
             .registry
             .blobs

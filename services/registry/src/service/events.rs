@@ -11,6 +11,7 @@ use patchport_store::meta::EventCursor;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Need, namespace_of};
 use crate::convert::timestamp;
 use crate::error::ApiError;
 use crate::state::Registry;
@@ -33,7 +34,13 @@ impl EventService for Events {
         &self,
         req: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let auth = self.registry.auth.clone();
+        let who = auth.principal(req.metadata()).await?;
         let req = req.into_inner();
+        if !req.subject.is_empty() {
+            auth.require(&who, Need::Read, namespace_of(&req.subject))
+                .await?;
+        }
         let meta = self.registry.meta.clone();
         let mut cursor: EventCursor = if req.cursor.is_empty() {
             meta.head_cursor().await.map_err(ApiError::from)?
@@ -64,6 +71,18 @@ impl EventService for Events {
                             || e.subject.contains(&format!("@{}:", req.subject)));
                     if !wanted {
                         continue;
+                    }
+                    // Events about namespaces the subscriber may not read are skipped.
+                    match auth
+                        .allows(&who, Need::Read, namespace_of(&e.subject))
+                        .await
+                    {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
                     }
                     let payload = serde_json::json!({
                         "job_id": e.job_id,

@@ -1,5 +1,6 @@
 //! The gRPC services.
 
+pub(crate) mod admin;
 pub(crate) mod blobs;
 pub(crate) mod events;
 pub(crate) mod ports;

@@ -11,6 +11,7 @@ use patchport_proto::v1::{self, port_service_server::PortService};
 use patchport_store::meta::{ListFilter, PortState};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Need, Principal, namespace_of};
 use crate::convert::{artifact_to_proto, file_to_proto, port_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
@@ -52,6 +53,22 @@ pub(crate) struct Ports {
 }
 
 impl Ports {
+    /// The caller, required to `need` on the namespace of each name.
+    async fn caller(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        needs: &[(Need, &str)],
+    ) -> ApiResult<Principal> {
+        let who = self.registry.auth.principal(md).await?;
+        for (need, name) in needs {
+            self.registry
+                .auth
+                .require(&who, *need, namespace_of(name))
+                .await?;
+        }
+        Ok(who)
+    }
+
     async fn lookup(
         &self,
         patch: &Reference,
@@ -83,7 +100,15 @@ impl PortService for Ports {
         &self,
         req: Request<v1::GetPortRequest>,
     ) -> Result<Response<v1::Port>, Status> {
-        let r: PortRef = req.into_inner().reference.parse().map_err(ApiError::from)?;
+        let r: PortRef = req.get_ref().reference.parse().map_err(ApiError::from)?;
+        self.caller(
+            req.metadata(),
+            &[
+                (Need::Read, r.patch.name.as_str()),
+                (Need::Read, r.base.name.as_str()),
+            ],
+        )
+        .await?;
         let (p, b) = self.lookup(&r.patch, &r.base).await?;
         let port = self
             .registry
@@ -108,9 +133,14 @@ impl PortService for Ports {
     ) -> Result<Response<v1::QueryCompatResponse>, Status> {
         let meta = &self.registry.meta;
         let mut entries = Vec::new();
+        let who = self.registry.auth.principal(req.metadata()).await?;
         match req.into_inner().subject {
             Some(v1::query_compat_request::Subject::Patch(r)) => {
                 let r: Reference = r.parse().map_err(ApiError::from)?;
+                self.registry
+                    .auth
+                    .require(&who, Need::Read, r.name.namespace())
+                    .await?;
                 let p = meta
                     .get_patch_version(&r.name, &r.version)
                     .await
@@ -127,6 +157,10 @@ impl PortService for Ports {
             }
             Some(v1::query_compat_request::Subject::Base(r)) => {
                 let r: Reference = r.parse().map_err(ApiError::from)?;
+                self.registry
+                    .auth
+                    .require(&who, Need::Read, r.name.namespace())
+                    .await?;
                 let b = meta
                     .get_base_version(&r.name, &r.version)
                     .await
@@ -152,7 +186,19 @@ impl PortService for Ports {
             }
             None => return Err(ApiError::invalid("set either patch or base").into()),
         }
-        Ok(Response::new(v1::QueryCompatResponse { entries }))
+        // Patches of namespaces the caller may not read stay invisible.
+        let mut visible = Vec::with_capacity(entries.len());
+        for e in entries {
+            if self
+                .registry
+                .auth
+                .allows(&who, Need::Read, namespace_of(&e.patch))
+                .await?
+            {
+                visible.push(e);
+            }
+        }
+        Ok(Response::new(v1::QueryCompatResponse { entries: visible }))
     }
 
     #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch), err)]
@@ -160,8 +206,10 @@ impl PortService for Ports {
         &self,
         req: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
+        let r: Reference = req.get_ref().patch.parse().map_err(ApiError::from)?;
+        self.caller(req.metadata(), &[(Need::Read, r.name.as_str())])
+            .await?;
         let req = req.into_inner();
-        let r: Reference = req.patch.parse().map_err(ApiError::from)?;
         let digest: Digest = req.base_digest.parse().map_err(ApiError::from)?;
         let meta = &self.registry.meta;
         let p = meta
@@ -222,7 +270,64 @@ impl PortService for Ports {
         &self,
         req: Request<v1::RequestPortRequest>,
     ) -> Result<Response<v1::Port>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
+        let ns = namespace_of(&req.patch).to_owned();
+        let target = format!("{}@{}", req.patch, req.base);
+        let out = self.request(&who, &req).await;
+        let detail = match &out {
+            Ok(p) => format!("state {}", p.state),
+            Err(e) => e.to_string(),
+        };
+        self.registry
+            .auth
+            .audit(&who, "RequestPort", &target, &ns, &out, &detail)
+            .await;
+        Ok(Response::new(out?))
+    }
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    async fn cancel_port(
+        &self,
+        req: Request<v1::GetPortRequest>,
+    ) -> Result<Response<v1::Port>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
+        let reference = req.into_inner().reference;
+        let ns = namespace_of(&reference).to_owned();
+        let out = async {
+            let r: PortRef = reference.parse().map_err(ApiError::from)?;
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            Ok(self
+                .registry
+                .meta
+                .cancel_port(
+                    &r.patch.name,
+                    &r.patch.version,
+                    &r.base.name,
+                    &r.base.version,
+                    METHOD_VERSION,
+                )
+                .await?)
+        }
+        .await;
+        self.registry
+            .auth
+            .audit(&who, "CancelPort", &reference, &ns, &out, "")
+            .await;
+        Ok(Response::new(port_to_proto(&out?)))
+    }
+}
+
+impl Ports {
+    async fn request(&self, who: &Principal, req: &v1::RequestPortRequest) -> ApiResult<v1::Port> {
+        self.registry
+            .auth
+            .require(who, Need::Push, namespace_of(&req.patch))
+            .await?;
+        self.registry
+            .auth
+            .require(who, Need::Read, namespace_of(&req.base))
+            .await?;
         let patch: Reference = req
             .patch
             .parse()
@@ -236,8 +341,7 @@ impl PortService for Ports {
             return Err(ApiError::precondition(format!(
                 "{patch} was trained on {}, not {}: a port carries a patch to a newer version of its own base",
                 p.base_name, b.name
-            ))
-            .into());
+            )));
         }
         if let Some(existing) = self
             .registry
@@ -249,35 +353,13 @@ impl PortService for Ports {
                 &base.version,
                 METHOD_VERSION,
             )
-            .await
-            .map_err(ApiError::from)?
+            .await?
             && !matches!(existing.state, PortState::Failed | PortState::Cancelled)
         {
-            return Ok(Response::new(port_to_proto(&existing)));
+            return Ok(port_to_proto(&existing));
         }
         let port = self.registry.run_port(&p, &b, true).await?;
         tracing::info!(state = port.state.as_str(), "port finished");
-        Ok(Response::new(port_to_proto(&port)))
-    }
-
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
-    async fn cancel_port(
-        &self,
-        req: Request<v1::GetPortRequest>,
-    ) -> Result<Response<v1::Port>, Status> {
-        let r: PortRef = req.into_inner().reference.parse().map_err(ApiError::from)?;
-        let port = self
-            .registry
-            .meta
-            .cancel_port(
-                &r.patch.name,
-                &r.patch.version,
-                &r.base.name,
-                &r.base.version,
-                METHOD_VERSION,
-            )
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(port_to_proto(&port)))
+        Ok(port_to_proto(&port))
     }
 }

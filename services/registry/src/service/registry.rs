@@ -6,6 +6,7 @@ use patchport_proto::v1::{self, registry_service_server::RegistryService};
 use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Need, Principal, namespace_of};
 use crate::convert::{base_to_proto, files_from_proto, patch_to_proto, tensor_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
@@ -42,6 +43,53 @@ fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
 }
 
 impl Versions {
+    /// Refuses names longer than the configured limit.
+    fn check_name_len(&self, name: &str) -> ApiResult<()> {
+        let max = self.registry.limits.max_name_len;
+        if name.len() > max {
+            return Err(ApiError::invalid(format!(
+                "name of {} bytes; the limit is {max} (--max-name-length)",
+                name.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keeps only what `who` may read.
+    async fn readable<T>(
+        &self,
+        who: &Principal,
+        items: Vec<T>,
+        name: impl Fn(&T) -> &str,
+    ) -> ApiResult<Vec<T>> {
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            if self
+                .registry
+                .auth
+                .allows(who, Need::Read, namespace_of(name(&item)))
+                .await?
+            {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The caller, required to read the namespace of a list filter (all readable
+    /// namespaces when the filter is empty).
+    async fn list_caller(&self, req: &Request<v1::ListRequest>) -> ApiResult<Principal> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
+        let filter = req.get_ref().filter.trim();
+        if !filter.is_empty() {
+            self.registry
+                .auth
+                .require(&who, Need::Read, namespace_of(filter))
+                .await?;
+        }
+        Ok(who)
+    }
+
     async fn base(&self, r: &Reference) -> ApiResult<BaseVersionRecord> {
         self.registry
             .meta
@@ -66,12 +114,35 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::PushBaseVersionRequest>,
     ) -> Result<Response<v1::PushBaseVersionResponse>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let files = files_from_proto(&req.files)?;
-        let (rec, created) = self
-            .registry
-            .push_base(&req.name, &req.version, &req.parent, files)
-            .await?;
+        let ns = namespace_of(&req.name).to_owned();
+        let target = format!("{}:{}", req.name, req.version);
+        let out = async {
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            if !req.parent.is_empty() {
+                self.registry
+                    .auth
+                    .require(&who, Need::Read, namespace_of(&req.parent))
+                    .await?;
+            }
+            self.check_name_len(&req.name)?;
+            self.registry.auth.take_push(&who)?;
+            let files = files_from_proto(&req.files)?;
+            self.registry
+                .push_base(&req.name, &req.version, &req.parent, files)
+                .await
+        }
+        .await;
+        let detail = match &out {
+            Ok((rec, created)) => format!("digest {} created {created}", rec.digest),
+            Err(e) => e.to_string(),
+        };
+        self.registry
+            .auth
+            .audit(&who, "PushBaseVersion", &target, &ns, &out, &detail)
+            .await;
+        let (rec, created) = out?;
         if created {
             tracing::info!(base = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "base version published");
         }
@@ -86,7 +157,12 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::BaseVersion>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let r = parse_ref(&req.into_inner().reference)?;
+        self.registry
+            .auth
+            .require(&who, Need::Read, r.name.namespace())
+            .await?;
         Ok(Response::new(base_to_proto(&self.base(&r).await?)))
     }
 
@@ -96,12 +172,14 @@ impl RegistryService for Versions {
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListBaseVersionsResponse>, Status> {
         let filter = list_filter(req.get_ref())?;
+        let who = self.list_caller(&req).await?;
         let versions = self
             .registry
             .meta
             .list_base_versions(&filter)
             .await
             .map_err(ApiError::from)?;
+        let versions = self.readable(&who, versions, |v| v.name.as_str()).await?;
         Ok(Response::new(v1::ListBaseVersionsResponse {
             versions: versions.iter().map(base_to_proto).collect(),
         }))
@@ -112,15 +190,31 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::YankRequest>,
     ) -> Result<Response<v1::BaseVersion>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let r = parse_ref(&req.reference)?;
-        let rec = self
-            .registry
-            .meta
-            .yank_base_version(&r.name, &r.version, &req.reason)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(base_to_proto(&rec)))
+        let ns = namespace_of(&req.reference).to_owned();
+        let out = async {
+            let r = parse_ref(&req.reference)?;
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            Ok(self
+                .registry
+                .meta
+                .yank_base_version(&r.name, &r.version, &req.reason)
+                .await?)
+        }
+        .await;
+        self.registry
+            .auth
+            .audit(
+                &who,
+                "YankBaseVersion",
+                &req.reference,
+                &ns,
+                &out,
+                &req.reason,
+            )
+            .await;
+        Ok(Response::new(base_to_proto(&out?)))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
@@ -128,12 +222,33 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::PushPatchVersionRequest>,
     ) -> Result<Response<v1::PushPatchVersionResponse>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let files = files_from_proto(&req.files)?;
-        let (rec, created) = self
-            .registry
-            .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
-            .await?;
+        let ns = namespace_of(&req.name).to_owned();
+        let target = format!("{}:{}", req.name, req.version);
+        let out = async {
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            self.registry
+                .auth
+                .require(&who, Need::Read, namespace_of(&req.base))
+                .await?;
+            self.check_name_len(&req.name)?;
+            self.registry.auth.take_push(&who)?;
+            let files = files_from_proto(&req.files)?;
+            self.registry
+                .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
+                .await
+        }
+        .await;
+        let detail = match &out {
+            Ok((rec, created)) => format!("digest {} created {created}", rec.digest),
+            Err(e) => e.to_string(),
+        };
+        self.registry
+            .auth
+            .audit(&who, "PushPatchVersion", &target, &ns, &out, &detail)
+            .await;
+        let (rec, created) = out?;
         if created {
             tracing::info!(patch = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "patch version pushed");
         }
@@ -148,7 +263,12 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::PatchVersion>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let r = parse_ref(&req.into_inner().reference)?;
+        self.registry
+            .auth
+            .require(&who, Need::Read, r.name.namespace())
+            .await?;
         Ok(Response::new(patch_to_proto(&self.patch(&r).await?)))
     }
 
@@ -158,12 +278,14 @@ impl RegistryService for Versions {
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListPatchVersionsResponse>, Status> {
         let filter = list_filter(req.get_ref())?;
+        let who = self.list_caller(&req).await?;
         let versions = self
             .registry
             .meta
             .list_patch_versions(&filter)
             .await
             .map_err(ApiError::from)?;
+        let versions = self.readable(&who, versions, |v| v.name.as_str()).await?;
         Ok(Response::new(v1::ListPatchVersionsResponse {
             versions: versions.iter().map(patch_to_proto).collect(),
         }))
@@ -174,15 +296,31 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::YankRequest>,
     ) -> Result<Response<v1::PatchVersion>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
-        let r = parse_ref(&req.reference)?;
-        let rec = self
-            .registry
-            .meta
-            .yank_patch_version(&r.name, &r.version, &req.reason)
-            .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(patch_to_proto(&rec)))
+        let ns = namespace_of(&req.reference).to_owned();
+        let out = async {
+            let r = parse_ref(&req.reference)?;
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            Ok(self
+                .registry
+                .meta
+                .yank_patch_version(&r.name, &r.version, &req.reason)
+                .await?)
+        }
+        .await;
+        self.registry
+            .auth
+            .audit(
+                &who,
+                "YankPatchVersion",
+                &req.reference,
+                &ns,
+                &out,
+                &req.reason,
+            )
+            .await;
+        Ok(Response::new(patch_to_proto(&out?)))
     }
 
     #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
@@ -190,8 +328,13 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::TensorIndex>, Status> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
         let reference = req.into_inner().reference;
         let r = parse_ref(&reference)?;
+        self.registry
+            .auth
+            .require(&who, Need::Read, r.name.namespace())
+            .await?;
         let (digest, files) = match self.base(&r).await {
             Ok(b) => (b.digest, b.files),
             Err(e) if e.kind() == crate::error::ErrorKind::NotFound => {

@@ -160,6 +160,7 @@ impl WorkerService for Workers {
         &self,
         req: Request<v1::LeaseJobRequest>,
     ) -> Result<Response<v1::LeaseJobResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         if req.worker_id.is_empty() || req.worker_id.len() > 200 {
             return Err(ApiError::invalid("worker_id must be 1-200 bytes").into());
@@ -200,6 +201,7 @@ impl WorkerService for Workers {
         &self,
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         let cancelled = self
             .registry
@@ -219,6 +221,7 @@ impl WorkerService for Workers {
         &self,
         req: Request<v1::CompleteJobRequest>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         let id = job_id(&req.job_id)?;
         let outcome = if req.refusals.is_empty() {
@@ -263,6 +266,7 @@ impl WorkerService for Workers {
         &self,
         req: Request<v1::FailJobRequest>,
     ) -> Result<Response<v1::FailJobResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         let job = self
             .registry
@@ -285,6 +289,7 @@ impl WorkerService for Workers {
         &self,
         req: Request<v1::ReleaseJobRequest>,
     ) -> Result<Response<v1::ReleaseJobResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         self.registry
             .meta

@@ -3,6 +3,7 @@
 //! One trait, two backends (Postgres for production, SQLite embedded), one SQL body
 //! shared by both (see `sql.rs`), one conformance suite run against both.
 
+pub mod auth;
 mod postgres;
 mod queue;
 mod sql;
@@ -15,6 +16,7 @@ use patchport_core::layout::{ArtifactFile, FileRef, TensorRecord};
 use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, Name, Version, VersionRef};
 
+pub use auth::{AuditRecord, AuthStore, NamespacePolicyRecord, TokenRecord};
 pub use postgres::PgStore;
 pub use queue::{EventCursor, EventRecord, JobOutcome, JobRecord, LeasedJob, RetryPolicy};
 pub use sqlite::SqliteStore;
@@ -398,7 +400,7 @@ pub struct ListFilter {
 
 /// The metadata store.
 #[async_trait::async_trait]
-pub trait MetadataStore: Send + Sync + fmt::Debug {
+pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
     /// Inserts a base version; `Ok((record, false))` when the same content already
     /// exists under that name and version. Fails with AlreadyExists on other content
     /// and NotFound on an unknown parent.

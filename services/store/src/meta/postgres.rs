@@ -121,4 +121,5 @@ impl PgStore {
     }
 }
 
+super::auth::impl_auth_store!(PgStore);
 super::sql::impl_sql_store!(PgStore, sqlx::Postgres);

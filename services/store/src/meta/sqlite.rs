@@ -123,4 +123,5 @@ impl SqliteStore {
     }
 }
 
+super::auth::impl_auth_store!(SqliteStore);
 super::sql::impl_sql_store!(SqliteStore, sqlx::Sqlite);
