@@ -95,16 +95,22 @@ pub struct Application {
 impl Application {
     /// Opens the stores (running migrations) and binds the listener.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let blobs = BlobStore::from_url(&config.blobs).map_err(|source| StartError::Blobs {
+            url: config.blobs.clone(),
+            source,
+        })?;
+        Self::build_with_blobs(config, blobs).await
+    }
+
+    /// Like [`build`](Self::build), over a blob store the caller made (`config.blobs` is
+    /// ignored): tests use it to put a fault-injecting `ObjectStore` under the registry.
+    pub async fn build_with_blobs(config: Config, blobs: BlobStore) -> Result<Self, StartError> {
         let meta = meta::connect(&config.database)
             .await
             .map_err(|source| StartError::Meta {
                 url: meta::redact(&config.database),
                 source,
             })?;
-        let blobs = BlobStore::from_url(&config.blobs).map_err(|source| StartError::Blobs {
-            url: config.blobs.clone(),
-            source,
-        })?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
