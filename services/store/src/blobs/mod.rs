@@ -423,7 +423,8 @@ async fn open_range(
 /// Passes `first` (the stream of `[start, end)` of `key`) through; when it breaks off
 /// with a transient error, reopens the object from the byte reached, up to
 /// [`READ_ATTEMPTS`] - 1 times over the whole read, so a read survives a dropped
-/// connection without the caller seeing it.
+/// connection without the caller seeing it. Safe because a blob key's bytes never
+/// change: the reopened range continues the same bytes.
 fn resume_on_failure(
     store: Arc<dyn ObjectStore>,
     key: Path,
