@@ -65,6 +65,9 @@ impl Registry {
             .args(["--workers", "0", "--database", database])
             .arg("--blobs")
             .arg(format!("file://{}/blobs", data.display()))
+            // The failpoint test reads the log: info, as text, whatever the caller set.
+            .env("PATCHPORT_LOG", "info")
+            .env("PATCHPORT_LOG_FORMAT", "text")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
