@@ -6,11 +6,15 @@
 //! is set (a fresh prefix per test in `PATCHPORT_TEST_S3_BUCKET`). A visible line says
 //! which were skipped.
 
+pub mod faults;
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use patchport_client::Client;
 use patchport_registry::{Application, Config};
+use patchport_store::blobs::BlobStore;
 
 /// Where the fixtures live.
 pub fn fixtures() -> PathBuf {
@@ -62,6 +66,20 @@ pub async fn fresh_postgres_db(base_url: &str) -> anyhow::Result<String> {
     Ok(url)
 }
 
+/// Runs `sql` (one `BIGINT` column) on a `postgres://` or `sqlite://` database and
+/// returns the column: tests look at what a registry stored, beside its API.
+pub async fn query_i64s(database_url: &str, sql: &str) -> anyhow::Result<Vec<i64>> {
+    use sqlx::Connection;
+    let sql = sqlx::AssertSqlSafe(sql.to_owned());
+    if database_url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(database_url).await?;
+        Ok(sqlx::query_scalar(sql).fetch_all(&mut conn).await?)
+    } else {
+        let mut conn = sqlx::PgConnection::connect(database_url).await?;
+        Ok(sqlx::query_scalar(sql).fetch_all(&mut conn).await?)
+    }
+}
+
 fn url_without_db(url: &str) -> String {
     // postgres://user@host:port/db?params -> postgres://user@host:port
     let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
@@ -80,6 +98,8 @@ pub struct TestRegistry {
     pub config: Config,
     /// Holds the SQLite file and blob directory.
     pub dir: tempfile::TempDir,
+    /// A blob store given by the test instead of `config.blobs`.
+    blobs: Option<BlobStore>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -96,6 +116,14 @@ impl TestRegistry {
         backend: Backend,
         configure: impl FnOnce(&mut Config),
     ) -> anyhow::Result<Self> {
+        let (mut config, dir) = Self::fresh_config(backend).await?;
+        configure(&mut config);
+        Self::start_with(backend, config, dir, None).await
+    }
+
+    /// The configuration of a registry on fresh stores of `backend`, and the directory
+    /// that holds its files.
+    async fn fresh_config(backend: Backend) -> anyhow::Result<(Config, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
         let sqlite = format!("sqlite://{}/registry.db", dir.path().display());
         let files = format!("file://{}/blobs", dir.path().display());
@@ -125,17 +153,32 @@ impl TestRegistry {
             lease: std::time::Duration::from_secs(30),
             ..Config::default()
         };
-        let mut config = config;
-        configure(&mut config);
-        Self::start_with(backend, config, dir).await
+        Ok((config, dir))
+    }
+
+    /// Starts a registry on fresh stores of `backend`, but over `blobs` (a wrapped or
+    /// fault-injecting store) instead of the backend's blob store.
+    pub async fn start_with_blobs(backend: Backend, blobs: BlobStore) -> anyhow::Result<Self> {
+        let (config, dir) = Self::fresh_config(backend).await?;
+        Self::start_with(backend, config, dir, Some(blobs)).await
+    }
+
+    /// Starts a registry with this configuration (its database, say a private Postgres
+    /// cluster, and its blob url); `dir` is kept with it.
+    pub async fn start_config(config: Config, dir: tempfile::TempDir) -> anyhow::Result<Self> {
+        Self::start_with(Backend::Production, config, dir, None).await
     }
 
     async fn start_with(
         backend: Backend,
         config: Config,
         dir: tempfile::TempDir,
+        blobs: Option<BlobStore>,
     ) -> anyhow::Result<Self> {
-        let app = Application::build(config.clone()).await?;
+        let app = match &blobs {
+            Some(b) => Application::build_with_blobs(config.clone(), b.clone()).await?,
+            None => Application::build(config.clone()).await?,
+        };
         let url = format!("http://{}", app.local_addr());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -150,6 +193,7 @@ impl TestRegistry {
             url,
             config,
             dir,
+            blobs,
             shutdown: Some(tx),
             task: Some(task),
         })
@@ -163,7 +207,7 @@ impl TestRegistry {
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".parse()?;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
-        Self::start_with(self.backend, config, dir).await
+        Self::start_with(self.backend, config, dir, self.blobs.take()).await
     }
 
     /// Stops the server.

@@ -149,6 +149,16 @@ pub struct Application {
 impl Application {
     /// Opens the stores (running migrations) and binds the listener.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let blobs = BlobStore::from_url(&config.blobs).map_err(|source| StartError::Blobs {
+            url: config.blobs.clone(),
+            source,
+        })?;
+        Self::build_with_blobs(config, blobs).await
+    }
+
+    /// Like [`build`](Self::build), over a blob store the caller made (`config.blobs` is
+    /// ignored): tests use it to put a fault-injecting `ObjectStore` under the registry.
+    pub async fn build_with_blobs(config: Config, blobs: BlobStore) -> Result<Self, StartError> {
         let auth_on = config.auth.enabled || config.auth.admin_token.is_some();
         if !auth_on && !config.listen.ip().is_loopback() && !config.insecure_no_auth {
             return Err(StartError::Insecure {
@@ -161,10 +171,6 @@ impl Application {
                 url: meta::redact(&config.database),
                 source,
             })?;
-        let blobs = BlobStore::from_url(&config.blobs).map_err(|source| StartError::Blobs {
-            url: config.blobs.clone(),
-            source,
-        })?;
         let listener =
             TcpListener::bind(config.listen)
                 .await

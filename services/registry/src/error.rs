@@ -25,6 +25,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// A limit or rate was exceeded.
     ResourceExhausted,
+    /// A store the registry needs cannot be reached right now; retrying later may work.
+    Unavailable,
     /// A failure of the registry, not of the request.
     Internal,
 }
@@ -41,6 +43,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         }
     }
@@ -56,6 +59,17 @@ pub enum ApiError {
         kind: ErrorKind,
         /// What to tell the user.
         message: String,
+    },
+    /// A store that cannot be reached right now (a dropped database connection, an object
+    /// store error that may pass): the user gets a generic message and a code that says
+    /// retrying may work, the log gets the chain.
+    #[error("{store} unavailable")]
+    Unavailable {
+        /// Which store: `blob storage` or `the metadata database`.
+        store: &'static str,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A storage failure: the user gets a generic message, the log gets the chain.
     #[error("{context}")]
@@ -151,6 +165,7 @@ impl ApiError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ApiError::User { kind, .. } => *kind,
+            ApiError::Unavailable { .. } => ErrorKind::Unavailable,
             ApiError::Internal { .. } => ErrorKind::Internal,
         }
     }
@@ -171,6 +186,10 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
             ApiError::User { kind, message } => Status::new(kind.code(), message),
+            ApiError::Unavailable { store, .. } => {
+                tracing::warn!(error = %chain(&e), "store unavailable");
+                Status::unavailable(format!("{store} is temporarily unavailable; retry later"))
+            }
             ApiError::Internal { ref context, .. } => {
                 tracing::error!(error = %chain(&e), "internal error");
                 Status::internal(format!(
@@ -205,6 +224,12 @@ impl From<BlobError> for ApiError {
             BlobErrorKind::NotFound => ErrorKind::NotFound,
             BlobErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
             BlobErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            BlobErrorKind::Unavailable => {
+                return ApiError::Unavailable {
+                    store: "blob storage",
+                    source: e.into(),
+                };
+            }
             BlobErrorKind::Internal => return ApiError::internal("accessing blob storage", e),
         };
         ApiError::User {
@@ -220,6 +245,12 @@ impl From<StoreError> for ApiError {
             StoreErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             StoreErrorKind::NotFound => ErrorKind::NotFound,
             StoreErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            StoreErrorKind::Unavailable => {
+                return ApiError::Unavailable {
+                    store: "the metadata database",
+                    source: e.into(),
+                };
+            }
             StoreErrorKind::Internal => {
                 return ApiError::internal("accessing the metadata store", e);
             }

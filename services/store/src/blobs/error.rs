@@ -15,6 +15,10 @@ pub enum BlobErrorKind {
     /// The request is valid but the upload is not in a state that allows it (a commit of
     /// an incomplete upload, an upload that changed while it was committed).
     FailedPrecondition,
+    /// The storage backend failed in a way that may pass (a network or server error, an
+    /// IO error); nothing was promoted, and the request may be retried. The details are
+    /// for the log, not for the client.
+    Unavailable,
     /// The storage backend failed; the details are for the log, not for the client.
     Internal,
 }
@@ -194,6 +198,7 @@ impl BlobError {
             Self::Incomplete { .. } | Self::UploadChanged { .. } => {
                 BlobErrorKind::FailedPrecondition
             }
+            Self::Storage { source, .. } if is_transient(source) => BlobErrorKind::Unavailable,
             Self::CreateDir { .. }
             | Self::CorruptSession { .. }
             | Self::Storage { .. }
@@ -212,4 +217,15 @@ impl BlobError {
             source,
         }
     }
+}
+
+/// Backend errors that may pass: `Generic` is what `object_store` returns for network,
+/// HTTP server and IO failures (its HTTP stores have retried already). Everything else
+/// (NotFound, AlreadyExists, Precondition, PermissionDenied, Unauthenticated, invalid
+/// paths, unsupported operations) answers the same every time.
+pub(crate) fn is_transient(e: &object_store::Error) -> bool {
+    matches!(
+        e,
+        object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
+    )
 }

@@ -20,6 +20,19 @@
 //! a blob larger than CopyObject's 5 GiB limit is written by a multipart upload to its
 //! final key that is completed only after the hash matched.
 //!
+//! Failures of the backend, and what is retried where:
+//!
+//! - Idempotent reads (head, get, ranged get, list, and the rest of a read stream that
+//!   broke off) are retried here, [`READ_ATTEMPTS`] attempts in all with a doubling
+//!   backoff from [`READ_BACKOFF`], when the error is transient (`object_store`'s
+//!   `Generic`: network, HTTP server and IO failures; its S3 client has already retried
+//!   those requests itself). A read stream resumes from the byte it had reached.
+//! - Writes (segment and session puts, staging, promotion) are not retried here: the
+//!   request fails with [`BlobErrorKind::Unavailable`] and nothing is promoted, and the
+//!   client's resumable upload asks for the committed offset and resends from there
+//!   (a commit is idempotent and can simply be sent again).
+//! - Anything else (NotFound, PermissionDenied, a precondition) is never retried.
+//!
 //! Must never know: gRPC, the metadata database, tensor formats.
 
 mod error;
@@ -31,6 +44,7 @@ mod tests;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
@@ -53,6 +67,12 @@ pub const READ_CHUNK_SIZE: usize = 1 << 20;
 
 /// S3's CopyObject limit: larger blobs are not promoted by a server-side copy.
 pub const S3_MAX_COPY_SIZE: u64 = 5 << 30;
+
+/// Attempts of an idempotent backend read before a transient error is returned.
+pub const READ_ATTEMPTS: u32 = 3;
+
+/// Backoff before the second attempt of a read; doubled before each further one.
+pub const READ_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Heads in flight at once in [`BlobStore::find_missing`].
 const FIND_MISSING_CONCURRENCY: usize = 32;
@@ -264,31 +284,29 @@ impl BlobStore {
         if end == offset {
             return Ok(stream::empty().boxed());
         }
-        let options = GetOptions::new().with_range(Some(offset..end));
-        let result = self.store.get_opts(&key, options).await.map_err(|e| {
-            not_found_or(
-                e,
-                || BlobError::BlobNotFound { digest: *digest },
-                "get",
-                &key,
-            )
-        })?;
-        Ok(rechunk(result.into_stream(), key, end - offset))
+        let result = open_range(&self.store, &key, offset, end)
+            .await
+            .map_err(|e| {
+                not_found_or(
+                    e,
+                    || BlobError::BlobNotFound { digest: *digest },
+                    "get",
+                    &key,
+                )
+            })?;
+        let inner = resume_on_failure(self.store.clone(), key.clone(), offset, end, result);
+        Ok(rechunk(inner, key, end - offset))
     }
 
     /// The whole blob in memory; for small files (configs, manifests).
     pub async fn read_all(&self, digest: &Digest) -> Result<Bytes, BlobError> {
         let key = self.blob_key(digest);
         let not_found = || BlobError::BlobNotFound { digest: *digest };
-        let result = self
-            .store
-            .get(&key)
-            .await
-            .map_err(|e| not_found_or(e, not_found, "get", &key))?;
-        result
-            .bytes()
-            .await
-            .map_err(|e| not_found_or(e, not_found, "read", &key))
+        retry_read("get", &key, || async {
+            self.store.get(&key).await?.bytes().await
+        })
+        .await
+        .map_err(|e| not_found_or(e, not_found, "get", &key))
     }
 
     fn blob_key(&self, digest: &Digest) -> Path {
@@ -303,7 +321,7 @@ impl BlobStore {
     }
 
     async fn head(&self, key: &Path) -> Result<Option<ObjectMeta>, BlobError> {
-        match self.store.head(key).await {
+        match retry_read("head", key, || self.store.head(key)).await {
             Ok(meta) => Ok(Some(meta)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(BlobError::storage("head", key, e)),
@@ -367,6 +385,112 @@ fn not_found_or(
         object_store::Error::NotFound { .. } => not_found(),
         e => BlobError::storage(op, key, e),
     }
+}
+
+/// Runs an idempotent backend read, retrying transient failures (see the module doc).
+async fn retry_read<T, F, Fut>(op: &'static str, key: &Path, mut f: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(e) if attempt < READ_ATTEMPTS && error::is_transient(&e) => {
+                tracing::warn!(op, key = %key, attempt, error = %e, "blob storage read failed, retrying");
+                tokio::time::sleep(READ_BACKOFF * 2u32.pow(attempt - 1)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Opens `[start, end)` of an object as a byte stream, retrying transient failures.
+async fn open_range(
+    store: &Arc<dyn ObjectStore>,
+    key: &Path,
+    start: u64,
+    end: u64,
+) -> object_store::Result<BoxStream<'static, object_store::Result<Bytes>>> {
+    retry_read("get", key, || async {
+        let options = GetOptions::new().with_range(Some(start..end));
+        Ok(store.get_opts(key, options).await?.into_stream())
+    })
+    .await
+}
+
+/// Passes `first` (the stream of `[start, end)` of `key`) through; when it breaks off
+/// with a transient error, reopens the object from the byte reached, up to
+/// [`READ_ATTEMPTS`] - 1 times over the whole read, so a read survives a dropped
+/// connection without the caller seeing it. Safe because a blob key's bytes never
+/// change: the reopened range continues the same bytes.
+fn resume_on_failure(
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    start: u64,
+    end: u64,
+    first: BoxStream<'static, object_store::Result<Bytes>>,
+) -> BoxStream<'static, object_store::Result<Bytes>> {
+    struct State {
+        store: Arc<dyn ObjectStore>,
+        key: Path,
+        pos: u64,
+        end: u64,
+        inner: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+        resumes_left: u32,
+        done: bool,
+    }
+    let state = State {
+        store,
+        key,
+        pos: start,
+        end,
+        inner: Some(first),
+        resumes_left: READ_ATTEMPTS - 1,
+        done: false,
+    };
+    stream::unfold(state, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            if st.inner.is_none() {
+                if st.pos >= st.end {
+                    return None;
+                }
+                match open_range(&st.store, &st.key, st.pos, st.end).await {
+                    Ok(s) => st.inner = Some(s),
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e), st));
+                    }
+                }
+            }
+            let next = match st.inner.as_mut() {
+                Some(inner) => inner.next().await,
+                None => None,
+            };
+            match next {
+                Some(Ok(bytes)) => {
+                    st.pos = st.pos.saturating_add(bytes.len() as u64);
+                    return Some((Ok(bytes), st));
+                }
+                Some(Err(e)) if st.resumes_left > 0 && error::is_transient(&e) => {
+                    st.resumes_left -= 1;
+                    tracing::warn!(key = %st.key, offset = st.pos, error = %e, "blob read broke off, resuming");
+                    st.inner = None;
+                    tokio::time::sleep(READ_BACKOFF).await;
+                }
+                Some(Err(e)) => {
+                    st.done = true;
+                    return Some((Err(e), st));
+                }
+                None => return None,
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Feeds `parts` to `hasher`, on the blocking pool when they are large.

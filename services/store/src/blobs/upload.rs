@@ -624,7 +624,9 @@ impl BlobStore {
             upload_id: upload_id.to_owned(),
             detail,
         };
-        let bytes = match self.store.get_range(key, range).await {
+        let bytes = match super::retry_read("get", key, || self.store.get_range(key, range.clone()))
+            .await
+        {
             Ok(bytes) => bytes,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(changed(format!("segment {key} disappeared")));
@@ -727,12 +729,11 @@ impl BlobStore {
     /// The session's segments, by offset.
     async fn list_segments(&self, upload_id: &str) -> Result<Vec<Segment>, BlobError> {
         let dir = self.session_dir(upload_id);
-        let objects: Vec<ObjectMeta> = self
-            .store
-            .list(Some(&dir))
-            .try_collect()
-            .await
-            .map_err(|e| BlobError::storage("list", &dir, e))?;
+        let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
+            self.store.list(Some(&dir)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::storage("list", &dir, e))?;
         let mut segments: Vec<Segment> = objects
             .iter()
             .filter_map(|meta| {
@@ -755,13 +756,11 @@ impl BlobStore {
         let not_found = || BlobError::UploadNotFound {
             upload_id: upload_id.to_owned(),
         };
-        let bytes = match self.store.get(&key).await {
-            Ok(result) => result
-                .bytes()
-                .await
-                .map_err(|e| super::not_found_or(e, not_found, "read", &key))?,
-            Err(e) => return Err(super::not_found_or(e, not_found, "get", &key)),
-        };
+        let bytes = super::retry_read("get", &key, || async {
+            self.store.get(&key).await?.bytes().await
+        })
+        .await
+        .map_err(|e| super::not_found_or(e, not_found, "get", &key))?;
         serde_json::from_slice(&bytes).map_err(|source| BlobError::CorruptSession {
             upload_id: upload_id.to_owned(),
             source,
@@ -783,10 +782,10 @@ impl BlobStore {
 
     /// The upload id an index entry names, if the entry exists and is well formed.
     async fn read_index(&self, key: &Path) -> Result<Option<String>, BlobError> {
-        let bytes = match self.store.get(key).await {
-            Ok(result) => result.bytes().await,
-            Err(e) => Err(e),
-        };
+        let bytes = super::retry_read("get", key, || async {
+            self.store.get(key).await?.bytes().await
+        })
+        .await;
         match bytes {
             Ok(bytes) => {
                 let id = String::from_utf8_lossy(&bytes).trim().to_owned();

@@ -30,6 +30,10 @@ pub enum StoreErrorKind {
     NotFound,
     /// The request is valid but the state forbids it.
     FailedPrecondition,
+    /// The database cannot be reached right now (connection refused or lost, server
+    /// shutting down or starting up, no pooled connection in time). Safe to retry: every
+    /// change is one transaction, and pushes of the same content are idempotent.
+    Unavailable,
     /// The database failed.
     Internal,
 }
@@ -96,11 +100,33 @@ impl StoreError {
             StoreError::AlreadyExists { .. } => StoreErrorKind::AlreadyExists,
             StoreError::NotFound { .. } => StoreErrorKind::NotFound,
             StoreError::FailedPrecondition { .. } => StoreErrorKind::FailedPrecondition,
+            StoreError::Database { source } if is_unavailable(source) => {
+                StoreErrorKind::Unavailable
+            }
             StoreError::Corrupt { .. }
             | StoreError::Database { .. }
             | StoreError::Migrate { .. }
             | StoreError::BadUrl { .. } => StoreErrorKind::Internal,
         }
+    }
+}
+
+/// Whether a database error means the server could not be reached or dropped the
+/// connection (rather than refusing the statement): IO errors, pool timeouts, and the
+/// SQLSTATEs of class 08 (connection exception), 57P01-57P03 (shutdown, crash, starting
+/// up) and 53300 (too many connections). A transaction cut by one of these is rolled
+/// back by the server, so the request changed nothing.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
     }
 }
 

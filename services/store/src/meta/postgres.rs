@@ -1,5 +1,7 @@
 //! The Postgres metadata store (production).
 
+use std::time::Duration;
+
 use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use super::queue::bad_cursor;
@@ -13,12 +15,23 @@ pub struct PgStore {
     retry: RetryPolicy,
 }
 
+/// How long a request waits for a pooled connection. While Postgres is down or
+/// restarting the pool keeps trying to connect for this long, then the request fails with
+/// `PoolTimedOut` (Unavailable to clients) instead of hanging for sqlx's default 30 s.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl PgStore {
     /// Connects and runs the embedded migrations (under Postgres' migration lock, so
     /// several registry replicas can start together).
+    ///
+    /// The pool survives a Postgres restart: every idle connection is pinged before it is
+    /// handed out (`test_before_acquire`), so connections the old server dropped are
+    /// replaced by new ones instead of failing the next request.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            .test_before_acquire(true)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect(url)
             .await?;
         sqlx::migrate!("../../migrations/postgres")

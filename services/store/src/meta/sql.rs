@@ -214,6 +214,20 @@ pub(crate) const PATCH_SELECT: &str = "SELECT v.id, v.name, v.version, v.digest,
     v.eval_digest, v.created_at \
     FROM patch_versions v JOIN base_versions b ON b.id = v.base_id";
 
+/// Test-only failpoint, never set in production: `PATCHPORT_TEST_FANOUT_PAUSE_MS=N`
+/// makes every base publish sleep N ms inside its transaction once half of its fan-out
+/// is queued, logging `test failpoint: publish paused mid fan-out` first, so fault tests
+/// can kill the registry with the transaction open. Read once per process.
+pub(crate) fn fanout_pause() -> Option<std::time::Duration> {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        std::env::var("PATCHPORT_TEST_FANOUT_PAUSE_MS")
+            .ok()
+            .and_then(|ms| ms.trim().parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 fn corrupt(table: &'static str, message: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt {
         table,
@@ -489,7 +503,12 @@ macro_rules! impl_sql_store {
                 .bind(id)
                 .fetch_all(&mut *tx)
                 .await?;
-                for patch_id in patches {
+                let half = patches.len() / 2;
+                for (i, patch_id) in patches.into_iter().enumerate() {
+                    if i == half && let Some(pause) = $crate::meta::sql::fanout_pause() {
+                        tracing::warn!(queued = i, pause_ms = pause.as_millis() as u64, "test failpoint: publish paused mid fan-out");
+                        tokio::time::sleep(pause).await;
+                    }
                     Self::queue_port(&mut tx, patch_id, id, self.retry.max_attempts).await?;
                 }
                 let row = Self::base_by_ref(&mut tx, &new.name, &this)

@@ -1,0 +1,272 @@
+//! An `ObjectStore` that fails chosen operations on command, to test how the registry
+//! behaves when its blob storage breaks.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
+
+/// An operation of the wrapped store that can be made to fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `put` / `put_opts` (segments, session records, small blobs).
+    Put,
+    /// Starting a multipart upload (staging of large blobs).
+    PutMultipart,
+    /// `head`.
+    Head,
+    /// A whole-object `get`.
+    Get,
+    /// A ranged `get` (blob reads, segment reads at commit).
+    GetRange,
+    /// The body of a `get` breaks off after its first chunk.
+    ReadBody,
+    /// `copy` / `copy_if_not_exists` (promotion of staged blobs).
+    Copy,
+    /// `list` and `list_with_delimiter`.
+    List,
+    /// Deletes.
+    Delete,
+}
+
+#[derive(Debug)]
+struct Rule {
+    op: Op,
+    key_contains: String,
+    /// Failures left; `None` fails until cleared.
+    remaining: Option<usize>,
+}
+
+/// The switchboard of a [`FaultyStore`]: which operations fail, and how often they did.
+#[derive(Debug, Default)]
+pub struct Faults {
+    rules: Mutex<Vec<Rule>>,
+    injected: AtomicUsize,
+}
+
+impl Faults {
+    /// The next `times` calls of `op` fail.
+    pub fn fail(&self, op: Op, times: usize) {
+        self.add(op, "", Some(times));
+    }
+
+    /// Every call of `op` fails until [`clear`](Self::clear).
+    pub fn fail_always(&self, op: Op) {
+        self.add(op, "", None);
+    }
+
+    /// Calls of `op` on keys containing `key_contains` fail (`times` of them, or all).
+    pub fn fail_matching(&self, op: Op, key_contains: &str, times: Option<usize>) {
+        self.add(op, key_contains, times);
+    }
+
+    /// No more failures.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// How many failures were injected so far.
+    pub fn injected(&self) -> usize {
+        self.injected.load(Ordering::SeqCst)
+    }
+
+    fn add(&self, op: Op, key_contains: &str, remaining: Option<usize>) {
+        self.lock().push(Rule {
+            op,
+            key_contains: key_contains.to_owned(),
+            remaining,
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Rule>> {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Consumes a matching rule: whether this call must fail.
+    fn trips(&self, op: Op, key: &str) -> bool {
+        let mut rules = self.lock();
+        let hit = rules
+            .iter_mut()
+            .find(|r| r.op == op && key.contains(&r.key_contains) && r.remaining != Some(0));
+        let Some(rule) = hit else { return false };
+        if let Some(n) = rule.remaining.as_mut() {
+            *n -= 1;
+        }
+        self.injected.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    fn check(&self, op: Op, key: &Path) -> object_store::Result<()> {
+        if self.trips(op, key.as_ref()) {
+            Err(injected(op, key.as_ref()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The error a tripped rule returns: `Generic`, what `object_store` returns for network
+/// and server failures.
+fn injected(op: Op, key: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "faulty",
+        source: format!("injected {op:?} fault on {key}").into(),
+    }
+}
+
+/// Wraps a store; every operation first asks its [`Faults`].
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    faults: Arc<Faults>,
+}
+
+impl FaultyStore {
+    /// Wraps `inner`; returns the store and its switchboard.
+    pub fn new(inner: Arc<dyn ObjectStore>) -> (Self, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        (
+            Self {
+                inner,
+                faults: faults.clone(),
+            },
+            faults,
+        )
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.faults.check(Op::Put, location)?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.faults.check(Op::PutMultipart, location)?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        let op = if options.head {
+            Op::Head
+        } else if options.range.is_some() {
+            Op::GetRange
+        } else {
+            Op::Get
+        };
+        self.faults.check(op, location)?;
+        let result = self.inner.get_opts(location, options).await?;
+        if op == Op::Head || !self.faults.trips(Op::ReadBody, location.as_ref()) {
+            return Ok(result);
+        }
+        // The body breaks off after its first chunk.
+        let key = location.to_string();
+        let GetResult {
+            meta,
+            range,
+            attributes,
+            extensions,
+            ..
+        } = &result;
+        let (meta, range, attributes, extensions) = (
+            meta.clone(),
+            range.clone(),
+            attributes.clone(),
+            extensions.clone(),
+        );
+        let body = result
+            .into_stream()
+            .take(1)
+            .chain(futures::stream::once(async move {
+                Err(injected(Op::ReadBody, &key))
+            }))
+            .boxed();
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(body),
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        self.faults.check(Op::GetRange, location)?;
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let faults = self.faults.clone();
+        let checked = locations
+            .map(move |l| {
+                let l = l?;
+                faults.check(Op::Delete, &l)?;
+                Ok(l)
+            })
+            .boxed();
+        self.inner.delete_stream(checked)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let key = prefix.map(|p| p.to_string()).unwrap_or_default();
+        if self.faults.trips(Op::List, &key) {
+            return futures::stream::once(async move { Err(injected(Op::List, &key)) }).boxed();
+        }
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        let key = prefix.map(|p| p.to_string()).unwrap_or_default();
+        if self.faults.trips(Op::List, &key) {
+            return Err(injected(Op::List, &key));
+        }
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.faults.check(Op::Copy, to)?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}
