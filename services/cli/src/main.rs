@@ -55,6 +55,9 @@ enum Command {
     Compat(commands::worker::CompatArgs),
     /// The exact adapter artifact of a patch for the base digest a serving engine loaded.
     Resolve(commands::worker::ResolveArgs),
+    /// Ask the registry's gRPC health service; exit 0 when it is serving (for container
+    /// health checks).
+    Health(commands::health::HealthArgs),
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -91,6 +94,7 @@ async fn main() -> std::process::ExitCode {
         Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
         Command::Compat(args) => commands::worker::compat(&cli.registry, args).await,
         Command::Resolve(args) => commands::worker::resolve(&cli.registry, args).await,
+        Command::Health(args) => commands::health::run(&cli.registry, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
