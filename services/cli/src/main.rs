@@ -63,6 +63,9 @@ enum Command {
     Namespace(commands::admin::NamespaceCommand),
     /// The audit log of state changes (admins).
     Audit(commands::admin::AuditArgs),
+    /// Ask the registry's gRPC health service; exit 0 when it is serving (for container
+    /// health checks).
+    Health(commands::health::HealthArgs),
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -102,6 +105,7 @@ async fn main() -> std::process::ExitCode {
         Command::Token(cmd) => commands::admin::token(&cli.registry, cmd).await,
         Command::Namespace(cmd) => commands::admin::namespace(&cli.registry, cmd).await,
         Command::Audit(args) => commands::admin::audit(&cli.registry, args).await,
+        Command::Health(args) => commands::health::run(&cli.registry, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
