@@ -25,6 +25,9 @@ struct Cli {
         global = true
     )]
     log_format: String,
+    /// PEM CA certificate to trust for an https:// registry (a private CA).
+    #[arg(long, env = "PATCHPORT_CA_CERT", global = true)]
+    ca_cert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,6 +93,7 @@ async fn main() -> std::process::ExitCode {
         "warn"
     };
     init_tracing(&cli.log_format, default_level);
+    let _ = commands::CA_CERT.set(cli.ca_cert.clone());
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args).await,
         Command::Base(cmd) => commands::push::run_base(&cli.registry, cmd).await,

@@ -23,8 +23,8 @@ impl Drop for Proc {
 }
 
 /// `patchport serve` with auth on and `workers` in-process workers; returns the process,
-/// its URL and a reader of its log.
-fn serve(data: &Path, workers: &str) -> (Proc, String, std::process::ChildStderr) {
+/// its URL and its log, read on a thread (so the pipe never fills), whole at exit.
+fn serve(data: &Path, workers: &str) -> (Proc, String, std::thread::JoinHandle<String>) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--workers", workers])
         .arg("--database")
@@ -44,7 +44,12 @@ fn serve(data: &Path, workers: &str) -> (Proc, String, std::process::ChildStderr
         .read_line(&mut line)
         .expect("read the listening line");
     let addr = line.trim().rsplit(' ').next().expect("address").to_owned();
-    (Proc(child), format!("http://{addr}"), stderr)
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = BufReader::new(stderr).read_to_string(&mut text);
+        text
+    });
+    (Proc(child), format!("http://{addr}"), log)
 }
 
 fn run(url: &str, token: Option<&str>, args: &[&str]) -> Output {
@@ -76,7 +81,7 @@ fn fails(url: &str, token: Option<&str>, args: &[&str]) -> String {
 #[test]
 fn tokens_from_the_command_line_and_an_authenticated_worker() {
     let data = tempfile::tempdir().unwrap();
-    let (server, url, mut log) = serve(data.path(), "0");
+    let (server, url, log) = serve(data.path(), "0");
     let url = url.as_str();
     let f = fixtures().join("llama-micro");
     let v1 = f.join("v1");
@@ -228,8 +233,7 @@ fn tokens_from_the_command_line_and_an_authenticated_worker() {
 
     // The log never shows a token, even at debug level.
     drop(server);
-    let mut text = String::new();
-    log.read_to_string(&mut text).unwrap();
+    let text = log.join().unwrap();
     for secret in [ADMIN, push.as_str(), worker_token.as_str()] {
         assert!(!text.contains(secret), "a token appeared in the server log");
     }

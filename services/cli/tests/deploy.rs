@@ -57,8 +57,13 @@ const FINAL_WORKER: &[(&str, &str)] = &[
     ("--log-format", "PATCHPORT_LOG_FORMAT"),
 ];
 /// Variables read outside clap (no flag of their own): the registry's admin token turns
-/// authentication on; a worker's token goes into every request.
-const NON_FLAG_VARIABLES: &[&str] = &["PATCHPORT_ADMIN_TOKEN", "PATCHPORT_TOKEN"];
+/// authentication on; a worker's token goes into every request, over plain text inside
+/// the cluster only when allowed.
+const NON_FLAG_VARIABLES: &[&str] = &[
+    "PATCHPORT_ADMIN_TOKEN",
+    "PATCHPORT_TOKEN",
+    "PATCHPORT_ALLOW_PLAINTEXT_TOKEN",
+];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

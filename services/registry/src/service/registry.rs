@@ -120,7 +120,8 @@ impl RegistryService for Versions {
         let target = format!("{}:{}", req.name, req.version);
         let out = async {
             self.registry.auth.require(&who, Need::Push, &ns).await?;
-            if !req.parent.is_empty() {
+            // A parent is a version of the same name, or a full reference.
+            if req.parent.contains('/') {
                 self.registry
                     .auth
                     .require(&who, Need::Read, namespace_of(&req.parent))
