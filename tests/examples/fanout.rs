@@ -42,6 +42,8 @@ async fn main() -> anyhow::Result<()> {
         database,
         blobs: format!("file://{}/blobs", dir.path().display()),
         lease: Duration::from_secs(30),
+        metrics_listen: None,
+        shutdown_grace: Duration::from_secs(30),
     })
     .await?;
     let url = format!("http://{}", app.local_addr());

@@ -1,8 +1,11 @@
 //! `Application::build(config)` binds first and exposes its address; `run_until` serves
-//! until a shutdown signal.
+//! until a shutdown signal, then drains: health NOT_SERVING, in-process workers release
+//! their leases while the server still answers, the listener closes, in-flight requests
+//! finish within the grace, and long polls and event streams end cleanly.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use patchport_proto::v1::{
     blob_service_server::BlobServiceServer, event_service_server::EventServiceServer,
@@ -12,8 +15,11 @@ use patchport_proto::v1::{
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use crate::metrics::{GrpcMetricsLayer, MetricsEndpoint, MetricsError};
 use crate::service::blobs::{Blobs, MAX_CHUNK};
 use crate::service::events::Events;
 use crate::service::ports::Ports;
@@ -23,6 +29,17 @@ use crate::state::Registry;
 
 /// Largest gRPC message accepted or sent (a chunk plus framing).
 const MAX_MESSAGE: usize = (MAX_CHUNK as usize) + (1 << 20);
+/// How often the `patchport_jobs` gauge is refreshed from the store.
+const JOBS_GAUGE_EVERY: Duration = Duration::from_secs(5);
+/// Every service with a health status ("" is the whole server).
+const HEALTH_SERVICES: [&str; 6] = [
+    "",
+    "patchport.v1.BlobService",
+    "patchport.v1.RegistryService",
+    "patchport.v1.PortService",
+    "patchport.v1.EventService",
+    "patchport.v1.WorkerService",
+];
 
 /// What the registry serves and where.
 #[derive(Debug, Clone)]
@@ -35,6 +52,11 @@ pub struct Config {
     pub blobs: String,
     /// How long a port job's lease lasts without a heartbeat.
     pub lease: std::time::Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` records nothing.
+    pub metrics_listen: Option<SocketAddr>,
+    /// After a shutdown signal, how long in-process workers and in-flight requests get
+    /// to finish before the remaining connections are dropped.
+    pub shutdown_grace: Duration,
 }
 
 /// A failure to start.
@@ -74,6 +96,13 @@ pub enum StartError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The metrics endpoint did not start.
+    #[error("cannot start the metrics endpoint")]
+    Metrics {
+        /// The cause.
+        #[source]
+        source: MetricsError,
+    },
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection {
@@ -90,6 +119,10 @@ pub struct Application {
     addr: SocketAddr,
     registry: Registry,
     lease: std::time::Duration,
+    metrics: Option<MetricsEndpoint>,
+    shutdown_grace: Duration,
+    draining: CancellationToken,
+    before_stop: Vec<JoinHandle<()>>,
 }
 
 impl Application {
@@ -116,11 +149,23 @@ impl Application {
             addr: config.listen,
             source,
         })?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                MetricsEndpoint::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
             addr,
             registry: Registry { meta, blobs },
             lease: config.lease,
+            metrics,
+            shutdown_grace: config.shutdown_grace,
+            draining: CancellationToken::new(),
+            before_stop: Vec::new(),
         })
     }
 
@@ -129,12 +174,33 @@ impl Application {
         self.addr
     }
 
+    /// The bound metrics address, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsEndpoint::local_addr)
+    }
+
     /// The stores (for in-process workers and tests).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// Serves until `shutdown` completes; health turns NOT_SERVING first.
+    /// Cancelled when shutdown begins: after health turns NOT_SERVING, while the server
+    /// still answers. In-process workers stop on it and release their leases.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// The server keeps taking requests after a shutdown signal until `task` ends (within
+    /// the grace): an in-process worker releasing its lease over gRPC.
+    pub fn finish_before_stop(&mut self, task: JoinHandle<()>) {
+        self.before_stop.push(task);
+    }
+
+    /// Serves until `shutdown` completes, then drains: every health status turns
+    /// NOT_SERVING, [`Self::draining`] is cancelled and the tasks given to
+    /// [`Self::finish_before_stop`] finish while the server still answers; then the
+    /// listener closes, long polls and event streams end, and in-flight requests finish.
+    /// Whatever is still running when the grace is up is dropped.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -155,43 +221,81 @@ impl Application {
         })
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
-        health_reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        for name in ["patchport.v1.BlobService", "patchport.v1.RegistryService"] {
+        for name in HEALTH_SERVICES {
             health_reporter
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
+        let background = CancellationToken::new();
+        let mut tasks = Vec::new();
         // The reaper: leases that expired (a worker died) go back to the queue.
-        let reaper = {
+        tasks.push({
             let meta = self.registry.meta.clone();
+            let period = (self.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
             tokio::spawn(async move {
-                let period = (self.lease / 4).clamp(
-                    std::time::Duration::from_millis(250),
-                    std::time::Duration::from_secs(2),
-                );
                 let mut tick = tokio::time::interval(period);
                 loop {
                     tick.tick().await;
                     match meta.reap_expired(patchport_store::meta::now_millis()).await {
                         Ok(0) => {}
-                        Ok(n) => tracing::warn!(jobs = n, "expired leases requeued"),
+                        Ok(n) => {
+                            metrics::counter!(crate::metrics::LEASE_EXPIRIES).increment(n as u64);
+                            tracing::warn!(jobs = n, "expired leases requeued");
+                        }
                         Err(e) => tracing::error!(error = %e, "reaping expired leases failed"),
                     }
                 }
             })
-        };
+        });
+        if let Some(endpoint) = self.metrics {
+            tracing::info!(addr = %endpoint.local_addr(), "metrics at /metrics");
+            tasks.push(tokio::spawn(endpoint.serve(background.clone())));
+            // Queue depth by state, from the store.
+            let meta = self.registry.meta.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(JOBS_GAUGE_EVERY);
+                loop {
+                    tick.tick().await;
+                    match meta.count_jobs_by_state().await {
+                        Ok(counts) => {
+                            for (state, n) in counts {
+                                metrics::gauge!(crate::metrics::JOBS, "state" => state.as_str())
+                                    .set(n as f64);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "counting jobs failed"),
+                    }
+                }
+            }));
+        }
         tracing::info!(addr = %self.addr, "registry listening");
+        let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel();
+        let draining = self.draining.clone();
+        let before_stop = self.before_stop;
+        let grace = self.shutdown_grace;
         let reporter = health_reporter.clone();
-        let shutdown = async move {
+        let stopping = async move {
             shutdown.await;
-            tracing::info!("shutting down");
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            let deadline = tokio::time::Instant::now() + grace;
+            let _ = deadline_tx.send(deadline);
+            // Load balancers and probes see NOT_SERVING while the server still answers.
+            for name in HEALTH_SERVICES {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining");
+            draining.cancel();
+            if tokio::time::timeout_at(deadline, futures::future::join_all(before_stop))
+                .await
+                .is_err()
+            {
+                tracing::warn!("in-process workers did not stop within the grace");
+            }
+            tracing::info!("no longer accepting requests; finishing those in flight");
         };
         let served = tonic::transport::Server::builder()
+            .layer(GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(blobs)
@@ -201,11 +305,13 @@ impl Application {
             }))
             .add_service(EventServiceServer::new(Events {
                 registry: self.registry.clone(),
+                draining: self.draining.clone(),
             }))
             .add_service(
                 WorkerServiceServer::new(Workers {
                     registry: self.registry.clone(),
                     lease: self.lease,
+                    draining: self.draining.clone(),
                 })
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
@@ -214,11 +320,27 @@ impl Application {
                 // No Nagle: small request/response pairs (leases, chunk acks) must not
                 // wait for delayed ACKs.
                 tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await
-            .map_err(|source| StartError::Serve { source });
-        reaper.abort();
-        served
+                stopping,
+            );
+        let grace_over = async move {
+            match deadline_rx.await {
+                Ok(deadline) => tokio::time::sleep_until(deadline).await,
+                // The server ended without a shutdown signal.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            served = served => served.map_err(|source| StartError::Serve { source }),
+            () = grace_over => {
+                tracing::warn!("shutdown grace over: dropping the requests still in flight");
+                Ok(())
+            }
+        };
+        background.cancel();
+        for task in tasks {
+            task.abort();
+        }
+        tracing::info!("registry stopped");
+        result
     }
 }

@@ -10,6 +10,7 @@ mod app;
 mod convert;
 mod error;
 mod ingest;
+pub mod metrics;
 mod porting;
 mod service;
 mod state;
