@@ -448,7 +448,9 @@ impl<B: Body + Unpin> Body for MeteredBody<B> {
                 // gRPC status.
                 Some(Err(_)) | None => Some("Unknown"),
             };
-            if let (Some(code), Some(meter)) = (code, self.meter.take()) {
+            if let Some(code) = code
+                && let Some(meter) = self.meter.take()
+            {
                 meter.record(code);
             }
         }
