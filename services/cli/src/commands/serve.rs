@@ -34,6 +34,13 @@ pub(crate) struct ServeArgs {
     /// Seconds a port job's lease lasts without a heartbeat (a dead worker costs this).
     #[arg(long, env = "PATCHPORT_LEASE_SECONDS", default_value_t = 30)]
     lease_seconds: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM: seconds in-process workers and in-flight requests get to finish before
+    /// the remaining connections are dropped.
+    #[arg(long, env = "PATCHPORT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -83,18 +90,25 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         database: args.database,
         blobs: absolute_file_url(&args.blobs)?,
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
+        metrics_listen: args.metrics_listen,
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
     };
     let signal = shutdown_signal()?;
-    let app = Application::build(config).await?;
+    let mut app = Application::build(config).await?;
     let addr = app.local_addr();
-    // Test harnesses read this line to learn the port when listening on :0.
+    // Test harnesses read this line to learn the port when listening on :0 (and the
+    // next one for the metrics port).
     println!("patchport registry listening on {addr}");
-    let stop_workers = tokio_util::sync::CancellationToken::new();
-    let mut workers = Vec::new();
+    if let Some(metrics) = app.metrics_addr() {
+        patchport_worker::describe_metrics();
+        println!("patchport metrics listening on {metrics}");
+    }
+    // In-process workers stop when draining begins (health already NOT_SERVING) and
+    // release their leases while the server still answers.
     for i in 0..args.workers {
-        let stop = stop_workers.clone();
+        let stop = app.draining();
         let id = format!("{}-inproc-{i}", super::worker::default_worker_id());
-        workers.push(tokio::spawn(async move {
+        app.finish_before_stop(tokio::spawn(async move {
             let url = format!("http://{addr}");
             // The in-process worker speaks gRPC to this very server: one code path.
             let client = loop {
@@ -112,15 +126,6 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    let stop = stop_workers.clone();
-    let shutdown = async move {
-        signal.await;
-        // Workers release their leases while the server can still answer.
-        stop.cancel();
-        for w in workers {
-            let _ = w.await;
-        }
-    };
-    app.run_until(shutdown).await?;
+    app.run_until(signal).await?;
     Ok(())
 }
