@@ -42,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
         database,
         blobs: format!("file://{}/blobs", dir.path().display()),
         lease: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(30),
         ..Config::default()
     })
     .await?;

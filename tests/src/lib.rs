@@ -151,6 +151,8 @@ impl TestRegistry {
             database,
             blobs,
             lease: std::time::Duration::from_secs(30),
+            metrics_listen: None,
+            shutdown_grace: std::time::Duration::from_secs(30),
             ..Config::default()
         };
         Ok((config, dir))

@@ -7,7 +7,7 @@ mod commands;
 mod output;
 mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// patchport: a registry and build service for LoRA patches that keeps them alive while
 /// their base models evolve.
@@ -17,14 +17,15 @@ struct Cli {
     /// Registry address for client commands.
     #[arg(long, env = "PATCHPORT_REGISTRY", default_value = patchport_client::DEFAULT_REGISTRY, global = true)]
     registry: String,
-    /// Log format on stderr: text or json.
+    /// Log format on stderr: text, or json (one object per line, with span fields).
     #[arg(
         long,
         env = "PATCHPORT_LOG_FORMAT",
-        default_value = "text",
+        value_enum,
+        default_value_t = LogFormat::Text,
         global = true
     )]
-    log_format: String,
+    log_format: LogFormat,
     /// PEM CA certificate to trust for an https:// registry (a private CA).
     #[arg(long, env = "PATCHPORT_CA_CERT", global = true)]
     ca_cert: Option<std::path::PathBuf>,
@@ -71,16 +72,26 @@ enum Command {
     Health(commands::health::HealthArgs),
 }
 
-fn init_tracing(format: &str, default_level: &str) {
+/// How logs are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
+/// Logs go to stderr unbuffered, so nothing is left to flush at exit. No log line carries
+/// a token: requests are logged by method and ids, never with their metadata.
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PATCHPORT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 
@@ -92,7 +103,7 @@ async fn main() -> std::process::ExitCode {
     } else {
         "warn"
     };
-    init_tracing(&cli.log_format, default_level);
+    init_tracing(cli.log_format, default_level);
     let _ = commands::CA_CERT.set(cli.ca_cert.clone());
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args).await,

@@ -1,8 +1,11 @@
 //! `Application::build(config)` binds first and exposes its address; `run_until` serves
-//! until a shutdown signal.
+//! until a shutdown signal, then drains: health NOT_SERVING, in-process workers release
+//! their leases while the server still answers, the listener closes, in-flight requests
+//! finish within the grace, and long polls and event streams end cleanly.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use patchport_proto::v1::{
     admin_service_server::AdminServiceServer, blob_service_server::BlobServiceServer,
@@ -12,10 +15,13 @@ use patchport_proto::v1::{
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::auth::{Auth, AuthConfig};
 use crate::limits::Limits;
+use crate::metrics::{GrpcMetricsLayer, MetricsEndpoint, MetricsError};
 use crate::service::admin::Admin;
 use crate::service::blobs::Blobs;
 use crate::service::events::Events;
@@ -23,6 +29,19 @@ use crate::service::ports::Ports;
 use crate::service::registry::Versions;
 use crate::service::workers::Workers;
 use crate::state::Registry;
+
+/// How often the `patchport_jobs` gauge is refreshed from the store.
+const JOBS_GAUGE_EVERY: Duration = Duration::from_secs(5);
+/// Every service with a health status ("" is the whole server).
+const HEALTH_SERVICES: [&str; 7] = [
+    "",
+    "patchport.v1.BlobService",
+    "patchport.v1.RegistryService",
+    "patchport.v1.PortService",
+    "patchport.v1.EventService",
+    "patchport.v1.WorkerService",
+    "patchport.v1.AdminService",
+];
 
 /// What the registry serves and where.
 #[derive(Debug, Clone)]
@@ -35,6 +54,11 @@ pub struct Config {
     pub blobs: String,
     /// How long a port job's lease lasts without a heartbeat.
     pub lease: std::time::Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None` records nothing.
+    pub metrics_listen: Option<SocketAddr>,
+    /// After a shutdown signal, how long in-process workers and in-flight requests get
+    /// to finish before the remaining connections are dropped.
+    pub shutdown_grace: Duration,
     /// Tokens and rate limits.
     pub auth: AuthConfig,
     /// Serve without auth on a non-loopback address (refused otherwise).
@@ -52,6 +76,8 @@ impl Default for Config {
             database: String::new(),
             blobs: String::new(),
             lease: std::time::Duration::from_secs(30),
+            metrics_listen: None,
+            shutdown_grace: Duration::from_secs(30),
             auth: AuthConfig::default(),
             insecure_no_auth: false,
             tls: None,
@@ -127,6 +153,13 @@ pub enum StartError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The metrics endpoint did not start.
+    #[error("cannot start the metrics endpoint")]
+    Metrics {
+        /// The cause.
+        #[source]
+        source: MetricsError,
+    },
     /// The reflection service could not be built.
     #[error("cannot build the reflection service")]
     Reflection {
@@ -144,6 +177,10 @@ pub struct Application {
     registry: Registry,
     lease: std::time::Duration,
     tls: Option<TlsConfig>,
+    metrics: Option<MetricsEndpoint>,
+    shutdown_grace: Duration,
+    draining: CancellationToken,
+    before_stop: Vec<JoinHandle<()>>,
 }
 
 impl Application {
@@ -182,6 +219,14 @@ impl Application {
             addr: config.listen,
             source,
         })?;
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                MetricsEndpoint::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Metrics { source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
             listener,
             addr,
@@ -193,6 +238,10 @@ impl Application {
             },
             lease: config.lease,
             tls: config.tls,
+            metrics,
+            shutdown_grace: config.shutdown_grace,
+            draining: CancellationToken::new(),
+            before_stop: Vec::new(),
         })
     }
 
@@ -201,12 +250,33 @@ impl Application {
         self.addr
     }
 
+    /// The bound metrics address, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsEndpoint::local_addr)
+    }
+
     /// The stores (for in-process workers and tests).
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
 
-    /// Serves until `shutdown` completes; health turns NOT_SERVING first.
+    /// Cancelled when shutdown begins: after health turns NOT_SERVING, while the server
+    /// still answers. In-process workers stop on it and release their leases.
+    pub fn draining(&self) -> CancellationToken {
+        self.draining.clone()
+    }
+
+    /// The server keeps taking requests after a shutdown signal until `task` ends (within
+    /// the grace): an in-process worker releasing its lease over gRPC.
+    pub fn finish_before_stop(&mut self, task: JoinHandle<()>) {
+        self.before_stop.push(task);
+    }
+
+    /// Serves until `shutdown` completes, then drains: every health status turns
+    /// NOT_SERVING, [`Self::draining`] is cancelled and the tasks given to
+    /// [`Self::finish_before_stop`] finish while the server still answers; then the
+    /// listener closes, long polls and event streams end, and in-flight requests finish.
+    /// Whatever is still running when the grace is up is dropped.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send,
@@ -237,24 +307,20 @@ impl Application {
         } else {
             tracing::warn!(addr = %self.addr, "auth off: anyone who reaches this address may read and write; set PATCHPORT_ADMIN_TOKEN to require tokens");
         }
-        health_reporter
-            .set_service_status("", ServingStatus::Serving)
-            .await;
-        for name in ["patchport.v1.BlobService", "patchport.v1.RegistryService"] {
+        for name in HEALTH_SERVICES {
             health_reporter
                 .set_service_status(name, ServingStatus::Serving)
                 .await;
         }
+        let background = CancellationToken::new();
+        let mut tasks = Vec::new();
         // The reaper: leases that expired (a worker died) go back to the queue.
-        let reaper = {
+        tasks.push({
             let meta = self.registry.meta.clone();
             let blobs = self.registry.blobs.clone();
             let limits = limits.clone();
+            let period = (self.lease / 4).clamp(Duration::from_millis(250), Duration::from_secs(2));
             tokio::spawn(async move {
-                let period = (self.lease / 4).clamp(
-                    std::time::Duration::from_millis(250),
-                    std::time::Duration::from_secs(2),
-                );
                 let mut tick = tokio::time::interval(period);
                 let ttl = limits.upload_session_ttl;
                 let sweep_every = (ttl / 4).clamp(
@@ -278,20 +344,61 @@ impl Application {
                     }
                     match meta.reap_expired(patchport_store::meta::now_millis()).await {
                         Ok(0) => {}
-                        Ok(n) => tracing::warn!(jobs = n, "expired leases requeued"),
+                        Ok(n) => {
+                            metrics::counter!(crate::metrics::LEASE_EXPIRIES).increment(n as u64);
+                            tracing::warn!(jobs = n, "expired leases requeued");
+                        }
                         Err(e) => tracing::error!(error = %e, "reaping expired leases failed"),
                     }
                 }
             })
-        };
+        });
+        if let Some(endpoint) = self.metrics {
+            tracing::info!(addr = %endpoint.local_addr(), "metrics at /metrics");
+            tasks.push(tokio::spawn(endpoint.serve(background.clone())));
+            // Queue depth by state, from the store.
+            let meta = self.registry.meta.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(JOBS_GAUGE_EVERY);
+                loop {
+                    tick.tick().await;
+                    match meta.count_jobs_by_state().await {
+                        Ok(counts) => {
+                            for (state, n) in counts {
+                                metrics::gauge!(crate::metrics::JOBS, "state" => state.as_str())
+                                    .set(n as f64);
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "counting jobs failed"),
+                    }
+                }
+            }));
+        }
         tracing::info!(addr = %self.addr, "registry listening");
+        let (deadline_tx, deadline_rx) = tokio::sync::oneshot::channel();
+        let draining = self.draining.clone();
+        let before_stop = self.before_stop;
+        let grace = self.shutdown_grace;
         let reporter = health_reporter.clone();
-        let shutdown = async move {
+        let stopping = async move {
             shutdown.await;
-            tracing::info!("shutting down");
-            reporter
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            let deadline = tokio::time::Instant::now() + grace;
+            let _ = deadline_tx.send(deadline);
+            // Load balancers and probes see NOT_SERVING while the server still answers.
+            for name in HEALTH_SERVICES {
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining");
+            draining.cancel();
+            if tokio::time::timeout_at(deadline, futures::future::join_all(before_stop))
+                .await
+                .is_err()
+            {
+                tracing::warn!("in-process workers did not stop within the grace");
+            }
+            tracing::info!("no longer accepting requests; finishing those in flight");
         };
         let mut server = tonic::transport::Server::builder();
         if let Some(tls) = &self.tls {
@@ -303,6 +410,7 @@ impl Application {
                 .map_err(|source| StartError::Tls { source })?;
         }
         let served = server
+            .layer(GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(blobs)
@@ -312,11 +420,13 @@ impl Application {
             }))
             .add_service(EventServiceServer::new(Events {
                 registry: self.registry.clone(),
+                draining: self.draining.clone(),
             }))
             .add_service(
                 WorkerServiceServer::new(Workers {
                     registry: self.registry.clone(),
                     lease: self.lease,
+                    draining: self.draining.clone(),
                 })
                 .max_decoding_message_size(limits.max_message_bytes)
                 .max_encoding_message_size(limits.max_message_bytes),
@@ -328,11 +438,27 @@ impl Application {
                 // No Nagle: small request/response pairs (leases, chunk acks) must not
                 // wait for delayed ACKs.
                 tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
-                shutdown,
-            )
-            .await
-            .map_err(|source| StartError::Serve { source });
-        reaper.abort();
-        served
+                stopping,
+            );
+        let grace_over = async move {
+            match deadline_rx.await {
+                Ok(deadline) => tokio::time::sleep_until(deadline).await,
+                // The server ended without a shutdown signal.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let result = tokio::select! {
+            served = served => served.map_err(|source| StartError::Serve { source }),
+            () = grace_over => {
+                tracing::warn!("shutdown grace over: dropping the requests still in flight");
+                Ok(())
+            }
+        };
+        background.cancel();
+        for task in tasks {
+            task.abort();
+        }
+        tracing::info!("registry stopped");
+        result
     }
 }

@@ -12,6 +12,7 @@ mod convert;
 mod error;
 mod ingest;
 mod limits;
+pub mod metrics;
 mod porting;
 mod service;
 mod state;

@@ -880,3 +880,46 @@ async fn postgres_a_transaction_that_commits_late_is_not_skipped() {
         assert_eq!(subjects, ["early", "late"]);
     }
 }
+
+#[tokio::test]
+async fn jobs_are_counted_by_state_for_the_queue_depth_gauge() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        let counts = |c: Vec<(PortState, u64)>| -> BTreeMap<&'static str, u64> {
+            c.into_iter().map(|(s, n)| (s.as_str(), n)).collect()
+        };
+        // Every state is reported, zeros included, in lifecycle order.
+        let empty = s.count_jobs_by_state().await.unwrap();
+        assert_eq!(
+            empty.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            PortState::ALL.to_vec(),
+            "{l}"
+        );
+        assert!(empty.iter().all(|(_, n)| *n == 0), "{l}: {empty:?}");
+
+        base(s, "acme/llama", "v1", None).await;
+        for p in ["a", "b", "c"] {
+            patch(s, &format!("acme/{p}"), "1", "acme/llama", "v1", p).await;
+        }
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        let c = counts(s.count_jobs_by_state().await.unwrap());
+        assert_eq!(c["queued"], 3, "{l}: {c:?}");
+        assert_eq!(c["running"], 0, "{l}: {c:?}");
+
+        let j = s.lease_job("w", &[], LEASE).await.unwrap().unwrap();
+        let c = counts(s.count_jobs_by_state().await.unwrap());
+        assert_eq!((c["queued"], c["running"]), (2, 1), "{l}: {c:?}");
+
+        s.complete_job(j.job.id, j.job.fencing_token, succeeded())
+            .await
+            .unwrap();
+        let c = counts(s.count_jobs_by_state().await.unwrap());
+        assert_eq!(
+            (c["queued"], c["running"], c["succeeded"]),
+            (2, 0, 1),
+            "{l}: {c:?}"
+        );
+        assert_eq!(c.values().sum::<u64>(), 3, "{l}: {c:?}");
+    }
+}

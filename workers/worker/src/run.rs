@@ -2,7 +2,7 @@
 //! lease alive with heartbeats, port, and complete or fail the job with its fencing
 //! token. On shutdown the current lease is released, not left to expire.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use patchport_client::{Client, ClientError};
 use patchport_engine::Device;
@@ -86,12 +86,38 @@ pub async fn run(
     Ok(())
 }
 
+/// `namespace/name:version`, or empty when the job lacks it.
+fn reference(name: Option<&str>, version: Option<&str>) -> String {
+    match (name, version) {
+        (Some(n), Some(v)) => format!("{n}:{v}"),
+        _ => String::new(),
+    }
+}
+
+/// Records one port attempt's time from its lease to `outcome`.
+fn record(leased: Instant, outcome: &'static str) {
+    metrics::histogram!(crate::PORT_DURATION, "outcome" => outcome)
+        .record(leased.elapsed().as_secs_f64());
+}
+
+#[tracing::instrument(
+    name = "port",
+    skip_all,
+    fields(
+        job_id = %job.job_id,
+        attempt = job.attempt,
+        patch = %reference(job.patch.as_ref().map(|p| p.name.as_str()), job.patch.as_ref().map(|p| p.version.as_str())),
+        source_base = %reference(job.source_base.as_ref().map(|b| b.name.as_str()), job.source_base.as_ref().map(|b| b.version.as_str())),
+        target_base = %reference(job.target_base.as_ref().map(|b| b.name.as_str()), job.target_base.as_ref().map(|b| b.version.as_str())),
+    )
+)]
 async fn run_one(
     client: &Client,
     config: &WorkerConfig,
     job: &v1::Job,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
+    let leased = Instant::now();
     let (job_id, token) = (job.job_id.clone(), job.fencing_token);
     // Fault-injection hook for the crash tests: stall this long after leasing, without
     // heartbeats, as a hung or partitioned worker would.
@@ -104,6 +130,7 @@ async fn run_one(
             () = tokio::time::sleep(Duration::from_millis(ms)) => {}
             () = shutdown.cancelled() => {
                 release(client, &job_id, token).await;
+                record(leased, "released");
                 return Ok(());
             }
         }
@@ -156,13 +183,20 @@ async fn run_one(
         () = shutdown.cancelled() => {
             heartbeat.abort();
             release(client, &job_id, token).await;
+            record(leased, "released");
             return Ok(());
         }
     };
     heartbeat.abort();
     let Some(outcome) = outcome else {
         // Cancelled or the lease went to another worker: nothing of ours may be written.
+        record(leased, "lost");
         return Ok(());
+    };
+    let label = match &outcome {
+        Ok(r) if r.refusals.is_empty() => "succeeded",
+        Ok(_) => "incompatible",
+        Err(_) => "failed",
     };
     let reply = match outcome {
         Ok(r) => client
@@ -194,11 +228,15 @@ async fn run_one(
         }
     };
     match reply {
-        Ok(()) => Ok(()),
+        Ok(()) => {
+            record(leased, label);
+            Ok(())
+        }
         // A stale fence: the job was leased again after our lease expired; our result
         // is refused by design and the other attempt owns it.
         Err(s) if s.code() == tonic::Code::FailedPrecondition => {
             tracing::warn!(job_id = %job_id, error = %s.message(), "result refused by the fence");
+            record(leased, "lost");
             Ok(())
         }
         Err(s) => Err(WorkerError::Registry {

@@ -67,6 +67,13 @@ pub(crate) struct ServeArgs {
     /// Seconds an unfinished upload session is kept before it is deleted.
     #[arg(long, env = "PATCHPORT_UPLOAD_SESSION_SECONDS", default_value_t = 24 * 3600)]
     upload_session_seconds: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM: seconds in-process workers and in-flight requests get to finish before
+    /// the remaining connections are dropped.
+    #[arg(long, env = "PATCHPORT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
+    shutdown_grace_seconds: u64,
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -150,9 +157,11 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_name_len: args.max_name_length,
             upload_session_ttl: std::time::Duration::from_secs(args.upload_session_seconds.max(1)),
         },
+        metrics_listen: args.metrics_listen,
+        shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
     };
     let signal = shutdown_signal()?;
-    let app = Application::build(config).await?;
+    let mut app = Application::build(config).await?;
     let addr = app.local_addr();
     let internal_token = app.registry().auth.internal_worker_token().to_owned();
     // In-process workers reach this server on loopback.
@@ -161,19 +170,24 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     } else {
         addr
     };
-    // Test harnesses read this line to learn the port when listening on :0.
+    // Test harnesses read this line to learn the port when listening on :0 (and the
+    // next one for the metrics port).
     println!("patchport registry listening on {addr}");
-    let stop_workers = tokio_util::sync::CancellationToken::new();
-    let mut workers = Vec::new();
+    if let Some(metrics) = app.metrics_addr() {
+        patchport_worker::describe_metrics();
+        println!("patchport metrics listening on {metrics}");
+    }
+    // In-process workers stop when draining begins (health already NOT_SERVING) and
+    // release their leases while the server still answers.
     for i in 0..args.workers {
-        let stop = stop_workers.clone();
+        let stop = app.draining();
         let options = patchport_client::ClientOptions {
             token: Some(internal_token.clone()),
             ca_cert_pem: tls_cert_pem.clone(),
             allow_plaintext_token: false,
         };
         let id = format!("{}-inproc-{i}", super::worker::default_worker_id());
-        workers.push(tokio::spawn(async move {
+        app.finish_before_stop(tokio::spawn(async move {
             let url = if options.ca_cert_pem.is_some() {
                 format!("https://localhost:{}", local.port())
             } else {
@@ -195,15 +209,6 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             }
         }));
     }
-    let stop = stop_workers.clone();
-    let shutdown = async move {
-        signal.await;
-        // Workers release their leases while the server can still answer.
-        stop.cancel();
-        for w in workers {
-            let _ = w.await;
-        }
-    };
-    app.run_until(shutdown).await?;
+    app.run_until(signal).await?;
     Ok(())
 }

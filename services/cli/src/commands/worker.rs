@@ -16,6 +16,9 @@ pub(crate) struct WorkerArgs {
     /// Identity of this worker in leases and logs (default: host name and process id).
     #[arg(long, env = "PATCHPORT_WORKER_ID")]
     id: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Event stream arguments.
@@ -42,9 +45,18 @@ pub(crate) fn default_worker_id() -> String {
 pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
     let device: Device = a.device.parse()?;
     let id = a.id.unwrap_or_else(default_worker_id);
-    let client = super::connect(registry).await?;
     let shutdown = CancellationToken::new();
     let signal = super::serve::shutdown_signal()?;
+    let metrics = match a.metrics_listen {
+        Some(addr) => {
+            let endpoint = patchport_registry::metrics::MetricsEndpoint::bind(addr).await?;
+            patchport_worker::describe_metrics();
+            tracing::info!(addr = %endpoint.local_addr(), "metrics at /metrics");
+            Some(tokio::spawn(endpoint.serve(shutdown.clone())))
+        }
+        None => None,
+    };
+    let client = super::connect(registry).await?;
     let trigger = shutdown.clone();
     tokio::spawn(async move {
         signal.await;
@@ -54,10 +66,14 @@ pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
     patchport_worker::run(
         client,
         patchport_worker::WorkerConfig::new(id, device),
-        shutdown,
+        shutdown.clone(),
     )
     .await
     .context("worker failed")?;
+    shutdown.cancel();
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     Ok(())
 }
 

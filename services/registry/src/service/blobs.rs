@@ -135,6 +135,7 @@ impl BlobService for Blobs {
         self.uploader(req.metadata()).await?;
         let max_chunk = self.registry.limits.max_chunk_bytes;
         let mut stream = req.into_inner();
+        let meter = crate::metrics::PushMeter::start();
         let Some(first) = stream.message().await? else {
             return Err(ApiError::invalid("empty upload stream: send at least one chunk").into());
         };
@@ -165,10 +166,12 @@ impl BlobService for Blobs {
                 );
                 break;
             }
+            let len = chunk.data.len();
             if let Err(e) = writer.write(chunk.offset, chunk.data).await {
                 failure = Some(ApiError::from(e).into());
                 break;
             }
+            meter.received(len);
             match stream.message().await {
                 Ok(m) => next = m,
                 Err(status) => {
@@ -245,9 +248,10 @@ impl BlobService for Blobs {
             .map_err(ApiError::from)?;
         let start = req.offset;
         // Re-chunk to READ_CHUNK-sized messages whatever the backend's chunking.
+        let meter = crate::metrics::PullMeter::start();
         let stream = futures::stream::unfold(
-            (inner, BytesMut::new(), start, false),
-            |(mut inner, mut buf, mut offset, done)| async move {
+            (inner, BytesMut::new(), start, false, meter),
+            |(mut inner, mut buf, mut offset, done, meter)| async move {
                 if done {
                     return None;
                 }
@@ -259,13 +263,14 @@ impl BlobService for Blobs {
                             data: data.clone(),
                         };
                         offset += data.len() as u64;
-                        return Some((Ok(msg), (inner, buf, offset, false)));
+                        meter.sent(data.len());
+                        return Some((Ok(msg), (inner, buf, offset, false, meter)));
                     }
                     match inner.next().await {
                         Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
                         Some(Err(e)) => {
                             let status: Status = ApiError::from(e).into();
-                            return Some((Err(status), (inner, buf, offset, true)));
+                            return Some((Err(status), (inner, buf, offset, true, meter)));
                         }
                         None => {
                             if buf.is_empty() {
@@ -277,7 +282,8 @@ impl BlobService for Blobs {
                                 data: data.clone(),
                             };
                             offset += data.len() as u64;
-                            return Some((Ok(msg), (inner, buf, offset, true)));
+                            meter.sent(data.len());
+                            return Some((Ok(msg), (inner, buf, offset, true, meter)));
                         }
                     }
                 }

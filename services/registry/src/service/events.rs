@@ -9,6 +9,7 @@ use futures::Stream;
 use patchport_proto::v1::{self, event_service_server::EventService};
 use patchport_store::meta::EventCursor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, namespace_of};
@@ -23,6 +24,9 @@ const BATCH: u32 = 256;
 #[derive(Debug, Clone)]
 pub(crate) struct Events {
     pub(crate) registry: Registry,
+    /// Cancelled at shutdown: every stream ends cleanly (the client resumes elsewhere
+    /// from its cursor).
+    pub(crate) draining: CancellationToken,
 }
 
 #[tonic::async_trait]
@@ -53,8 +57,10 @@ impl EventService for Events {
             })?
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::Event, Status>>(64);
+        let draining = self.draining.clone();
+        let lag = metrics::histogram!(crate::metrics::EVENT_LAG);
         tokio::spawn(async move {
-            loop {
+            while !draining.is_cancelled() {
                 let (events, next) = match meta.read_events(Some(&cursor), BATCH).await {
                     Ok(r) => r,
                     Err(e) => {
@@ -84,6 +90,7 @@ impl EventService for Events {
                             return;
                         }
                     }
+                    let created_at = e.created_at;
                     let payload = serde_json::json!({
                         "job_id": e.job_id,
                         "port_id": e.port_id,
@@ -93,18 +100,21 @@ impl EventService for Events {
                         id: e.id.to_string(),
                         cursor: e.cursor.to_string(),
                         r#type: e.kind,
-                        time: Some(timestamp(e.created_at)),
+                        time: Some(timestamp(created_at)),
                         subject: e.subject,
                         payload_json: payload.to_string(),
                     };
                     if tx.send(Ok(event)).await.is_err() {
                         return;
                     }
+                    let now = patchport_store::meta::now_millis();
+                    lag.record((now - created_at).max(0) as f64 / 1000.0);
                 }
                 cursor = next;
                 if got == 0 {
                     tokio::select! {
                         () = tx.closed() => return,
+                        () = draining.cancelled() => return,
                         () = tokio::time::sleep(POLL) => {}
                     }
                 }

@@ -9,6 +9,7 @@ use patchport_core::port::{ModuleDiagnostics, PortDiagnostics, Refusal};
 use patchport_core::{Digest, VersionRef};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
 use patchport_store::meta::{JobOutcome, LeasedJob};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{base_to_proto, patch_to_proto, timestamp};
@@ -24,6 +25,8 @@ pub(crate) struct Workers {
     pub(crate) registry: Registry,
     /// How long a lease lasts without a heartbeat.
     pub(crate) lease: Duration,
+    /// Cancelled at shutdown: long polls answer "no job" at once.
+    pub(crate) draining: CancellationToken,
 }
 
 fn job_id(s: &str) -> ApiResult<i64> {
@@ -47,7 +50,33 @@ fn refusal_kind(kind: &str) -> ApiResult<patchport_core::port::RefusalKind> {
         .map_err(|_| ApiError::invalid(format!("unknown refusal kind {kind:?}")))
 }
 
+/// Records a port attempt's time from its lease to its outcome.
+fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
+    if let Some(at) = leased_at {
+        let seconds = (patchport_store::meta::now_millis() - at).max(0) as f64 / 1000.0;
+        metrics::histogram!(crate::metrics::PORT_DURATION, "outcome" => outcome).record(seconds);
+    }
+}
+
 impl Workers {
+    /// When the running attempt of a job was leased (its ports' start), for the port
+    /// duration metric; `None` when metrics are off or it is not known.
+    async fn leased_at(&self, id: i64) -> Option<i64> {
+        if !crate::metrics::enabled() {
+            return None;
+        }
+        match self.registry.meta.job_ports(id).await {
+            Ok(ports) => ports
+                .iter()
+                .filter(|p| p.state == patchport_store::meta::PortState::Running)
+                .find_map(|p| p.started_at),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a job's ports for its duration failed");
+                None
+            }
+        }
+    }
+
     async fn job_to_proto(&self, leased: &LeasedJob) -> ApiResult<v1::Job> {
         let port = leased
             .ports
@@ -174,6 +203,10 @@ impl WorkerService for Workers {
         let deadline = tokio::time::Instant::now()
             + Duration::from_secs(u64::from(req.wait_seconds)).min(MAX_WAIT);
         loop {
+            if self.draining.is_cancelled() {
+                // Shutting down: this process takes no new work.
+                return Ok(Response::new(v1::LeaseJobResponse { job: None }));
+            }
             if let Some(leased) = self
                 .registry
                 .meta
@@ -192,7 +225,10 @@ impl WorkerService for Workers {
             if tokio::time::Instant::now() >= deadline {
                 return Ok(Response::new(v1::LeaseJobResponse { job: None }));
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                () = self.draining.cancelled() => {}
+            }
         }
     }
 
@@ -224,6 +260,7 @@ impl WorkerService for Workers {
         self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
         let id = job_id(&req.job_id)?;
+        let leased_at = self.leased_at(id).await;
         let outcome = if req.refusals.is_empty() {
             let diagnostics = req
                 .diagnostics
@@ -252,11 +289,16 @@ impl WorkerService for Workers {
                     .collect::<ApiResult<_>>()?,
             }
         };
+        let label = match outcome {
+            JobOutcome::Succeeded { .. } => "succeeded",
+            JobOutcome::Incompatible { .. } => "incompatible",
+        };
         self.registry
             .meta
             .complete_job(id, req.fencing_token, outcome)
             .await
             .map_err(ApiError::from)?;
+        record_port_duration(leased_at, label);
         tracing::info!(engine_seconds = req.engine_seconds, "job completed");
         Ok(Response::new(v1::CompleteJobResponse {}))
     }
@@ -268,19 +310,17 @@ impl WorkerService for Workers {
     ) -> Result<Response<v1::FailJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
         let req = req.into_inner();
+        let id = job_id(&req.job_id)?;
+        let leased_at = self.leased_at(id).await;
         let job = self
             .registry
             .meta
-            .fail_job(
-                job_id(&req.job_id)?,
-                req.fencing_token,
-                &req.error,
-                req.retryable,
-            )
+            .fail_job(id, req.fencing_token, &req.error, req.retryable)
             .await
             .map_err(ApiError::from)?;
-        let retry_at = (job.state == patchport_store::meta::PortState::Queued)
-            .then(|| timestamp(job.run_after));
+        let retried = job.state == patchport_store::meta::PortState::Queued;
+        record_port_duration(leased_at, if retried { "retried" } else { "failed" });
+        let retry_at = retried.then(|| timestamp(job.run_after));
         Ok(Response::new(v1::FailJobResponse { retry_at }))
     }
 

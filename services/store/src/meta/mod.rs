@@ -309,6 +309,16 @@ pub enum PortState {
 }
 
 impl PortState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [PortState; 6] = [
+        PortState::Queued,
+        PortState::Running,
+        PortState::Succeeded,
+        PortState::Incompatible,
+        PortState::Failed,
+        PortState::Cancelled,
+    ];
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -572,6 +582,9 @@ pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
     ) -> Result<(Vec<EventRecord>, EventCursor), StoreError>;
     /// The current head of the event log.
     async fn head_cursor(&self) -> Result<EventCursor, StoreError>;
+    /// How many jobs are in each state (queue depth): every state of
+    /// [`PortState::ALL`], in that order, zeros included.
+    async fn count_jobs_by_state(&self) -> Result<Vec<(PortState, u64)>, StoreError>;
 }
 
 /// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.

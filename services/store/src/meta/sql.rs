@@ -1539,6 +1539,24 @@ macro_rules! impl_sql_store {
             async fn head_cursor(&self) -> Result<$crate::meta::EventCursor, $crate::meta::StoreError> {
                 self.head_event_cursor().await
             }
+
+            async fn count_jobs_by_state(
+                &self,
+            ) -> Result<Vec<($crate::meta::PortState, u64)>, $crate::meta::StoreError> {
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                        .fetch_all(&self.pool)
+                        .await?;
+                let mut out: Vec<($crate::meta::PortState, u64)> =
+                    $crate::meta::PortState::ALL.iter().map(|s| (*s, 0)).collect();
+                for (state, n) in rows {
+                    let state = $crate::meta::PortState::parse(&state)?;
+                    if let Some(slot) = out.iter_mut().find(|(s, _)| *s == state) {
+                        slot.1 = u64::try_from(n).unwrap_or(0);
+                    }
+                }
+                Ok(out)
+            }
         }
     };
 }
