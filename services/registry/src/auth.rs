@@ -183,6 +183,12 @@ impl Default for AuthConfig {
     }
 }
 
+/// Token records by id, with the time they were read.
+type TokenCache = HashMap<String, (Instant, Option<TokenRecord>)>;
+
+/// A list of namespaces.
+type Namespaces = Vec<String>;
+
 /// Resolves and checks callers (cheap to clone).
 #[derive(Clone)]
 pub struct Auth {
@@ -190,8 +196,8 @@ pub struct Auth {
     bootstrap: Option<[u8; 32]>,
     internal: (String, [u8; 32]),
     meta: Arc<dyn MetadataStore>,
-    tokens: Arc<Mutex<HashMap<String, (Instant, Option<TokenRecord>)>>>,
-    anonymous: Arc<Mutex<Option<(Instant, Vec<String>)>>>,
+    tokens: Arc<Mutex<TokenCache>>,
+    anonymous: Arc<Mutex<Option<(Instant, Namespaces)>>>,
     pushes: Arc<DefaultKeyedRateLimiter<String>>,
     push_rate: u32,
 }
@@ -404,6 +410,15 @@ impl Auth {
             Ok(())
         } else {
             Err(Self::refusal(who, need, namespace))
+        }
+    }
+
+    /// Requires admin on every namespace (anything goes with auth off).
+    pub fn require_global_admin(&self, who: &Principal) -> ApiResult<()> {
+        if who.is_global_admin() || !self.enabled {
+            Ok(())
+        } else {
+            Err(Self::refusal(who, Need::Admin, "*"))
         }
     }
 

@@ -75,9 +75,7 @@ impl Admin {
         let needs_global = namespace == "*" || scope == Scope::Worker;
         let auth = &self.registry.auth;
         if needs_global {
-            if !(who.is_global_admin() || !auth.enabled()) {
-                return Err(crate::auth::Auth::refusal(who, Need::Admin, "*"));
-            }
+            self.registry.auth.require_global_admin(who)?;
         } else {
             auth.require(who, Need::Admin, &namespace).await?;
         }
@@ -118,9 +116,7 @@ impl Admin {
         match &namespace {
             Some(ns) if ns != "*" => self.registry.auth.require(who, Need::Admin, ns).await?,
             _ => {
-                if !(who.is_global_admin() || !self.registry.auth.enabled()) {
-                    return Err(crate::auth::Auth::refusal(who, Need::Admin, "*"));
-                }
+                self.registry.auth.require_global_admin(who)?;
             }
         }
         let namespace =
@@ -169,16 +165,12 @@ impl AdminService for Admin {
         let who = self.who(req.metadata()).await?;
         let req = req.into_inner();
         let filter = if req.namespace.trim().is_empty() {
-            if !(who.is_global_admin() || !self.registry.auth.enabled()) {
-                return Err(crate::auth::Auth::refusal(&who, Need::Admin, "*").into());
-            }
+            self.registry.auth.require_global_admin(&who)?;
             None
         } else {
             let ns = parse_namespace(&req.namespace, true)?;
             if ns == "*" {
-                if !(who.is_global_admin() || !self.registry.auth.enabled()) {
-                    return Err(crate::auth::Auth::refusal(&who, Need::Admin, "*").into());
-                }
+                self.registry.auth.require_global_admin(&who)?;
             } else {
                 self.registry.auth.require(&who, Need::Admin, &ns).await?;
             }
@@ -283,9 +275,7 @@ impl AdminService for Admin {
         let who = self.who(req.metadata()).await?;
         let req = req.into_inner();
         let ns = if req.namespace.trim().is_empty() {
-            if !(who.is_global_admin() || !self.registry.auth.enabled()) {
-                return Err(crate::auth::Auth::refusal(&who, Need::Admin, "*").into());
-            }
+            self.registry.auth.require_global_admin(&who)?;
             None
         } else {
             let ns = parse_namespace(&req.namespace, false)?;
