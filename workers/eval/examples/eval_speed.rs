@@ -101,7 +101,8 @@ fn main() -> anyhow::Result<()> {
 
 /// SmolLM2-135M's shape with random weights (std 0.02, norms 1); returns the parameter count.
 fn write_smollm2_shape(dir: &Path) -> anyhow::Result<usize> {
-    let (h, layers, heads, kv, im, vocab) = (576usize, 30usize, 9usize, 3usize, 1536usize, 49152usize);
+    let (h, layers, heads, kv, im, vocab) =
+        (576usize, 30usize, 9usize, 3usize, 1536usize, 49152usize);
     let d = h / heads;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],

@@ -82,14 +82,12 @@ fn get_usize(obj: &Map<String, Value>, keys: &[&str]) -> Option<usize> {
 }
 
 fn need_usize(obj: &Map<String, Value>, keys: &[&str]) -> Result<usize, EvalError> {
-    get_usize(obj, keys)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| {
-            EvalError::not_evaluable(format!(
-                "config.json has no positive integer {}",
-                keys.join(" / ")
-            ))
-        })
+    get_usize(obj, keys).filter(|&v| v > 0).ok_or_else(|| {
+        EvalError::not_evaluable(format!(
+            "config.json has no positive integer {}",
+            keys.join(" / ")
+        ))
+    })
 }
 
 fn get_bool(obj: &Map<String, Value>, key: &str, default: bool) -> bool {
@@ -339,10 +337,13 @@ mod tests {
     fn rope_theta_inside_rope_parameters_is_used() {
         // transformers 5 writes rope_theta only inside rope_parameters; a reader that
         // looks at the top level alone (as candle's LlamaConfig does) silently uses 10000.
-        let c = llama(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#)
-            .unwrap();
+        let c =
+            llama(r#","rope_parameters":{"rope_theta":100000.0,"rope_type":"default"}"#).unwrap();
         assert_eq!(c.rope_theta, 100_000.0);
-        assert_eq!(llama(r#","rope_theta":500000.0"#).unwrap().rope_theta, 500_000.0);
+        assert_eq!(
+            llama(r#","rope_theta":500000.0"#).unwrap().rope_theta,
+            500_000.0
+        );
         assert_eq!(llama("").unwrap().rope_theta, 10_000.0);
         let r = reason(llama(
             r#","rope_parameters":{"rope_theta":10000.0,"rope_type":"llama3","factor":8.0}"#,
@@ -373,13 +374,21 @@ mod tests {
             br#"{"model_type":"mistral","hidden_size":64,"num_attention_heads":4,"num_hidden_layers":2,"intermediate_size":172,"vocab_size":320,"sliding_window":4096}"#,
         )
         .unwrap();
-        assert_eq!((m.family, m.num_kv_heads, m.sliding_window), (Family::Llama, 4, Some(4096)));
+        assert_eq!(
+            (m.family, m.num_kv_heads, m.sliding_window),
+            (Family::Llama, 4, Some(4096))
+        );
         let g = ArchConfig::parse(
             br#"{"model_type":"gpt2","n_embd":64,"n_head":4,"n_layer":2,"n_positions":128,"vocab_size":300,"n_inner":null}"#,
         )
         .unwrap();
         assert_eq!(
-            (g.family, g.intermediate_size, g.max_positions, g.tie_word_embeddings),
+            (
+                g.family,
+                g.intermediate_size,
+                g.max_positions,
+                g.tie_word_embeddings
+            ),
             (Family::Gpt2, 256, Some(128), true)
         );
         assert_eq!(g.activation, Activation::GeluTanh);
@@ -396,7 +405,9 @@ mod tests {
         assert!(reason(ArchConfig::parse(b"{}")).contains("model_type"));
         assert!(reason(ArchConfig::parse(b"nope")).contains("not JSON"));
         assert!(reason(llama(r#","hidden_act":"gelu""#)).contains("hidden_act"));
-        let r = reason(ArchConfig::parse(br#"{"model_type":"llama","hidden_size":64}"#));
+        let r = reason(ArchConfig::parse(
+            br#"{"model_type":"llama","hidden_size":64}"#,
+        ));
         assert!(r.contains("num_attention_heads"), "{r}");
     }
 }

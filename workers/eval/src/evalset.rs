@@ -121,9 +121,9 @@ fn parse_item(text: &str) -> Result<Item, String> {
     let has_completion = obj.contains_key("completion");
     match (has_choices, has_completion) {
         (true, true) => Err("has both \"choices\" and \"completion\"".to_owned()),
-        (false, false) => Err(
-            "expected \"choices\" and \"label\" (multiple choice) or \"completion\"".to_owned(),
-        ),
+        (false, false) => {
+            Err("expected \"choices\" and \"label\" (multiple choice) or \"completion\"".to_owned())
+        }
         (false, true) => {
             let prompt = non_empty_string(&obj, "prompt")?;
             let completion = non_empty_string(&obj, "completion")?;
@@ -145,16 +145,13 @@ fn parse_item(text: &str) -> Result<Item, String> {
                 }
             }
             if choices.len() < 2 {
-                return Err(format!(
-                    "needs at least 2 choices, found {}",
-                    choices.len()
-                ));
+                return Err(format!("needs at least 2 choices, found {}", choices.len()));
             }
             let label = match obj.get("label") {
                 None => return Err("missing \"label\"".to_owned()),
-                Some(v) => v
-                    .as_u64()
-                    .ok_or_else(|| format!("\"label\" must be a non-negative integer, found {v}"))?,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    format!("\"label\" must be a non-negative integer, found {v}")
+                })?,
             };
             let label = usize::try_from(label)
                 .ok()
@@ -269,27 +266,63 @@ mod tests {
             ("not json", "not JSON"),
             ("[1,2]", "expected a JSON object"),
             ("{\"prompt\":\"a\"}", "expected \"choices\""),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\"],\"label\":0}", "at least 2 choices"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":2}", "out of range"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":-1}", "non-negative"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":1.5}", "non-negative"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"]}", "missing \"label\""),
-            ("{\"prompt\":\"\",\"choices\":[\"x\",\"y\"],\"label\":0}", "\"prompt\" is empty"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",\"\"],\"label\":0}", "choice 1 is empty"),
-            ("{\"prompt\":\"a\",\"choices\":[\"x\",3],\"label\":0}", "choice 1 must be a string"),
-            ("{\"choices\":[\"x\",\"y\"],\"label\":0}", "missing \"prompt\""),
-            ("{\"prompt\":\"a\",\"completion\":\"\"}", "\"completion\" is empty"),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\"],\"label\":0}",
+                "at least 2 choices",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":2}",
+                "out of range",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":-1}",
+                "non-negative",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"],\"label\":1.5}",
+                "non-negative",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",\"y\"]}",
+                "missing \"label\"",
+            ),
+            (
+                "{\"prompt\":\"\",\"choices\":[\"x\",\"y\"],\"label\":0}",
+                "\"prompt\" is empty",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",\"\"],\"label\":0}",
+                "choice 1 is empty",
+            ),
+            (
+                "{\"prompt\":\"a\",\"choices\":[\"x\",3],\"label\":0}",
+                "choice 1 must be a string",
+            ),
+            (
+                "{\"choices\":[\"x\",\"y\"],\"label\":0}",
+                "missing \"prompt\"",
+            ),
+            (
+                "{\"prompt\":\"a\",\"completion\":\"\"}",
+                "\"completion\" is empty",
+            ),
             (
                 "{\"prompt\":\"a\",\"completion\":\"b\",\"choices\":[\"x\",\"y\"],\"label\":0}",
                 "both",
             ),
-            ("{\"prompt\":\"a\",\"completion\":\"b\"}", "one kind per file"),
+            (
+                "{\"prompt\":\"a\",\"completion\":\"b\"}",
+                "one kind per file",
+            ),
         ];
         for (bad, want) in cases {
             let (line, message) = line_err(&format!("{ok}\n{bad}\n"));
             assert_eq!(line, 3, "{bad}");
             assert!(message.contains(want), "{bad}: {message}");
-            assert!(!message.starts_with(char::is_uppercase), "lowercase: {message}");
+            assert!(
+                !message.starts_with(char::is_uppercase),
+                "lowercase: {message}"
+            );
         }
         let (line, message) = line_err("\u{0}\n");
         assert_eq!(line, 1);

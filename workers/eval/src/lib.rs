@@ -147,7 +147,10 @@ mod tests {
     fn devices() {
         assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
         for bad in ["gpu", "cuda:x", "cuda0", ""] {
-            assert!(matches!(parse_device(bad), Err(EvalError::Device { .. })), "{bad}");
+            assert!(
+                matches!(parse_device(bad), Err(EvalError::Device { .. })),
+                "{bad}"
+            );
         }
     }
 }

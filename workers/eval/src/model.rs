@@ -44,8 +44,15 @@ impl KvCache {
 
 #[derive(Debug)]
 enum Norm {
-    Rms { weight: Tensor, eps: f32 },
-    Layer { weight: Tensor, bias: Tensor, eps: f32 },
+    Rms {
+        weight: Tensor,
+        eps: f32,
+    },
+    Layer {
+        weight: Tensor,
+        bias: Tensor,
+        eps: f32,
+    },
 }
 
 impl Norm {
@@ -59,8 +66,16 @@ impl Norm {
 
 #[derive(Debug)]
 enum Mlp {
-    Gated { gate: Linear, up: Linear, down: Linear },
-    Plain { fc: Linear, proj: Linear, act: Activation },
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+        act: Activation,
+    },
 }
 
 impl Mlp {
@@ -117,10 +132,13 @@ struct Take<'a> {
 
 impl Take<'_> {
     fn get(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, EvalError> {
-        let t = self.weights.remove(name).ok_or_else(|| EvalError::Weights {
-            path: self.dir.to_owned(),
-            message: format!("missing tensor {name}"),
-        })?;
+        let t = self
+            .weights
+            .remove(name)
+            .ok_or_else(|| EvalError::Weights {
+                path: self.dir.to_owned(),
+                message: format!("missing tensor {name}"),
+            })?;
         if t.dims() != shape {
             return Err(EvalError::Weights {
                 path: self.dir.to_owned(),
@@ -227,14 +245,39 @@ impl Model {
                     blocks.push(Block {
                         ln1: rms(take.get(&format!("{p}.input_layernorm.weight"), &[h])?),
                         ln2: rms(take.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?),
-                        q: take.linear(&format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias)?,
-                        k: take.linear(&format!("{p}.self_attn.k_proj"), nkv * d, h, cfg.qkv_bias)?,
-                        v: take.linear(&format!("{p}.self_attn.v_proj"), nkv * d, h, cfg.qkv_bias)?,
+                        q: take.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            nh * d,
+                            h,
+                            cfg.qkv_bias,
+                        )?,
+                        k: take.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            nkv * d,
+                            h,
+                            cfg.qkv_bias,
+                        )?,
+                        v: take.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            nkv * d,
+                            h,
+                            cfg.qkv_bias,
+                        )?,
                         o: take.linear(&format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias)?,
                         mlp: Mlp::Gated {
-                            gate: take.linear(&format!("{p}.mlp.gate_proj"), im, h, cfg.mlp_bias)?,
+                            gate: take.linear(
+                                &format!("{p}.mlp.gate_proj"),
+                                im,
+                                h,
+                                cfg.mlp_bias,
+                            )?,
                             up: take.linear(&format!("{p}.mlp.up_proj"), im, h, cfg.mlp_bias)?,
-                            down: take.linear(&format!("{p}.mlp.down_proj"), h, im, cfg.mlp_bias)?,
+                            down: take.linear(
+                                &format!("{p}.mlp.down_proj"),
+                                h,
+                                im,
+                                cfg.mlp_bias,
+                            )?,
                         },
                         attn_scale: 1.0 / (d as f64).sqrt(),
                     });
@@ -392,7 +435,13 @@ impl Model {
         let mask = if len > 1 {
             let m: Vec<f32> = (0..len)
                 .flat_map(|i| {
-                    (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 })
+                    (0..total).map(move |j| {
+                        if j > offset + i {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
                 .collect();
             Some(Tensor::from_vec(m, (len, total), &self.device)?)
@@ -444,13 +493,7 @@ impl Model {
             x = (x + b.mlp.forward(&h)?)?;
         }
         let x = self.final_norm.forward(&x)?;
-        Ok((
-            x,
-            KvCache {
-                layers,
-                len: total,
-            },
-        ))
+        Ok((x, KvCache { layers, len: total }))
     }
 
     /// The head applied to every row of `hidden`, each row ready for log-probabilities.

@@ -169,7 +169,7 @@ pub struct Evaluator {
 pub fn argmax(scores: &[f64]) -> usize {
     let mut best = 0;
     for (i, &s) in scores.iter().enumerate() {
-        if s > scores[best] || scores[best].is_nan() && !s.is_nan() {
+        if s > scores[best] || (scores[best].is_nan() && !s.is_nan()) {
             best = i;
         }
     }
@@ -254,7 +254,8 @@ impl Evaluator {
             .into_iter()
             .next()
             .ok_or_else(|| candle_core::Error::Msg("no logits".to_owned()))?;
-        let out_of_vocab = |t: u32| candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"));
+        let out_of_vocab =
+            |t: u32| candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"));
         let mut scores = Vec::with_capacity(continuations.len());
         for c in continuations {
             let Some((&c0, rest)) = c.split_first() else {
@@ -316,9 +317,7 @@ impl Evaluator {
             } else {
                 "the model's positions"
             };
-            return Err(err(format!(
-                "{longest} tokens exceed {why} ({max})"
-            )));
+            return Err(err(format!("{longest} tokens exceed {why} ({max})")));
         }
         Ok((prompt, conts))
     }

@@ -146,9 +146,7 @@ pub fn verdict(
     }
     let (delta, standard_error) = paired(metric, reference, ported);
     let (gain_over_base, gain_standard_error) = paired(metric, base_alone, ported);
-    let threshold = policy
-        .min_margin
-        .max(policy.se_multiplier * standard_error);
+    let threshold = policy.min_margin.max(policy.se_multiplier * standard_error);
     let outcome = if delta < -threshold {
         Outcome::Regressed
     } else if delta > threshold {
@@ -225,8 +223,13 @@ mod tests {
         }
         ported[95] = true;
         let base = vec![false; 100];
-        let v = verdict(&acc(&reference), &acc(&base), &acc(&ported), &VerdictPolicy::default())
-            .unwrap();
+        let v = verdict(
+            &acc(&reference),
+            &acc(&base),
+            &acc(&ported),
+            &VerdictPolicy::default(),
+        )
+        .unwrap();
         // d: four −1, one +1, 95 zeros: mean −0.03, sample var (4·0.97² + 0.03²·… ) / 99.
         let mean: f64 = -0.03;
         let var = (4.0 * (-1.0 - mean).powi(2) + (1.0 - mean).powi(2) + 95.0 * mean.powi(2)) / 99.0;
@@ -251,7 +254,10 @@ mod tests {
         // Identical per-item differences: SE 0, so the floor of one point decides.
         let r = acc(&[true; 10]);
         let v = verdict(&r, &r, &r, &VerdictPolicy::default()).unwrap();
-        assert_eq!((v.verdict, v.standard_error, v.threshold), (Outcome::Preserved, 0.0, 0.01));
+        assert_eq!(
+            (v.verdict, v.standard_error, v.threshold),
+            (Outcome::Preserved, 0.0, 0.01)
+        );
     }
 
     #[test]

@@ -34,7 +34,9 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
             if !plain || !name.ends_with(".safetensors") {
                 return Err(EvalError::Weights {
                     path: dir.to_owned(),
-                    message: format!("weight_map names {v}, not a .safetensors file in the directory"),
+                    message: format!(
+                        "weight_map names {v}, not a .safetensors file in the directory"
+                    ),
                 });
             }
             files.insert(name.to_owned());
@@ -73,13 +75,12 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, EvalError> {
 
 fn load_file(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>, EvalError> {
     let bytes = read(path)?;
-    let tensors =
-        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-            EvalError::Weights {
-                path: path.to_owned(),
-                message: e.to_string(),
-            }
-        })?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+        EvalError::Weights {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    })?;
     tensors
         .into_iter()
         .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?.to_device(device)?)))
@@ -171,10 +172,16 @@ pub(crate) fn merge_adapter(
         };
         let key = format!("{module}.weight");
         let Some(w) = weights.get(&key) else {
-            return Err(adapter_err(format!("target module {module} is not in the base")));
+            return Err(adapter_err(format!(
+                "target module {module} is not in the base"
+            )));
         };
-        let (r_a, n_in) = a.dims2().map_err(|e| adapter_err(format!("{module} lora_A: {e}")))?;
-        let (n_out, r_b) = b.dims2().map_err(|e| adapter_err(format!("{module} lora_B: {e}")))?;
+        let (r_a, n_in) = a
+            .dims2()
+            .map_err(|e| adapter_err(format!("{module} lora_A: {e}")))?;
+        let (n_out, r_b) = b
+            .dims2()
+            .map_err(|e| adapter_err(format!("{module} lora_B: {e}")))?;
         if r_a != r_b || w.dims() != [n_out, n_in] {
             return Err(adapter_err(format!(
                 "{module}: B {:?} · A {:?} cannot be added to W {:?}",

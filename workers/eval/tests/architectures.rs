@@ -90,12 +90,21 @@ fn assert_cache_matches_full_forward(ev: &Evaluator, set: &EvalSet) {
         let cached = ev.score_continuations(&prompt, &conts).expect("score");
         for (c, got) in conts.iter().zip(cached) {
             let ids: Vec<u32> = prompt.iter().chain(c).copied().collect();
-            let logits: Vec<Vec<f32>> = ev.model().logits(&ids).expect("logits").to_vec2().expect("vec");
+            let logits: Vec<Vec<f32>> = ev
+                .model()
+                .logits(&ids)
+                .expect("logits")
+                .to_vec2()
+                .expect("vec");
             let mut want = 0.0f64;
             for (j, &t) in c.iter().enumerate() {
                 let row = &logits[prompt.len() - 1 + j];
                 let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = row.iter().map(|&z| f64::from(z - max).exp()).sum::<f64>().ln();
+                let lse = row
+                    .iter()
+                    .map(|&z| f64::from(z - max).exp())
+                    .sum::<f64>()
+                    .ln();
                 want += f64::from(row[t as usize] - max) - lse;
             }
             assert!((got - want).abs() < 1e-4, "cached {got} vs full {want}");
@@ -125,10 +134,18 @@ fn gpt2_scores_and_merges_conv1d_lora_like_peft() {
     let base = evaluate_dir(v2.path(), None, &set, &Device::Cpu).expect("base");
     let ours = evaluate_dir(v2.path(), Some(&patch), &set, &Device::Cpu).expect("ported");
     let peft = evaluate_dir(merged.path(), None, &set, &Device::Cpu).expect("peft merged");
-    let (b, o, p) = (choice_scores(&base), choice_scores(&ours), choice_scores(&peft));
+    let (b, o, p) = (
+        choice_scores(&base),
+        choice_scores(&ours),
+        choice_scores(&peft),
+    );
     assert!(o.iter().flatten().all(|x| x.is_finite() && *x < 0.0));
     // fan_in_fan_out: the Conv1D weight is [in, out]; merged at load like PEFT's merge.
-    assert!(max_diff(&o, &p) < 1e-4, "vs PEFT merge_and_unload: {}", max_diff(&o, &p));
+    assert!(
+        max_diff(&o, &p) < 1e-4,
+        "vs PEFT merge_and_unload: {}",
+        max_diff(&o, &p)
+    );
     assert!(max_diff(&o, &b) > 1e-3, "the patch changes the scores");
     let ev = Evaluator::load(v2.path(), Some(&patch), &Device::Cpu).expect("load");
     assert_cache_matches_full_forward(&ev, &set);
@@ -150,7 +167,10 @@ fn llama_micro_sharded_half_precision_and_patterned_adapters() {
     // rank_pattern / alpha_pattern and rsLoRA scales, against PEFT's merge_and_unload.
     for patch in ["lora-patterns", "lora-all-rslora", "lora-qv"] {
         let merged = with_tokenizer(&fixtures().join(format!("llama-micro/expected/{patch}@v2")));
-        let ours = score(v2.path(), Some(&fixtures().join("llama-micro/patches").join(patch)));
+        let ours = score(
+            v2.path(),
+            Some(&fixtures().join("llama-micro/patches").join(patch)),
+        );
         let peft = score(merged.path(), None);
         let d = max_diff(&ours, &peft);
         assert!(d < 1e-4, "{patch}: {d}");
@@ -164,7 +184,11 @@ fn llama_micro_sharded_half_precision_and_patterned_adapters() {
 fn adapters_that_are_not_additive_are_not_evaluable() {
     let set = mc_set();
     let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
-    for (patch, word) in [("dora", "DoRA"), ("ia3", "IA3"), ("modules-to-save", "modules_to_save")] {
+    for (patch, word) in [
+        ("dora", "DoRA"),
+        ("ia3", "IA3"),
+        ("modules-to-save", "modules_to_save"),
+    ] {
         let p = fixtures().join("llama-micro/patches").join(patch);
         match evaluate_dir(v2.path(), Some(&p), &set, &Device::Cpu) {
             Err(EvalError::NotEvaluable { reason }) => assert!(reason.contains(word), "{reason}"),
@@ -206,10 +230,22 @@ fn llama_tensors(head_dim: usize, bias: bool, lm_head: bool) -> Vec<(String, Vec
         let p = format!("model.layers.{i}");
         t.push((format!("{p}.input_layernorm.weight"), vec![h]));
         t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        t.push((format!("{p}.self_attn.q_proj.weight"), vec![4 * head_dim, h]));
-        t.push((format!("{p}.self_attn.k_proj.weight"), vec![2 * head_dim, h]));
-        t.push((format!("{p}.self_attn.v_proj.weight"), vec![2 * head_dim, h]));
-        t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, 4 * head_dim]));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![4 * head_dim, h],
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![2 * head_dim, h],
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![2 * head_dim, h],
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, 4 * head_dim],
+        ));
         if bias {
             t.push((format!("{p}.self_attn.q_proj.bias"), vec![4 * head_dim]));
             t.push((format!("{p}.self_attn.k_proj.bias"), vec![2 * head_dim]));
@@ -254,7 +290,8 @@ fn qwen2_with_tied_embeddings_and_no_lm_head() {
         ),
         &refs(&tensors),
     );
-    let ev = Evaluator::load(dir.path(), None, &Device::Cpu).expect("tied qwen2 loads without lm_head");
+    let ev =
+        Evaluator::load(dir.path(), None, &Device::Cpu).expect("tied qwen2 loads without lm_head");
     let arm = ev.evaluate(&set).expect("evaluate");
     assert_eq!(arm.n, 3);
     assert!(choice_scores(&arm).iter().flatten().all(|x| x.is_finite()));
@@ -295,7 +332,10 @@ fn head_dim_different_from_hidden_over_heads() {
     assert_eq!(ev.model().inv_freq().len(), 16);
     assert_cache_matches_full_forward(&ev, &set);
     // Without head_dim the shapes contradict the config: an error, not garbage.
-    let wrong = random_model(llama_config("llama", serde_json::json!({})), &refs(&tensors));
+    let wrong = random_model(
+        llama_config("llama", serde_json::json!({})),
+        &refs(&tensors),
+    );
     match Evaluator::load(wrong.path(), None, &Device::Cpu) {
         Err(EvalError::Weights { message, .. }) => assert!(message.contains("q_proj"), "{message}"),
         other => panic!("expected a shape error, got {other:?}"),
@@ -309,15 +349,23 @@ fn rope_theta_from_rope_parameters_changes_the_scores() {
     let score = |extra: serde_json::Value| {
         let dir = random_model(llama_config("llama", extra), &refs(&tensors));
         let ev = Evaluator::load(dir.path(), None, &Device::Cpu).expect("load");
-        (ev.model().inv_freq().to_vec(), choice_scores(&ev.evaluate(&set).expect("eval")))
+        (
+            ev.model().inv_freq().to_vec(),
+            choice_scores(&ev.evaluate(&set).expect("eval")),
+        )
     };
     // randn is seeded per call, so compare theta's effect through inv_freq and through
     // one model directory evaluated under two configs.
-    let (f5, _) = score(serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}));
+    let (f5, _) = score(
+        serde_json::json!({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}),
+    );
     let (f4, _) = score(serde_json::json!({}));
     assert!((f5[1] - 1.0 / 100000f32.powf(2.0 / 16.0)).abs() < 1e-9);
     assert!((f4[1] - 1.0 / 10000f32.powf(2.0 / 16.0)).abs() < 1e-9);
-    let dir = random_model(llama_config("llama", serde_json::json!({})), &refs(&tensors));
+    let dir = random_model(
+        llama_config("llama", serde_json::json!({})),
+        &refs(&tensors),
+    );
     let a = choice_scores(&evaluate_dir(dir.path(), None, &set, &Device::Cpu).expect("eval"));
     let config = llama_config(
         "llama",

@@ -1,5 +1,6 @@
 //! One module per command family.
 
+pub(crate) mod eval;
 pub(crate) mod info;
 pub(crate) mod port;
 pub(crate) mod pull;
