@@ -218,9 +218,7 @@ mod tests {
         // 100 items; the port loses 4 items and wins 1 against the reference.
         let reference: Vec<bool> = (0..100).map(|i| i < 90).collect();
         let mut ported = reference.clone();
-        for i in 0..4 {
-            ported[i] = false;
-        }
+        ported[..4].fill(false);
         ported[95] = true;
         let base = vec![false; 100];
         let v = verdict(
