@@ -51,6 +51,8 @@ enum Command {
     Status(commands::info::StatusArgs),
     /// Port a patch onto a new base offline, from local directories (no server).
     Port(commands::port::PortArgs),
+    /// Score a base (+ patch) on a JSONL eval set offline (accuracy or mean NLL).
+    Eval(commands::eval::EvalArgs),
     /// Run a port worker against the registry (leases jobs over gRPC; no database access).
     Worker(commands::worker::WorkerArgs),
     /// Stream registry events (base.published, port.completed, ...), resumable with --from.
@@ -113,6 +115,7 @@ async fn main() -> std::process::ExitCode {
         Command::List(args) => commands::info::list(&cli.registry, args).await,
         Command::Status(args) => commands::info::status(&cli.registry, args).await,
         Command::Port(args) => commands::port::run(args).await,
+        Command::Eval(args) => commands::eval::run(args).await,
         Command::Worker(args) => commands::worker::run(&cli.registry, args).await,
         Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
         Command::Compat(args) => commands::worker::compat(&cli.registry, args).await,

@@ -99,3 +99,69 @@ pub struct PortDiagnostics {
     /// Aggregated over all target modules (Frobenius norms summed in squares).
     pub total: ModuleDiagnostics,
 }
+
+impl PortDiagnostics {
+    /// Drift-risk score in `[0, 1)`, from weights alone (before any evaluation).
+    ///
+    /// `risk = r² / (r² + R²)`, `r = total.drift_to_patch = ‖W_new − W_old‖ / ‖s·B·A‖`
+    /// (Frobenius norms summed in squares over every target module), `R =`
+    /// [`RISK_HALF_RATIO`] `= 0.5`.
+    ///
+    /// Why `r`: the reference is `W_old + s·B·A` and the port `W_new + s·B·A`, so the port
+    /// sits exactly `W_new − W_old` away from the reference: `r` is that distance in units
+    /// of the patch itself. At `r = 0` the port is the reference (risk 0); at `r = 0.5`,
+    /// half a patch away (risk ½); at `r ≥ 1` the base moved more than the patch did and
+    /// the risk is above 0.8. The cosine between drift and patch is not used (it is ≈ 0
+    /// for the fixtures' drifts; both signs move the port away from the reference).
+    /// A zero patch has risk 0 when nothing moved and 1 otherwise.
+    pub fn risk(&self) -> f64 {
+        let t = &self.total;
+        if t.patch_size.is_nan() || t.patch_size <= 0.0 {
+            return if t.base_drift > 0.0 { 1.0 } else { 0.0 };
+        }
+        let r = t.base_drift / t.patch_size;
+        if !r.is_finite() {
+            return 1.0;
+        }
+        let r2 = r * r;
+        r2 / (r2 + RISK_HALF_RATIO * RISK_HALF_RATIO)
+    }
+}
+
+/// The drift-to-patch ratio at which [`PortDiagnostics::risk`] is one half.
+pub const RISK_HALF_RATIO: f64 = 0.5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diag(base_drift: f64, patch_size: f64) -> PortDiagnostics {
+        PortDiagnostics {
+            modules: Vec::new(),
+            total: ModuleDiagnostics {
+                module: "total".to_owned(),
+                base_drift,
+                patch_size,
+                drift_to_patch: base_drift / patch_size,
+                cosine: 0.0,
+                unchanged: false,
+            },
+        }
+    }
+
+    #[test]
+    fn risk_is_bounded_monotone_and_half_at_the_half_ratio() {
+        assert_eq!(diag(0.0, 0.1).risk(), 0.0);
+        assert!((diag(0.05, 0.1).risk() - 0.5).abs() < 1e-12);
+        let mut last = 0.0;
+        for d in [0.01, 0.05, 0.1, 0.5, 1.0, 10.0] {
+            let r = diag(d, 0.1).risk();
+            assert!(r > last && r < 1.0, "{d}: {r}");
+            last = r;
+        }
+        assert_eq!(diag(0.0, 0.0).risk(), 0.0);
+        assert_eq!(diag(0.1, 0.0).risk(), 1.0);
+        assert_eq!(diag(f64::NAN, 0.1).risk(), 1.0);
+        assert_eq!(PortDiagnostics::default().risk(), 0.0);
+    }
+}

@@ -2,6 +2,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod health;
+pub(crate) mod eval;
 pub(crate) mod info;
 pub(crate) mod port;
 pub(crate) mod pull;

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use patchport_engine::{Device, PortOptions, PortReport, Verdict, port_dirs};
+use patchport_eval::{GateReport, Outcome, VerdictPolicy};
+
+use super::eval::{exit_if_not_evaluable, print_gate};
 
 /// Offline port arguments.
 #[derive(Debug, Args)]
@@ -30,7 +33,15 @@ pub(crate) struct PortArgs {
     /// Print the verdict and diagnostics as JSON.
     #[arg(long)]
     json: bool,
+    /// Gate the port on this JSONL eval set: score the old base + patch, the new base
+    /// alone and the new base + ported patch on the same items, and print the verdict
+    /// (exit status 3 when regressed, 4 when the bases cannot be evaluated).
+    #[arg(long)]
+    eval: Option<PathBuf>,
 }
+
+/// Exit status of a port whose gate says regressed.
+const EXIT_REGRESSED: i32 = 3;
 
 pub(crate) async fn run(a: PortArgs) -> anyhow::Result<()> {
     let device: Device = a.device.parse()?;
@@ -40,21 +51,86 @@ pub(crate) async fn run(a: PortArgs) -> anyhow::Result<()> {
         new_base_name: None,
         new_base_revision: None,
     };
-    let (old, new, patch, out) = (a.old_base, a.new_base, a.patch, a.out.clone());
+    let (old, new, patch, out) = (
+        a.old_base.clone(),
+        a.new_base.clone(),
+        a.patch.clone(),
+        a.out.clone(),
+    );
     // Pure compute: run it on a blocking thread.
     let report = tokio::task::spawn_blocking(move || port_dirs(&old, &new, &patch, &out, &opts))
         .await
         .context("the port task failed")??;
+    let risk = report.diagnostics.risk();
+    let gate = match (&a.eval, report.verdict) {
+        (Some(eval), Verdict::Ported) => Some(run_gate(&a, eval.clone()).await?),
+        _ => None,
+    };
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("risk".to_owned(), serde_json::json!(risk));
+            if let Some(g) = &gate {
+                obj.insert("gate".to_owned(), serde_json::to_value(g)?);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_report(&report, &a.out);
+        match &gate {
+            Some(g) => print_gate(g, risk),
+            None if report.verdict == Verdict::Ported => {
+                println!(
+                    "  drift risk {risk:.3} (not evaluated: pass --eval FILE to gate the port)"
+                );
+            }
+            None => {}
+        }
     }
     if report.verdict == Verdict::Refused {
         // A refusal is an answer, not a crash; still, scripts must be able to tell.
         std::process::exit(2);
     }
+    if gate.is_some_and(|g| g.verdict.verdict == Outcome::Regressed) {
+        std::process::exit(EXIT_REGRESSED);
+    }
     Ok(())
+}
+
+/// The three arms on the directories of this port; the ported arm reads the adapter just
+/// written to `--out`.
+async fn run_gate(a: &PortArgs, eval: PathBuf) -> anyhow::Result<GateReport> {
+    let (old, new, patch, out, device) = (
+        a.old_base.clone(),
+        a.new_base.clone(),
+        a.patch.clone(),
+        a.out.clone(),
+        a.device.clone(),
+    );
+    let result = tokio::task::spawn_blocking(move || {
+        let set = patchport_eval::read_eval_set(&eval)?;
+        let device = patchport_eval::parse_device(&device)?;
+        patchport_eval::gate(
+            &old,
+            &new,
+            &patch,
+            &out,
+            &set,
+            &device,
+            &VerdictPolicy::default(),
+        )
+    })
+    .await
+    .context("the evaluation task failed")?;
+    let mut gate = result.map_err(|e| exit_if_not_evaluable(e, a.json))?;
+    for arm in [
+        &mut gate.arms.reference,
+        &mut gate.arms.base_alone,
+        &mut gate.arms.ported,
+    ] {
+        arm.items.clear();
+    }
+    Ok(gate)
 }
 
 fn print_report(r: &PortReport, out: &std::path::Path) {
