@@ -37,6 +37,18 @@ pub(crate) fn state_name(state: i32) -> &'static str {
     }
 }
 
+pub(crate) fn port_state_name(state: i32) -> &'static str {
+    match v1::PortState::try_from(state) {
+        Ok(v1::PortState::Queued) => "queued",
+        Ok(v1::PortState::Running) => "running",
+        Ok(v1::PortState::Succeeded) => "succeeded",
+        Ok(v1::PortState::Incompatible) => "incompatible",
+        Ok(v1::PortState::Failed) => "failed",
+        Ok(v1::PortState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
 fn millis(t: Option<&prost_types::Timestamp>) -> Option<i64> {
     t.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
 }
@@ -182,4 +194,59 @@ pub(crate) fn print_patch(p: &v1::PatchVersion) {
         human_bytes(p.total_size)
     );
     print_files(&p.files);
+}
+
+/// Ports whose drift risk is at least this are flagged (`high_risk`) for review.
+pub(crate) const HIGH_RISK: f64 = 0.5;
+
+fn arm_json(a: Option<&v1::ArmResult>) -> Value {
+    a.map_or(
+        Value::Null,
+        |a| json!({"metric": a.metric, a.metric.clone(): a.value, "items": a.items}),
+    )
+}
+
+/// A port's quality-gate result (`null` when not evaluated).
+pub(crate) fn evaluation_json(e: Option<&v1::Evaluation>) -> Value {
+    let Some(e) = e else { return Value::Null };
+    json!({
+        "status": e.status,
+        "reason": if e.reason.is_empty() { Value::Null } else { json!(e.reason) },
+        "verdict": if e.verdict.is_empty() { Value::Null } else { json!(e.verdict) },
+        "reference": arm_json(e.reference.as_ref()),
+        "base_alone": arm_json(e.base_alone.as_ref()),
+        "ported": arm_json(e.ported.as_ref()),
+        "delta": e.delta,
+        "standard_error": e.standard_error,
+        "threshold": e.threshold,
+        "gain_over_base": e.gain_over_base,
+        "eval_digest": e.eval_digest,
+        "seconds": e.seconds,
+    })
+}
+
+/// One line about a port's gate: `risk 0.16 · regressed: accuracy 0.925 vs 0.944`.
+pub(crate) fn gate_line(p: &v1::Port) -> String {
+    let risk = p.diagnostics.as_ref().map(|d| d.risk);
+    let mut out = risk.map_or_else(String::new, |r| {
+        format!("risk {r:.2}{}", if r >= HIGH_RISK { " (high)" } else { "" })
+    });
+    if let Some(e) = &p.evaluation {
+        let part = match e.status.as_str() {
+            "evaluated" => format!(
+                "{}: {} {:.4} vs {:.4} on the old base, {:.4} new base alone",
+                e.verdict,
+                e.ported.as_ref().map_or("metric", |a| a.metric.as_str()),
+                e.ported.as_ref().map_or(0.0, |a| a.value),
+                e.reference.as_ref().map_or(0.0, |a| a.value),
+                e.base_alone.as_ref().map_or(0.0, |a| a.value),
+            ),
+            other => format!("{}: {}", other.replace('_', " "), e.reason),
+        };
+        if !out.is_empty() {
+            out.push_str(" · ");
+        }
+        out.push_str(&part);
+    }
+    out
 }

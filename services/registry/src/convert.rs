@@ -225,7 +225,7 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         diagnostics: p.diagnostics.as_ref().map(|d| v1::PortDiagnostics {
             modules: d.modules.iter().map(diagnostics_to_proto).collect(),
             total: Some(diagnostics_to_proto(&d.total)),
-            risk: 0.0,
+            risk: d.risk(),
         }),
         adapter_files: p.adapter_files.iter().map(artifact_to_proto).collect(),
         merged_files: p.merged_files.iter().map(artifact_to_proto).collect(),
@@ -236,5 +236,129 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         started_at: p.started_at.map(timestamp),
         finished_at: p.finished_at.map(timestamp),
         job_id: p.job_id.map(|id| id.to_string()).unwrap_or_default(),
+        evaluation: p.evaluation_json.as_deref().and_then(evaluation_from_json),
     }
+}
+
+/// The verdicts a passing port may have.
+pub(crate) fn passed(e: &v1::Evaluation) -> bool {
+    e.status == "evaluated" && matches!(e.verdict.as_str(), "improved" | "preserved")
+}
+
+fn arm_json(a: Option<&v1::ArmResult>) -> serde_json::Value {
+    a.map_or(
+        serde_json::Value::Null,
+        |a| serde_json::json!({"metric": a.metric, "value": a.value, "items": a.items}),
+    )
+}
+
+fn arm_from(v: &serde_json::Value) -> Option<v1::ArmResult> {
+    Some(v1::ArmResult {
+        metric: v.get("metric")?.as_str()?.to_owned(),
+        value: v.get("value")?.as_f64()?,
+        items: u32::try_from(v.get("items")?.as_u64()?).ok()?,
+    })
+}
+
+/// Largest evaluation report a worker may send.
+const MAX_REPORT: usize = 8 << 20;
+
+/// Checks a worker's evaluation and turns it into what the store keeps.
+pub(crate) fn evaluation_record(
+    e: &v1::Evaluation,
+) -> ApiResult<patchport_store::meta::EvaluationRecord> {
+    let summary = match e.status.as_str() {
+        "evaluated" => match e.verdict.as_str() {
+            v @ ("improved" | "preserved" | "regressed") => v.to_owned(),
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "evaluation verdict {other:?}: expected improved, preserved or regressed"
+                )));
+            }
+        },
+        s @ ("not_evaluable" | "failed") => s.to_owned(),
+        other => {
+            return Err(ApiError::invalid(format!(
+                "evaluation status {other:?}: expected evaluated, not_evaluable or failed"
+            )));
+        }
+    };
+    if e.status == "evaluated"
+        && (e.reference.is_none() || e.base_alone.is_none() || e.ported.is_none())
+    {
+        return Err(ApiError::invalid("an evaluated port needs its three arms"));
+    }
+    let numbers = [
+        e.delta,
+        e.standard_error,
+        e.threshold,
+        e.gain_over_base,
+        e.seconds,
+    ];
+    if numbers.iter().any(|x| !x.is_finite()) {
+        return Err(ApiError::invalid("evaluation numbers must be finite"));
+    }
+    if e.reason.len() > 4096 || e.report_json.len() > MAX_REPORT {
+        return Err(ApiError::invalid("evaluation reason or report too large"));
+    }
+    let report: serde_json::Value = if e.report_json.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&e.report_json)
+            .map_err(|err| ApiError::invalid(format!("evaluation report is not JSON: {err}")))?
+    };
+    let json = serde_json::json!({
+        "status": e.status,
+        "reason": e.reason,
+        "verdict": e.verdict,
+        "reference": arm_json(e.reference.as_ref()),
+        "base_alone": arm_json(e.base_alone.as_ref()),
+        "ported": arm_json(e.ported.as_ref()),
+        "delta": e.delta,
+        "standard_error": e.standard_error,
+        "threshold": e.threshold,
+        "gain_over_base": e.gain_over_base,
+        "eval_digest": e.eval_digest,
+        "seconds": e.seconds,
+        "report": report,
+    });
+    Ok(patchport_store::meta::EvaluationRecord {
+        summary,
+        json: json.to_string(),
+    })
+}
+
+/// A stored evaluation back on the wire (None if the stored JSON is unusable).
+pub(crate) fn evaluation_from_json(s: &str) -> Option<v1::Evaluation> {
+    let v: serde_json::Value = serde_json::from_str(s).ok()?;
+    let text = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let num = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or_default()
+    };
+    Some(v1::Evaluation {
+        status: text("status"),
+        reason: text("reason"),
+        verdict: text("verdict"),
+        reference: v.get("reference").and_then(arm_from),
+        base_alone: v.get("base_alone").and_then(arm_from),
+        ported: v.get("ported").and_then(arm_from),
+        delta: num("delta"),
+        standard_error: num("standard_error"),
+        threshold: num("threshold"),
+        gain_over_base: num("gain_over_base"),
+        eval_digest: text("eval_digest"),
+        seconds: num("seconds"),
+        report_json: v
+            .get("report")
+            .filter(|r| !r.is_null())
+            .map(|r| r.to_string())
+            .unwrap_or_default(),
+    })
 }

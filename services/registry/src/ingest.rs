@@ -20,6 +20,8 @@ use crate::state::Registry;
 
 /// Largest JSON file (config, adapter config, shard index) read into memory.
 pub(crate) const MAX_JSON_FILE: u64 = 16 << 20;
+/// Largest eval set (JSONL) stored with a patch version.
+pub(crate) const MAX_EVAL_SET: u64 = 64 << 20;
 /// Most files in one version.
 pub(crate) const MAX_FILES: usize = 10_000;
 
@@ -87,7 +89,9 @@ impl Registry {
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
                 .map_or(0, u64::from_le_bytes);
-            if declared > limits.max_header_bytes {
+            // A length past the end of the file is malformed (the indexer says so); one
+            // that fits but exceeds the limit is refused as too large.
+            if declared > limits.max_header_bytes && declared <= f.size - 8 {
                 return Err(ApiError::exhausted(format!(
                     "{}: safetensors header of {declared} bytes; the limit is {} (--max-header-bytes)",
                     f.path, limits.max_header_bytes
@@ -265,6 +269,16 @@ impl Registry {
             return Err(ApiError::precondition(format!(
                 "eval set blob {d} has not been uploaded"
             )));
+        }
+        if let Some(d) = &eval_digest {
+            let size = self.blobs.size(d).await?.unwrap_or(0);
+            if size > MAX_EVAL_SET {
+                return Err(ApiError::invalid(format!(
+                    "eval set of {size} bytes; the limit is {MAX_EVAL_SET}"
+                )));
+            }
+            let bytes = self.blobs.read_all(d).await?;
+            patchport_eval::EvalSet::parse(&bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
         }
         let config_file = files
             .iter()

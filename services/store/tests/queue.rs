@@ -85,6 +85,7 @@ fn succeeded() -> JobOutcome {
         adapter_files: vec![],
         merged_files: vec![],
         diagnostics: PortDiagnostics::default(),
+        evaluation: None,
     }
 }
 
@@ -352,6 +353,7 @@ async fn lease_heartbeat_complete_and_the_fence() {
                     adapter_files: vec![],
                     merged_files: vec![],
                     diagnostics: diagnostics.clone(),
+                    evaluation: None,
                 },
             )
             .await

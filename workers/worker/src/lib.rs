@@ -7,6 +7,7 @@
 //! lease loop (LeaseJob, Heartbeat, CompleteJob) drives [`port_job`]; this crate never
 //! decides what to port, only how.
 
+pub mod gate;
 mod run;
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,6 +85,8 @@ pub struct PortResult {
     pub merged_files: Vec<v1::FileEntry>,
     /// Engine wall time.
     pub engine_seconds: f64,
+    /// The quality gate's result (set by the lease loop after a successful port).
+    pub evaluation: Option<v1::Evaluation>,
 }
 
 /// A version in the registry, read with ranged `ReadBlob` calls from a blocking thread.

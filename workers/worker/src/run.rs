@@ -22,6 +22,8 @@ pub struct WorkerConfig {
     pub lease_wait: Duration,
     /// How often a running job's lease is renewed.
     pub heartbeat_every: Duration,
+    /// The quality gate after each successful port (None: ports only).
+    pub gate: Option<crate::gate::GateConfig>,
 }
 
 impl WorkerConfig {
@@ -32,8 +34,30 @@ impl WorkerConfig {
             device,
             lease_wait: Duration::from_secs(10),
             heartbeat_every: Duration::from_secs(5),
+            gate: Some(crate::gate::GateConfig::new(match device {
+                Device::Cpu => "cpu".to_owned(),
+                Device::Cuda(n) => format!("cuda:{n}"),
+            })),
         }
     }
+}
+
+/// Ports a job, then runs the quality gate on a successful port.
+async fn port_and_evaluate(
+    client: &Client,
+    job: &v1::Job,
+    config: &WorkerConfig,
+) -> Result<crate::PortResult, WorkerError> {
+    let mut r = port_job(client, job, config.device).await?;
+    if r.refusals.is_empty()
+        && let Some(gate) = &config.gate
+    {
+        r.evaluation = crate::gate::evaluate(client, job, gate).await;
+        if let Some(e) = &r.evaluation {
+            tracing::info!(status = %e.status, verdict = %e.verdict, seconds = e.seconds, "port evaluated");
+        }
+    }
+    Ok(r)
 }
 
 /// Leases and ports jobs until `shutdown` is cancelled.
@@ -178,7 +202,7 @@ async fn run_one(
         })
     };
     let outcome = tokio::select! {
-        r = port_job(client, job, config.device) => Some(r),
+        r = port_and_evaluate(client, job, config) => Some(r),
         () = lost.cancelled() => None,
         () = shutdown.cancelled() => {
             heartbeat.abort();
@@ -209,6 +233,7 @@ async fn run_one(
                 adapter_files: r.adapter_files,
                 merged_files: r.merged_files,
                 engine_seconds: r.engine_seconds,
+                evaluation: r.evaluation,
             })
             .await
             .map(|_| ()),

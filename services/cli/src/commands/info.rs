@@ -136,12 +136,47 @@ pub(crate) async fn status(registry: &str, a: StatusArgs) -> anyhow::Result<()> 
     match client.registry().get_patch_version(req).await {
         Ok(p) => {
             let p = p.into_inner();
+            // Its ports, with their quality gate.
+            let ports: Vec<v1::Port> = client
+                .ports()
+                .query_compat(v1::QueryCompatRequest {
+                    subject: Some(v1::query_compat_request::Subject::Patch(
+                        reference.to_string(),
+                    )),
+                })
+                .await?
+                .into_inner()
+                .entries
+                .into_iter()
+                .filter_map(|e| e.port)
+                .collect();
             if a.json {
-                output::print_json(
-                    &serde_json::json!({"kind": "patch", "version": output::patch_json(&p)}),
-                );
+                let ports: Vec<serde_json::Value> = ports
+                    .iter()
+                    .map(|port| {
+                        serde_json::json!({
+                            "base": port.base,
+                            "state": output::port_state_name(port.state),
+                            "risk": port.diagnostics.as_ref().map(|d| d.risk),
+                            "evaluation": output::evaluation_json(port.evaluation.as_ref()),
+                        })
+                    })
+                    .collect();
+                output::print_json(&serde_json::json!({
+                    "kind": "patch",
+                    "version": output::patch_json(&p),
+                    "ports": ports,
+                }));
             } else {
                 output::print_patch(&p);
+                for port in &ports {
+                    println!(
+                        "  port onto {:<30} {:<12} {}",
+                        port.base,
+                        output::port_state_name(port.state),
+                        output::gate_line(port)
+                    );
+                }
             }
             Ok(())
         }

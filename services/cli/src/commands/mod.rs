@@ -1,8 +1,8 @@
 //! One module per command family.
 
 pub(crate) mod admin;
-pub(crate) mod health;
 pub(crate) mod eval;
+pub(crate) mod health;
 pub(crate) mod info;
 pub(crate) mod port;
 pub(crate) mod pull;

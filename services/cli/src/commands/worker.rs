@@ -19,6 +19,13 @@ pub(crate) struct WorkerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the quality gate keeps downloaded versions and cached reference arms
+    /// (default: <tmp>/patchport-worker-cache).
+    #[arg(long, env = "PATCHPORT_CACHE_DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Port only: skip the quality gate even for patches with an eval set.
+    #[arg(long, env = "PATCHPORT_NO_EVAL")]
+    no_eval: bool,
 }
 
 /// Event stream arguments.
@@ -63,13 +70,15 @@ pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
         trigger.cancel();
     });
     tracing::info!(worker = %id, %device, registry, "worker started");
-    patchport_worker::run(
-        client,
-        patchport_worker::WorkerConfig::new(id, device),
-        shutdown.clone(),
-    )
-    .await
-    .context("worker failed")?;
+    let mut config = patchport_worker::WorkerConfig::new(id, device);
+    if a.no_eval {
+        config.gate = None;
+    } else if let (Some(gate), Some(dir)) = (config.gate.as_mut(), a.cache_dir) {
+        gate.cache_dir = dir;
+    }
+    patchport_worker::run(client, config, shutdown.clone())
+        .await
+        .context("worker failed")?;
     shutdown.cancel();
     if let Some(metrics) = metrics {
         let _ = metrics.await;
@@ -194,6 +203,9 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
                     })),
                     "error": port.map(|p| p.error.clone()).filter(|e| !e.is_empty()),
                     "attempts": port.map(|p| p.attempts),
+                    "risk": port.and_then(|p| p.diagnostics.as_ref()).map(|d| d.risk),
+                    "high_risk": port.and_then(|p| p.diagnostics.as_ref()).map(|d| d.risk >= crate::output::HIGH_RISK),
+                    "evaluation": crate::output::evaluation_json(port.and_then(|p| p.evaluation.as_ref())),
                 })
             })
             .collect();
@@ -207,8 +219,11 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
                 .map(|p| {
                     if let Some(t) = p.diagnostics.as_ref().and_then(|d| d.total.as_ref()) {
                         format!(
-                            "drift {:.3} patch {:.3} cosine {:+.3}",
-                            t.base_drift, t.patch_size, t.cosine
+                            "drift {:.3} patch {:.3} cosine {:+.3} {}",
+                            t.base_drift,
+                            t.patch_size,
+                            t.cosine,
+                            crate::output::gate_line(p)
                         )
                     } else {
                         p.refusals

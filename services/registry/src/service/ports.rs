@@ -217,12 +217,13 @@ impl PortService for Ports {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
-        if req.require_pass {
-            return Err(ApiError::precondition(
-                "--require-pass: port evaluation is not enabled on this registry, so no port has passed one",
-            )
-            .into());
-        }
+        // A namespace policy can require a passing evaluation whatever the caller asks.
+        let require_pass = req.require_pass
+            || meta
+                .namespace_policy(r.name.namespace())
+                .await
+                .map_err(ApiError::from)?
+                .require_pass;
         if p.base_digest == digest {
             return Ok(Response::new(v1::ResolveResponse {
                 kind: v1::CompatKind::Native as i32,
@@ -256,6 +257,30 @@ impl PortService for Ports {
                 }
             ))
             .into());
+        }
+        if require_pass {
+            let why = match port.evaluation_json.as_deref().and_then(crate::convert::evaluation_from_json) {
+                Some(e) if crate::convert::passed(&e) => None,
+                Some(e) if e.status == "evaluated" => Some(format!(
+                    "its evaluation regressed: {} {:.4} vs {:.4} for the patch on its own base (threshold {:.4})",
+                    e.ported.as_ref().map(|a| a.metric.as_str()).unwrap_or("metric"),
+                    e.ported.as_ref().map_or(0.0, |a| a.value),
+                    e.reference.as_ref().map_or(0.0, |a| a.value),
+                    e.threshold
+                )),
+                Some(e) => Some(format!("it is {}: {}", e.status.replace('_', " "), e.reason)),
+                None => Some(
+                    "it has not been evaluated (the patch version has no eval set, or the evaluation is pending)"
+                        .to_owned(),
+                ),
+            };
+            if let Some(why) = why {
+                return Err(ApiError::precondition(format!(
+                    "the port of {r} onto {}:{} has not passed the quality gate: {why}",
+                    port.base_name, port.base_version
+                ))
+                .into());
+            }
         }
         Ok(Response::new(v1::ResolveResponse {
             kind: v1::CompatKind::Ported as i32,

@@ -273,6 +273,11 @@ impl WorkerService for Workers {
                     modules: diagnostics.modules.iter().map(diag).collect(),
                     total: diagnostics.total.as_ref().map(diag).unwrap_or_default(),
                 },
+                evaluation: req
+                    .evaluation
+                    .as_ref()
+                    .map(crate::convert::evaluation_record)
+                    .transpose()?,
             }
         } else {
             JobOutcome::Incompatible {

@@ -18,7 +18,9 @@ use patchport_core::{Digest, Name, Version, VersionRef};
 
 pub use auth::{AuditRecord, AuthStore, NamespacePolicyRecord, TokenRecord};
 pub use postgres::PgStore;
-pub use queue::{EventCursor, EventRecord, JobOutcome, JobRecord, LeasedJob, RetryPolicy};
+pub use queue::{
+    EvaluationRecord, EventCursor, EventRecord, JobOutcome, JobRecord, LeasedJob, RetryPolicy,
+};
 pub use sqlite::SqliteStore;
 
 /// What kind of failure a store error is (maps to one gRPC code in the registry).
@@ -390,6 +392,8 @@ pub struct PortRecord {
     pub finished_at: Option<i64>,
     /// The job doing the work (None for ports run synchronously by `save_port`).
     pub job_id: Option<i64>,
+    /// The quality gate's result (JSON), when the port was evaluated.
+    pub evaluation_json: Option<String>,
 }
 
 /// A port's new state, written whole (insert or update by patch, base and method).

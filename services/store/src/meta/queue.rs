@@ -108,12 +108,25 @@ pub enum JobOutcome {
         merged_files: Vec<ArtifactFile>,
         /// Portability diagnostics.
         diagnostics: PortDiagnostics,
+        /// The quality gate's result, when the worker evaluated the port.
+        evaluation: Option<EvaluationRecord>,
     },
     /// Refused by pre-flight: final, never retried.
     Incompatible {
         /// Why.
         refusals: Vec<Refusal>,
     },
+}
+
+/// A port's evaluation as the store keeps it: opaque JSON plus the one word the
+/// `port.evaluated` event carries (`improved`, `preserved`, `regressed`,
+/// `not_evaluable`, `failed`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationRecord {
+    /// The event detail.
+    pub summary: String,
+    /// The full result.
+    pub json: String,
 }
 
 /// A position in the event log, opaque to clients (`pg:<xid>:<id>` or `sq:<id>`).

@@ -84,13 +84,14 @@ pub(crate) struct PortRow {
     pub(crate) started_at: Option<i64>,
     pub(crate) finished_at: Option<i64>,
     pub(crate) job_id: Option<i64>,
+    pub(crate) evaluation_json: Option<String>,
 }
 
 pub(crate) const PORT_SELECT: &str = "SELECT p.name AS patch_name, p.version AS patch_version, \
     p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
     b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
     t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
-    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id \
+    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json \
     FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
     JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
 
@@ -119,6 +120,7 @@ pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError>
         started_at: row.started_at,
         finished_at: row.finished_at,
         job_id: row.job_id,
+        evaluation_json: row.evaluation_json,
     })
 }
 
@@ -1333,8 +1335,12 @@ macro_rules! impl_sql_store {
                 use $crate::meta::sql::to_json;
                 use $crate::meta::JobOutcome;
                 let now = $crate::meta::now_millis();
+                let evaluation = match &outcome {
+                    JobOutcome::Succeeded { evaluation, .. } => evaluation.clone(),
+                    JobOutcome::Incompatible { .. } => None,
+                };
                 let (state, refusals, diagnostics, adapter, merged) = match &outcome {
-                    JobOutcome::Succeeded { adapter_files, merged_files, diagnostics } => (
+                    JobOutcome::Succeeded { adapter_files, merged_files, diagnostics, .. } => (
                         "succeeded",
                         "[]".to_owned(),
                         Some(to_json(diagnostics)),
@@ -1366,9 +1372,13 @@ macro_rules! impl_sql_store {
                     return Err($crate::meta::queue::lease_lost(job_id));
                 }
                 Self::emit_ports(&mut tx, "port.completed", Some(state), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
+                if let Some(e) = &evaluation {
+                    Self::emit_ports(&mut tx, "port.evaluated", Some(&e.summary), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
+                }
                 sqlx::query(
                     "UPDATE ports SET state = $1, refusals_json = $2, diagnostics_json = $3, \
-                     adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6 \
+                     adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6, \
+                     evaluation_json = $8 \
                      WHERE job_id = $7 AND state = 'running'",
                 )
                 .bind(state)
@@ -1378,6 +1388,7 @@ macro_rules! impl_sql_store {
                 .bind(merged)
                 .bind(now)
                 .bind(job_id)
+                .bind(evaluation.map(|e| e.json))
                 .execute(&mut *tx)
                 .await?;
                 let job = Self::must_load_job(&mut tx, job_id).await?;
