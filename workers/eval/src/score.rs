@@ -182,6 +182,14 @@ impl Evaluator {
     /// (`W + s·B·A`). No tokenizer, no config or an unsupported architecture is
     /// [`EvalError::NotEvaluable`].
     pub fn load(base: &Path, patch: Option<&Path>, device: &Device) -> Result<Self, EvalError> {
+        for dir in std::iter::once(base).chain(patch) {
+            if !dir.is_dir() {
+                return Err(EvalError::Io {
+                    path: dir.to_owned(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+                });
+            }
+        }
         let config_path = base.join("config.json");
         if !config_path.is_file() {
             return Err(EvalError::not_evaluable(format!(

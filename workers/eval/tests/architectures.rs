@@ -123,6 +123,12 @@ fn micro_fixtures_without_a_tokenizer_are_not_evaluable() {
             other => panic!("{base}: expected not evaluable, got {other:?}"),
         }
     }
+    // A mistyped path is an IO error, not a property of a model.
+    let missing = fixtures().join("llama-micro/v9");
+    assert!(matches!(
+        evaluate_dir(&missing, None, &set, &Device::Cpu),
+        Err(EvalError::Io { .. })
+    ));
 }
 
 #[test]
