@@ -28,10 +28,22 @@ pub(crate) struct HealthArgs {
 
 pub(crate) async fn run(registry: &str, a: HealthArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(a.timeout_seconds.max(1));
-    let channel = Endpoint::from_shared(registry.to_owned())
+    let mut endpoint = Endpoint::from_shared(registry.to_owned())
         .with_context(|| format!("invalid registry URL {registry:?}"))?
         .connect_timeout(timeout)
-        .timeout(timeout)
+        .timeout(timeout);
+    if endpoint.uri().scheme_str() == Some("https") {
+        // The same trust as every other command: webpki roots plus --ca-cert.
+        patchport_client::install_tls_provider();
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_webpki_roots();
+        if let Some(pem) = super::client_options()?.ca_cert_pem {
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("configuring TLS for the health check")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot connect to the registry at {registry}"))?;

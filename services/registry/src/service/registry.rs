@@ -42,6 +42,23 @@ fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
     })
 }
 
+/// The manifest digest of a stored version (for the audit log).
+trait VersionDigest {
+    fn digest(&self) -> String;
+}
+
+impl VersionDigest for BaseVersionRecord {
+    fn digest(&self) -> String {
+        self.digest.to_string()
+    }
+}
+
+impl VersionDigest for PatchVersionRecord {
+    fn digest(&self) -> String {
+        self.digest.to_string()
+    }
+}
+
 impl Versions {
     /// Refuses names longer than the configured limit.
     fn check_name_len(&self, name: &str) -> ApiResult<()> {
@@ -53,6 +70,73 @@ impl Versions {
             )));
         }
         Ok(())
+    }
+
+    /// A version push: push scope on its namespace (and read on `also_read`'s), the name
+    /// limit, the caller's push budget, then `push`; audited either way.
+    async fn push<R: VersionDigest>(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        action: &str,
+        name: &str,
+        version: &str,
+        also_read: Option<&str>,
+        push: impl AsyncFnOnce() -> ApiResult<(R, bool)>,
+    ) -> ApiResult<(R, bool)> {
+        let who = self.registry.auth.principal(md).await?;
+        let ns = namespace_of(name).to_owned();
+        let out = async {
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            if let Some(other) = also_read {
+                self.registry
+                    .auth
+                    .require(&who, Need::Read, namespace_of(other))
+                    .await?;
+            }
+            self.check_name_len(name)?;
+            self.registry.auth.take_push(&who)?;
+            push().await
+        }
+        .await;
+        let detail = match &out {
+            Ok((rec, created)) => format!("digest {} created {created}", rec.digest()),
+            Err(e) => e.to_string(),
+        };
+        self.registry
+            .auth
+            .audit(
+                &who,
+                action,
+                &format!("{name}:{version}"),
+                &ns,
+                &out,
+                &detail,
+            )
+            .await;
+        out
+    }
+
+    /// A yank: push scope on the reference's namespace, audited either way.
+    async fn yank<R>(
+        &self,
+        req: Request<v1::YankRequest>,
+        action: &str,
+        yank: impl AsyncFnOnce(Reference, String) -> Result<R, patchport_store::meta::StoreError>,
+    ) -> ApiResult<R> {
+        let who = self.registry.auth.principal(req.metadata()).await?;
+        let req = req.into_inner();
+        let ns = namespace_of(&req.reference).to_owned();
+        let out = async {
+            let r = parse_ref(&req.reference)?;
+            self.registry.auth.require(&who, Need::Push, &ns).await?;
+            Ok(yank(r, req.reason.clone()).await?)
+        }
+        .await;
+        self.registry
+            .auth
+            .audit(&who, action, &req.reference, &ns, &out, &req.reason)
+            .await;
+        out
     }
 
     /// Keeps only what `who` may read.
@@ -114,34 +198,24 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::PushBaseVersionRequest>,
     ) -> Result<Response<v1::PushBaseVersionResponse>, Status> {
-        let who = self.registry.auth.principal(req.metadata()).await?;
+        let md = req.metadata().clone();
         let req = req.into_inner();
-        let ns = namespace_of(&req.name).to_owned();
-        let target = format!("{}:{}", req.name, req.version);
-        let out = async {
-            self.registry.auth.require(&who, Need::Push, &ns).await?;
-            // A parent is a version of the same name, or a full reference.
-            if req.parent.contains('/') {
-                self.registry
-                    .auth
-                    .require(&who, Need::Read, namespace_of(&req.parent))
-                    .await?;
-            }
-            self.check_name_len(&req.name)?;
-            self.registry.auth.take_push(&who)?;
-            let files = files_from_proto(&req.files)?;
-            self.registry
-                .push_base(&req.name, &req.version, &req.parent, files)
-                .await
-        }
-        .await;
-        let detail = match &out {
-            Ok((rec, created)) => format!("digest {} created {created}", rec.digest),
-            Err(e) => e.to_string(),
-        };
-        self.registry
-            .auth
-            .audit(&who, "PushBaseVersion", &target, &ns, &out, &detail)
+        // A parent is a version of the same name, or a full reference.
+        let also_read = req.parent.contains('/').then_some(req.parent.as_str());
+        let out = self
+            .push(
+                &md,
+                "PushBaseVersion",
+                &req.name,
+                &req.version,
+                also_read,
+                async || {
+                    let files = files_from_proto(&req.files)?;
+                    self.registry
+                        .push_base(&req.name, &req.version, &req.parent, files)
+                        .await
+                },
+            )
             .await;
         let (rec, created) = out?;
         if created {
@@ -191,31 +265,13 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::YankRequest>,
     ) -> Result<Response<v1::BaseVersion>, Status> {
-        let who = self.registry.auth.principal(req.metadata()).await?;
-        let req = req.into_inner();
-        let ns = namespace_of(&req.reference).to_owned();
-        let out = async {
-            let r = parse_ref(&req.reference)?;
-            self.registry.auth.require(&who, Need::Push, &ns).await?;
-            Ok(self
-                .registry
-                .meta
-                .yank_base_version(&r.name, &r.version, &req.reason)
-                .await?)
-        }
-        .await;
-        self.registry
-            .auth
-            .audit(
-                &who,
-                "YankBaseVersion",
-                &req.reference,
-                &ns,
-                &out,
-                &req.reason,
-            )
-            .await;
-        Ok(Response::new(base_to_proto(&out?)))
+        let meta = self.registry.meta.clone();
+        let rec = self
+            .yank(req, "YankBaseVersion", async move |r, reason| {
+                meta.yank_base_version(&r.name, &r.version, &reason).await
+            })
+            .await?;
+        Ok(Response::new(base_to_proto(&rec)))
     }
 
     #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
@@ -223,31 +279,22 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::PushPatchVersionRequest>,
     ) -> Result<Response<v1::PushPatchVersionResponse>, Status> {
-        let who = self.registry.auth.principal(req.metadata()).await?;
+        let md = req.metadata().clone();
         let req = req.into_inner();
-        let ns = namespace_of(&req.name).to_owned();
-        let target = format!("{}:{}", req.name, req.version);
-        let out = async {
-            self.registry.auth.require(&who, Need::Push, &ns).await?;
-            self.registry
-                .auth
-                .require(&who, Need::Read, namespace_of(&req.base))
-                .await?;
-            self.check_name_len(&req.name)?;
-            self.registry.auth.take_push(&who)?;
-            let files = files_from_proto(&req.files)?;
-            self.registry
-                .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
-                .await
-        }
-        .await;
-        let detail = match &out {
-            Ok((rec, created)) => format!("digest {} created {created}", rec.digest),
-            Err(e) => e.to_string(),
-        };
-        self.registry
-            .auth
-            .audit(&who, "PushPatchVersion", &target, &ns, &out, &detail)
+        let out = self
+            .push(
+                &md,
+                "PushPatchVersion",
+                &req.name,
+                &req.version,
+                Some(&req.base),
+                async || {
+                    let files = files_from_proto(&req.files)?;
+                    self.registry
+                        .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
+                        .await
+                },
+            )
             .await;
         let (rec, created) = out?;
         if created {
@@ -297,31 +344,13 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::YankRequest>,
     ) -> Result<Response<v1::PatchVersion>, Status> {
-        let who = self.registry.auth.principal(req.metadata()).await?;
-        let req = req.into_inner();
-        let ns = namespace_of(&req.reference).to_owned();
-        let out = async {
-            let r = parse_ref(&req.reference)?;
-            self.registry.auth.require(&who, Need::Push, &ns).await?;
-            Ok(self
-                .registry
-                .meta
-                .yank_patch_version(&r.name, &r.version, &req.reason)
-                .await?)
-        }
-        .await;
-        self.registry
-            .auth
-            .audit(
-                &who,
-                "YankPatchVersion",
-                &req.reference,
-                &ns,
-                &out,
-                &req.reason,
-            )
-            .await;
-        Ok(Response::new(patch_to_proto(&out?)))
+        let meta = self.registry.meta.clone();
+        let rec = self
+            .yank(req, "YankPatchVersion", async move |r, reason| {
+                meta.yank_patch_version(&r.name, &r.version, &reason).await
+            })
+            .await?;
+        Ok(Response::new(patch_to_proto(&rec)))
     }
 
     #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
