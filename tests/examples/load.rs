@@ -144,7 +144,10 @@ impl Shared {
         let (name, version, reference) = self.patch_ref(key);
         let dir = self.scratch.join(format!("push-{key}"));
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("adapter_model.safetensors"), self.adapter_bytes(key))?;
+        std::fs::write(
+            dir.join("adapter_model.safetensors"),
+            self.adapter_bytes(key),
+        )?;
         std::fs::write(dir.join("adapter_config.json"), &self.adapter_config)?;
         self.push_started
             .lock()
@@ -173,7 +176,9 @@ impl Shared {
     async fn pull(&self, client: &Client, rng: &mut StdRng, n: u64) -> anyhow::Result<()> {
         let (reference, key) = self.pick(rng).context("nothing pushed yet")?;
         let r: Reference = reference.parse()?;
-        let out = self.scratch.join(format!("pull-{n}-{}", rng.random::<u64>()));
+        let out = self
+            .scratch
+            .join(format!("pull-{n}-{}", rng.random::<u64>()));
         let result = client
             .pull(&AnyRef::Version(r), &out, false, &NoProgress)
             .await
@@ -205,9 +210,7 @@ impl Shared {
         let resp = client
             .ports()
             .query_compat(v1::QueryCompatRequest {
-                subject: Some(v1::query_compat_request::Subject::Patch(
-                    reference.clone(),
-                )),
+                subject: Some(v1::query_compat_request::Subject::Patch(reference.clone())),
             })
             .await
             .with_context(|| format!("compat --patch {reference}"))?
