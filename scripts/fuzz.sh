@@ -42,7 +42,10 @@ fi
 # Every target, up front (-a: debug assertions and overflow checks on, as in the runs).
 cargo fuzz build --fuzz-dir fuzz -a
 
-limits=(-rss_limit_mb=1024 -malloc_limit_mb=256 -timeout=10 -print_final_stats=1)
+# -timeout is wall-clock time per input: generous, because a run under `nice -n 19` on a
+# busy machine can be starved for seconds (an instrumented compile of a pathological
+# rank_pattern regex takes ~0.2 s of CPU but once took 13 s of wall time that way).
+limits=(-rss_limit_mb=1024 -malloc_limit_mb=256 -timeout=60 -print_final_stats=1)
 failed=()
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/work/$t" "fuzz/artifacts/$t"
