@@ -18,7 +18,8 @@ export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-
 work="${BENCH_WORK:-/tmp/patchport-load-bench}"
 target="${CARGO_TARGET_DIR:-target}"
 
-cargo build --release --locked -p patchport -p patchport-tests --example load >&2
+cargo build --release --locked -p patchport --bin patchport >&2
+cargo build --release --locked -p patchport-tests --example load >&2
 bin="$target/release/patchport"
 load="$target/release/examples/load"
 
