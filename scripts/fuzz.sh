@@ -51,6 +51,7 @@ for t in "${targets[@]}"; do
   mkdir -p "fuzz/work/$t" "fuzz/artifacts/$t"
   log="fuzz/work/$t.log"
   if [ "$seeds_only" = 1 ]; then
+    log="fuzz/work/$t.seeds.log"
     echo "== $t: replaying $(ls "fuzz/corpus/$t" | wc -l) seeds"
     args=("fuzz/corpus/$t" -- -runs=0 "${limits[@]}")
   else
