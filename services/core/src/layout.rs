@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hasher};
-use crate::safetensors::{self, Dtype, Header, SafetensorsError};
+use crate::safetensors::{self, Dtype, Header, SafetensorsError, TensorInfo};
 
 /// Longest file path in a version, in bytes.
 pub const MAX_PATH_LEN: usize = 1024;
@@ -305,21 +305,26 @@ impl TensorIndexer {
             };
             if self.pos == t.end {
                 let t = t.clone();
-                let hasher = std::mem::take(&mut self.hasher);
-                self.records.push(TensorRecord {
-                    name: t.name,
-                    dtype: format!("{:?}", t.dtype),
-                    shape: t.shape,
-                    begin: t.begin,
-                    end: t.end,
-                    digest: hasher.finish(),
-                    non_finite: std::mem::take(&mut self.non_finite),
-                });
-                self.carry.clear();
-                self.next += 1;
+                self.record(t);
             }
         }
         Ok(())
+    }
+
+    /// Closes the current tensor: its digest and non-finite count are complete.
+    fn record(&mut self, t: TensorInfo) {
+        let hasher = std::mem::take(&mut self.hasher);
+        self.records.push(TensorRecord {
+            name: t.name,
+            dtype: format!("{:?}", t.dtype),
+            shape: t.shape,
+            begin: t.begin,
+            end: t.end,
+            digest: hasher.finish(),
+            non_finite: std::mem::take(&mut self.non_finite),
+        });
+        self.carry.clear();
+        self.next += 1;
     }
 
     fn scan(&mut self, dtype: Dtype, chunk: &[u8]) {
@@ -346,7 +351,15 @@ impl TensorIndexer {
     }
 
     /// The header and every tensor's record; fails if the file was cut short.
-    pub fn finish(self) -> Result<(Header, Vec<TensorRecord>), SafetensorsError> {
+    pub fn finish(mut self) -> Result<(Header, Vec<TensorRecord>), SafetensorsError> {
+        // Empty tensors at the very end of the data see no bytes go past: close them here.
+        while let Some(t) = self.header.as_ref().and_then(|h| h.tensors.get(self.next)) {
+            if t.begin != self.pos || t.end != self.pos {
+                break;
+            }
+            let t = t.clone();
+            self.record(t);
+        }
         match self.header {
             Some(h) if self.pos == self.file_size && self.next == h.tensors.len() => {
                 Ok((h, self.records))
@@ -417,6 +430,31 @@ mod tests {
             assert_eq!(recs[0].non_finite, 1);
             assert_eq!(recs[1].non_finite, 1);
             assert_eq!(recs[1].dtype, "BF16");
+        }
+    }
+
+    #[test]
+    fn empty_tensors_at_the_end_are_indexed() {
+        // Found by fuzzing: no bytes follow an empty last tensor, so it was never closed
+        // and a valid file was refused as cut short.
+        let tensors = vec![
+            ("a".to_owned(), Dtype::F32, vec![1]),
+            ("b".to_owned(), Dtype::F32, vec![0]),
+        ];
+        let (mut with_data, _) = safetensors::write_header(&tensors, &BTreeMap::new()).unwrap();
+        with_data.extend_from_slice(&1.0f32.to_le_bytes());
+        let (only_empty, _) = safetensors::write_header(&tensors[1..], &BTreeMap::new()).unwrap();
+        for f in [with_data, only_empty] {
+            let mut ix = TensorIndexer::new(f.len() as u64);
+            ix.feed(&f).unwrap();
+            let (h, recs) = ix.finish().unwrap();
+            assert_eq!(recs.len(), h.tensors.len());
+            let last = recs.last().unwrap();
+            assert_eq!(
+                (last.name.as_str(), last.begin, last.end),
+                ("b", f.len() as u64, f.len() as u64)
+            );
+            assert_eq!(last.digest, Digest::of(b""));
         }
     }
 

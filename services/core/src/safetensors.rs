@@ -156,7 +156,7 @@ pub fn parse_header(json: &[u8], file_size: u64) -> Result<Header, SafetensorsEr
             ),
         });
     }
-    let tensors = meta
+    let mut tensors: Vec<TensorInfo> = meta
         .offset_keys()
         .into_iter()
         .filter_map(|name| {
@@ -170,6 +170,10 @@ pub fn parse_header(json: &[u8], file_size: u64) -> Result<Header, SafetensorsEr
             })
         })
         .collect();
+    // The crate orders tensors by offset but leaves empty tensors at the same offset in
+    // hash-map order, which differs between two parses of the same header; break ties by
+    // name so a file always indexes the same way.
+    tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
     let metadata = meta
         .metadata()
         .as_ref()
@@ -343,6 +347,24 @@ mod tests {
             parse_file_header(&wrong_size),
             Err(SafetensorsError::BadOffsets { .. })
         ));
+    }
+
+    #[test]
+    fn empty_tensors_at_one_offset_keep_one_order() {
+        // Found by fuzzing: their order followed a randomly seeded hash map.
+        let f = file(
+            r#"{"e":{"dtype":"U8","shape":[0],"data_offsets":[4,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"d":{"dtype":"U8","shape":[0],"data_offsets":[4,4]},"c":{"dtype":"U8","shape":[0],"data_offsets":[4,4]},"b":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}}"#,
+            4,
+        );
+        for _ in 0..20 {
+            let names: Vec<String> = parse_file_header(&f)
+                .unwrap()
+                .tensors
+                .into_iter()
+                .map(|t| t.name)
+                .collect();
+            assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        }
     }
 
     #[test]
