@@ -517,6 +517,20 @@ mod tests {
         assert_eq!(v["x"], 1);
     }
 
+    #[test]
+    fn long_alpha_survives_repointing() {
+        // Found by fuzzing: without correctly rounded float parsing, a long decimal alpha
+        // parsed one ulp away from the value its re-pointed config parses to.
+        let c = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":4,"lora_alpha":888888888888888888888888888888888888888888888888888888888888888888888888888888888885}"#,
+        )
+        .unwrap();
+        let again = AdapterConfig::parse(&c.repointed_json("a/b:v2", None)).unwrap();
+        assert_eq!(again.lora_alpha.to_bits(), c.lora_alpha.to_bits());
+        // What Python (and so PEFT) reads from the same text.
+        assert_eq!(c.lora_alpha, 8.888888888888888e83);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(s in "\\PC{0,200}") {
