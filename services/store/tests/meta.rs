@@ -88,6 +88,7 @@ async fn base_versions_insert_get_list_and_lineage() {
             let f = ListFilter {
                 prefix: prefix.to_owned(),
                 include_yanked: false,
+                on_base: None,
             };
             let s = s.clone();
             async move {
@@ -202,7 +203,28 @@ async fn patch_versions_pin_their_base() {
             .unwrap();
         assert_eq!(got, Some(p.clone()));
         let listed = s.list_patch_versions(&ListFilter::default()).await.unwrap();
-        assert_eq!(listed, vec![p]);
+        assert_eq!(listed, vec![p.clone()]);
+        // Listing by base digest: only the patches trained on that base.
+        let (other, _) = s
+            .insert_base_version(new_base("acme/llama", "v2", None, "b"))
+            .await
+            .unwrap();
+        let on = |digest| ListFilter {
+            on_base: Some(digest),
+            ..ListFilter::default()
+        };
+        assert_eq!(
+            s.list_patch_versions(&on(base.digest)).await.unwrap(),
+            vec![p]
+        );
+        assert!(
+            s.list_patch_versions(&on(other.digest))
+                .await
+                .unwrap()
+                .is_empty(),
+            "{}",
+            b.label
+        );
     }
 }
 
@@ -228,6 +250,7 @@ async fn yanked_versions_leave_listings_but_stay_readable() {
         let all = ListFilter {
             prefix: String::new(),
             include_yanked: true,
+            on_base: None,
         };
         assert_eq!(
             s.list_base_versions(&all).await.unwrap().len(),

@@ -166,16 +166,15 @@ impl PortService for Ports {
                     .await
                     .map_err(ApiError::from)?
                     .ok_or_else(|| ApiError::not_found(format!("base version {r} not found")))?;
+                // Only the patches trained on this base, selected in the store.
                 let patches = meta
-                    .list_patch_versions(&ListFilter::default())
+                    .list_patch_versions(&ListFilter {
+                        on_base: Some(b.digest),
+                        ..ListFilter::default()
+                    })
                     .await
                     .map_err(ApiError::from)?;
-                entries.extend(
-                    patches
-                        .iter()
-                        .filter(|p| p.base_digest == b.digest)
-                        .map(native),
-                );
+                entries.extend(patches.iter().map(native));
                 for port in meta
                     .list_ports_onto(&r.name, &r.version)
                     .await

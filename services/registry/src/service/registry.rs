@@ -39,6 +39,7 @@ fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
     Ok(ListFilter {
         prefix,
         include_yanked: req.include_yanked,
+        on_base: None,
     })
 }
 

@@ -436,6 +436,8 @@ pub struct ListFilter {
     pub prefix: String,
     /// Include yanked versions.
     pub include_yanked: bool,
+    /// Patch listings only: just the versions trained on this base digest.
+    pub on_base: Option<Digest>,
 }
 
 /// The metadata store.

@@ -977,10 +977,11 @@ macro_rules! impl_sql_store {
                 let mut conn = self.pool.acquire().await?;
                 let rows = sqlx::query_as::<_, PatchRow>(sqlx::AssertSqlSafe(format!(
                     "{PATCH_SELECT} WHERE ($1 = '' OR v.name = $1 OR substr(v.name, 1, length($1) + 1) = $1 || '/') \
-                     AND ($2 OR v.state = 'published') ORDER BY v.name, v.id"
+                     AND ($2 OR v.state = 'published') AND ($3 = '' OR b.digest = $3) ORDER BY v.name, v.id"
                 )))
                 .bind(filter.prefix.as_str())
                 .bind(filter.include_yanked)
+                .bind(filter.on_base.map(|d| d.to_string()).unwrap_or_default())
                 .fetch_all(&mut *conn)
                 .await?;
                 let mut out = Vec::with_capacity(rows.len());
