@@ -439,21 +439,26 @@ impl Auth {
     /// them is checked on its own namespace).
     pub async fn check_somewhere(&self, md: &MetadataMap, need: Need) -> ApiResult<Principal> {
         let who = self.principal(md).await?;
-        if !self.enabled {
-            return Ok(who);
+        if self.may_somewhere(&who, need) {
+            Ok(who)
+        } else {
+            Err(Self::refusal(&who, need, "*"))
         }
-        let ok = match (&who, need) {
+    }
+
+    /// Whether a resolved caller has `need` on at least one namespace (see
+    /// [`Self::check_somewhere`]).
+    pub fn may_somewhere(&self, who: &Principal, need: Need) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        match (who, need) {
             (Principal::Anonymous, _) => false,
             (Principal::Bootstrap | Principal::Internal, _) => true,
             (Principal::Token { scope, .. }, Need::Push) => {
                 matches!(scope, Scope::Push | Scope::Admin | Scope::Worker)
             }
             (Principal::Token { namespace, .. }, n) => who.may(n, namespace),
-        };
-        if ok {
-            Ok(who)
-        } else {
-            Err(Self::refusal(&who, need, "*"))
         }
     }
 

@@ -48,7 +48,8 @@ impl Blobs {
         if auth.may_read_blob(&who, &digest.to_string()).await? {
             return Ok(());
         }
-        if stat && auth.check_somewhere(md, Need::Push).await.is_ok() {
+        // The caller is resolved once; a stat by an uploader needs no second lookup.
+        if stat && auth.may_somewhere(&who, Need::Push) {
             return Ok(());
         }
         // The same refusal whether or not the blob exists.
