@@ -197,7 +197,7 @@ pub(crate) fn print_patch(p: &v1::PatchVersion) {
 }
 
 /// Ports whose drift risk is at least this are flagged (`high_risk`) for review.
-pub(crate) const HIGH_RISK: f64 = 0.5;
+pub(crate) use patchport_core::port::HIGH_RISK;
 
 fn arm_json(a: Option<&v1::ArmResult>) -> Value {
     a.map_or(

@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod digest;
+pub mod event;
 pub mod layout;
 pub mod model_config;
 pub mod name;

@@ -5,6 +5,48 @@ use serde::{Deserialize, Serialize};
 /// The method version of a port; part of every job key, so a new method re-ports.
 pub const METHOD_VERSION: &str = "portllm-1";
 
+/// Why a port was queued, which decides its place in the queue: explicit requests before
+/// catch-up ports (a patch pushed onto a base with descendants) before fan-out (a base
+/// published), first in first out within a priority.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortOrigin {
+    /// A base version was published: every patch of its ancestors is ported.
+    Fanout,
+    /// A patch version was pushed onto a base that already has descendants.
+    CatchUp,
+    /// A caller asked for this pair with `RequestPort`, with its own priority
+    /// (`0..=MAX_REQUEST_PRIORITY`, higher first).
+    Requested(u16),
+}
+
+/// The highest priority a `RequestPort` caller may ask for.
+pub const MAX_REQUEST_PRIORITY: u16 = 999;
+
+impl PortOrigin {
+    /// The stored job priority (higher is leased first). Every request outranks every
+    /// catch-up port, which outranks every fan-out port.
+    pub fn job_priority(self) -> i64 {
+        match self {
+            PortOrigin::Fanout => 0,
+            PortOrigin::CatchUp => 1_000,
+            PortOrigin::Requested(p) => 2_000 + i64::from(p.min(MAX_REQUEST_PRIORITY)),
+        }
+    }
+
+    /// A request's priority as given on the wire, validated.
+    pub fn requested(priority: i32) -> Result<Self, String> {
+        u16::try_from(priority)
+            .ok()
+            .filter(|p| *p <= MAX_REQUEST_PRIORITY)
+            .map(PortOrigin::Requested)
+            .ok_or_else(|| {
+                format!(
+                    "priority: {priority} is out of range: use 0 (the default) to {MAX_REQUEST_PRIORITY}, higher first"
+                )
+            })
+    }
+}
+
 /// Why a patch cannot be ported (never a silent lossy port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +173,10 @@ impl PortDiagnostics {
 /// The drift-to-patch ratio at which [`PortDiagnostics::risk`] is one half.
 pub const RISK_HALF_RATIO: f64 = 0.5;
 
+/// Ports whose drift risk is at least this are flagged `high_risk` for review
+/// (provisional: two measured scenarios do not calibrate it; see ARCHITECTURE.md).
+pub const HIGH_RISK: f64 = 0.5;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +209,21 @@ mod tests {
         assert_eq!(diag(0.1, 0.0).risk(), 1.0);
         assert_eq!(diag(f64::NAN, 0.1).risk(), 1.0);
         assert_eq!(PortDiagnostics::default().risk(), 0.0);
+    }
+
+    #[test]
+    fn requests_outrank_catch_up_which_outranks_fan_out() {
+        let lowest_request = PortOrigin::requested(0).map(PortOrigin::job_priority);
+        assert_eq!(lowest_request, Ok(2_000));
+        assert!(PortOrigin::CatchUp.job_priority() > PortOrigin::Fanout.job_priority());
+        assert!(PortOrigin::Requested(0).job_priority() > PortOrigin::CatchUp.job_priority());
+        assert_eq!(
+            PortOrigin::requested(999).map(PortOrigin::job_priority),
+            Ok(2_999)
+        );
+        for bad in [-1, 1_000, i32::MAX, i32::MIN] {
+            let e = PortOrigin::requested(bad).unwrap_err();
+            assert!(e.starts_with("priority:"), "{e}");
+        }
     }
 }

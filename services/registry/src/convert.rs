@@ -237,6 +237,9 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         finished_at: p.finished_at.map(timestamp),
         job_id: p.job_id.map(|id| id.to_string()).unwrap_or_default(),
         evaluation: p.evaluation_json.as_deref().and_then(evaluation_from_json),
+        queue_position: p
+            .queue_position
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
     }
 }
 

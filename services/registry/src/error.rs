@@ -25,6 +25,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// A limit or rate was exceeded.
     ResourceExhausted,
+    /// A position past the end (an event cursor ahead of the log).
+    OutOfRange,
     /// A store the registry needs cannot be reached right now; retrying later may work.
     Unavailable,
     /// A failure of the registry, not of the request.
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => Code::Unauthenticated,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::OutOfRange => Code::OutOfRange,
             ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         }
@@ -245,6 +248,8 @@ impl From<StoreError> for ApiError {
             StoreErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             StoreErrorKind::NotFound => ErrorKind::NotFound,
             StoreErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+            StoreErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+            StoreErrorKind::OutOfRange => ErrorKind::OutOfRange,
             StoreErrorKind::Unavailable => {
                 return ApiError::Unavailable {
                     store: "the metadata database",

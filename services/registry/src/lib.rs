@@ -13,7 +13,6 @@ mod error;
 mod ingest;
 mod limits;
 pub mod metrics;
-mod porting;
 mod service;
 mod state;
 

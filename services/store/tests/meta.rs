@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{file, name, new_base, new_patch, ver, vref};
+use common::{name, new_base, new_patch, ver, vref};
 use std::sync::Arc;
 
 use patchport_core::layout::TensorRecord;
@@ -305,92 +305,5 @@ async fn blob_indexes_are_stored_once() {
         };
         s.put_blob_index(&empty, &none).await.unwrap();
         assert_eq!(s.get_blob_index(&empty).await.unwrap(), Some(none));
-    }
-}
-
-#[tokio::test]
-async fn ports_are_saved_and_updated_in_place() {
-    use patchport_core::layout::{ArtifactFile, BlobRange};
-    use patchport_core::port::{PortDiagnostics, Refusal, RefusalKind};
-    use patchport_store::meta::{PortState, PortUpdate};
-    for b in backends().await {
-        let s = &b.store;
-        let (v1, _) = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
-            .await
-            .unwrap();
-        s.insert_base_version(new_base("acme/llama", "v2", Some("v1"), "b"))
-            .await
-            .unwrap();
-        let (p, _) = s
-            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "p"))
-            .await
-            .unwrap();
-        let update = |state| PortUpdate {
-            patch_name: name("acme/qv"),
-            patch_version: vref("1"),
-            base_name: name("acme/llama"),
-            base_version: vref("v2"),
-            method_version: "m1".into(),
-            state,
-            refusals: vec![],
-            diagnostics: None,
-            adapter_files: vec![],
-            merged_files: vec![],
-            attempts: 1,
-            error: None,
-            started_at: Some(1),
-            finished_at: None,
-        };
-        assert!(
-            s.get_port(
-                &name("acme/qv"),
-                &vref("1"),
-                &name("acme/llama"),
-                &vref("v2"),
-                "m1"
-            )
-            .await
-            .unwrap()
-            .is_none()
-        );
-        let running = s.save_port(update(PortState::Running)).await.unwrap();
-        assert_eq!(running.state, PortState::Running, "{}", b.label);
-        assert_eq!(running.source_base_digest, v1.digest);
-        assert_eq!(running.patch_digest, p.digest);
-        let mut done = update(PortState::Succeeded);
-        done.diagnostics = Some(PortDiagnostics::default());
-        done.refusals = vec![Refusal::new(RefusalKind::Dora, "use_dora", "x".into())];
-        done.merged_files = vec![ArtifactFile {
-            file: file("model.safetensors", "m"),
-            segments: vec![BlobRange {
-                digest: Digest::of(b"h"),
-                offset: 0,
-                length: 8,
-            }],
-        }];
-        done.finished_at = Some(2);
-        let saved = s.save_port(done).await.unwrap();
-        let got = s
-            .get_port(
-                &name("acme/qv"),
-                &VersionRef::Digest(p.digest),
-                &name("acme/llama"),
-                &vref("v2"),
-                "m1",
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, saved);
-        assert_eq!(got.state, PortState::Succeeded);
-        assert_eq!(got.merged_files[0].segments[0].length, 8);
-        assert_eq!(got.queued_at, running.queued_at, "an update keeps the row");
-        let mut missing = update(PortState::Queued);
-        missing.base_version = vref("v9");
-        assert_eq!(
-            s.save_port(missing).await.unwrap_err().kind(),
-            StoreErrorKind::NotFound
-        );
     }
 }

@@ -263,20 +263,20 @@ async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
         let ev = all_events(&b).await;
         let at = ev
             .iter()
-            .position(|e| e.kind == "base.published" && e.subject == "acme/llama:v2")
+            .position(|e| e.kind.as_str() == "base.published" && e.subject == "acme/llama:v2")
             .unwrap();
         let queued: Vec<&str> = ev[at + 1..at + 8]
             .iter()
             .map(|e| e.subject.as_str())
             .collect();
         assert!(
-            ev[at + 1..at + 8].iter().all(|e| e.kind == "port.queued"),
+            ev[at + 1..at + 8].iter().all(|e| e.kind.as_str() == "port.queued"),
             "{l}"
         );
         assert_eq!(queued[0], "acme/old:1@acme/llama:v2", "{l}");
         assert!(
             ev.iter()
-                .any(|e| e.kind == "patch.pushed" && e.subject == "acme/late:1"),
+                .any(|e| e.kind.as_str() == "patch.pushed" && e.subject == "acme/late:1"),
             "{l}"
         );
     }
@@ -384,7 +384,7 @@ async fn lease_heartbeat_complete_and_the_fence() {
         let ev = all_events(&b).await;
         let completed: Vec<&str> = ev
             .iter()
-            .filter(|e| e.kind == "port.completed")
+            .filter(|e| e.kind.as_str() == "port.completed")
             .map(|e| e.subject.as_str())
             .collect();
         assert_eq!(
@@ -458,7 +458,7 @@ async fn retries_back_off_until_max_attempts_then_fail_and_incompatible_is_final
         let ev = all_events(&b).await;
         let kinds: Vec<&str> = ev
             .iter()
-            .filter(|e| e.kind.starts_with("port."))
+            .filter(|e| e.kind.as_str().starts_with("port."))
             .map(|e| e.kind.as_str())
             .collect();
         assert_eq!(
@@ -545,7 +545,7 @@ async fn retries_back_off_until_max_attempts_then_fail_and_incompatible_is_final
 }
 
 #[tokio::test]
-async fn affinity_to_the_loaded_base_then_priority_then_age() {
+async fn priority_then_affinity_to_the_loaded_base_then_age() {
     for b in backends().await {
         let s = b.store.as_ref();
         let l = b.label;
@@ -591,14 +591,13 @@ async fn affinity_to_the_loaded_base_then_priority_then_age() {
         s.set_job_priority(pa2, 10).await.unwrap();
         s.set_job_priority(pa1, 5).await.unwrap();
 
-        // A worker holding b:v2 gets b's job first, over higher priorities.
-        let j = s.lease_job("wb", &[b2], LEASE).await.unwrap().unwrap();
-        assert_eq!(j.job.id, pb, "{l}");
+        // Higher priorities first; within a priority a worker holding b:v2 gets b's job
+        // before older ones.
         let mut order = Vec::new();
         while let Some(j) = s.lease_job("w", &[b2], LEASE).await.unwrap() {
             order.push(j.job.id);
         }
-        assert_eq!(order, [pa2, pa1, pa0], "{l}");
+        assert_eq!(order, [pa2, pa1, pb, pa0], "{l}");
         assert_eq!(
             s.set_job_priority(-1, 1).await.unwrap_err().kind(),
             StoreErrorKind::NotFound
@@ -677,8 +676,9 @@ async fn cancelling_ports_cancels_or_stops_their_job() {
             cancel("acme/q", "1").await.unwrap_err().kind(),
             StoreErrorKind::FailedPrecondition
         );
-        // A running job keeps going while one of its ports still wants it; then the worker
-        // hears the cancellation on heartbeat and releasing it ends it.
+        // A running job keeps going while one of its ports still wants it; then it is
+        // cancelled through its fence: the heartbeat says so, and nothing the worker sends
+        // later is accepted.
         let j = s.lease_job("w", &[], LEASE).await.unwrap().unwrap();
         cancel("acme/r", "1").await.unwrap();
         assert!(
@@ -694,8 +694,32 @@ async fn cancelling_ports_cancels_or_stops_their_job() {
                 .unwrap(),
             "{l}"
         );
-        let job = s.release_job(j.job.id, j.job.fencing_token).await.unwrap();
-        assert_eq!(job.state, PortState::Cancelled, "{l}");
+        assert_eq!(
+            s.get_job(j.job.id).await.unwrap().unwrap().state,
+            PortState::Cancelled,
+            "{l}"
+        );
+        for late in [
+            s.complete_job(j.job.id, j.job.fencing_token, succeeded())
+                .await
+                .map(|_| ()),
+            s.fail_job(j.job.id, j.job.fencing_token, "late", true)
+                .await
+                .map(|_| ()),
+            s.release_job(j.job.id, j.job.fencing_token)
+                .await
+                .map(|_| ()),
+        ] {
+            assert_eq!(late.unwrap_err().kind(), StoreErrorKind::FailedPrecondition, "{l}");
+        }
+        for (n, v) in [("acme/r", "1"), ("acme/r", "2")] {
+            let p = s
+                .get_port(&name(n), &vref(v), &name("acme/llama"), &vref("v2"), METHOD_VERSION)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(p.state, PortState::Cancelled, "{l}: a late complete left {n}:{v} alone");
+        }
         assert!(s.lease_job("w", &[], LEASE).await.unwrap().is_none(), "{l}");
     }
 }
@@ -757,7 +781,7 @@ async fn events_appear_once_in_order_and_resume_from_any_cursor() {
             .read_events(Some(&"nonsense".parse().unwrap()), 1)
             .await
             .unwrap_err();
-        assert_eq!(bad.kind(), StoreErrorKind::FailedPrecondition, "{l}");
+        assert_eq!(bad.kind(), StoreErrorKind::InvalidArgument, "{l}");
     }
 }
 
@@ -829,7 +853,7 @@ async fn postgres_a_transaction_that_commits_late_is_not_skipped() {
         let Some(pool) = &b.pg else { continue };
         let s = b.store.as_ref();
         let insert =
-            "INSERT INTO events (kind, subject, created_at) VALUES ('test', $1, 0) RETURNING id";
+            "INSERT INTO events (kind, subject, created_at) VALUES ('base.published', $1, 0) RETURNING id";
         let start = s.head_cursor().await.unwrap();
         let mut plain_cursor: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM events")
             .fetch_one(pool)
@@ -923,5 +947,206 @@ async fn jobs_are_counted_by_state_for_the_queue_depth_gauge() {
             "{l}: {c:?}"
         );
         assert_eq!(c.values().sum::<u64>(), 3, "{l}: {c:?}");
+    }
+}
+
+#[tokio::test]
+async fn request_port_queues_a_job_once_and_answers_at_once() {
+    use patchport_core::port::PortOrigin;
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/q", "1", "acme/llama", "v1", "q").await;
+        // A base pushed without a parent: no fan-out, only an explicit request ports.
+        base(s, "acme/llama", "v9", None).await;
+        base(s, "acme/other", "v1", None).await;
+        let request = |bn: &'static str, bv: &'static str, p: u16| async move {
+            s.request_port(
+                &name("acme/q"),
+                &vref("1"),
+                &name(bn),
+                &vref(bv),
+                PortOrigin::Requested(p),
+            )
+            .await
+        };
+        let port = request("acme/llama", "v9", 3).await.unwrap();
+        assert_eq!(port.state, PortState::Queued, "{l}");
+        assert_eq!(port.queue_position, Some(1), "{l}");
+        let job = s.get_job(port.job_id.unwrap()).await.unwrap().unwrap();
+        assert_eq!(job.priority, PortOrigin::Requested(3).job_priority(), "{l}");
+        // Asking again returns the same port and queues nothing new.
+        let again = request("acme/llama", "v9", 0).await.unwrap();
+        assert_eq!((again.id, again.job_id), (port.id, port.job_id), "{l}");
+        let queued: Vec<_> = all_events(&b)
+            .await
+            .into_iter()
+            .filter(|e| e.kind.as_str() == "port.queued")
+            .collect();
+        assert_eq!(queued.len(), 1, "{l}");
+        let payload: serde_json::Value =
+            serde_json::from_str(queued[0].payload_json.as_deref().unwrap()).unwrap();
+        assert_eq!(payload["state"], "queued", "{l}");
+        assert_eq!(payload["patch"], "acme/q:1", "{l}");
+        assert_eq!(payload["base_digest"], port.base_digest.to_string(), "{l}");
+        // The patch's own base, another base name and unknown versions are refused.
+        assert_eq!(
+            request("acme/llama", "v1", 0).await.unwrap_err().kind(),
+            StoreErrorKind::FailedPrecondition,
+            "{l}"
+        );
+        assert_eq!(
+            request("acme/other", "v1", 0).await.unwrap_err().kind(),
+            StoreErrorKind::FailedPrecondition,
+            "{l}"
+        );
+        assert_eq!(
+            request("acme/llama", "v404", 0).await.unwrap_err().kind(),
+            StoreErrorKind::NotFound,
+            "{l}"
+        );
+        // A cancelled port asked for again is queued again, on the same row.
+        s.cancel_port(&name("acme/q"), &vref("1"), &name("acme/llama"), &vref("v9"), METHOD_VERSION)
+            .await
+            .unwrap();
+        let back = request("acme/llama", "v9", 0).await.unwrap();
+        assert_eq!((back.id, back.state), (port.id, PortState::Queued), "{l}");
+        let j = lease_soon(s, "w").await;
+        assert_eq!(j.job.id, port.job_id.unwrap(), "{l}");
+        s.complete_job(j.job.id, j.job.fencing_token, succeeded())
+            .await
+            .unwrap();
+        let done = request("acme/llama", "v9", 0).await.unwrap();
+        assert_eq!(done.state, PortState::Succeeded, "{l}: a done port is returned as it is");
+        let completed: Vec<_> = all_events(&b)
+            .await
+            .into_iter()
+            .filter(|e| e.kind.as_str() == "port.completed")
+            .collect();
+        assert_eq!(completed.len(), 1, "{l}");
+        let payload: serde_json::Value =
+            serde_json::from_str(completed[0].payload_json.as_deref().unwrap()).unwrap();
+        assert_eq!(payload["state"], "succeeded", "{l}");
+        assert_eq!(payload["detail"], "succeeded", "{l}");
+        assert_eq!(payload["risk"], 0.0, "{l}");
+        assert_eq!(payload["refusal_kinds"], serde_json::json!([]), "{l}");
+        assert_eq!(payload["patch_digest"], done.patch_digest.to_string(), "{l}");
+    }
+}
+
+#[tokio::test]
+async fn requests_before_catch_up_before_fan_out_first_in_first_out_within() {
+    use patchport_core::port::PortOrigin;
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        for i in 0..3 {
+            patch(s, &format!("acme/f{i}"), "1", "acme/llama", "v1", &format!("f{i}")).await;
+        }
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        // Pushed after v2: catch-up ports.
+        patch(s, "acme/c0", "1", "acme/llama", "v1", "c0").await;
+        patch(s, "acme/c1", "1", "acme/llama", "v1", "c1").await;
+        // Explicit requests onto a base outside the lineage, and one that raises a
+        // fan-out port already queued.
+        base(s, "acme/llama", "v9", None).await;
+        let req = |n: &'static str, bv: &'static str, p: u16| async move {
+            s.request_port(&name(n), &vref("1"), &name("acme/llama"), &vref(bv), PortOrigin::Requested(p))
+                .await
+                .unwrap()
+        };
+        let r0 = req("acme/f0", "v9", 0).await;
+        let r1 = req("acme/f1", "v9", 0).await;
+        let raised = req("acme/f2", "v2", 5).await;
+        let ports = s.list_ports_onto(&name("acme/llama"), &vref("v2")).await.unwrap();
+        let job = |n: &str| {
+            ports
+                .iter()
+                .find(|p| p.patch_name == name(n))
+                .map(|p| (p.job_id.unwrap(), p.queue_position))
+                .unwrap()
+        };
+        let expected = [
+            raised.job_id.unwrap(),
+            r0.job_id.unwrap(),
+            r1.job_id.unwrap(),
+            job("acme/c0").0,
+            job("acme/c1").0,
+            job("acme/f0").0,
+            job("acme/f1").0,
+        ];
+        // Compat shows each queued port's place before anything is leased.
+        assert_eq!(job("acme/c0").1, Some(4), "{l}");
+        assert_eq!(job("acme/f1").1, Some(7), "{l}");
+        assert_eq!(raised.queue_position, Some(1), "{l}");
+        let mut order = Vec::new();
+        while let Some(j) = s.lease_job("w", &[], LEASE).await.unwrap() {
+            order.push(j.job.id);
+        }
+        assert_eq!(order, expected, "{l}");
+        let leased = s.list_ports_onto(&name("acme/llama"), &vref("v2")).await.unwrap();
+        assert!(leased.iter().all(|p| p.queue_position.is_none()), "{l}: running ports have no place");
+    }
+}
+
+#[tokio::test]
+async fn cursors_zero_replays_malformed_is_invalid_and_past_the_end_is_out_of_range() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        patch(s, "acme/q", "1", "acme/llama", "v1", "q").await;
+        settle(&b).await;
+        let zero: EventCursor = "0".parse().unwrap();
+        let (all, head) = s.read_events(Some(&zero), 100).await.unwrap();
+        assert_eq!(all.len(), 2, "{l}");
+        assert_eq!(all[0].kind.as_str(), "base.published", "{l}");
+        assert_eq!(head, s.head_cursor().await.unwrap(), "{l}");
+        // At the head: nothing yet, and no error.
+        assert!(s.read_events(Some(&head), 100).await.unwrap().0.is_empty(), "{l}");
+        for bad in ["x", "sq:", "pg:1", "sq:-x", "pg:a:b", "origin:1"] {
+            let e = s.read_events(Some(&bad.parse().unwrap()), 10).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::InvalidArgument, "{l}: {bad}");
+        }
+        // A cursor from a longer log (another or a restored database).
+        let ahead: EventCursor = match l {
+            "sqlite" => "sq:1000".parse().unwrap(),
+            _ => {
+                let h = head.to_string();
+                let (_, id) = h.rsplit_once(':').unwrap();
+                let x = h.split(':').nth(1).unwrap();
+                format!("pg:{x}:{}", id.parse::<i64>().unwrap() + 1000).parse().unwrap()
+            }
+        };
+        let e = s.read_events(Some(&ahead), 10).await.unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::OutOfRange, "{l}");
+        assert!(e.to_string().contains("past the end"), "{l}: {e}");
+    }
+}
+
+#[tokio::test]
+async fn committed_events_wake_subscribers() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        let mut wake = s.event_wakeups();
+        // The Postgres listener starts with the first subscriber: let it connect.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        wake.borrow_and_update();
+        base(s, "acme/llama", "v1", None).await;
+        tokio::time::timeout(Duration::from_secs(10), wake.changed())
+            .await
+            .unwrap_or_else(|_| panic!("{l}: no wake-up after a commit"))
+            .unwrap();
+        // A failed push appends nothing and wakes nobody (SQLite: rolled back in the hook).
+        wake.borrow_and_update();
+        s.insert_patch_version(new_patch("acme/q", "1", "acme/llama", "v404", "q"))
+            .await
+            .unwrap_err();
+        if l == "sqlite" {
+            assert!(!wake.has_changed().unwrap(), "{l}: a rollback woke subscribers");
+        }
     }
 }

@@ -1,13 +1,17 @@
 //! `patchport.v1.EventService`: the transactional outbox, streamed at least once from a
 //! cursor. The store's cursor never skips a transaction that commits late (on Postgres
-//! it follows `(xid, id)` below the snapshot's xmin); this service polls it.
+//! it follows `(xid, id)` below the snapshot's xmin). Streams are pushed, not polled: a
+//! caught-up stream sleeps until the store's wake-up counter moves (Postgres
+//! `LISTEN/NOTIFY` from any replica; SQLite, a commit in this process), then reads the
+//! outbox by cursor, which stays the only truth.
 
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
+use patchport_core::event::EventKind;
 use patchport_proto::v1::{self, event_service_server::EventService};
-use patchport_store::meta::EventCursor;
+use patchport_store::meta::{EventCursor, EventRecord};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -17,8 +21,55 @@ use crate::convert::timestamp;
 use crate::error::ApiError;
 use crate::state::Registry;
 
-const POLL: Duration = Duration::from_millis(250);
+/// A caught-up stream reads the outbox at least this often even without a wake-up (a
+/// safety net for a lost listener connection; never the way events normally arrive).
+const FALLBACK: Duration = Duration::from_secs(2);
+/// On Postgres a woken reader may find the new events still held back behind an older
+/// transaction that is open (the xmin rule): it looks again after these pauses.
+const HELD_BACK_RETRIES: [Duration; 5] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+];
 const BATCH: u32 = 256;
+
+fn event_to_proto(e: EventRecord) -> v1::Event {
+    let payload_json = e.payload_json.clone().unwrap_or_else(|| {
+        serde_json::json!({
+            "job_id": e.job_id,
+            "port_id": e.port_id,
+            "detail": e.detail,
+        })
+        .to_string()
+    });
+    v1::Event {
+        id: e.id.to_string(),
+        cursor: e.cursor.to_string(),
+        r#type: e.kind.as_str().to_owned(),
+        time: Some(timestamp(e.created_at)),
+        subject: e.subject,
+        payload_json,
+    }
+}
+
+/// What a subscriber asked for.
+#[derive(Debug, Clone)]
+struct Filter {
+    kinds: Vec<EventKind>,
+    subject: String,
+}
+
+impl Filter {
+    fn wants(&self, e: &EventRecord) -> bool {
+        (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && (self.subject.is_empty()
+                || e.subject == self.subject
+                || e.subject.starts_with(&format!("{}:", self.subject))
+                || e.subject.contains(&format!("@{}:", self.subject)))
+    }
+}
 
 /// The event service.
 #[derive(Debug, Clone)]
@@ -45,7 +96,21 @@ impl EventService for Events {
             auth.require(&who, Need::Read, namespace_of(&req.subject))
                 .await?;
         }
+        let filter = Filter {
+            kinds: req
+                .types
+                .iter()
+                .map(|t| {
+                    t.parse::<EventKind>()
+                        .map_err(|e| ApiError::invalid(format!("types: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+            subject: req.subject,
+        };
         let meta = self.registry.meta.clone();
+        // Wake-ups from here on count: nothing committed after the first read is missed.
+        let mut wake = meta.event_wakeups();
+        wake.borrow_and_update();
         let mut cursor: EventCursor = if req.cursor.is_empty() {
             meta.head_cursor().await.map_err(ApiError::from)?
         } else {
@@ -56,26 +121,31 @@ impl EventService for Events {
                 ))
             })?
         };
+        // The first read answers a bad or foreign cursor as the call's status.
+        let first = meta
+            .read_events(Some(&cursor), BATCH)
+            .await
+            .map_err(ApiError::from)?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<v1::Event, Status>>(64);
         let draining = self.draining.clone();
         let lag = metrics::histogram!(crate::metrics::EVENT_LAG);
         tokio::spawn(async move {
-            while !draining.is_cancelled() {
-                let (events, next) = match meta.read_events(Some(&cursor), BATCH).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(ApiError::from(e).into())).await;
-                        return;
-                    }
+            let mut batch = Some(first);
+            let mut wake_alive = true;
+            loop {
+                let (events, next) = match batch.take() {
+                    Some(b) => b,
+                    None => match meta.read_events(Some(&cursor), BATCH).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.send(Err(ApiError::from(e).into())).await;
+                            return;
+                        }
+                    },
                 };
-                let got = events.len();
+                let full = events.len() == BATCH as usize;
                 for e in events {
-                    let wanted = (req.types.is_empty() || req.types.contains(&e.kind))
-                        && (req.subject.is_empty()
-                            || e.subject == req.subject
-                            || e.subject.starts_with(&format!("{}:", req.subject))
-                            || e.subject.contains(&format!("@{}:", req.subject)));
-                    if !wanted {
+                    if !filter.wants(&e) {
                         continue;
                     }
                     // Events about namespaces the subscriber may not read are skipped.
@@ -91,32 +161,46 @@ impl EventService for Events {
                         }
                     }
                     let created_at = e.created_at;
-                    let payload = serde_json::json!({
-                        "job_id": e.job_id,
-                        "port_id": e.port_id,
-                        "detail": e.detail,
-                    });
-                    let event = v1::Event {
-                        id: e.id.to_string(),
-                        cursor: e.cursor.to_string(),
-                        r#type: e.kind,
-                        time: Some(timestamp(created_at)),
-                        subject: e.subject,
-                        payload_json: payload.to_string(),
-                    };
-                    if tx.send(Ok(event)).await.is_err() {
+                    if tx.send(Ok(event_to_proto(e))).await.is_err() {
                         return;
                     }
                     let now = patchport_store::meta::now_millis();
                     lag.record((now - created_at).max(0) as f64 / 1000.0);
                 }
                 cursor = next;
-                if got == 0 {
-                    tokio::select! {
-                        () = tx.closed() => return,
-                        () = draining.cancelled() => return,
-                        () = tokio::time::sleep(POLL) => {}
+                if full {
+                    continue;
+                }
+                // Caught up: sleep until something may have been appended.
+                let woken = tokio::select! {
+                    () = tx.closed() => return,
+                    () = draining.cancelled() => return,
+                    r = wake.changed(), if wake_alive => {
+                        wake_alive = r.is_ok();
+                        wake_alive
                     }
+                    () = tokio::time::sleep(FALLBACK) => false,
+                };
+                if !woken {
+                    continue;
+                }
+                // Woken: the events may still be held back behind an older open
+                // transaction (Postgres); look again shortly until they show.
+                for pause in HELD_BACK_RETRIES {
+                    match meta.read_events(Some(&cursor), BATCH).await {
+                        Ok(r) if r.0.is_empty() => tokio::time::sleep(pause).await,
+                        Ok(r) => {
+                            batch = Some(r);
+                            break;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(ApiError::from(e).into())).await;
+                            return;
+                        }
+                    }
+                }
+                if draining.is_cancelled() {
+                    return;
                 }
             }
         });

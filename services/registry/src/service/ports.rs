@@ -1,11 +1,11 @@
 //! `patchport.v1.PortService`: ports of stored patches onto stored bases.
 //!
-//! Publishing a base queues its ports for workers. `RequestPort` returns a port that is
-//! already queued, running or done; for a pair with no port yet (a base pushed without
-//! `--parent`), or a failed or cancelled one, it runs the port in this process and
-//! returns the outcome.
+//! Every port is a job in one queue, leased by workers: publishing a base queues its
+//! fan-out, pushing a patch its catch-up ports, and `RequestPort` queues one pair (or
+//! returns the port that is already queued, running or done) and answers at once. The
+//! registry never ports.
 
-use patchport_core::port::METHOD_VERSION;
+use patchport_core::port::{METHOD_VERSION, PortOrigin};
 use patchport_core::{Digest, PortRef, Reference};
 use patchport_proto::v1::{self, port_service_server::PortService};
 use patchport_store::meta::{ListFilter, PortState};
@@ -343,6 +343,7 @@ impl PortService for Ports {
 }
 
 impl Ports {
+    /// Queues the port (or finds it) and answers at once: the registry never ports.
     async fn request(&self, who: &Principal, req: &v1::RequestPortRequest) -> ApiResult<v1::Port> {
         self.registry
             .auth
@@ -360,30 +361,13 @@ impl Ports {
             .base
             .parse()
             .map_err(|e| ApiError::invalid(format!("base: {e}")))?;
-        let (p, b) = self.lookup(&patch, &base).await?;
-        if b.name != p.base_name {
-            return Err(ApiError::precondition(format!(
-                "{patch} was trained on {}, not {}: a port carries a patch to a newer version of its own base",
-                p.base_name, b.name
-            )));
-        }
-        if let Some(existing) = self
+        let origin = PortOrigin::requested(req.priority).map_err(ApiError::invalid)?;
+        let port = self
             .registry
             .meta
-            .get_port(
-                &p.name,
-                &patch.version,
-                &b.name,
-                &base.version,
-                METHOD_VERSION,
-            )
-            .await?
-            && !matches!(existing.state, PortState::Failed | PortState::Cancelled)
-        {
-            return Ok(port_to_proto(&existing));
-        }
-        let port = self.registry.run_port(&p, &b, true).await?;
-        tracing::info!(state = port.state.as_str(), "port finished");
+            .request_port(&patch.name, &patch.version, &base.name, &base.version, origin)
+            .await?;
+        tracing::info!(state = port.state.as_str(), queue_position = port.queue_position, "port requested");
         Ok(port_to_proto(&port))
     }
 }

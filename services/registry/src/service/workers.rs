@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use patchport_core::layout::{ArtifactFile, BlobRange, FileRef};
 use patchport_core::port::{ModuleDiagnostics, PortDiagnostics, Refusal};
 use patchport_core::{Digest, VersionRef};
@@ -59,6 +61,23 @@ fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
 }
 
 impl Workers {
+    /// Hashes the bytes a composed file's segments produce.
+    async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
+        let mut hasher = patchport_core::Hasher::new();
+        for s in segments {
+            let mut stream = self
+                .registry
+                .blobs
+                .read(&s.digest, s.offset, Some(s.length))
+                .await?;
+            while let Some(chunk) = stream.next().await {
+                hasher.update(&chunk?);
+            }
+        }
+        let size = hasher.len();
+        Ok((hasher.finish(), size))
+    }
+
     /// When the running attempt of a job was leased (its ports' start), for the port
     /// duration metric; `None` when metrics are off or it is not known.
     async fn leased_at(&self, id: i64) -> Option<i64> {
@@ -168,7 +187,7 @@ impl Workers {
                     length: r.length,
                 });
             }
-            let (digest, size) = self.registry.compose_digest(&segments).await?;
+            let (digest, size) = self.compose_digest(&segments).await?;
             out.push(ArtifactFile {
                 file: FileRef {
                     path: f.path.clone(),

@@ -32,6 +32,10 @@ pub enum StoreErrorKind {
     NotFound,
     /// The request is valid but the state forbids it.
     FailedPrecondition,
+    /// The request is malformed (an event cursor that no store hands out).
+    InvalidArgument,
+    /// The request names a position past the end (an event cursor ahead of the log).
+    OutOfRange,
     /// The database cannot be reached right now (connection refused or lost, server
     /// shutting down or starting up, no pooled connection in time). Safe to retry: every
     /// change is one transaction, and pushes of the same content are idempotent.
@@ -64,6 +68,25 @@ pub enum StoreError {
     FailedPrecondition {
         /// Why.
         message: String,
+    },
+    /// An event cursor this store never hands out.
+    #[error(
+        "invalid event cursor {cursor:?}: use \"0\" to replay from the first event, an empty cursor for new events only, or a cursor the server returned"
+    )]
+    InvalidCursor {
+        /// The cursor as given.
+        cursor: String,
+    },
+    /// An event cursor beyond the end of this store's log: it came from another (or a
+    /// restored) database, and reading on would silently skip events.
+    #[error(
+        "event cursor {cursor:?} is past the end of the event log (last {head:?}): it belongs to another or a restored database; resubscribe from \"0\" or from the head"
+    )]
+    CursorOutOfRange {
+        /// The cursor as given.
+        cursor: String,
+        /// The last cursor of the log.
+        head: String,
     },
     /// A stored value that does not parse (a bug or a damaged database).
     #[error("corrupt row in {table}: {message}")]
@@ -102,6 +125,8 @@ impl StoreError {
             StoreError::AlreadyExists { .. } => StoreErrorKind::AlreadyExists,
             StoreError::NotFound { .. } => StoreErrorKind::NotFound,
             StoreError::FailedPrecondition { .. } => StoreErrorKind::FailedPrecondition,
+            StoreError::InvalidCursor { .. } => StoreErrorKind::InvalidArgument,
+            StoreError::CursorOutOfRange { .. } => StoreErrorKind::OutOfRange,
             StoreError::Database { source } if is_unavailable(source) => {
                 StoreErrorKind::Unavailable
             }
@@ -354,6 +379,8 @@ impl PortState {
 /// A stored port of a patch version onto a base version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PortRecord {
+    /// The row id (events name it).
+    pub id: i64,
     /// The patch.
     pub patch_name: Name,
     /// Its version.
@@ -390,43 +417,13 @@ pub struct PortRecord {
     pub started_at: Option<i64>,
     /// Unix milliseconds.
     pub finished_at: Option<i64>,
-    /// The job doing the work (None for ports run synchronously by `save_port`).
+    /// The job doing the work (every port has one; `None` only on rows written before
+    /// every port was a job).
     pub job_id: Option<i64>,
     /// The quality gate's result (JSON), when the port was evaluated.
     pub evaluation_json: Option<String>,
-}
-
-/// A port's new state, written whole (insert or update by patch, base and method).
-#[derive(Debug, Clone)]
-pub struct PortUpdate {
-    /// The patch name.
-    pub patch_name: Name,
-    /// The patch version.
-    pub patch_version: VersionRef,
-    /// The target base name.
-    pub base_name: Name,
-    /// The target base version.
-    pub base_version: VersionRef,
-    /// The port method.
-    pub method_version: String,
-    /// The state.
-    pub state: PortState,
-    /// Refusals.
-    pub refusals: Vec<Refusal>,
-    /// Diagnostics.
-    pub diagnostics: Option<PortDiagnostics>,
-    /// The ported adapter.
-    pub adapter_files: Vec<ArtifactFile>,
-    /// The merged model.
-    pub merged_files: Vec<ArtifactFile>,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The last error.
-    pub error: Option<String>,
-    /// Unix milliseconds.
-    pub started_at: Option<i64>,
-    /// Unix milliseconds.
-    pub finished_at: Option<i64>,
+    /// A queued port's place in the queue (1 is leased next), by priority then age.
+    pub queue_position: Option<u64>,
 }
 
 /// Which versions to list.
@@ -504,9 +501,20 @@ pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
         base_version: &VersionRef,
         method_version: &str,
     ) -> Result<Option<PortRecord>, StoreError>;
-    /// Writes a port's state (creating the row the first time); NotFound when the patch
-    /// or the base does not exist.
-    async fn save_port(&self, update: PortUpdate) -> Result<PortRecord, StoreError>;
+    /// Asks for the port of a patch version onto another version of its base: returns
+    /// the port as it stands when it is queued, running or done, and otherwise (no port
+    /// yet, or one that failed or was cancelled) queues it as a job with `origin`'s
+    /// priority, in one transaction with its `port.queued` event. A queued job is raised
+    /// to that priority. NotFound for an unknown version, FailedPrecondition for a base
+    /// of another name or the patch's own base.
+    async fn request_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        origin: patchport_core::port::PortOrigin,
+    ) -> Result<PortRecord, StoreError>;
 
     // The build service (DESIGN.md §5). Fan-out happens inside `insert_base_version`
     // and `insert_patch_version`.
@@ -569,8 +577,9 @@ pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
     /// Requeues (or fails, when out of attempts) running jobs whose lease expired
     /// before `now` (unix ms); returns how many.
     async fn reap_expired(&self, now: i64) -> Result<usize, StoreError>;
-    /// Cancels a queued or running port; its job is cancelled (queued) or asked to stop
-    /// (running) once none of its ports still wants the work.
+    /// Cancels a queued or running port; once none of its ports still wants the work its
+    /// job is cancelled through the fence: never leased again, and a running attempt's
+    /// lease ends at once (its heartbeat answers "cancelled", its complete is refused).
     async fn cancel_port(
         &self,
         patch_name: &Name,
@@ -579,8 +588,10 @@ pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
         base_version: &VersionRef,
         method_version: &str,
     ) -> Result<PortRecord, StoreError>;
-    /// Events after a cursor (`None`: from the head, i.e. only what commits from now),
-    /// oldest first, and the cursor to resume from.
+    /// Events after a cursor (`None`: from the head, i.e. only what commits from now;
+    /// [`EventCursor::origin`], `"0"`: from the first event), oldest first, and the
+    /// cursor to resume from. InvalidCursor for a cursor this store never hands out;
+    /// CursorOutOfRange for one past the end of the log.
     async fn read_events(
         &self,
         after: Option<&EventCursor>,
@@ -588,6 +599,11 @@ pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
     ) -> Result<(Vec<EventRecord>, EventCursor), StoreError>;
     /// The current head of the event log.
     async fn head_cursor(&self) -> Result<EventCursor, StoreError>;
+    /// A counter bumped whenever events may have been appended (Postgres: a
+    /// `LISTEN patchport_events` notification from any replica; SQLite: an append in
+    /// this process). It only wakes readers: the outbox stays the only truth, read by
+    /// cursor. Missed or spurious wake-ups cost latency, never events.
+    fn event_wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
     /// How many jobs are in each state (queue depth): every state of
     /// [`PortState::ALL`], in that order, zeros included.
     async fn count_jobs_by_state(&self) -> Result<Vec<(PortState, u64)>, StoreError>;

@@ -1,8 +1,9 @@
 //! The Postgres metadata store (production).
 
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
 use super::queue::bad_cursor;
 use super::sql::{EventRow, event_record};
@@ -13,7 +14,19 @@ use super::{EventCursor, EventRecord, RetryPolicy, StoreError};
 pub struct PgStore {
     pool: PgPool,
     retry: RetryPolicy,
+    wakeups: Arc<Wakeups>,
 }
+
+/// The `LISTEN patchport_events` side: one listening connection per store (started by the
+/// first subscriber), bumping a counter on every notification from any replica.
+#[derive(Debug)]
+struct Wakeups {
+    tx: tokio::sync::watch::Sender<u64>,
+    started: OnceLock<()>,
+}
+
+/// The channel every event-appending transaction notifies at commit.
+const CHANNEL: &str = "patchport_events";
 
 /// How long a request waits for a pooled connection. While Postgres is down or
 /// restarting the pool keeps trying to connect for this long, then the request fails with
@@ -40,7 +53,82 @@ impl PgStore {
         Ok(Self {
             pool,
             retry: RetryPolicy::default(),
+            wakeups: Arc::new(Wakeups {
+                tx: tokio::sync::watch::channel(0).0,
+                started: OnceLock::new(),
+            }),
         })
+    }
+
+    /// The wake-up counter; the first call starts the listener task (it ends when the
+    /// last clone of this store is dropped).
+    fn wakeup_receiver(&self) -> tokio::sync::watch::Receiver<u64> {
+        let rx = self.wakeups.tx.subscribe();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.wakeups.started.get_or_init(|| {
+                rt.spawn(Self::listen(self.pool.clone(), Arc::downgrade(&self.wakeups)));
+            });
+        }
+        rx
+    }
+
+    /// Holds a `LISTEN` connection and bumps the counter per notification. A lost
+    /// connection may have dropped notifications, so reconnecting bumps it too (readers
+    /// then look at the outbox, which is the truth either way).
+    async fn listen(pool: PgPool, wakeups: Weak<Wakeups>) {
+        let bump = |w: &Weak<Wakeups>| match w.upgrade() {
+            Some(w) => {
+                w.tx.send_modify(|n| *n = n.wrapping_add(1));
+                true
+            }
+            None => false,
+        };
+        loop {
+            let mut listener = match PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event listener: connecting failed, retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if !bump(&wakeups) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(CHANNEL).await {
+                tracing::warn!(error = %e, "event listener: LISTEN failed, retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Anything committed while no one listened.
+            if !bump(&wakeups) {
+                return;
+            }
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await {
+                    // Nothing for a while: stop once the store is gone.
+                    Err(_) if wakeups.strong_count() == 0 => return,
+                    Err(_) => {}
+                    Ok(Ok(Some(_))) => {
+                        if !bump(&wakeups) {
+                            return;
+                        }
+                    }
+                    // The connection was lost; the next try_recv reconnects.
+                    Ok(Ok(None)) => {
+                        tracing::warn!("event listener: connection lost, reconnecting");
+                        if !bump(&wakeups) {
+                            return;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "event listener failed, reconnecting in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     /// The pool (for tests and future stores sharing the connection).
@@ -60,7 +148,8 @@ impl PgStore {
     /// Wakes `LISTEN patchport_events` readers when the transaction commits (one
     /// notification per transaction: Postgres folds identical ones).
     async fn notify_events(conn: &mut sqlx::PgConnection) -> Result<(), StoreError> {
-        sqlx::query("SELECT pg_notify('patchport_events', '')")
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(CHANNEL)
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -68,7 +157,7 @@ impl PgStore {
 
     /// `pg:<xid>:<id>`; `origin` is `(0, 0)`.
     fn parse_cursor(c: &EventCursor) -> Result<(u64, i64), StoreError> {
-        if c.0 == "origin" {
+        if c.is_origin() {
             return Ok((0, 0));
         }
         let mut parts =
@@ -102,7 +191,7 @@ impl PgStore {
         };
         let (xid, id) = Self::parse_cursor(&from)?;
         let rows = sqlx::query_as::<_, EventRow>(
-            "SELECT id, xid::text AS xid, kind, subject, job_id, port_id, detail, created_at \
+            "SELECT id, xid::text AS xid, kind, subject, job_id, port_id, detail, payload_json, created_at \
              FROM events WHERE (xid, id) > ($1::text::xid8, $2) \
              AND xid < pg_snapshot_xmin(pg_current_snapshot()) ORDER BY xid, id LIMIT $3",
         )
@@ -111,6 +200,23 @@ impl PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        if rows.is_empty() && id > 0 {
+            // Nothing readable after it: fine at (or just behind) the head, but a cursor
+            // past every event or transaction of this database came from another one and
+            // would silently skip everything up to it.
+            let (max_id, next_xid): (Option<i64>, String) = sqlx::query_as(
+                "SELECT (SELECT MAX(id) FROM events), pg_snapshot_xmax(pg_current_snapshot())::text",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            let next_xid: u64 = next_xid.parse().unwrap_or(u64::MAX);
+            if max_id.unwrap_or(0) < id || xid >= next_xid {
+                return Err(StoreError::CursorOutOfRange {
+                    cursor: from.0,
+                    head: self.head_event_cursor().await?.0,
+                });
+            }
+        }
         let next = rows.last().map_or(from, |r| Self::cursor(&r.xid, r.id));
         let out = rows
             .into_iter()
@@ -118,7 +224,7 @@ impl PgStore {
                 let c = Self::cursor(&r.xid, r.id);
                 event_record(r, c)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok((out, next))
     }
 

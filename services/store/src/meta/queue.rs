@@ -129,14 +129,24 @@ pub struct EvaluationRecord {
     pub json: String,
 }
 
-/// A position in the event log, opaque to clients (`pg:<xid>:<id>` or `sq:<id>`).
+/// A position in the event log, opaque to clients (`pg:<xid>:<id>` or `sq:<id>`), except
+/// for the documented origin `0`, before the first event of any store.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct EventCursor(pub(crate) String);
 
 impl EventCursor {
+    /// The documented cursor that replays the whole log.
+    pub const ORIGIN: &'static str = "0";
+
     /// Before the first event of any store (reads everything).
     pub fn origin() -> Self {
-        Self("origin".to_owned())
+        Self(Self::ORIGIN.to_owned())
+    }
+
+    /// Whether this is the origin (`0`; `origin` is accepted too, as older servers
+    /// documented nothing).
+    pub(crate) fn is_origin(&self) -> bool {
+        self.0 == Self::ORIGIN || self.0 == "origin"
     }
 
     /// The cursor as a string.
@@ -159,8 +169,8 @@ impl std::str::FromStr for EventCursor {
 }
 
 pub(crate) fn bad_cursor(c: &EventCursor) -> StoreError {
-    StoreError::FailedPrecondition {
-        message: format!("invalid event cursor {:?}", c.0),
+    StoreError::InvalidCursor {
+        cursor: c.0.clone(),
     }
 }
 
@@ -177,9 +187,8 @@ pub struct EventRecord {
     pub cursor: EventCursor,
     /// Unique id (for dedupe).
     pub id: i64,
-    /// `base.published`, `patch.pushed`, `port.queued`, `port.started`, `port.completed`,
-    /// `port.failed`, `port.cancelled`.
-    pub kind: String,
+    /// What happened.
+    pub kind: patchport_core::event::EventKind,
     /// `acme/llama:v2` or `acme/qv:1@acme/llama:v2`.
     pub subject: String,
     /// The job, for port events.
@@ -188,6 +197,10 @@ pub struct EventRecord {
     pub port_id: Option<i64>,
     /// The new state or why (`retry`, `released`, `lease expired`...).
     pub detail: Option<String>,
+    /// What a subscriber needs without a follow-up call (JSON object): digests, state,
+    /// refusal kinds, risk and a diagnostics summary for ports; the digest (and parent or
+    /// base) for versions. `None` on events written before payloads were stored.
+    pub payload_json: Option<String>,
     /// Unix ms.
     pub created_at: i64,
 }

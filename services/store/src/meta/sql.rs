@@ -65,6 +65,7 @@ pub(crate) struct TensorRow {
 
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PortRow {
+    pub(crate) id: i64,
     pub(crate) patch_name: String,
     pub(crate) patch_version: String,
     pub(crate) patch_digest: String,
@@ -85,15 +86,22 @@ pub(crate) struct PortRow {
     pub(crate) finished_at: Option<i64>,
     pub(crate) job_id: Option<i64>,
     pub(crate) evaluation_json: Option<String>,
+    pub(crate) queue_position: Option<i64>,
 }
 
-pub(crate) const PORT_SELECT: &str = "SELECT p.name AS patch_name, p.version AS patch_version, \
+/// Every port column, and a queued port's place in the queue: 1 + the queued jobs leased
+/// before its job (higher priority first, then first in first out, as `lease_job` takes
+/// them).
+pub(crate) const PORT_SELECT: &str = "SELECT t.id, p.name AS patch_name, p.version AS patch_version, \
     p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
     b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
     t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
-    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json \
+    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json, \
+    CASE WHEN t.state = 'queued' THEN q.position END AS queue_position \
     FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
-    JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
+    JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id \
+    LEFT JOIN (SELECT id AS job, ROW_NUMBER() OVER (ORDER BY priority DESC, id) AS position \
+    FROM jobs WHERE state = 'queued') q ON q.job = t.job_id";
 
 pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError> {
     const T: &str = "ports";
@@ -101,6 +109,7 @@ pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError>
         serde_json::from_str(s).map_err(|e| corrupt(T, e))
     }
     Ok(super::PortRecord {
+        id: row.id,
         patch_name: name(T, &row.patch_name)?,
         patch_version: version(T, &row.patch_version)?,
         patch_digest: digest(T, &row.patch_digest)?,
@@ -121,6 +130,7 @@ pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError>
         finished_at: row.finished_at,
         job_id: row.job_id,
         evaluation_json: row.evaluation_json,
+        queue_position: row.queue_position.and_then(|n| u64::try_from(n).ok()),
     })
 }
 
@@ -180,26 +190,79 @@ pub(crate) struct EventRow {
     pub(crate) job_id: Option<i64>,
     pub(crate) port_id: Option<i64>,
     pub(crate) detail: Option<String>,
+    pub(crate) payload_json: Option<String>,
     pub(crate) created_at: i64,
 }
 
-pub(crate) fn event_record(row: EventRow, cursor: super::EventCursor) -> super::EventRecord {
-    super::EventRecord {
+pub(crate) fn event_record(
+    row: EventRow,
+    cursor: super::EventCursor,
+) -> Result<super::EventRecord, StoreError> {
+    Ok(super::EventRecord {
         cursor,
         id: row.id,
-        kind: row.kind,
+        kind: row.kind.parse().map_err(|e| corrupt("events", e))?,
         subject: row.subject,
         job_id: row.job_id,
         port_id: row.port_id,
         detail: row.detail,
+        payload_json: row.payload_json,
         created_at: row.created_at,
-    }
+    })
 }
 
-/// The subject of a port event: `acme/qv:1@acme/llama:v2` (over `ports t`, `patch_versions
-/// p`, `base_versions b`).
-pub(crate) const PORT_SUBJECT: &str =
-    "p.name || ':' || p.version || '@' || b.name || ':' || b.version";
+/// What a port event tells a subscriber without a follow-up call: the pair by name and
+/// digest, the state, refusal kinds, attempts and error, the drift risk and a summary of
+/// the diagnostics (the per-module numbers stay with the port).
+pub(crate) fn port_event_payload(
+    kind: patchport_core::event::EventKind,
+    port: &super::PortRecord,
+    detail: Option<&str>,
+) -> String {
+    let diagnostics = port.diagnostics.as_ref().map(|d| {
+        serde_json::json!({
+            "modules": d.modules.len(),
+            "unchanged_modules": d.modules.iter().filter(|m| m.unchanged).count(),
+            "base_drift": d.total.base_drift,
+            "patch_size": d.total.patch_size,
+            "drift_to_patch": d.total.drift_to_patch,
+            "cosine": d.total.cosine,
+        })
+    });
+    let verdict = port
+        .evaluation_json
+        .as_deref()
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+        .and_then(|v| {
+            v.get("verdict")
+                .or_else(|| v.get("status"))
+                .and_then(|x| x.as_str().map(str::to_owned))
+        });
+    serde_json::json!({
+        "kind": kind.as_str(),
+        "port_id": port.id,
+        "job_id": port.job_id,
+        "patch": format!("{}:{}", port.patch_name, port.patch_version),
+        "patch_digest": port.patch_digest.to_string(),
+        "base": format!("{}:{}", port.base_name, port.base_version),
+        "base_digest": port.base_digest.to_string(),
+        "source_base_digest": port.source_base_digest.to_string(),
+        "method_version": port.method_version,
+        "state": port.state.as_str(),
+        "attempts": port.attempts,
+        "error": port.error,
+        "detail": detail,
+        "refusal_kinds": port.refusals.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
+        "risk": port.diagnostics.as_ref().map(|d| d.risk()),
+        "high_risk": port.diagnostics.as_ref().map(|d| d.risk() >= patchport_core::port::HIGH_RISK),
+        "diagnostics": diagnostics,
+        "verdict": verdict,
+        "adapter_files": port.adapter_files.len(),
+        "merged_files": port.merged_files.len(),
+    })
+    .to_string()
+}
+
 
 pub(crate) fn to_json<V: serde::Serialize>(v: &V) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
@@ -452,10 +515,10 @@ macro_rules! impl_sql_store {
                         })
                     };
                 }
-                let parent_id = match &new.parent {
+                let parent = match &new.parent {
                     None => None,
                     Some(p) => match Self::base_by_ref(&mut tx, &new.name, p).await? {
-                        Some(row) => Some(row.id),
+                        Some(row) => Some(row),
                         None => {
                             return Err(StoreError::NotFound {
                                 what: format!("parent version {}:{}", new.name, p),
@@ -463,6 +526,8 @@ macro_rules! impl_sql_store {
                         }
                     },
                 };
+                let parent_id = parent.as_ref().map(|r| r.id);
+                let parent_ref = parent.map(|r| (r.version, r.digest));
                 let total: u64 = new.files.iter().map(|f| f.size).sum();
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO base_versions (name, version, digest, parent_id, config_json, \
@@ -493,7 +558,16 @@ macro_rules! impl_sql_store {
                 }
                 // Fan-out, in this transaction: every published patch version pinned to
                 // an ancestor of the new version gets a port onto it.
-                Self::emit(&mut tx, "base.published", &format!("{}:{}", new.name, new.version)).await?;
+                Self::emit(
+                    &mut tx,
+                    patchport_core::event::EventKind::BasePublished,
+                    &format!("{}:{}", new.name, new.version),
+                    &serde_json::json!({
+                        "digest": new.digest.to_string(),
+                        "parent": parent_ref.as_ref().map(|(v, d)| serde_json::json!({"version": v, "digest": d})),
+                    }),
+                )
+                .await?;
                 let patches: Vec<i64> = sqlx::query_scalar(
                     "WITH RECURSIVE anc (id) AS ( \
                      SELECT parent_id FROM base_versions WHERE id = $1 AND parent_id IS NOT NULL \
@@ -511,7 +585,15 @@ macro_rules! impl_sql_store {
                         tracing::warn!(queued = i, pause_ms = pause.as_millis() as u64, "test failpoint: publish paused mid fan-out");
                         tokio::time::sleep(pause).await;
                     }
-                    Self::queue_port(&mut tx, patch_id, id, self.retry.max_attempts).await?;
+                    Self::queue_port(
+                        &mut tx,
+                        patch_id,
+                        id,
+                        self.retry.max_attempts,
+                        patchport_core::port::PortOrigin::Fanout,
+                        false,
+                    )
+                    .await?;
                 }
                 let row = Self::base_by_ref(&mut tx, &new.name, &this)
                     .await?
@@ -577,7 +659,17 @@ macro_rules! impl_sql_store {
                 }
                 // Catch-up, in this transaction: a port onto every published descendant
                 // of the pinned base.
-                Self::emit(&mut tx, "patch.pushed", &format!("{}:{}", new.name, new.version)).await?;
+                Self::emit(
+                    &mut tx,
+                    patchport_core::event::EventKind::PatchPushed,
+                    &format!("{}:{}", new.name, new.version),
+                    &serde_json::json!({
+                        "digest": new.digest.to_string(),
+                        "base": format!("{}:{}", base.name, base.version),
+                        "base_digest": base.digest,
+                    }),
+                )
+                .await?;
                 let targets: Vec<i64> = sqlx::query_scalar(
                     "WITH RECURSIVE des (id) AS ( \
                      SELECT id FROM base_versions WHERE parent_id = $1 \
@@ -589,7 +681,15 @@ macro_rules! impl_sql_store {
                 .fetch_all(&mut *tx)
                 .await?;
                 for target_id in targets {
-                    Self::queue_port(&mut tx, id, target_id, self.retry.max_attempts).await?;
+                    Self::queue_port(
+                        &mut tx,
+                        id,
+                        target_id,
+                        self.retry.max_attempts,
+                        patchport_core::port::PortOrigin::CatchUp,
+                        false,
+                    )
+                    .await?;
                 }
                 let row = Self::patch_by_ref(&mut tx, &new.name, &this)
                     .await?
@@ -601,60 +701,114 @@ macro_rules! impl_sql_store {
                 Ok((rec, true))
             }
 
-            /// Appends one event (and wakes listeners, on Postgres, at commit).
+            /// Appends one event about a version (and wakes subscribers at commit).
             async fn emit(
                 conn: &mut <$db as sqlx::Database>::Connection,
-                kind: &str,
+                kind: patchport_core::event::EventKind,
                 subject: &str,
+                payload: &serde_json::Value,
             ) -> Result<(), $crate::meta::StoreError> {
                 sqlx::query(
-                    "INSERT INTO events (kind, subject, job_id, port_id, detail, created_at) \
-                     VALUES ($1, $2, NULL, NULL, NULL, $3)",
+                    "INSERT INTO events (kind, subject, job_id, port_id, detail, payload_json, created_at) \
+                     VALUES ($1, $2, NULL, NULL, NULL, $3, $4)",
                 )
-                .bind(kind)
+                .bind(kind.as_str())
                 .bind(subject)
+                .bind(payload.to_string())
                 .bind($crate::meta::now_millis())
                 .execute(&mut *conn)
                 .await?;
                 Self::notify_events(conn).await
             }
 
-            /// Appends one event per port row matching `filter` (over `ports t`, with `$4`
-            /// bound to `arg`), in port order.
+            /// The ids of a job's ports in a state, oldest first.
+            async fn job_port_ids(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                job_id: i64,
+                state: $crate::meta::PortState,
+            ) -> Result<Vec<i64>, $crate::meta::StoreError> {
+                Ok(sqlx::query_scalar("SELECT id FROM ports WHERE job_id = $1 AND state = $2 ORDER BY id")
+                    .bind(job_id)
+                    .bind(state.as_str())
+                    .fetch_all(&mut *conn)
+                    .await?)
+            }
+
+            /// Ports by id, oldest first.
+            async fn ports_by_id(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                ids: &[i64],
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(500) {
+                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let mut q = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                        "{} WHERE t.id IN ({}) ORDER BY t.id",
+                        $crate::meta::sql::PORT_SELECT,
+                        marks.join(", ")
+                    )));
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    for row in q.fetch_all(&mut *conn).await? {
+                        out.push($crate::meta::sql::port_record(row)?);
+                    }
+                }
+                Ok(out)
+            }
+
+            /// Appends one event per port, in port order, each carrying the port as it
+            /// stands now (call it after the change it announces).
             async fn emit_ports(
                 conn: &mut <$db as sqlx::Database>::Connection,
-                kind: &str,
+                kind: patchport_core::event::EventKind,
                 detail: Option<&str>,
-                filter: &'static str,
-                arg: i64,
+                ports: &[i64],
             ) -> Result<(), $crate::meta::StoreError> {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "INSERT INTO events (kind, subject, job_id, port_id, detail, created_at) \
-                     SELECT $1, {}, t.job_id, t.id, $2, $3 \
-                     FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
-                     JOIN base_versions b ON b.id = t.base_id WHERE {filter} ORDER BY t.id",
-                    $crate::meta::sql::PORT_SUBJECT
-                )))
-                .bind(kind)
-                .bind(detail)
-                .bind($crate::meta::now_millis())
-                .bind(arg)
-                .execute(&mut *conn)
-                .await?;
+                if ports.is_empty() {
+                    return Ok(());
+                }
+                let now = $crate::meta::now_millis();
+                for port in Self::ports_by_id(conn, ports).await? {
+                    let subject = format!(
+                        "{}:{}@{}:{}",
+                        port.patch_name, port.patch_version, port.base_name, port.base_version
+                    );
+                    let payload = $crate::meta::sql::port_event_payload(kind, &port, detail);
+                    sqlx::query(
+                        "INSERT INTO events (kind, subject, job_id, port_id, detail, payload_json, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(kind.as_str())
+                    .bind(subject)
+                    .bind(port.job_id)
+                    .bind(port.id)
+                    .bind(detail)
+                    .bind(payload)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+                }
                 Self::notify_events(conn).await
             }
 
             /// Creates (or finds, by key) the job porting a patch version onto a base
-            /// version and the patch version's port row linked to it, with its events.
-            /// Idempotent: an existing port row is left alone.
+            /// version and the patch version's port row linked to it, with its events;
+            /// returns the port's id. Idempotent: an existing port row is left alone,
+            /// unless `retry` is set and it ended failed or cancelled, when it is queued
+            /// again. A queued job is raised to `origin`'s priority when that is higher.
             async fn queue_port(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 patch_id: i64,
                 target_id: i64,
                 max_attempts: u32,
-            ) -> Result<(), $crate::meta::StoreError> {
+                origin: patchport_core::port::PortOrigin,
+                retry: bool,
+            ) -> Result<i64, $crate::meta::StoreError> {
+                use patchport_core::event::EventKind;
                 use patchport_core::port::METHOD_VERSION;
                 let now = $crate::meta::now_millis();
+                let priority = origin.job_priority();
                 let (patch_digest, source_id, source_digest): (String, i64, String) = sqlx::query_as(
                     "SELECT p.digest, p.base_id, s.digest FROM patch_versions p \
                      JOIN base_versions s ON s.id = p.base_id WHERE p.id = $1",
@@ -670,8 +824,8 @@ macro_rules! impl_sql_store {
                 let key = format!("port:{patch_digest}:{source_digest}:{target_digest}:{METHOD_VERSION}");
                 sqlx::query(
                     "INSERT INTO jobs (job_key, patch_digest, source_base_digest, target_base_digest, \
-                     method_version, state, max_attempts, run_after, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, 'queued', $6, $7, $7, $7) \
+                     method_version, state, priority, max_attempts, run_after, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 'queued', $8, $6, $7, $7, $7) \
                      ON CONFLICT (job_key) DO NOTHING",
                 )
                 .bind(&key)
@@ -681,6 +835,7 @@ macro_rules! impl_sql_store {
                 .bind(METHOD_VERSION)
                 .bind(i64::from(max_attempts))
                 .bind(now)
+                .bind(priority)
                 .execute(&mut *conn)
                 .await?;
                 let (job_id, job_state): (i64, String) =
@@ -688,27 +843,62 @@ macro_rules! impl_sql_store {
                         .bind(&key)
                         .fetch_one(&mut *conn)
                         .await?;
-                let port_id: Option<i64> = sqlx::query_scalar(
-                    "INSERT INTO ports (patch_id, base_id, source_base_id, method_version, state, \
-                     refusals_json, diagnostics_json, adapter_files_json, merged_files_json, attempts, \
-                     error, queued_at, started_at, finished_at, job_id) \
-                     VALUES ($1, $2, $3, $4, 'queued', '[]', NULL, '[]', '[]', 0, NULL, $5, NULL, NULL, $6) \
-                     ON CONFLICT (patch_id, base_id, method_version) DO NOTHING RETURNING id",
+                sqlx::query(
+                    "UPDATE jobs SET priority = $1, updated_at = $2 \
+                     WHERE id = $3 AND state = 'queued' AND priority < $1",
+                )
+                .bind(priority)
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await?;
+                let existing: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT id, state FROM ports WHERE patch_id = $1 AND base_id = $2 AND method_version = $3",
                 )
                 .bind(patch_id)
                 .bind(target_id)
-                .bind(source_id)
                 .bind(METHOD_VERSION)
-                .bind(now)
-                .bind(job_id)
                 .fetch_optional(&mut *conn)
                 .await?;
-                let Some(port_id) = port_id else {
-                    return Ok(());
+                let port_id = match existing {
+                    Some((id, state)) if !(retry && (state == "failed" || state == "cancelled")) => {
+                        return Ok(id);
+                    }
+                    Some((id, _)) => {
+                        sqlx::query(
+                            "UPDATE ports SET state = 'queued', refusals_json = '[]', diagnostics_json = NULL, \
+                             adapter_files_json = '[]', merged_files_json = '[]', attempts = 0, error = NULL, \
+                             queued_at = $1, started_at = NULL, finished_at = NULL, evaluation_json = NULL, \
+                             job_id = $2 WHERE id = $3",
+                        )
+                        .bind(now)
+                        .bind(job_id)
+                        .bind(id)
+                        .execute(&mut *conn)
+                        .await?;
+                        id
+                    }
+                    None => {
+                        sqlx::query_scalar(
+                            "INSERT INTO ports (patch_id, base_id, source_base_id, method_version, state, \
+                             refusals_json, diagnostics_json, adapter_files_json, merged_files_json, attempts, \
+                             error, queued_at, started_at, finished_at, job_id) \
+                             VALUES ($1, $2, $3, $4, 'queued', '[]', NULL, '[]', '[]', 0, NULL, $5, NULL, NULL, $6) \
+                             RETURNING id",
+                        )
+                        .bind(patch_id)
+                        .bind(target_id)
+                        .bind(source_id)
+                        .bind(METHOD_VERSION)
+                        .bind(now)
+                        .bind(job_id)
+                        .fetch_one(&mut *conn)
+                        .await?
+                    }
                 };
-                let one = "t.id = $4";
+                let one = [port_id];
                 match job_state.as_str() {
-                    "queued" => Self::emit_ports(conn, "port.queued", None, one, port_id).await,
+                    "queued" => Self::emit_ports(conn, EventKind::PortQueued, None, &one).await?,
                     "running" => {
                         // Another patch version with the same content is being ported
                         // right now: this one rides along.
@@ -722,44 +912,57 @@ macro_rules! impl_sql_store {
                         .bind(port_id)
                         .execute(&mut *conn)
                         .await?;
-                        Self::emit_ports(conn, "port.queued", None, one, port_id).await?;
-                        Self::emit_ports(conn, "port.started", None, one, port_id).await
-                    }
-                    done => {
-                        // The work is done: share a sibling's result when one holds it,
-                        // otherwise (cancelled) queue the job again.
-                        let copied = sqlx::query(
-                            "UPDATE ports SET (state, refusals_json, diagnostics_json, \
-                             adapter_files_json, merged_files_json, attempts, error, started_at, \
-                             finished_at) = (SELECT s.state, s.refusals_json, s.diagnostics_json, \
-                             s.adapter_files_json, s.merged_files_json, s.attempts, s.error, \
-                             s.started_at, s.finished_at FROM ports s WHERE s.job_id = $1 \
-                             AND s.id <> $2 AND s.state = $3 ORDER BY s.id LIMIT 1) \
-                             WHERE id = $2 AND EXISTS (SELECT 1 FROM ports s WHERE s.job_id = $1 \
-                             AND s.id <> $2 AND s.state = $3)",
-                        )
-                        .bind(job_id)
-                        .bind(port_id)
-                        .bind(done)
-                        .execute(&mut *conn)
-                        .await?
-                        .rows_affected();
-                        if copied == 1 {
-                            let kind = if done == "failed" { "port.failed" } else { "port.completed" };
-                            Self::emit_ports(conn, kind, Some(done), one, port_id).await
-                        } else {
-                            sqlx::query(
-                                "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, \
-                                 cancel_requested = 0, last_error = NULL, updated_at = $1 WHERE id = $2",
-                            )
-                            .bind(now)
+                        sqlx::query("UPDATE jobs SET cancel_requested = 0 WHERE id = $1")
                             .bind(job_id)
                             .execute(&mut *conn)
                             .await?;
-                            Self::emit_ports(conn, "port.queued", None, one, port_id).await
+                        Self::emit_ports(conn, EventKind::PortQueued, None, &one).await?;
+                        Self::emit_ports(conn, EventKind::PortStarted, None, &one).await?;
+                    }
+                    done => {
+                        // The work is done: share a sibling's result when one holds it
+                        // (unless a failure is being retried), otherwise queue the job
+                        // again.
+                        let share = done == "succeeded" || done == "incompatible" || (done == "failed" && !retry);
+                        let copied = if share {
+                            sqlx::query(
+                                "UPDATE ports SET (state, refusals_json, diagnostics_json, \
+                                 adapter_files_json, merged_files_json, attempts, error, started_at, \
+                                 finished_at, evaluation_json) = (SELECT s.state, s.refusals_json, \
+                                 s.diagnostics_json, s.adapter_files_json, s.merged_files_json, s.attempts, \
+                                 s.error, s.started_at, s.finished_at, s.evaluation_json FROM ports s \
+                                 WHERE s.job_id = $1 AND s.id <> $2 AND s.state = $3 ORDER BY s.id LIMIT 1) \
+                                 WHERE id = $2 AND EXISTS (SELECT 1 FROM ports s WHERE s.job_id = $1 \
+                                 AND s.id <> $2 AND s.state = $3)",
+                            )
+                            .bind(job_id)
+                            .bind(port_id)
+                            .bind(done)
+                            .execute(&mut *conn)
+                            .await?
+                            .rows_affected()
+                        } else {
+                            0
+                        };
+                        if copied == 1 {
+                            let kind = if done == "failed" { EventKind::PortFailed } else { EventKind::PortCompleted };
+                            Self::emit_ports(conn, kind, Some(done), &one).await?;
+                        } else {
+                            sqlx::query(
+                                "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, priority = $3, \
+                                 cancel_requested = 0, last_error = NULL, lease_owner = NULL, \
+                                 lease_expires_at = NULL, updated_at = $1 WHERE id = $2",
+                            )
+                            .bind(now)
+                            .bind(job_id)
+                            .bind(priority)
+                            .execute(&mut *conn)
+                            .await?;
+                            Self::emit_ports(conn, EventKind::PortQueued, None, &one).await?;
                         }
                     }
                 }
+                Ok(port_id)
             }
 
             /// Ends a running attempt (token checked) in `next` (`queued`, `failed` or
@@ -795,13 +998,14 @@ macro_rules! impl_sql_store {
                 if n == 0 {
                     return Err($crate::meta::queue::lease_lost(job_id));
                 }
+                use patchport_core::event::EventKind;
                 let (kind, finished) = match next {
-                    "queued" => ("port.queued", None),
-                    "failed" => ("port.failed", Some(now)),
-                    _ => ("port.cancelled", Some(now)),
+                    "queued" => (EventKind::PortQueued, None),
+                    "failed" => (EventKind::PortFailed, Some(now)),
+                    _ => (EventKind::PortCancelled, Some(now)),
                 };
-                let running = "t.job_id = $4 AND t.state = 'running'";
-                Self::emit_ports(conn, kind, Some(detail), running, job_id).await?;
+                let running =
+                    Self::job_port_ids(conn, job_id, $crate::meta::PortState::Running).await?;
                 sqlx::query(
                     "UPDATE ports SET state = $1, error = COALESCE($2, error), finished_at = $3, \
                      attempts = (SELECT attempts FROM jobs WHERE id = $4) \
@@ -813,7 +1017,7 @@ macro_rules! impl_sql_store {
                 .bind(job_id)
                 .execute(&mut *conn)
                 .await?;
-                Ok(())
+                Self::emit_ports(conn, kind, Some(detail), &running).await
             }
 
             async fn load_job(
@@ -1118,67 +1322,52 @@ macro_rules! impl_sql_store {
                 row.map($crate::meta::sql::port_record).transpose()
             }
 
-            async fn save_port(
+            async fn request_port(
                 &self,
-                u: $crate::meta::PortUpdate,
+                patch_name: &patchport_core::Name,
+                patch_version: &patchport_core::VersionRef,
+                base_name: &patchport_core::Name,
+                base_version: &patchport_core::VersionRef,
+                origin: patchport_core::port::PortOrigin,
             ) -> Result<$crate::meta::PortRecord, $crate::meta::StoreError> {
-                use $crate::meta::sql::to_json;
+                use $crate::meta::StoreError;
                 let mut tx = self.pool.begin().await?;
-                let Some(patch) = Self::patch_by_ref(&mut tx, &u.patch_name, &u.patch_version).await? else {
-                    return Err($crate::meta::StoreError::NotFound {
-                        what: format!("patch version {}:{}", u.patch_name, u.patch_version),
+                let Some(patch) = Self::patch_by_ref(&mut tx, patch_name, patch_version).await? else {
+                    return Err(StoreError::NotFound {
+                        what: format!("patch version {patch_name}:{patch_version}"),
                     });
                 };
-                let Some(base) = Self::base_by_ref(&mut tx, &u.base_name, &u.base_version).await? else {
-                    return Err($crate::meta::StoreError::NotFound {
-                        what: format!("base version {}:{}", u.base_name, u.base_version),
+                let Some(base) = Self::base_by_ref(&mut tx, base_name, base_version).await? else {
+                    return Err(StoreError::NotFound {
+                        what: format!("base version {base_name}:{base_version}"),
                     });
                 };
-                let source: i64 = sqlx::query_scalar("SELECT base_id FROM patch_versions WHERE id = $1")
-                    .bind(patch.id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "INSERT INTO ports (patch_id, base_id, source_base_id, method_version, state, \
-                     refusals_json, diagnostics_json, adapter_files_json, merged_files_json, attempts, \
-                     error, queued_at, started_at, finished_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
-                     ON CONFLICT (patch_id, base_id, method_version) DO UPDATE SET \
-                     state = excluded.state, refusals_json = excluded.refusals_json, \
-                     diagnostics_json = excluded.diagnostics_json, \
-                     adapter_files_json = excluded.adapter_files_json, \
-                     merged_files_json = excluded.merged_files_json, attempts = excluded.attempts, \
-                     error = excluded.error, started_at = excluded.started_at, \
-                     finished_at = excluded.finished_at",
-                )
-                .bind(patch.id)
-                .bind(base.id)
-                .bind(source)
-                .bind(&u.method_version)
-                .bind(u.state.as_str())
-                .bind(to_json(&u.refusals))
-                .bind(u.diagnostics.as_ref().map(to_json))
-                .bind(to_json(&u.adapter_files))
-                .bind(to_json(&u.merged_files))
-                .bind(i64::from(u.attempts))
-                .bind(u.error.as_deref())
-                .bind($crate::meta::now_millis())
-                .bind(u.started_at)
-                .bind(u.finished_at)
-                .execute(&mut *tx)
-                .await?;
-                let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
-                    "{} WHERE t.patch_id = $1 AND t.base_id = $2 AND t.method_version = $3",
-                    $crate::meta::sql::PORT_SELECT
-                )))
-                .bind(patch.id)
-                .bind(base.id)
-                .bind(&u.method_version)
-                .fetch_one(&mut *tx)
-                .await?;
-                let rec = $crate::meta::sql::port_record(row)?;
+                if base.name != patch.base_name {
+                    return Err(StoreError::FailedPrecondition {
+                        message: format!(
+                            "{}:{} was trained on {}, not {}: a port carries a patch onto another version of its own base",
+                            patch.name, patch.version, patch.base_name, base.name
+                        ),
+                    });
+                }
+                if base.digest == patch.base_digest {
+                    return Err(StoreError::FailedPrecondition {
+                        message: format!(
+                            "{}:{} was trained on {}:{} itself: it needs no port there (compat lists it as native)",
+                            patch.name, patch.version, base.name, base.version
+                        ),
+                    });
+                }
+                let port_id =
+                    Self::queue_port(&mut tx, patch.id, base.id, self.retry.max_attempts, origin, true).await?;
+                let port = Self::ports_by_id(&mut tx, &[port_id])
+                    .await?
+                    .pop()
+                    .ok_or_else(|| StoreError::NotFound {
+                        what: format!("port {port_id}"),
+                    })?;
                 tx.commit().await?;
-                Ok(rec)
+                Ok(port)
             }
 
             async fn get_job(
@@ -1263,9 +1452,11 @@ macro_rules! impl_sql_store {
                         marks.join(", ")
                     )
                 };
+                // Priority first (requests, then catch-up, then fan-out), then the bases
+                // this worker holds, then first in first out.
                 let sql = format!(
                     "SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $1 \
-                     ORDER BY {affinity}priority DESC, id LIMIT 1{}",
+                     ORDER BY priority DESC, {affinity}id LIMIT 1{}",
                     Self::SKIP_LOCKED
                 );
                 let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
@@ -1287,6 +1478,8 @@ macro_rules! impl_sql_store {
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
+                let starting =
+                    Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Queued).await?;
                 sqlx::query(
                     "UPDATE ports SET state = 'running', started_at = $1, error = NULL, \
                      attempts = (SELECT attempts FROM jobs WHERE id = $2) \
@@ -1296,7 +1489,7 @@ macro_rules! impl_sql_store {
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
-                Self::emit_ports(&mut tx, "port.started", Some(worker_id), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
+                Self::emit_ports(&mut tx, patchport_core::event::EventKind::PortStarted, Some(worker_id), &starting).await?;
                 let job = Self::must_load_job(&mut tx, job_id).await?;
                 let ports = Self::load_job_ports(&mut tx, job_id).await?;
                 tx.commit().await?;
@@ -1321,8 +1514,19 @@ macro_rules! impl_sql_store {
                 .bind(fencing_token)
                 .fetch_optional(&self.pool)
                 .await?;
-                match cancel {
-                    Some(c) => Ok(c != 0),
+                if let Some(c) = cancel {
+                    return Ok(c != 0);
+                }
+                // A job cancelled under this very lease: the worker is told to stop.
+                let cancelled: Option<i64> = sqlx::query_scalar(
+                    "SELECT id FROM jobs WHERE id = $1 AND fencing_token = $2 AND state = 'cancelled'",
+                )
+                .bind(job_id)
+                .bind(fencing_token)
+                .fetch_optional(&self.pool)
+                .await?;
+                match cancelled {
+                    Some(_) => Ok(true),
                     None => Err($crate::meta::queue::lease_lost(job_id)),
                 }
             }
@@ -1372,10 +1576,9 @@ macro_rules! impl_sql_store {
                 if n == 0 {
                     return Err($crate::meta::queue::lease_lost(job_id));
                 }
-                Self::emit_ports(&mut tx, "port.completed", Some(state), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
-                if let Some(e) = &evaluation {
-                    Self::emit_ports(&mut tx, "port.evaluated", Some(&e.summary), "t.job_id = $4 AND t.state = 'running'", job_id).await?;
-                }
+                let running =
+                    Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Running).await?;
+                let summary = evaluation.as_ref().map(|e| e.summary.clone());
                 sqlx::query(
                     "UPDATE ports SET state = $1, refusals_json = $2, diagnostics_json = $3, \
                      adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6, \
@@ -1392,6 +1595,11 @@ macro_rules! impl_sql_store {
                 .bind(evaluation.map(|e| e.json))
                 .execute(&mut *tx)
                 .await?;
+                use patchport_core::event::EventKind;
+                Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
+                if let Some(summary) = &summary {
+                    Self::emit_ports(&mut tx, EventKind::PortEvaluated, Some(summary), &running).await?;
+                }
                 let job = Self::must_load_job(&mut tx, job_id).await?;
                 tx.commit().await?;
                 Ok(job)
@@ -1506,28 +1714,28 @@ macro_rules! impl_sql_store {
                         message: format!("{what} is {state}, only queued or running ports can be cancelled"),
                     });
                 }
-                Self::emit_ports(&mut tx, "port.cancelled", None, "t.id = $4", port_id).await?;
                 sqlx::query("UPDATE ports SET state = 'cancelled', finished_at = $1 WHERE id = $2")
                     .bind(now)
                     .bind(port_id)
                     .execute(&mut *tx)
                     .await?;
                 if let Some(job_id) = job_id {
-                    // Once no port wants the work, a queued job is cancelled and a running
-                    // one hears it on its next heartbeat.
+                    // Once no port wants the work, the job is cancelled through its fence:
+                    // a queued one is never leased, and a running one loses its lease at
+                    // once (the worker hears it on its next heartbeat, and a late
+                    // CompleteJob, FailJob or ReleaseJob is refused).
                     sqlx::query(
-                        "UPDATE jobs SET \
-                         state = CASE WHEN state = 'queued' THEN 'cancelled' ELSE state END, \
-                         cancel_requested = CASE WHEN state = 'running' THEN 1 ELSE cancel_requested END, \
-                         updated_at = $1 \
-                         WHERE id = $2 AND NOT EXISTS (SELECT 1 FROM ports \
-                         WHERE job_id = $2 AND state IN ('queued', 'running'))",
+                        "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, \
+                         lease_expires_at = NULL, cancel_requested = 0, updated_at = $1 \
+                         WHERE id = $2 AND state IN ('queued', 'running') AND NOT EXISTS \
+                         (SELECT 1 FROM ports WHERE job_id = $2 AND state IN ('queued', 'running'))",
                     )
                     .bind(now)
                     .bind(job_id)
                     .execute(&mut *tx)
                     .await?;
                 }
+                Self::emit_ports(&mut tx, patchport_core::event::EventKind::PortCancelled, None, &[port_id]).await?;
                 let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
                     "{} WHERE t.id = $1",
                     $crate::meta::sql::PORT_SELECT
@@ -1550,6 +1758,10 @@ macro_rules! impl_sql_store {
 
             async fn head_cursor(&self) -> Result<$crate::meta::EventCursor, $crate::meta::StoreError> {
                 self.head_event_cursor().await
+            }
+
+            fn event_wakeups(&self) -> tokio::sync::watch::Receiver<u64> {
+                self.wakeup_receiver()
             }
 
             async fn count_jobs_by_state(

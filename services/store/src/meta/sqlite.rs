@@ -1,6 +1,8 @@
 //! The SQLite metadata store (the embedded default).
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -16,6 +18,7 @@ use super::{EventCursor, EventRecord, RetryPolicy, StoreError};
 pub struct SqliteStore {
     pool: SqlitePool,
     retry: RetryPolicy,
+    wakeups: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -41,15 +44,56 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
+        let (wakeups, _) = tokio::sync::watch::channel(0u64);
+        let hooks = wakeups.clone();
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_connect(move |conn, _| {
+                let wakeups = hooks.clone();
+                Box::pin(async move {
+                    Self::wake_on_commit(conn, wakeups).await?;
+                    Ok(())
+                })
+            })
             .connect_with(opts)
             .await?;
         sqlx::migrate!("../../migrations/sqlite").run(&pool).await?;
         Ok(Self {
             pool,
             retry: RetryPolicy::default(),
+            wakeups,
         })
+    }
+
+    /// Subscribers in this process wake when a transaction that appended events commits:
+    /// an update hook notes the append, the commit hook bumps the counter, a rollback
+    /// forgets it. The commit hook runs just before the commit completes, but the pool
+    /// has one connection, so a woken reader's query waits for this transaction to end.
+    async fn wake_on_commit(
+        conn: &mut sqlx::SqliteConnection,
+        wakeups: tokio::sync::watch::Sender<u64>,
+    ) -> Result<(), sqlx::Error> {
+        let appended = Arc::new(AtomicBool::new(false));
+        let mut handle = conn.lock_handle().await?;
+        let on_update = appended.clone();
+        handle.set_update_hook(move |change| {
+            if change.table == "events" {
+                on_update.store(true, Ordering::Relaxed);
+            }
+        });
+        let on_commit = appended.clone();
+        handle.set_commit_hook(move || {
+            if on_commit.swap(false, Ordering::Relaxed) {
+                wakeups.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            true
+        });
+        handle.set_rollback_hook(move || appended.store(false, Ordering::Relaxed));
+        Ok(())
+    }
+
+    fn wakeup_receiver(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.wakeups.subscribe()
     }
 
     /// The pool.
@@ -66,14 +110,15 @@ impl SqliteStore {
     /// One connection serialises every transaction: nothing to skip.
     const SKIP_LOCKED: &'static str = "";
 
-    /// No LISTEN in SQLite: readers poll.
+    /// No NOTIFY in SQLite: the connection's commit hook wakes readers (see
+    /// `wake_on_commit`).
     async fn notify_events(_conn: &mut sqlx::SqliteConnection) -> Result<(), StoreError> {
         Ok(())
     }
 
-    /// `sq:<id>`; `origin` is 0.
+    /// `sq:<id>`; the origin is 0.
     fn parse_cursor(c: &EventCursor) -> Result<i64, StoreError> {
-        if c.0 == "origin" {
+        if c.is_origin() {
             return Ok(0);
         }
         c.0.strip_prefix("sq:")
@@ -97,13 +142,24 @@ impl SqliteStore {
         };
         let id = Self::parse_cursor(&from)?;
         let rows = sqlx::query_as::<_, EventRow>(
-            "SELECT id, '' AS xid, kind, subject, job_id, port_id, detail, created_at \
+            "SELECT id, '' AS xid, kind, subject, job_id, port_id, detail, payload_json, created_at \
              FROM events WHERE id > $1 ORDER BY id LIMIT $2",
         )
         .bind(id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        if rows.is_empty() && id > 0 {
+            // Nothing after it: fine at the head, but a cursor past the head came from
+            // another database and would silently skip every event up to its id.
+            let head = self.head_event_cursor().await?;
+            if Self::parse_cursor(&head)? < id {
+                return Err(StoreError::CursorOutOfRange {
+                    cursor: from.0,
+                    head: head.0,
+                });
+            }
+        }
         let next = rows.last().map_or(from, |r| Self::cursor(r.id));
         let out = rows
             .into_iter()
@@ -111,7 +167,7 @@ impl SqliteStore {
                 let c = Self::cursor(r.id);
                 event_record(r, c)
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         Ok((out, next))
     }
 
