@@ -7,6 +7,7 @@
 //! which were skipped.
 
 pub mod faults;
+pub mod ports;
 pub mod postgres;
 
 use std::path::{Path, PathBuf};

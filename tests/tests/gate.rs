@@ -20,23 +20,7 @@ fn accuracy(name: &str) -> f64 {
 }
 
 async fn port(client: &Client, patch: &str, base: &str) -> v1::Port {
-    for _ in 0..1200 {
-        let p = client
-            .ports()
-            .get_port(v1::GetPortRequest {
-                reference: format!("{patch}@{base}"),
-            })
-            .await
-            .map(|r| r.into_inner());
-        if let Ok(p) = p
-            && p.state != v1::PortState::Queued as i32
-            && p.state != v1::PortState::Running as i32
-        {
-            return p;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the port of {patch} onto {base} did not finish");
+    patchport_tests::ports::wait_port(client, &format!("{patch}@{base}")).await
 }
 
 fn close(a: f64, b: f64) -> bool {

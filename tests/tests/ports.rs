@@ -1,5 +1,5 @@
-//! Ports of stored patches onto stored bases (bases pushed without `--parent`, so
-//! `RequestPort` runs each port in the registry): the ported adapter reuses the patch's
+//! Ports of stored patches onto stored bases (bases pushed without `--parent`, so only
+//! `RequestPort` queues them, and the worker loop ports them): the ported adapter reuses the patch's
 //! tensor blob, the merged model stores only the merged tensors and pulls back byte for
 //! byte equal to what the offline `patchport port --merged` writes.
 
@@ -8,6 +8,7 @@ use std::path::Path;
 use patchport_client::NoProgress;
 use patchport_core::AnyRef;
 use patchport_proto::v1;
+use patchport_tests::ports::{InProcessWorker, wait_port};
 use patchport_tests::{Backend, TestRegistry, backends, base, fixtures, patch, read_tree};
 
 fn blob_count(dir: &Path) -> usize {
@@ -25,9 +26,11 @@ fn blob_count(dir: &Path) -> usize {
     walk(&dir.join("blobs").join("blobs"))
 }
 
+/// Requests a port, which answers at once (queued, or the port as it stands), then runs
+/// the worker loop until the port is done.
 async fn request(reg: &TestRegistry, patch: &str, base: &str) -> v1::Port {
     let client = reg.client().await.unwrap();
-    client
+    let asked = client
         .ports()
         .request_port(v1::RequestPortRequest {
             patch: patch.into(),
@@ -36,7 +39,15 @@ async fn request(reg: &TestRegistry, patch: &str, base: &str) -> v1::Port {
         })
         .await
         .unwrap_or_else(|e| panic!("request {patch}@{base}: {e}"))
-        .into_inner()
+        .into_inner();
+    if asked.state != v1::PortState::Queued as i32 {
+        return asked;
+    }
+    assert!(asked.queue_position >= 1, "a queued port has a place: {asked:?}");
+    let worker = InProcessWorker::start(client.clone());
+    let done = wait_port(&client, &format!("{patch}@{base}")).await;
+    worker.stop().await;
+    done
 }
 
 #[tokio::test]
