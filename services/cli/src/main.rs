@@ -61,6 +61,11 @@ enum Command {
     Compat(commands::worker::CompatArgs),
     /// The exact adapter artifact of a patch for the base digest a serving engine loaded.
     Resolve(commands::worker::ResolveArgs),
+    /// Queue the port of a patch onto another version of its base (answers at once; a
+    /// worker does the port; --wait to wait for it).
+    Request(commands::ports::RequestArgs),
+    /// Cancel a queued or running port (a running worker's result is then refused).
+    Cancel(commands::ports::CancelArgs),
     /// Access tokens (the client sends PATCHPORT_TOKEN; PATCHPORT_CA_CERT trusts a private CA).
     #[command(subcommand)]
     Token(commands::admin::TokenCommand),
@@ -120,6 +125,8 @@ async fn main() -> std::process::ExitCode {
         Command::Watch(args) => commands::worker::watch(&cli.registry, args).await,
         Command::Compat(args) => commands::worker::compat(&cli.registry, args).await,
         Command::Resolve(args) => commands::worker::resolve(&cli.registry, args).await,
+        Command::Request(args) => commands::ports::request(&cli.registry, args).await,
+        Command::Cancel(args) => commands::ports::cancel(&cli.registry, args).await,
         Command::Token(cmd) => commands::admin::token(&cli.registry, cmd).await,
         Command::Namespace(cmd) => commands::admin::namespace(&cli.registry, cmd).await,
         Command::Audit(args) => commands::admin::audit(&cli.registry, args).await,

@@ -5,6 +5,7 @@ pub(crate) mod eval;
 pub(crate) mod health;
 pub(crate) mod info;
 pub(crate) mod port;
+pub(crate) mod ports;
 pub(crate) mod pull;
 pub(crate) mod push;
 pub(crate) mod serve;

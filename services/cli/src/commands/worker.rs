@@ -31,7 +31,8 @@ pub(crate) struct WorkerArgs {
 /// Event stream arguments.
 #[derive(Debug, Args)]
 pub(crate) struct WatchArgs {
-    /// Resume after this cursor (printed with every event); default: new events only.
+    /// Resume after this cursor (printed with every event); 0 replays every event from
+    /// the first; default: new events only.
     #[arg(long, default_value = "")]
     from: String,
     /// Only these event types (repeatable): base.published, port.completed, ...
@@ -196,6 +197,7 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
                     "base": e.base,
                     "base_digest": e.base_digest,
                     "kind": kind_name(e.kind),
+                    "queue_position": port.map(|p| p.queue_position).filter(|n| *n > 0),
                     "reasons": port.map(|p| p.refusals.iter().map(|r| serde_json::json!({"kind": r.kind, "subject": r.subject, "message": r.message})).collect::<Vec<_>>()),
                     "diagnostics": port.and_then(|p| p.diagnostics.as_ref()).map(|d| serde_json::json!({
                         "total": d.total.as_ref().map(diag_json),
@@ -217,7 +219,9 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
                 .port
                 .as_ref()
                 .map(|p| {
-                    if let Some(t) = p.diagnostics.as_ref().and_then(|d| d.total.as_ref()) {
+                    if p.queue_position > 0 {
+                        format!("place {} in the queue", p.queue_position)
+                    } else if let Some(t) = p.diagnostics.as_ref().and_then(|d| d.total.as_ref()) {
                         format!(
                             "drift {:.3} patch {:.3} cosine {:+.3} {}",
                             t.base_drift,
