@@ -20,7 +20,10 @@ impl InProcessWorker {
     pub fn start(client: Client) -> Self {
         Self::start_with(
             client,
-            patchport_worker::WorkerConfig::new("test-worker".into(), patchport_engine::Device::Cpu),
+            patchport_worker::WorkerConfig::new(
+                "test-worker".into(),
+                patchport_engine::Device::Cpu,
+            ),
         )
     }
 

@@ -237,7 +237,9 @@ async fn port_events_carry_digests_state_and_diagnostics() {
 #[tokio::test]
 async fn a_publish_on_one_replica_reaches_a_subscriber_of_another() {
     if std::env::var("PATCHPORT_TEST_DATABASE_URL").is_err() {
-        eprintln!("SKIPPED replica event test: PATCHPORT_TEST_DATABASE_URL not set (needs Postgres)");
+        eprintln!(
+            "SKIPPED replica event test: PATCHPORT_TEST_DATABASE_URL not set (needs Postgres)"
+        );
         return;
     }
     let a = TestRegistry::start(patchport_tests::Backend::Production)

@@ -43,7 +43,10 @@ async fn request(reg: &TestRegistry, patch: &str, base: &str) -> v1::Port {
     if asked.state != v1::PortState::Queued as i32 {
         return asked;
     }
-    assert!(asked.queue_position >= 1, "a queued port has a place: {asked:?}");
+    assert!(
+        asked.queue_position >= 1,
+        "a queued port has a place: {asked:?}"
+    );
     let worker = InProcessWorker::start(client.clone());
     let done = wait_port(&client, &format!("{patch}@{base}")).await;
     worker.stop().await;

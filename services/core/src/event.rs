@@ -66,7 +66,9 @@ impl fmt::Display for EventKind {
 
 /// An event type name that is not one of [`EventKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}: expected one of base.published, patch.pushed, port.queued, port.started, port.completed, port.failed, port.cancelled, port.evaluated")]
+#[error(
+    "unknown event type {0:?}: expected one of base.published, patch.pushed, port.queued, port.started, port.completed, port.failed, port.cancelled, port.evaluated"
+)]
 pub struct UnknownEventKind(pub String);
 
 impl FromStr for EventKind {

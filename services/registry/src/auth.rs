@@ -498,8 +498,31 @@ impl Auth {
         })
     }
 
-    /// Records a state-changing call and its outcome in the audit log. A failure to
-    /// record is logged, not returned: the change itself already happened.
+    /// The audit row of a change that is about to be made: the store writes it in the
+    /// change's own transaction (outcome `ok`), so a change never lacks its row.
+    pub fn entry(
+        &self,
+        who: &Principal,
+        action: &str,
+        target: &str,
+        namespace: &str,
+        detail: &str,
+    ) -> AuditRecord {
+        AuditRecord {
+            id: 0,
+            at: now_millis(),
+            actor: who.actor(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            namespace: namespace.to_owned(),
+            outcome: "ok".to_owned(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// Records a refused state-changing call in the audit log (a successful one was
+    /// recorded in its own transaction, see [`Auth::entry`]). A refusal changed nothing,
+    /// so a failure to record it is logged, not returned.
     pub async fn audit<T>(
         &self,
         who: &Principal,
@@ -509,6 +532,9 @@ impl Auth {
         outcome: &ApiResult<T>,
         detail: &str,
     ) {
+        if outcome.is_ok() {
+            return;
+        }
         let entry = AuditRecord {
             id: 0,
             at: now_millis(),

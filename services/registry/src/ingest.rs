@@ -172,6 +172,7 @@ impl Registry {
         version: &str,
         parent: &str,
         files: Vec<FileRef>,
+        audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::BaseVersionRecord, bool)> {
         let name: Name = name.parse()?;
         let version: Version = version.parse()?;
@@ -228,7 +229,7 @@ impl Registry {
             model_type: config.model_type,
             tensor_count,
         };
-        Ok(self.meta.insert_base_version(new).await?)
+        Ok(self.meta.insert_base_version(new, audit).await?)
     }
 
     /// Validates, indexes and records a patch version pinned to a stored base version.
@@ -239,6 +240,7 @@ impl Registry {
         base: &str,
         files: Vec<FileRef>,
         eval_digest: &str,
+        audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::PatchVersionRecord, bool)> {
         let name: Name = name.parse()?;
         let version: Version = version.parse()?;
@@ -311,6 +313,6 @@ impl Registry {
             tensor_count,
             eval_digest,
         };
-        Ok(self.meta.insert_patch_version(new).await?)
+        Ok(self.meta.insert_patch_version(new, audit).await?)
     }
 }

@@ -97,7 +97,14 @@ impl Admin {
             &who.actor(),
             expires_at,
         );
-        self.registry.meta.insert_token(&record).await?;
+        let entry = self.registry.auth.entry(
+            who,
+            "CreateToken",
+            &record.id,
+            &record.namespace,
+            &format!("scope {}", record.scope),
+        );
+        self.registry.meta.insert_token(&record, &entry).await?;
         tracing::info!(token = %record.id, namespace = %record.namespace, scope = %record.scope, "token created");
         Ok(v1::CreateTokenResponse {
             token: Some(token_to_proto(&record)),
@@ -121,7 +128,15 @@ impl Admin {
         }
         let namespace =
             namespace.ok_or_else(|| ApiError::not_found(format!("token {id} not found")))?;
-        let revoked = self.registry.meta.revoke_token(id, now_millis()).await?;
+        let entry = self
+            .registry
+            .auth
+            .entry(who, "RevokeToken", id, &namespace, "");
+        let revoked = self
+            .registry
+            .meta
+            .revoke_token(id, now_millis(), &entry)
+            .await?;
         self.registry.auth.forget(id);
         tracing::info!(token = %id, "token revoked");
         Ok((revoked, namespace))
@@ -243,6 +258,16 @@ impl AdminService for Admin {
                         require_pass: req.require_pass,
                     },
                     now_millis(),
+                    &self.registry.auth.entry(
+                        &who,
+                        "SetNamespacePolicy",
+                        &ns,
+                        &ns,
+                        &format!(
+                            "anonymous_read={} require_pass={}",
+                            req.anonymous_read, req.require_pass
+                        ),
+                    ),
                 )
                 .await?;
             self.registry.auth.forget_policies();

@@ -330,6 +330,10 @@ impl PortService for Ports {
                     &r.base.name,
                     &r.base.version,
                     METHOD_VERSION,
+                    &self
+                        .registry
+                        .auth
+                        .entry(&who, "CancelPort", &reference, &ns, ""),
                 )
                 .await?)
         }
@@ -362,12 +366,30 @@ impl Ports {
             .parse()
             .map_err(|e| ApiError::invalid(format!("base: {e}")))?;
         let origin = PortOrigin::requested(req.priority).map_err(ApiError::invalid)?;
+        let entry = self.registry.auth.entry(
+            who,
+            "RequestPort",
+            &format!("{patch}@{base}"),
+            patch.name.namespace(),
+            "",
+        );
         let port = self
             .registry
             .meta
-            .request_port(&patch.name, &patch.version, &base.name, &base.version, origin)
+            .request_port(
+                &patch.name,
+                &patch.version,
+                &base.name,
+                &base.version,
+                origin,
+                &entry,
+            )
             .await?;
-        tracing::info!(state = port.state.as_str(), queue_position = port.queue_position, "port requested");
+        tracing::info!(
+            state = port.state.as_str(),
+            queue_position = port.queue_position,
+            "port requested"
+        );
         Ok(port_to_proto(&port))
     }
 }

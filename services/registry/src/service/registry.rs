@@ -3,6 +3,7 @@
 use patchport_core::layout;
 use patchport_core::{Name, Reference};
 use patchport_proto::v1::{self, registry_service_server::RegistryService};
+use patchport_store::meta::AuditRecord;
 use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
 use tonic::{Request, Response, Status};
 
@@ -82,7 +83,7 @@ impl Versions {
         name: &str,
         version: &str,
         also_read: Option<&str>,
-        push: impl AsyncFnOnce() -> ApiResult<(R, bool)>,
+        push: impl AsyncFnOnce(&AuditRecord) -> ApiResult<(R, bool)>,
     ) -> ApiResult<(R, bool)> {
         let who = self.registry.auth.principal(md).await?;
         let ns = namespace_of(name).to_owned();
@@ -96,7 +97,11 @@ impl Versions {
             }
             self.check_name_len(name)?;
             self.registry.auth.take_push(&who)?;
-            push().await
+            let entry =
+                self.registry
+                    .auth
+                    .entry(&who, action, &format!("{name}:{version}"), &ns, "");
+            push(&entry).await
         }
         .await;
         let detail = match &out {
@@ -122,7 +127,11 @@ impl Versions {
         &self,
         req: Request<v1::YankRequest>,
         action: &str,
-        yank: impl AsyncFnOnce(Reference, String) -> Result<R, patchport_store::meta::StoreError>,
+        yank: impl AsyncFnOnce(
+            Reference,
+            String,
+            AuditRecord,
+        ) -> Result<R, patchport_store::meta::StoreError>,
     ) -> ApiResult<R> {
         let who = self.registry.auth.principal(req.metadata()).await?;
         let req = req.into_inner();
@@ -130,7 +139,11 @@ impl Versions {
         let out = async {
             let r = parse_ref(&req.reference)?;
             self.registry.auth.require(&who, Need::Push, &ns).await?;
-            Ok(yank(r, req.reason.clone()).await?)
+            let entry = self
+                .registry
+                .auth
+                .entry(&who, action, &req.reference, &ns, &req.reason);
+            Ok(yank(r, req.reason.clone(), entry).await?)
         }
         .await;
         self.registry
@@ -210,10 +223,10 @@ impl RegistryService for Versions {
                 &req.name,
                 &req.version,
                 also_read,
-                async || {
+                async |audit| {
                     let files = files_from_proto(&req.files)?;
                     self.registry
-                        .push_base(&req.name, &req.version, &req.parent, files)
+                        .push_base(&req.name, &req.version, &req.parent, files, audit)
                         .await
                 },
             )
@@ -268,8 +281,9 @@ impl RegistryService for Versions {
     ) -> Result<Response<v1::BaseVersion>, Status> {
         let meta = self.registry.meta.clone();
         let rec = self
-            .yank(req, "YankBaseVersion", async move |r, reason| {
-                meta.yank_base_version(&r.name, &r.version, &reason).await
+            .yank(req, "YankBaseVersion", async move |r, reason, audit| {
+                meta.yank_base_version(&r.name, &r.version, &reason, &audit)
+                    .await
             })
             .await?;
         Ok(Response::new(base_to_proto(&rec)))
@@ -289,10 +303,17 @@ impl RegistryService for Versions {
                 &req.name,
                 &req.version,
                 Some(&req.base),
-                async || {
+                async |audit| {
                     let files = files_from_proto(&req.files)?;
                     self.registry
-                        .push_patch(&req.name, &req.version, &req.base, files, &req.eval_digest)
+                        .push_patch(
+                            &req.name,
+                            &req.version,
+                            &req.base,
+                            files,
+                            &req.eval_digest,
+                            audit,
+                        )
                         .await
                 },
             )
@@ -347,8 +368,9 @@ impl RegistryService for Versions {
     ) -> Result<Response<v1::PatchVersion>, Status> {
         let meta = self.registry.meta.clone();
         let rec = self
-            .yank(req, "YankPatchVersion", async move |r, reason| {
-                meta.yank_patch_version(&r.name, &r.version, &reason).await
+            .yank(req, "YankPatchVersion", async move |r, reason, audit| {
+                meta.yank_patch_version(&r.name, &r.version, &reason, &audit)
+                    .await
             })
             .await?;
         Ok(Response::new(patch_to_proto(&rec)))

@@ -1,26 +1,29 @@
-//! The metadata store: base versions, patch versions, their files and tensor indexes.
-//!
-//! One trait, two backends (Postgres for production, SQLite embedded), one SQL body
-//! shared by both (see `sql.rs`), one conformance suite run against both.
+//! The metadata store, split by concern: the catalogue (versions, lineage, tensor
+//! indexes), the queue (ports, jobs, leases, fences), the outbox (events) and access
+//! (tokens, policies, audit). One trait per concern, two backends (Postgres for
+//! production, SQLite embedded), one SQL body shared by both (`sql/`), one conformance
+//! suite per trait run against both.
 
-pub mod auth;
+pub mod access;
+mod catalogue;
+mod outbox;
 mod postgres;
 mod queue;
 mod sql;
 mod sqlite;
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use patchport_core::layout::{ArtifactFile, FileRef, TensorRecord};
 use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, Name, Version, VersionRef};
 
-pub use auth::{AuditRecord, AuthStore, NamespacePolicyRecord, TokenRecord};
+pub use access::{Access, AuditRecord, NamespacePolicyRecord, TokenRecord};
+pub use catalogue::Catalogue;
+pub use outbox::{EventCursor, EventRecord, Outbox};
 pub use postgres::PgStore;
-pub use queue::{
-    EvaluationRecord, EventCursor, EventRecord, JobOutcome, JobRecord, LeasedJob, RetryPolicy,
-};
+pub use queue::{EvaluationRecord, JobOutcome, JobRecord, LeasedJob, Queue, RetryPolicy};
 pub use sqlite::SqliteStore;
 
 /// What kind of failure a store error is (maps to one gRPC code in the registry).
@@ -437,177 +440,11 @@ pub struct ListFilter {
     pub on_base: Option<Digest>,
 }
 
-/// The metadata store.
-#[async_trait::async_trait]
-pub trait MetadataStore: AuthStore + Send + Sync + fmt::Debug {
-    /// Inserts a base version; `Ok((record, false))` when the same content already
-    /// exists under that name and version. Fails with AlreadyExists on other content
-    /// and NotFound on an unknown parent.
-    async fn insert_base_version(
-        &self,
-        new: NewBaseVersion,
-    ) -> Result<(BaseVersionRecord, bool), StoreError>;
-    /// A base version by version or digest.
-    async fn get_base_version(
-        &self,
-        name: &Name,
-        version: &VersionRef,
-    ) -> Result<Option<BaseVersionRecord>, StoreError>;
-    /// Base versions, by name then creation.
-    async fn list_base_versions(
-        &self,
-        filter: &ListFilter,
-    ) -> Result<Vec<BaseVersionRecord>, StoreError>;
-    /// Marks a base version yanked.
-    async fn yank_base_version(
-        &self,
-        name: &Name,
-        version: &VersionRef,
-        reason: &str,
-    ) -> Result<BaseVersionRecord, StoreError>;
-    /// Inserts a patch version (see `insert_base_version`); NotFound on an unknown base.
-    async fn insert_patch_version(
-        &self,
-        new: NewPatchVersion,
-    ) -> Result<(PatchVersionRecord, bool), StoreError>;
-    /// A patch version by version or digest.
-    async fn get_patch_version(
-        &self,
-        name: &Name,
-        version: &VersionRef,
-    ) -> Result<Option<PatchVersionRecord>, StoreError>;
-    /// Patch versions, by name then creation.
-    async fn list_patch_versions(
-        &self,
-        filter: &ListFilter,
-    ) -> Result<Vec<PatchVersionRecord>, StoreError>;
-    /// Marks a patch version yanked.
-    async fn yank_patch_version(
-        &self,
-        name: &Name,
-        version: &VersionRef,
-        reason: &str,
-    ) -> Result<PatchVersionRecord, StoreError>;
-    /// The stored tensor index of a blob.
-    async fn get_blob_index(&self, blob: &Digest) -> Result<Option<BlobIndex>, StoreError>;
-    /// Stores the tensor index of a blob (idempotent).
-    async fn put_blob_index(&self, blob: &Digest, index: &BlobIndex) -> Result<(), StoreError>;
-    /// The port of a patch version onto a base version with a method.
-    async fn get_port(
-        &self,
-        patch_name: &Name,
-        patch_version: &VersionRef,
-        base_name: &Name,
-        base_version: &VersionRef,
-        method_version: &str,
-    ) -> Result<Option<PortRecord>, StoreError>;
-    /// Asks for the port of a patch version onto another version of its base: returns
-    /// the port as it stands when it is queued, running or done, and otherwise (no port
-    /// yet, or one that failed or was cancelled) queues it as a job with `origin`'s
-    /// priority, in one transaction with its `port.queued` event. A queued job is raised
-    /// to that priority. NotFound for an unknown version, FailedPrecondition for a base
-    /// of another name or the patch's own base.
-    async fn request_port(
-        &self,
-        patch_name: &Name,
-        patch_version: &VersionRef,
-        base_name: &Name,
-        base_version: &VersionRef,
-        origin: patchport_core::port::PortOrigin,
-    ) -> Result<PortRecord, StoreError>;
+/// The metadata store: every concern, as one object (each has its own conformance
+/// suite: `tests/catalogue.rs`, `tests/queue.rs`, `tests/outbox.rs`, `tests/access.rs`).
+pub trait MetadataStore: Catalogue + Queue + Outbox + Access + Send + Sync + fmt::Debug {}
 
-    // The build service (DESIGN.md §5). Fan-out happens inside `insert_base_version`
-    // and `insert_patch_version`.
-
-    /// A job by id.
-    async fn get_job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
-    /// The port rows of a job, by id.
-    async fn job_ports(&self, job_id: i64) -> Result<Vec<PortRecord>, StoreError>;
-    /// Every port of a patch version, oldest first.
-    async fn list_ports_of(
-        &self,
-        patch_name: &Name,
-        patch_version: &VersionRef,
-    ) -> Result<Vec<PortRecord>, StoreError>;
-    /// Ports onto a base version, by id (its fan-out, among others).
-    async fn list_ports_onto(
-        &self,
-        base_name: &Name,
-        base_version: &VersionRef,
-    ) -> Result<Vec<PortRecord>, StoreError>;
-    /// Sets a job's priority (higher is leased first).
-    async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
-    /// Leases the next ready job: jobs whose target base is in `loaded_base_digests`
-    /// first, then by priority (higher first), then oldest. Marks it and its ports
-    /// running, bumps attempts and the fencing token.
-    async fn lease_job(
-        &self,
-        worker_id: &str,
-        loaded_base_digests: &[Digest],
-        lease_duration: Duration,
-    ) -> Result<Option<LeasedJob>, StoreError>;
-    /// Renews a lease; FailedPrecondition "lease lost" when the token is stale or the
-    /// job is no longer running. `Ok(true)` asks the worker to stop: every port of the
-    /// job was cancelled.
-    async fn heartbeat(
-        &self,
-        job_id: i64,
-        fencing_token: i64,
-        lease_duration: Duration,
-    ) -> Result<bool, StoreError>;
-    /// Records the final outcome of an attempt on the job and every running port of it.
-    async fn complete_job(
-        &self,
-        job_id: i64,
-        fencing_token: i64,
-        outcome: JobOutcome,
-    ) -> Result<JobRecord, StoreError>;
-    /// Records a failed attempt: queued again after a backoff while attempts remain and
-    /// the error is retryable, failed otherwise.
-    async fn fail_job(
-        &self,
-        job_id: i64,
-        fencing_token: i64,
-        error: &str,
-        retryable: bool,
-    ) -> Result<JobRecord, StoreError>;
-    /// Gives a lease back unfinished (graceful shutdown): queued again, the attempt not
-    /// counted.
-    async fn release_job(&self, job_id: i64, fencing_token: i64) -> Result<JobRecord, StoreError>;
-    /// Requeues (or fails, when out of attempts) running jobs whose lease expired
-    /// before `now` (unix ms); returns how many.
-    async fn reap_expired(&self, now: i64) -> Result<usize, StoreError>;
-    /// Cancels a queued or running port; once none of its ports still wants the work its
-    /// job is cancelled through the fence: never leased again, and a running attempt's
-    /// lease ends at once (its heartbeat answers "cancelled", its complete is refused).
-    async fn cancel_port(
-        &self,
-        patch_name: &Name,
-        patch_version: &VersionRef,
-        base_name: &Name,
-        base_version: &VersionRef,
-        method_version: &str,
-    ) -> Result<PortRecord, StoreError>;
-    /// Events after a cursor (`None`: from the head, i.e. only what commits from now;
-    /// [`EventCursor::origin`], `"0"`: from the first event), oldest first, and the
-    /// cursor to resume from. InvalidCursor for a cursor this store never hands out;
-    /// CursorOutOfRange for one past the end of the log.
-    async fn read_events(
-        &self,
-        after: Option<&EventCursor>,
-        limit: u32,
-    ) -> Result<(Vec<EventRecord>, EventCursor), StoreError>;
-    /// The current head of the event log.
-    async fn head_cursor(&self) -> Result<EventCursor, StoreError>;
-    /// A counter bumped whenever events may have been appended (Postgres: a
-    /// `LISTEN patchport_events` notification from any replica; SQLite: an append in
-    /// this process). It only wakes readers: the outbox stays the only truth, read by
-    /// cursor. Missed or spurious wake-ups cost latency, never events.
-    fn event_wakeups(&self) -> tokio::sync::watch::Receiver<u64>;
-    /// How many jobs are in each state (queue depth): every state of
-    /// [`PortState::ALL`], in that order, zeros included.
-    async fn count_jobs_by_state(&self) -> Result<Vec<(PortState, u64)>, StoreError>;
-}
+impl<T: Catalogue + Queue + Outbox + Access + Send + Sync + fmt::Debug> MetadataStore for T {}
 
 /// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.
 pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>, StoreError> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::queue::bad_cursor;
+use super::outbox::bad_cursor;
 use super::sql::{EventRow, event_record};
 use super::{EventCursor, EventRecord, RetryPolicy, StoreError};
 
@@ -66,7 +66,10 @@ impl PgStore {
         let rx = self.wakeups.tx.subscribe();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             self.wakeups.started.get_or_init(|| {
-                rt.spawn(Self::listen(self.pool.clone(), Arc::downgrade(&self.wakeups)));
+                rt.spawn(Self::listen(
+                    self.pool.clone(),
+                    Arc::downgrade(&self.wakeups),
+                ));
             });
         }
         rx
@@ -240,5 +243,5 @@ impl PgStore {
     }
 }
 
-super::auth::impl_auth_store!(PgStore);
+super::access::impl_access!(PgStore, sqlx::Postgres);
 super::sql::impl_sql_store!(PgStore, sqlx::Postgres);

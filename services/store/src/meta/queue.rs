@@ -1,11 +1,13 @@
-//! The build-service types: port jobs, leases, outcomes, retry policy and event cursors.
+//! The build queue: the `Queue` trait and its types (port jobs, leases, fences,
+//! outcomes, retry policy). The SQL is in `sql/queue.rs`.
 
-use std::fmt;
 use std::time::Duration;
 
 use patchport_core::Digest;
 use patchport_core::layout::ArtifactFile;
 use patchport_core::port::{PortDiagnostics, Refusal};
+
+use patchport_core::{Name, VersionRef};
 
 use super::{PortRecord, PortState, StoreError};
 
@@ -129,80 +131,113 @@ pub struct EvaluationRecord {
     pub json: String,
 }
 
-/// A position in the event log, opaque to clients (`pg:<xid>:<id>` or `sq:<id>`), except
-/// for the documented origin `0`, before the first event of any store.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct EventCursor(pub(crate) String);
-
-impl EventCursor {
-    /// The documented cursor that replays the whole log.
-    pub const ORIGIN: &'static str = "0";
-
-    /// Before the first event of any store (reads everything).
-    pub fn origin() -> Self {
-        Self(Self::ORIGIN.to_owned())
-    }
-
-    /// Whether this is the origin (`0`; `origin` is accepted too, as older servers
-    /// documented nothing).
-    pub(crate) fn is_origin(&self) -> bool {
-        self.0 == Self::ORIGIN || self.0 == "origin"
-    }
-
-    /// The cursor as a string.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for EventCursor {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for EventCursor {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
-
-pub(crate) fn bad_cursor(c: &EventCursor) -> StoreError {
-    StoreError::InvalidCursor {
-        cursor: c.0.clone(),
-    }
-}
-
 pub(crate) fn lease_lost(job_id: i64) -> StoreError {
     StoreError::FailedPrecondition {
         message: format!("lease lost on job {job_id}"),
     }
 }
 
-/// One event of the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRecord {
-    /// Where a reader resumes after this event.
-    pub cursor: EventCursor,
-    /// Unique id (for dedupe).
-    pub id: i64,
-    /// What happened.
-    pub kind: patchport_core::event::EventKind,
-    /// `acme/llama:v2` or `acme/qv:1@acme/llama:v2`.
-    pub subject: String,
-    /// The job, for port events.
-    pub job_id: Option<i64>,
-    /// The port row, for port events.
-    pub port_id: Option<i64>,
-    /// The new state or why (`retry`, `released`, `lease expired`...).
-    pub detail: Option<String>,
-    /// What a subscriber needs without a follow-up call (JSON object): digests, state,
-    /// refusal kinds, risk and a diagnostics summary for ports; the digest (and parent or
-    /// base) for versions. `None` on events written before payloads were stored.
-    pub payload_json: Option<String>,
-    /// Unix ms.
-    pub created_at: i64,
+/// The build queue: ports, their jobs, leases and fences (DESIGN.md §5). Every change
+/// appends its events to the outbox in its transaction.
+#[async_trait::async_trait]
+pub trait Queue: Send + Sync {
+    /// The port of a patch version onto a base version with a method.
+    async fn get_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        method_version: &str,
+    ) -> Result<Option<PortRecord>, StoreError>;
+    /// Asks for the port of a patch version onto another version of its base: returns
+    /// the port as it stands when it is queued, running or done, and otherwise (no port
+    /// yet, or one that failed or was cancelled) queues it as a job with `origin`'s
+    /// priority, in one transaction with its `port.queued` event. A queued job is raised
+    /// to that priority. NotFound for an unknown version, FailedPrecondition for a base
+    /// of another name or the patch's own base.
+    async fn request_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        origin: patchport_core::port::PortOrigin,
+        audit: &super::AuditRecord,
+    ) -> Result<PortRecord, StoreError>;
+    /// A job by id.
+    async fn get_job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
+    /// The port rows of a job, by id.
+    async fn job_ports(&self, job_id: i64) -> Result<Vec<PortRecord>, StoreError>;
+    /// Every port of a patch version, oldest first.
+    async fn list_ports_of(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+    ) -> Result<Vec<PortRecord>, StoreError>;
+    /// Ports onto a base version, by id (its fan-out, among others).
+    async fn list_ports_onto(
+        &self,
+        base_name: &Name,
+        base_version: &VersionRef,
+    ) -> Result<Vec<PortRecord>, StoreError>;
+    /// Sets a job's priority (higher is leased first).
+    async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
+    /// Leases the next ready job: jobs whose target base is in `loaded_base_digests`
+    /// first, then by priority (higher first), then oldest. Marks it and its ports
+    /// running, bumps attempts and the fencing token.
+    async fn lease_job(
+        &self,
+        worker_id: &str,
+        loaded_base_digests: &[Digest],
+        lease_duration: Duration,
+    ) -> Result<Option<LeasedJob>, StoreError>;
+    /// Renews a lease; FailedPrecondition "lease lost" when the token is stale or the
+    /// job is no longer running. `Ok(true)` asks the worker to stop: every port of the
+    /// job was cancelled.
+    async fn heartbeat(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        lease_duration: Duration,
+    ) -> Result<bool, StoreError>;
+    /// Records the final outcome of an attempt on the job and every running port of it.
+    async fn complete_job(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        outcome: JobOutcome,
+    ) -> Result<JobRecord, StoreError>;
+    /// Records a failed attempt: queued again after a backoff while attempts remain and
+    /// the error is retryable, failed otherwise.
+    async fn fail_job(
+        &self,
+        job_id: i64,
+        fencing_token: i64,
+        error: &str,
+        retryable: bool,
+    ) -> Result<JobRecord, StoreError>;
+    /// Gives a lease back unfinished (graceful shutdown): queued again, the attempt not
+    /// counted.
+    async fn release_job(&self, job_id: i64, fencing_token: i64) -> Result<JobRecord, StoreError>;
+    /// Requeues (or fails, when out of attempts) running jobs whose lease expired
+    /// before `now` (unix ms); returns how many.
+    async fn reap_expired(&self, now: i64) -> Result<usize, StoreError>;
+    /// Cancels a queued or running port; once none of its ports still wants the work its
+    /// job is cancelled through the fence: never leased again, and a running attempt's
+    /// lease ends at once (its heartbeat answers "cancelled", its complete is refused).
+    async fn cancel_port(
+        &self,
+        patch_name: &Name,
+        patch_version: &VersionRef,
+        base_name: &Name,
+        base_version: &VersionRef,
+        method_version: &str,
+        audit: &super::AuditRecord,
+    ) -> Result<PortRecord, StoreError>;
+    /// How many jobs are in each state (queue depth): every state of
+    /// [`PortState::ALL`], in that order, zeros included.
+    async fn count_jobs_by_state(&self) -> Result<Vec<(PortState, u64)>, StoreError>;
 }
 
 #[cfg(test)]

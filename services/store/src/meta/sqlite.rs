@@ -9,7 +9,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::queue::bad_cursor;
+use super::outbox::bad_cursor;
 use super::sql::{EventRow, event_record};
 use super::{EventCursor, EventRecord, RetryPolicy, StoreError};
 
@@ -179,5 +179,5 @@ impl SqliteStore {
     }
 }
 
-super::auth::impl_auth_store!(SqliteStore);
+super::access::impl_access!(SqliteStore, sqlx::Sqlite);
 super::sql::impl_sql_store!(SqliteStore, sqlx::Sqlite);

@@ -80,9 +80,14 @@ pub(crate) const TOKEN_SELECT: &str = "SELECT id, secret_hash, namespace, scope,
 
 /// Access-control records; every `MetadataStore` is one.
 #[async_trait::async_trait]
-pub trait AuthStore: Send + Sync {
-    /// Stores a new token (its id must be unique).
-    async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError>;
+pub trait Access: Send + Sync {
+    /// Stores a new token (its id must be unique), with its audit row in the same
+    /// transaction.
+    async fn insert_token(
+        &self,
+        token: &TokenRecord,
+        audit: &AuditRecord,
+    ) -> Result<(), StoreError>;
     /// A token by id.
     async fn get_token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError>;
     /// Tokens of one namespace (or all when `None`), oldest first.
@@ -93,18 +98,26 @@ pub trait AuthStore: Send + Sync {
     ) -> Result<Vec<TokenRecord>, StoreError>;
     /// Marks a token revoked at `at` (idempotent: the first revocation time stays).
     /// NotFound for an unknown id.
-    async fn revoke_token(&self, id: &str, at: i64) -> Result<TokenRecord, StoreError>;
+    async fn revoke_token(
+        &self,
+        id: &str,
+        at: i64,
+        audit: &AuditRecord,
+    ) -> Result<TokenRecord, StoreError>;
     /// A namespace's policy (the default when none was set).
     async fn namespace_policy(&self, namespace: &str) -> Result<NamespacePolicyRecord, StoreError>;
-    /// Replaces a namespace's policy.
+    /// Replaces a namespace's policy, with its audit row in the same transaction.
     async fn set_namespace_policy(
         &self,
         policy: &NamespacePolicyRecord,
         at: i64,
+        audit: &AuditRecord,
     ) -> Result<(), StoreError>;
     /// Namespaces whose reads need no token.
     async fn anonymous_namespaces(&self) -> Result<Vec<String>, StoreError>;
-    /// Appends an audit entry (its `id` is ignored).
+    /// Appends an audit entry on its own (its `id` is ignored): for refusals, which
+    /// change nothing. A change that succeeds writes its row in its own transaction (the
+    /// `audit` argument of each changing method), so no change is without its row.
     async fn insert_audit(&self, entry: &AuditRecord) -> Result<(), StoreError>;
     /// Newest first; one namespace or all.
     async fn list_audit(
@@ -117,15 +130,40 @@ pub trait AuthStore: Send + Sync {
     async fn names_holding_blob(&self, digest: &str) -> Result<Vec<String>, StoreError>;
 }
 
-/// Implements `AuthStore` for a struct with a `pool: sqlx::Pool<$db>` field.
-macro_rules! impl_auth_store {
-    ($store:ty) => {
+/// Implements `Access` for a struct with a `pool: sqlx::Pool<$db>` field.
+macro_rules! impl_access {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            /// Appends an audit row inside the caller's transaction.
+            async fn write_audit(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                e: &$crate::meta::access::AuditRecord,
+            ) -> Result<(), $crate::meta::StoreError> {
+                sqlx::query(
+                    "INSERT INTO audit_log (at, actor, action, target, namespace, outcome, detail) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                )
+                .bind(e.at)
+                .bind(&e.actor)
+                .bind(&e.action)
+                .bind(&e.target)
+                .bind(&e.namespace)
+                .bind(&e.outcome)
+                .bind(&e.detail)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+        }
+
         #[async_trait::async_trait]
-        impl $crate::meta::auth::AuthStore for $store {
+        impl $crate::meta::access::Access for $store {
             async fn insert_token(
                 &self,
-                t: &$crate::meta::auth::TokenRecord,
+                t: &$crate::meta::access::TokenRecord,
+                audit: &$crate::meta::access::AuditRecord,
             ) -> Result<(), $crate::meta::StoreError> {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO tokens (id, secret_hash, namespace, scope, description, \
                      created_by, created_at, expires_at, revoked_at) \
@@ -140,16 +178,18 @@ macro_rules! impl_auth_store {
                 .bind(t.created_at)
                 .bind(t.expires_at)
                 .bind(t.revoked_at)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                Self::write_audit(&mut tx, audit).await?;
+                tx.commit().await?;
                 Ok(())
             }
 
             async fn get_token(
                 &self,
                 id: &str,
-            ) -> Result<Option<$crate::meta::auth::TokenRecord>, $crate::meta::StoreError> {
-                use $crate::meta::auth::{TOKEN_SELECT, TokenRecord};
+            ) -> Result<Option<$crate::meta::access::TokenRecord>, $crate::meta::StoreError> {
+                use $crate::meta::access::{TOKEN_SELECT, TokenRecord};
                 Ok(sqlx::query_as::<_, TokenRecord>(sqlx::AssertSqlSafe(format!(
                     "{TOKEN_SELECT} WHERE id = $1"
                 )))
@@ -162,8 +202,8 @@ macro_rules! impl_auth_store {
                 &self,
                 namespace: Option<&str>,
                 include_revoked: bool,
-            ) -> Result<Vec<$crate::meta::auth::TokenRecord>, $crate::meta::StoreError> {
-                use $crate::meta::auth::{TOKEN_SELECT, TokenRecord};
+            ) -> Result<Vec<$crate::meta::access::TokenRecord>, $crate::meta::StoreError> {
+                use $crate::meta::access::{TOKEN_SELECT, TokenRecord};
                 Ok(sqlx::query_as::<_, TokenRecord>(sqlx::AssertSqlSafe(format!(
                     "{TOKEN_SELECT} WHERE (CAST($1 AS TEXT) IS NULL OR namespace = $1) \
                      AND ($2 OR revoked_at IS NULL) ORDER BY created_at, id"
@@ -178,24 +218,34 @@ macro_rules! impl_auth_store {
                 &self,
                 id: &str,
                 at: i64,
-            ) -> Result<$crate::meta::auth::TokenRecord, $crate::meta::StoreError> {
+                audit: &$crate::meta::access::AuditRecord,
+            ) -> Result<$crate::meta::access::TokenRecord, $crate::meta::StoreError> {
+                use $crate::meta::access::{TOKEN_SELECT, TokenRecord};
+                let mut tx = self.pool.begin().await?;
                 sqlx::query("UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
                     .bind(id)
                     .bind(at)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?;
-                $crate::meta::auth::AuthStore::get_token(self, id)
-                    .await?
-                    .ok_or_else(|| $crate::meta::StoreError::NotFound {
-                        what: format!("token {id}"),
-                    })
+                let token = sqlx::query_as::<_, TokenRecord>(sqlx::AssertSqlSafe(format!(
+                    "{TOKEN_SELECT} WHERE id = $1"
+                )))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| $crate::meta::StoreError::NotFound {
+                    what: format!("token {id}"),
+                })?;
+                Self::write_audit(&mut tx, audit).await?;
+                tx.commit().await?;
+                Ok(token)
             }
 
             async fn namespace_policy(
                 &self,
                 namespace: &str,
-            ) -> Result<$crate::meta::auth::NamespacePolicyRecord, $crate::meta::StoreError> {
-                let row = sqlx::query_as::<_, $crate::meta::auth::PolicyRow>(
+            ) -> Result<$crate::meta::access::NamespacePolicyRecord, $crate::meta::StoreError> {
+                let row = sqlx::query_as::<_, $crate::meta::access::PolicyRow>(
                     "SELECT namespace, anonymous_read, require_pass FROM namespace_policies \
                      WHERE namespace = $1",
                 )
@@ -203,7 +253,7 @@ macro_rules! impl_auth_store {
                 .fetch_optional(&self.pool)
                 .await?;
                 Ok(row.map(Into::into).unwrap_or_else(|| {
-                    $crate::meta::auth::NamespacePolicyRecord {
+                    $crate::meta::access::NamespacePolicyRecord {
                         namespace: namespace.to_owned(),
                         ..Default::default()
                     }
@@ -212,9 +262,11 @@ macro_rules! impl_auth_store {
 
             async fn set_namespace_policy(
                 &self,
-                p: &$crate::meta::auth::NamespacePolicyRecord,
+                p: &$crate::meta::access::NamespacePolicyRecord,
                 at: i64,
+                audit: &$crate::meta::access::AuditRecord,
             ) -> Result<(), $crate::meta::StoreError> {
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO namespace_policies (namespace, anonymous_read, require_pass, updated_at) \
                      VALUES ($1, $2, $3, $4) ON CONFLICT (namespace) DO UPDATE SET \
@@ -225,8 +277,10 @@ macro_rules! impl_auth_store {
                 .bind(i64::from(p.anonymous_read))
                 .bind(i64::from(p.require_pass))
                 .bind(at)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                Self::write_audit(&mut tx, audit).await?;
+                tx.commit().await?;
                 Ok(())
             }
 
@@ -240,7 +294,7 @@ macro_rules! impl_auth_store {
 
             async fn insert_audit(
                 &self,
-                e: &$crate::meta::auth::AuditRecord,
+                e: &$crate::meta::access::AuditRecord,
             ) -> Result<(), $crate::meta::StoreError> {
                 sqlx::query(
                     "INSERT INTO audit_log (at, actor, action, target, namespace, outcome, detail) \
@@ -262,8 +316,8 @@ macro_rules! impl_auth_store {
                 &self,
                 namespace: Option<&str>,
                 limit: u32,
-            ) -> Result<Vec<$crate::meta::auth::AuditRecord>, $crate::meta::StoreError> {
-                Ok(sqlx::query_as::<_, $crate::meta::auth::AuditRecord>(
+            ) -> Result<Vec<$crate::meta::access::AuditRecord>, $crate::meta::StoreError> {
+                Ok(sqlx::query_as::<_, $crate::meta::access::AuditRecord>(
                     "SELECT id, at, actor, action, target, namespace, outcome, detail FROM audit_log \
                      WHERE (CAST($1 AS TEXT) IS NULL OR namespace = $1) ORDER BY id DESC LIMIT $2",
                 )
@@ -297,4 +351,4 @@ macro_rules! impl_auth_store {
     };
 }
 
-pub(crate) use impl_auth_store;
+pub(crate) use impl_access;

@@ -1,54 +1,20 @@
-//! The metadata store conformance suite: every test runs against SQLite always and
+//! The catalogue conformance suite (versions, lineage, files, tensor indexes): every test runs against SQLite always and
 //! against Postgres when `PATCHPORT_TEST_DATABASE_URL` is set (a fresh database each).
 
 mod common;
 
-use common::{name, new_base, new_patch, ver, vref};
-use std::sync::Arc;
+use common::{audit, backends, name, new_base, new_patch, ver, vref};
 
 use patchport_core::layout::TensorRecord;
 use patchport_core::{Digest, VersionRef};
-use patchport_store::meta::{
-    self, BlobIndex, ListFilter, MetadataStore, StoreErrorKind, VersionState,
-};
-
-struct Backend {
-    label: &'static str,
-    store: Arc<dyn MetadataStore>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-async fn backends() -> Vec<Backend> {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = meta::connect(&format!("sqlite://{}/meta.db", dir.path().display()))
-        .await
-        .unwrap();
-    let mut out = vec![Backend {
-        label: "sqlite",
-        store: sqlite,
-        _dir: Some(dir),
-    }];
-    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
-        Ok(url) => {
-            let fresh = common::fresh_pg_url(&url).await;
-            let store = meta::connect(&fresh).await.unwrap();
-            out.push(Backend {
-                label: "postgres",
-                store,
-                _dir: None,
-            });
-        }
-        Err(_) => eprintln!("postgres metadata tests skipped: PATCHPORT_TEST_DATABASE_URL not set"),
-    }
-    out
-}
+use patchport_store::meta::{BlobIndex, ListFilter, StoreErrorKind, VersionState};
 
 #[tokio::test]
 async fn base_versions_insert_get_list_and_lineage() {
     for b in backends().await {
         let s = &b.store;
         let (v1, created) = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
             .await
             .unwrap();
         assert!(created, "{}", b.label);
@@ -56,7 +22,7 @@ async fn base_versions_insert_get_list_and_lineage() {
         assert_eq!(v1.files.len(), 2);
         assert_eq!(v1.total_size, 3);
         let (v2, _) = s
-            .insert_base_version(new_base("acme/llama", "v2", Some("v1"), "b"))
+            .insert_base_version(new_base("acme/llama", "v2", Some("v1"), "b"), &audit())
             .await
             .unwrap();
         assert_eq!(v2.parent, Some((ver("v1"), v1.digest)));
@@ -69,19 +35,17 @@ async fn base_versions_insert_get_list_and_lineage() {
         assert_eq!(by_digest, v2);
         // A parent may be named by digest.
         let (v3, _) = s
-            .insert_base_version(new_base(
-                "acme/llama",
-                "v3",
-                Some(&v2.digest.to_string()),
-                "c",
-            ))
+            .insert_base_version(
+                new_base("acme/llama", "v3", Some(&v2.digest.to_string()), "c"),
+                &audit(),
+            )
             .await
             .unwrap();
         assert_eq!(v3.parent.unwrap().0, ver("v2"));
-        s.insert_base_version(new_base("acme/llama-2", "v1", None, "d"))
+        s.insert_base_version(new_base("acme/llama-2", "v1", None, "d"), &audit())
             .await
             .unwrap();
-        s.insert_base_version(new_base("other/llama", "v1", None, "e"))
+        s.insert_base_version(new_base("other/llama", "v1", None, "e"), &audit())
             .await
             .unwrap();
         let list = |prefix: &str| {
@@ -116,17 +80,17 @@ async fn versions_are_immutable_and_a_same_content_push_is_a_no_op() {
     for b in backends().await {
         let s = &b.store;
         let (first, _) = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
             .await
             .unwrap();
         let (again, created) = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
             .await
             .unwrap();
         assert!(!created);
         assert_eq!(again, first);
         let err = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "other"))
+            .insert_base_version(new_base("acme/llama", "v1", None, "other"), &audit())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::AlreadyExists, "{}", b.label);
@@ -139,7 +103,7 @@ async fn versions_are_immutable_and_a_same_content_push_is_a_no_op() {
         assert_eq!(after, first);
         // Unknown parent: NotFound, and nothing inserted.
         let err = s
-            .insert_base_version(new_base("acme/llama", "v9", Some("v8"), "z"))
+            .insert_base_version(new_base("acme/llama", "v9", Some("v8"), "z"), &audit())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::NotFound);
@@ -159,7 +123,7 @@ async fn concurrent_inserts_of_one_version_agree() {
         for _ in 0..8 {
             let s = b.store.clone();
             tasks.push(tokio::spawn(async move {
-                s.insert_base_version(new_base("acme/llama", "v1", None, "a"))
+                s.insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
                     .await
             }));
         }
@@ -177,23 +141,26 @@ async fn patch_versions_pin_their_base() {
     for b in backends().await {
         let s = &b.store;
         let (base, _) = s
-            .insert_base_version(new_base("acme/llama", "v1", None, "a"))
+            .insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
             .await
             .unwrap();
         let (p, created) = s
-            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "p"))
+            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "p"), &audit())
             .await
             .unwrap();
         assert!(created);
         assert_eq!(p.base_digest, base.digest);
         assert_eq!(p.base_version, ver("v1"));
         let err = s
-            .insert_patch_version(new_patch("acme/qv", "2", "acme/llama", "v7", "p"))
+            .insert_patch_version(new_patch("acme/qv", "2", "acme/llama", "v7", "p"), &audit())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::NotFound, "{}", b.label);
         let err = s
-            .insert_patch_version(new_patch("acme/qv", "1", "acme/llama", "v1", "other"))
+            .insert_patch_version(
+                new_patch("acme/qv", "1", "acme/llama", "v1", "other"),
+                &audit(),
+            )
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::AlreadyExists);
@@ -206,7 +173,7 @@ async fn patch_versions_pin_their_base() {
         assert_eq!(listed, vec![p.clone()]);
         // Listing by base digest: only the patches trained on that base.
         let (other, _) = s
-            .insert_base_version(new_base("acme/llama", "v2", None, "b"))
+            .insert_base_version(new_base("acme/llama", "v2", None, "b"), &audit())
             .await
             .unwrap();
         let on = |digest| ListFilter {
@@ -232,11 +199,11 @@ async fn patch_versions_pin_their_base() {
 async fn yanked_versions_leave_listings_but_stay_readable() {
     for b in backends().await {
         let s = &b.store;
-        s.insert_base_version(new_base("acme/llama", "v1", None, "a"))
+        s.insert_base_version(new_base("acme/llama", "v1", None, "a"), &audit())
             .await
             .unwrap();
         let y = s
-            .yank_base_version(&name("acme/llama"), &vref("v1"), "bad weights")
+            .yank_base_version(&name("acme/llama"), &vref("v1"), "bad weights", &audit())
             .await
             .unwrap();
         assert_eq!(y.state, VersionState::Yanked);
@@ -265,7 +232,7 @@ async fn yanked_versions_leave_listings_but_stay_readable() {
                 .is_some()
         );
         let err = s
-            .yank_base_version(&name("acme/llama"), &vref("v2"), "")
+            .yank_base_version(&name("acme/llama"), &vref("v2"), "", &audit())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::NotFound);
