@@ -1,6 +1,6 @@
 //! patchport's domain: names, versions, references, digests, and the parsing and
 //! validation of what users push (safetensors headers, adapter configs, model configs,
-//! directory layouts).
+//! directory layouts, JSONL eval sets).
 //!
 //! Architecture invariant: this crate does no IO (no filesystem, network, database or
 //! async runtime) and knows nothing of gRPC, storage backends or tensor math. Everything
@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod digest;
+pub mod evalset;
 pub mod event;
 pub mod layout;
 pub mod model_config;

@@ -14,6 +14,7 @@ use patchport_proto::v1::{
 };
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta;
+use patchport_telemetry::{MetricsEndpoint, MetricsError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{Auth, AuthConfig};
 use crate::limits::Limits;
-use crate::metrics::{GrpcMetricsLayer, MetricsEndpoint, MetricsError};
+use crate::metrics::GrpcMetricsLayer;
 use crate::service::admin::Admin;
 use crate::service::blobs::Blobs;
 use crate::service::events::Events;

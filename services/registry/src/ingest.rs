@@ -280,7 +280,8 @@ impl Registry {
                 )));
             }
             let bytes = self.blobs.read_all(d).await?;
-            patchport_eval::EvalSet::parse(&bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+            patchport_core::evalset::EvalSet::parse(&bytes)
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
         }
         let config_file = files
             .iter()

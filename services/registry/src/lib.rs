@@ -12,7 +12,7 @@ mod convert;
 mod error;
 mod ingest;
 mod limits;
-pub mod metrics;
+mod metrics;
 mod service;
 mod state;
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::evalset::EvalSetError;
+use patchport_core::evalset::EvalSetError;
 
 /// Why an evaluation could not run.
 #[derive(Debug, thiserror::Error)]

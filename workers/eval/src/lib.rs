@@ -24,7 +24,6 @@
 
 mod config;
 mod error;
-mod evalset;
 pub mod model;
 pub mod score;
 mod verdict;
@@ -35,7 +34,9 @@ use std::path::Path;
 pub use candle_core::Device;
 pub use config::{Activation, ArchConfig, Family};
 pub use error::EvalError;
-pub use evalset::{EvalSet, EvalSetError, Item, ItemKind};
+/// The eval-set format lives in `patchport-core` (the registry validates sets at push
+/// without linking this crate); re-exported so callers keep one import path.
+pub use patchport_core::evalset::{EvalSet, EvalSetError, Item, ItemKind};
 pub use score::{ArmResult, Evaluator, ItemScore, Metric, evaluate_dir};
 use serde::{Deserialize, Serialize};
 pub use verdict::{Outcome, Verdict, VerdictPolicy, verdict};

@@ -20,12 +20,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
+use patchport_core::evalset::{EvalSet, Item, ItemKind};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::config::ArchConfig;
 use crate::error::EvalError;
-use crate::evalset::{EvalSet, Item, ItemKind};
 use crate::model::{Model, normalize_layout};
 use crate::weights::{load_dir, merge_adapter, read};
 

@@ -25,20 +25,10 @@ use tokio::runtime::Handle;
 
 pub use run::{WorkerConfig, run};
 
-/// A port attempt in this worker from its lease to its outcome (`succeeded`,
-/// `incompatible`, `failed`, `released` on shutdown, `lost` when cancelled or fenced).
-/// Named apart from the registry's `patchport_port_duration_seconds` so that a registry
-/// with in-process workers reports both without mixing them.
-pub const PORT_DURATION: &str = "patchport_worker_port_duration_seconds";
-
-/// Describes this crate's metrics to the installed recorder (for HELP lines).
-pub fn describe_metrics() {
-    metrics::describe_histogram!(
-        PORT_DURATION,
-        metrics::Unit::Seconds,
-        "a port attempt in this worker from lease to outcome, by outcome"
-    );
-}
+/// A port attempt in this worker from its lease to its outcome; the name and its
+/// description are `patchport-telemetry`'s, so a registry with in-process workers reports
+/// it apart from the registry's own port duration.
+pub use patchport_telemetry::WORKER_PORT_DURATION as PORT_DURATION;
 
 /// A worker failure (the job is failed and retried; refusals are not failures).
 #[derive(Debug, thiserror::Error)]

@@ -174,7 +174,6 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // next one for the metrics port).
     println!("patchport registry listening on {addr}");
     if let Some(metrics) = app.metrics_addr() {
-        patchport_worker::describe_metrics();
         println!("patchport metrics listening on {metrics}");
     }
     // In-process workers stop when draining begins (health already NOT_SERVING) and

@@ -57,8 +57,7 @@ pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
     let signal = super::serve::shutdown_signal()?;
     let metrics = match a.metrics_listen {
         Some(addr) => {
-            let endpoint = patchport_registry::metrics::MetricsEndpoint::bind(addr).await?;
-            patchport_worker::describe_metrics();
+            let endpoint = patchport_telemetry::MetricsEndpoint::bind(addr).await?;
             tracing::info!(addr = %endpoint.local_addr(), "metrics at /metrics");
             Some(tokio::spawn(endpoint.serve(shutdown.clone())))
         }

@@ -9,6 +9,10 @@
 //! Blank lines are skipped; other keys on a line (an `id`, a `source`) are ignored. A
 //! malformed line is refused with its 1-based line number; so are an empty set and a set
 //! mixing the two kinds.
+//!
+//! Only the format lives here (parsed from bytes, no tokenizer, no model): the registry
+//! refuses a malformed set at push with it, and `patchport-eval` scores the parsed items
+//! (and re-exports these types).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -337,5 +341,26 @@ mod tests {
     fn refuses_an_empty_set() {
         assert_eq!(EvalSet::parse(b""), Err(EvalSetError::Empty));
         assert_eq!(EvalSet::parse(b"\n  \n"), Err(EvalSetError::Empty));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_and_line_numbers_are_in_range(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let lines = bytes.split(|&b| b == b'\n').count();
+            match EvalSet::parse(&bytes) {
+                Ok(set) => {
+                    proptest::prop_assert!(!set.is_empty());
+                    for i in 0..set.len() {
+                        proptest::prop_assert!((1..=lines).contains(&set.line_of(i)));
+                    }
+                }
+                Err(EvalSetError::Line { line, .. }) => {
+                    proptest::prop_assert!((1..=lines).contains(&line));
+                }
+                Err(EvalSetError::Empty) => {}
+            }
+        }
     }
 }
