@@ -2,20 +2,14 @@
 //! cursor while writers commit concurrently; a late commit is never skipped; cursors are
 //! checked; commits wake subscribers. SQLite always, Postgres when
 //! `PATCHPORT_TEST_DATABASE_URL` is set.
-#![allow(unused_imports)]
 
 mod common;
 
 use common::*;
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use patchport_core::Digest;
-use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, RefusalKind};
-use patchport_store::meta::{
-    self, EventCursor, EventRecord, JobOutcome, MetadataStore, PortState, StoreErrorKind,
-};
+use patchport_store::meta::{EventCursor, EventRecord, StoreErrorKind};
 
 #[tokio::test]
 async fn events_appear_once_in_order_and_resume_from_any_cursor() {

@@ -2,20 +2,15 @@
 //! priorities, requests, queue positions and cancellation through the fence. Every test
 //! runs against SQLite always and against Postgres when `PATCHPORT_TEST_DATABASE_URL` is
 //! set (a fresh database each).
-#![allow(unused_imports)]
 
 mod common;
 
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use patchport_core::Digest;
 use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, RefusalKind};
-use patchport_store::meta::{
-    self, EventCursor, EventRecord, JobOutcome, MetadataStore, PortState, StoreErrorKind,
-};
+use patchport_store::meta::{self, JobOutcome, PortState, StoreErrorKind};
 
 #[tokio::test]
 async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
