@@ -267,6 +267,42 @@ impl Drop for TestRegistry {
     }
 }
 
+/// The worker loop `patchport worker` and `serve --workers` run, in this process on
+/// `client`; stopped (the loop told to end) when dropped.
+#[derive(Debug)]
+pub struct LocalWorker {
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), patchport_worker::WorkerError>>>,
+}
+
+impl LocalWorker {
+    /// Starts the loop on a task of the current runtime.
+    pub fn start(client: Client, config: patchport_worker::WorkerConfig) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(patchport_worker::run(client, config, stop.clone()));
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Tells the loop to end and waits for it; it must end without an error.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("the worker task")
+                .expect("the worker loop ends cleanly");
+        }
+    }
+}
+
+impl Drop for LocalWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
 /// Every file under `dir`, relative path to bytes.
 pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     patchport_client::scan_dir(dir)

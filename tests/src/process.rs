@@ -59,8 +59,8 @@ pub fn file_url(dir: &Path) -> String {
 }
 
 /// A path as a command-line argument.
-pub fn path_arg(path: &Path) -> String {
-    path.to_str().expect("utf-8 path").to_owned()
+pub fn path_arg(path: impl AsRef<Path>) -> String {
+    path.as_ref().to_str().expect("utf-8 path").to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -318,6 +318,69 @@ impl Env {
     }
 }
 
+/// A `patchport` command line being built: the binary, arguments after the subcommand's
+/// own, and environment changes.
+#[derive(Debug, Clone)]
+struct Invocation {
+    bin: PathBuf,
+    args: Vec<OsString>,
+    env: Env,
+}
+
+impl Invocation {
+    fn new(bin: impl AsRef<Path>) -> Self {
+        Self {
+            bin: bin.as_ref().to_owned(),
+            args: Vec::new(),
+            env: Env::default(),
+        }
+    }
+
+    /// `bin <leading...> <args...>` with the environment changes.
+    fn command<S: AsRef<OsStr>>(&self, leading: &[S]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(leading).args(&self.args);
+        self.env.apply(&mut cmd);
+        cmd
+    }
+}
+
+/// The argument and environment setters of every builder here (each holds an
+/// [`Invocation`] in `cmd`).
+macro_rules! setters {
+    () => {
+        /// One more argument, after the others.
+        pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+            self.cmd.args.push(arg.as_ref().to_owned());
+            self
+        }
+
+        /// More arguments.
+        pub fn args<I, S>(mut self, args: I) -> Self
+        where
+            I: IntoIterator<Item = S>,
+            S: AsRef<OsStr>,
+        {
+            self.cmd
+                .args
+                .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+            self
+        }
+
+        /// Sets a variable in its environment.
+        pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+            self.cmd.env.set(key, value);
+            self
+        }
+
+        /// Removes a variable from its environment.
+        pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+            self.cmd.env.remove(key);
+            self
+        }
+    };
+}
+
 // ---------------------------------------------------------------------------------------
 // patchport serve
 
@@ -331,14 +394,12 @@ impl Serve {
     /// its in-process worker count is the binary's default.
     pub fn builder(bin: impl AsRef<Path>) -> ServeBuilder {
         ServeBuilder {
-            bin: bin.as_ref().to_owned(),
+            cmd: Invocation::new(bin),
             listen: "127.0.0.1:0".to_owned(),
             workers: None,
             lease_seconds: None,
             database: None,
             blobs: None,
-            args: Vec::new(),
-            env: Env::default(),
             log: None,
         }
     }
@@ -347,14 +408,12 @@ impl Serve {
 /// What `patchport serve` is started with; kept by the [`Server`] to restart it.
 #[derive(Debug, Clone)]
 pub struct ServeBuilder {
-    bin: PathBuf,
+    cmd: Invocation,
     listen: String,
     workers: Option<usize>,
     lease_seconds: Option<u64>,
     database: Option<String>,
     blobs: Option<String>,
-    args: Vec<OsString>,
-    env: Env,
     log: Option<PathBuf>,
 }
 
@@ -389,35 +448,10 @@ impl ServeBuilder {
         self
     }
 
-    /// One more argument after the others (`--metrics-listen`, `--tls-cert`, ...).
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_owned());
-        self
-    }
-
-    /// More arguments.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
-        self
-    }
-
-    /// Sets a variable in its environment (`PATCHPORT_ADMIN_TOKEN`, `PATCHPORT_LOG`,
-    /// failpoints such as `PATCHPORT_TEST_STALL_MS`).
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.set(key, value);
-        self
-    }
-
-    /// Removes a variable from its environment.
-    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
-        self.env.remove(key);
-        self
-    }
+    // `arg`/`args` (`--metrics-listen`, `--tls-cert`, ...), `env`/`env_remove`
+    // (`PATCHPORT_ADMIN_TOKEN`, `PATCHPORT_LOG`, failpoints such as
+    // `PATCHPORT_TEST_STALL_MS`).
+    setters!();
 
     /// Its stderr (the log) goes to `path`, appended across restarts; by default to a file
     /// in a temporary directory. Either way [`Server::log`] reads it.
@@ -427,28 +461,34 @@ impl ServeBuilder {
     }
 
     fn command(&self, home: &Path) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["serve", "--listen", &self.listen]);
+        let mut leading = vec![
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            self.listen.clone(),
+        ];
         if let Some(n) = self.workers {
-            cmd.args(["--workers", &n.to_string()]);
+            leading.extend(["--workers".to_owned(), n.to_string()]);
         }
         if let Some(s) = self.lease_seconds {
-            cmd.args(["--lease-seconds", &s.to_string()]);
+            leading.extend(["--lease-seconds".to_owned(), s.to_string()]);
         }
         let database = self.database.clone().unwrap_or_else(|| sqlite_url(home));
         let blobs = self
             .blobs
             .clone()
             .unwrap_or_else(|| file_url(&home.join("blobs")));
-        cmd.args(["--database", &database, "--blobs", &blobs])
-            .args(&self.args);
-        self.env.apply(&mut cmd);
-        cmd
+        leading.extend([
+            "--database".to_owned(),
+            database,
+            "--blobs".to_owned(),
+            blobs,
+        ]);
+        self.cmd.command(&leading)
     }
 
     fn has_metrics(&self) -> bool {
-        self.args.iter().any(|a| a == "--metrics-listen")
-            || self.env.get("PATCHPORT_METRICS_LISTEN").is_some()
+        self.cmd.args.iter().any(|a| a == "--metrics-listen")
+            || self.cmd.env.get("PATCHPORT_METRICS_LISTEN").is_some()
     }
 
     /// Runs it to its exit without waiting for a listening line: for a start that must
@@ -637,30 +677,27 @@ pub struct Worker;
 
 impl Worker {
     /// `patchport worker` against the registry at `url`; stdout and stderr discarded.
-    pub fn builder(bin: impl AsRef<Path>, url: impl Into<String>) -> WorkerBuilder {
-        let mut env = Env::default();
-        env.set("PATCHPORT_REGISTRY", url.into());
+    pub fn builder(bin: impl AsRef<Path>, url: impl AsRef<OsStr>) -> WorkerBuilder {
         WorkerBuilder {
-            bin: bin.as_ref().to_owned(),
+            cmd: Invocation::new(bin),
             id: None,
-            args: Vec::new(),
-            env,
             log: None,
         }
+        .env("PATCHPORT_REGISTRY", url)
     }
 }
 
 /// What `patchport worker` is started with.
 #[derive(Debug, Clone)]
 pub struct WorkerBuilder {
-    bin: PathBuf,
+    cmd: Invocation,
     id: Option<String>,
-    args: Vec<OsString>,
-    env: Env,
     log: Option<PathBuf>,
 }
 
 impl WorkerBuilder {
+    setters!();
+
     /// `--id ID`.
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
@@ -678,18 +715,6 @@ impl WorkerBuilder {
         self.env("PATCHPORT_TOKEN", token)
     }
 
-    /// One more argument.
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_owned());
-        self
-    }
-
-    /// Sets a variable in its environment.
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.set(key, value);
-        self
-    }
-
     /// Its stderr (the log) goes to `path` instead of nowhere.
     pub fn log_to(mut self, path: impl Into<PathBuf>) -> Self {
         self.log = Some(path.into());
@@ -698,13 +723,12 @@ impl WorkerBuilder {
 
     /// Starts it.
     pub fn start(self) -> Proc {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("worker");
+        let mut leading = vec!["worker"];
         if let Some(id) = &self.id {
-            cmd.args(["--id", id]);
+            leading.extend(["--id", id]);
         }
-        cmd.args(&self.args).stdout(Stdio::null());
-        self.env.apply(&mut cmd);
+        let mut cmd = self.cmd.command(&leading);
+        cmd.stdout(Stdio::null());
         match &self.log {
             Some(path) => {
                 let file = std::fs::File::create(path)
@@ -723,9 +747,7 @@ impl WorkerBuilder {
 /// A `patchport` command; reusable (`Clone`, and every runner takes `&self`).
 #[derive(Debug, Clone)]
 pub struct Cli {
-    bin: PathBuf,
-    args: Vec<OsString>,
-    env: Env,
+    cmd: Invocation,
 }
 
 /// `patchport …` against the registry at `url` (`PATCHPORT_REGISTRY`).
@@ -749,40 +771,11 @@ impl Cli {
     /// `patchport …` with the environment as it is (offline commands, `--registry`).
     pub fn new(bin: impl AsRef<Path>) -> Self {
         Self {
-            bin: bin.as_ref().to_owned(),
-            args: Vec::new(),
-            env: Env::default(),
+            cmd: Invocation::new(bin),
         }
     }
 
-    /// One more argument.
-    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
-        self.args.push(arg.as_ref().to_owned());
-        self
-    }
-
-    /// More arguments.
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
-        self
-    }
-
-    /// Sets a variable in its environment.
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env.set(key, value);
-        self
-    }
-
-    /// Removes a variable from its environment.
-    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
-        self.env.remove(key);
-        self
-    }
+    setters!();
 
     /// `PATCHPORT_TOKEN`: set to `Some`, removed for `None` (anonymous).
     pub fn token(self, token: Option<&str>) -> Self {
@@ -793,14 +786,11 @@ impl Cli {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(&self.args);
-        self.env.apply(&mut cmd);
-        cmd
+        self.cmd.command::<&str>(&[])
     }
 
     fn describe(&self) -> String {
-        format!("patchport {:?}", self.args)
+        format!("patchport {:?}", self.cmd.args)
     }
 
     /// Runs it to its exit.

@@ -1,12 +1,12 @@
 //! The build service across processes: a registry, two `patchport worker` processes, a
 //! `patchport watch` subscriber. Publishing v2 ports every patch registered on v1.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use patchport_tests::fixtures;
-use patchport_tests::process::{Database, Proc, Serve, Server, Worker, cli};
+use patchport_tests::process::{Database, Proc, Serve, Server, Worker, cli, path_arg as s};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
@@ -36,10 +36,6 @@ fn worker(url: &str, id: &str, stall_ms: Option<u64>) -> Proc {
 /// `patchport watch --json --from CURSOR`, its events on a channel.
 fn watch(url: &str, from: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
     patchport_tests::process::watch(BIN, url, from)
-}
-
-fn s(p: PathBuf) -> String {
-    p.to_str().expect("utf-8 path").to_owned()
 }
 
 /// Waits for `n` distinct `port.completed` subjects; returns them with every event type seen.

@@ -4,21 +4,16 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use patchport_proto::v1;
 use patchport_tests::fixtures;
-use patchport_tests::process::{Proc, Serve, cli};
+use patchport_tests::process::{Proc, Serve, cli, path_arg as s};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
-
-fn s(p: PathBuf) -> String {
-    p.to_str().expect("utf-8 path").to_owned()
-}
 
 fn ok(url: &str, args: &[&str]) -> String {
     cli(BIN, url).args(args).ok()
