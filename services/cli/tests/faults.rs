@@ -186,7 +186,7 @@ fn a_registry_killed_mid_upload_shows_nothing_and_the_push_resumes() {
     );
     fails(
         &url,
-        &["pull", "acme/big:v1", "--out", &s(&data.path().join("x"))],
+        &["pull", "acme/big:v1", "--out", &s(data.path().join("x"))],
         "no base or patch version",
     );
     let kept = persisted_segments(data.path());
@@ -245,7 +245,7 @@ fn publish_killed_mid_fan_out(database: &Database, data: &Path) {
         &[
             "base",
             "push",
-            &s(&f.join("v1")),
+            &s(f.join("v1")),
             "--name",
             "acme/llama",
             "--version",
@@ -272,7 +272,7 @@ fn publish_killed_mid_fan_out(database: &Database, data: &Path) {
     let v2 = [
         "base",
         "push",
-        &s(&f.join("v2")),
+        &s(f.join("v2")),
         "--name",
         "acme/llama",
         "--version",
@@ -349,7 +349,7 @@ fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_du
         &[
             "base",
             "push",
-            &s(&f.join("v1")),
+            &s(f.join("v1")),
             "--name",
             "acme/llama",
             "--version",
@@ -362,7 +362,7 @@ fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_du
     let (done_tx, done_rx) = mpsc::channel::<usize>();
     let writer = {
         let url = url.clone();
-        let qv = s(&f.join("patches/lora-qv"));
+        let qv = s(f.join("patches/lora-qv"));
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             for i in 0..PUSHES {
