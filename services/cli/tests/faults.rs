@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use patchport_tests::process::{Database, Proc, Serve, Server, cli, path_arg as s};
+use patchport_tests::process::{Database, Proc, Serve, Server, cli, file_url, path_arg as s};
 use patchport_tests::{copy_dir, fixtures};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
@@ -26,7 +26,7 @@ fn serve(database: &Database, data: &Path, env: &[(&str, &str)]) -> Server {
     let mut serve = Serve::builder(BIN)
         .workers(0)
         .database(database.url())
-        .blobs(format!("file://{}/blobs", data.display()))
+        .blobs(file_url(&data.join("blobs")))
         // The failpoint test reads the log: info, as text, whatever the caller set.
         .env("PATCHPORT_LOG", "info")
         .env("PATCHPORT_LOG_FORMAT", "text");
