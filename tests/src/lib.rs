@@ -9,6 +9,7 @@
 pub mod faults;
 pub mod ports;
 pub mod postgres;
+pub mod process;
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -17,9 +18,25 @@ use patchport_client::Client;
 use patchport_registry::{Application, Config};
 use patchport_store::blobs::BlobStore;
 
-/// Where the fixtures live.
+/// Where the fixtures live (`tests/fixtures`), for every test in the workspace.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Copies every file of the directory `src` (a fixture, say) into `dst`, created if
+/// missing, to change a copy in a temporary directory.
+pub fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let to = dst.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &to)?;
+        } else {
+            std::fs::copy(entry.path(), to)?;
+        }
+    }
+    Ok(())
 }
 
 /// One storage configuration a test runs against.
@@ -36,11 +53,11 @@ static SKIP_NOTE: Once = Once::new();
 
 /// The backends to run against on this machine.
 pub fn backends() -> Vec<Backend> {
-    let pg = std::env::var("PATCHPORT_TEST_DATABASE_URL").is_ok();
+    let pg = std::env::var(process::DATABASE_VAR).is_ok();
     let s3 = std::env::var("PATCHPORT_TEST_S3_ENDPOINT").is_ok();
     SKIP_NOTE.call_once(|| {
         if !pg {
-            eprintln!("postgres tests skipped: PATCHPORT_TEST_DATABASE_URL not set");
+            eprintln!("postgres tests skipped: {} not set", process::DATABASE_VAR);
         }
         if !s3 {
             eprintln!("S3 tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set");
@@ -101,6 +118,8 @@ pub struct TestRegistry {
     pub dir: tempfile::TempDir,
     /// A blob store given by the test instead of `config.blobs`.
     blobs: Option<BlobStore>,
+    /// The fresh database of a `Production` backend (`config.database`).
+    database: Option<process::Database>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -117,25 +136,23 @@ impl TestRegistry {
         backend: Backend,
         configure: impl FnOnce(&mut Config),
     ) -> anyhow::Result<Self> {
-        let (mut config, dir) = Self::fresh_config(backend).await?;
+        let (mut config, dir, database) = Self::fresh_config(backend).await?;
         configure(&mut config);
-        Self::start_with(backend, config, dir, None).await
+        Self::start_with(backend, config, dir, database, None).await
     }
 
-    /// The configuration of a registry on fresh stores of `backend`, and the directory
-    /// that holds its files.
-    async fn fresh_config(backend: Backend) -> anyhow::Result<(Config, tempfile::TempDir)> {
+    /// The configuration of a registry on fresh stores of `backend`, the directory that
+    /// holds its files, and the fresh database of a `Production` backend.
+    async fn fresh_config(
+        backend: Backend,
+    ) -> anyhow::Result<(Config, tempfile::TempDir, Option<process::Database>)> {
         let dir = tempfile::tempdir()?;
-        let sqlite = format!("sqlite://{}/registry.db", dir.path().display());
-        let files = format!("file://{}/blobs", dir.path().display());
+        let files = process::file_url(&dir.path().join("blobs"));
         std::fs::create_dir_all(dir.path().join("blobs"))?;
         let (database, blobs) = match backend {
-            Backend::Embedded => (sqlite, files),
+            Backend::Embedded => (None, files),
             Backend::Production => {
-                let database = match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
-                    Ok(url) => fresh_postgres_db(&url).await?,
-                    Err(_) => sqlite,
-                };
+                let database = process::Database::fresh_async().await;
                 let blobs = match std::env::var("PATCHPORT_TEST_S3_ENDPOINT") {
                     Ok(_) => {
                         let bucket = std::env::var("PATCHPORT_TEST_S3_BUCKET")
@@ -144,38 +161,41 @@ impl TestRegistry {
                     }
                     Err(_) => "memory://".to_owned(),
                 };
-                (database, blobs)
+                (Some(database), blobs)
             }
         };
         let config = Config {
             listen: "127.0.0.1:0".parse()?,
-            database,
+            database: database
+                .as_ref()
+                .map_or_else(|| process::sqlite_url(dir.path()), |d| d.url().to_owned()),
             blobs,
             lease: std::time::Duration::from_secs(30),
             metrics_listen: None,
             shutdown_grace: std::time::Duration::from_secs(30),
             ..Config::default()
         };
-        Ok((config, dir))
+        Ok((config, dir, database))
     }
 
     /// Starts a registry on fresh stores of `backend`, but over `blobs` (a wrapped or
     /// fault-injecting store) instead of the backend's blob store.
     pub async fn start_with_blobs(backend: Backend, blobs: BlobStore) -> anyhow::Result<Self> {
-        let (config, dir) = Self::fresh_config(backend).await?;
-        Self::start_with(backend, config, dir, Some(blobs)).await
+        let (config, dir, database) = Self::fresh_config(backend).await?;
+        Self::start_with(backend, config, dir, database, Some(blobs)).await
     }
 
     /// Starts a registry with this configuration (its database, say a private Postgres
     /// cluster, and its blob url); `dir` is kept with it.
     pub async fn start_config(config: Config, dir: tempfile::TempDir) -> anyhow::Result<Self> {
-        Self::start_with(Backend::Production, config, dir, None).await
+        Self::start_with(Backend::Production, config, dir, None, None).await
     }
 
     async fn start_with(
         backend: Backend,
         config: Config,
         dir: tempfile::TempDir,
+        database: Option<process::Database>,
         blobs: Option<BlobStore>,
     ) -> anyhow::Result<Self> {
         let app = match &blobs {
@@ -197,6 +217,7 @@ impl TestRegistry {
             config,
             dir,
             blobs,
+            database,
             shutdown: Some(tx),
             task: Some(task),
         })
@@ -210,7 +231,8 @@ impl TestRegistry {
         let mut config = self.config.clone();
         config.listen = "127.0.0.1:0".parse()?;
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir()?);
-        Self::start_with(self.backend, config, dir, self.blobs.take()).await
+        let database = self.database.take();
+        Self::start_with(self.backend, config, dir, database, self.blobs.take()).await
     }
 
     /// Stops the server.
@@ -243,6 +265,42 @@ impl Drop for TestRegistry {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+/// The worker loop `patchport worker` and `serve --workers` run, in this process on
+/// `client`; stopped (the loop told to end) when dropped.
+#[derive(Debug)]
+pub struct LocalWorker {
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<Result<(), patchport_worker::WorkerError>>>,
+}
+
+impl LocalWorker {
+    /// Starts the loop on a task of the current runtime.
+    pub fn start(client: Client, config: patchport_worker::WorkerConfig) -> Self {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(patchport_worker::run(client, config, stop.clone()));
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Tells the loop to end and waits for it; it must end without an error.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("the worker task")
+                .expect("the worker loop ends cleanly");
+        }
+    }
+}
+
+impl Drop for LocalWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -6,18 +6,16 @@ use std::time::Duration;
 
 use patchport_client::NoProgress;
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, base, fixtures, patch};
+use patchport_tests::{Backend, LocalWorker, TestRegistry, base, fixtures, patch};
 
 #[tokio::test]
 async fn the_fixture_expectations_hold_through_the_service() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let worker = tokio::spawn(patchport_worker::run(
+    let worker = LocalWorker::start(
         client.clone(),
         patchport_worker::WorkerConfig::new("w".into(), patchport_engine::Device::Cpu),
-        stop.clone(),
-    ));
+    );
     let f = fixtures();
     let expectations: serde_json::Value =
         serde_json::from_slice(&std::fs::read(f.join("expectations.json")).unwrap()).unwrap();
@@ -115,6 +113,5 @@ async fn the_fixture_expectations_hold_through_the_service() {
             }
         }
     }
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 }

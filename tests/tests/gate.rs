@@ -9,7 +9,7 @@ use std::time::Duration;
 use patchport_client::{Client, NoProgress, PushKind};
 use patchport_engine::Device;
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, base, fixtures};
+use patchport_tests::{Backend, LocalWorker, TestRegistry, base, copy_dir, fixtures};
 use tonic::Code;
 
 fn accuracy(name: &str) -> f64 {
@@ -86,9 +86,7 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
     push_base("v2-drift", "v2-drift", Some("v1")).await;
     // Same weights, another generation config: a new version whose port changes nothing.
     let again = tempfile::tempdir().unwrap();
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        std::fs::copy(f.join("v1").join(file), again.path().join(file)).unwrap();
-    }
+    copy_dir(&f.join("v1"), again.path()).unwrap();
     std::fs::write(
         again.path().join("generation_config.json"),
         "{\"max_new_tokens\": 8}",
@@ -104,16 +102,14 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
         .unwrap();
 
     let cache = tempfile::tempdir().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
     let mut config = patchport_worker::WorkerConfig::new("gate-test".into(), Device::Cpu);
     config.gate.as_mut().unwrap().cache_dir = cache.path().to_owned();
-    let worker = tokio::spawn(patchport_worker::run(client.clone(), config, stop.clone()));
+    let worker = LocalWorker::start(client.clone(), config);
 
     let small = port(&client, "acme/qvo:1", "acme/tiny:v2").await;
     let large = port(&client, "acme/qvo:1", "acme/tiny:v2-drift").await;
     let same = port(&client, "acme/qvo:1", "acme/tiny:v1-again").await;
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
 
     let arms = |p: &v1::Port| {
         let e = p.evaluation.as_ref().expect("evaluated");
@@ -264,13 +260,11 @@ async fn a_base_without_a_tokenizer_is_not_evaluable() {
         .await
         .unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
     let mut config = patchport_worker::WorkerConfig::new("gate-test".into(), Device::Cpu);
     config.gate.as_mut().unwrap().cache_dir = cache.path().to_owned();
-    let worker = tokio::spawn(patchport_worker::run(client.clone(), config, stop.clone()));
+    let worker = LocalWorker::start(client.clone(), config);
     let p = port(&client, "acme/qv:1", "acme/llama:v2").await;
-    stop.cancel();
-    worker.await.unwrap().unwrap();
+    worker.stop().await;
     assert_eq!(p.state, v1::PortState::Succeeded as i32);
     let e = p.evaluation.expect("an evaluation record");
     assert_eq!(e.status, "not_evaluable");

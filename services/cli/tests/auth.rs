@@ -2,86 +2,33 @@
 //! `token create|list|revoke`, clients and a worker process authenticating with
 //! PATCHPORT_TOKEN, and the refusal to serve without auth on a public address.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use patchport_tests::fixtures;
+use patchport_tests::process::{Serve, Server, Worker, cli};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 const ADMIN: &str = "bootstrap-admin-token-for-the-cli-test";
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `patchport serve` with auth on and `workers` in-process workers; returns the process,
-/// its URL and its log, read on a thread (so the pipe never fills), whole at exit.
-fn serve(data: &Path, workers: &str) -> (Proc, String, std::thread::JoinHandle<String>) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--workers", workers])
-        .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.display()))
-        .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.display()))
+/// `patchport serve` with auth on, a debug log and `workers` in-process workers.
+fn serve(workers: usize) -> Server {
+    Serve::builder(BIN)
+        .workers(workers)
         .env("PATCHPORT_ADMIN_TOKEN", ADMIN)
         .env("PATCHPORT_LOG", "debug")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn patchport serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_owned();
-    let log = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = BufReader::new(stderr).read_to_string(&mut text);
-        text
-    });
-    (Proc(child), format!("http://{addr}"), log)
-}
-
-fn run(url: &str, token: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env("PATCHPORT_REGISTRY", url);
-    match token {
-        Some(t) => cmd.env("PATCHPORT_TOKEN", t),
-        None => cmd.env_remove("PATCHPORT_TOKEN"),
-    };
-    cmd.output().expect("run patchport")
+        .start()
 }
 
 fn ok(url: &str, token: Option<&str>, args: &[&str]) -> String {
-    let out = run(url, token, args);
-    assert!(
-        out.status.success(),
-        "patchport {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    cli(BIN, url).token(token).args(args).ok()
 }
 
 fn fails(url: &str, token: Option<&str>, args: &[&str]) -> String {
-    let out = run(url, token, args);
-    assert!(!out.status.success(), "patchport {args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    cli(BIN, url).token(token).args(args).fails()
 }
 
 #[test]
 fn tokens_from_the_command_line_and_an_authenticated_worker() {
-    let data = tempfile::tempdir().unwrap();
-    let (server, url, log) = serve(data.path(), "0");
+    let mut server = serve(0);
+    let url = server.url();
     let url = url.as_str();
     let f = fixtures().join("llama-micro");
     let v1 = f.join("v1");
@@ -189,16 +136,10 @@ fn tokens_from_the_command_line_and_an_authenticated_worker() {
     assert!(err.contains("may not push to namespace \"other\""), "{err}");
 
     // A worker process with the worker token completes the port.
-    let _w = Proc(
-        Command::new(BIN)
-            .args(["worker", "--id", "w-auth"])
-            .env("PATCHPORT_REGISTRY", url)
-            .env("PATCHPORT_TOKEN", &worker_token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _w = Worker::builder(BIN, url)
+        .id("w-auth")
+        .token(&worker_token)
+        .start();
     let mut state = String::new();
     for _ in 0..300 {
         let compat: serde_json::Value = serde_json::from_str(&ok(
@@ -232,8 +173,8 @@ fn tokens_from_the_command_line_and_an_authenticated_worker() {
     assert!(audit.contains("PushBaseVersion"), "{audit}");
 
     // The log never shows a token, even at debug level.
-    drop(server);
-    let text = log.join().unwrap();
+    server.kill();
+    let text = server.log();
     for secret in [ADMIN, push.as_str(), worker_token.as_str()] {
         assert!(!text.contains(secret), "a token appeared in the server log");
     }
@@ -242,16 +183,11 @@ fn tokens_from_the_command_line_and_an_authenticated_worker() {
 
 #[test]
 fn a_public_address_needs_auth() {
-    let data = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--listen", "0.0.0.0:0", "--workers", "0"])
-        .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.path().display()))
-        .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.path().display()))
+    let out = Serve::builder(BIN)
+        .listen("0.0.0.0:0")
+        .workers(0)
         .env_remove("PATCHPORT_ADMIN_TOKEN")
-        .output()
-        .unwrap();
+        .output();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--insecure-no-auth"), "{err}");
@@ -259,8 +195,8 @@ fn a_public_address_needs_auth() {
 
 #[test]
 fn in_process_workers_work_with_auth_on() {
-    let data = tempfile::tempdir().unwrap();
-    let (_server, url, _log) = serve(data.path(), "1");
+    let server = serve(1);
+    let url = server.url();
     let url = url.as_str();
     let f = fixtures().join("llama-micro");
     let v1 = f.join("v1");

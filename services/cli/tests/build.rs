@@ -1,120 +1,41 @@
 //! The build service across processes: a registry, two `patchport worker` processes, a
 //! `patchport watch` subscriber. Publishing v2 ports every patch registered on v1.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use patchport_tests::fixtures;
+use patchport_tests::process::{Database, Proc, Serve, Server, Worker, cli, path_arg as s};
+
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn ok(url: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("PATCHPORT_REGISTRY", url)
-        .output()
-        .expect("run patchport");
-    assert!(
-        out.status.success(),
-        "patchport {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    cli(BIN, url).args(args).ok()
 }
 
-/// The database of a test registry: a fresh Postgres database when
-/// `PATCHPORT_TEST_DATABASE_URL` is set, a SQLite file otherwise.
-fn database(data: &Path) -> String {
-    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
-        Ok(url) => tokio::runtime::Runtime::new()
-            .expect("runtime")
-            .block_on(patchport_tests::fresh_postgres_db(&url))
-            .expect("fresh postgres database"),
-        Err(_) => format!("sqlite://{}/registry.db", data.display()),
-    }
-}
-
-fn serve(data: &Path, workers: usize, lease_seconds: u64) -> (Proc, String) {
-    serve_on(&database(data), data, workers, lease_seconds)
-}
-
-fn serve_on(database: &str, data: &Path, workers: usize, lease_seconds: u64) -> (Proc, String) {
-    let mut serve = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--workers", &workers.to_string()])
-        .args(["--lease-seconds", &lease_seconds.to_string()])
-        .arg("--database")
-        .arg(database)
-        .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let mut line = String::new();
-    let out = serve.stdout.take().expect("stdout");
-    BufReader::new(out)
-        .read_line(&mut line)
-        .expect("listening line");
-    let url = format!("http://{}", line.trim().rsplit(' ').next().expect("addr"));
-    (Proc(serve), url)
+/// A registry with `workers` in-process workers on `database` (Postgres when
+/// `PATCHPORT_TEST_DATABASE_URL` is set, else SQLite: [`Database::fresh`]).
+fn serve(database: &Database, workers: usize, lease_seconds: u64) -> Server {
+    Serve::builder(BIN)
+        .workers(workers)
+        .lease_seconds(lease_seconds)
+        .database(database.url())
+        .start()
 }
 
 fn worker(url: &str, id: &str, stall_ms: Option<u64>) -> Proc {
-    let mut cmd = Command::new(BIN);
-    if let Some(ms) = stall_ms {
-        cmd.env("PATCHPORT_TEST_STALL_MS", ms.to_string());
+    let worker = Worker::builder(BIN, url).id(id);
+    match stall_ms {
+        Some(ms) => worker.stall_ms(ms),
+        None => worker,
     }
-    Proc(
-        cmd.args(["worker", "--id", id])
-            .env("PATCHPORT_REGISTRY", url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn worker"),
-    )
+    .start()
 }
 
 /// `patchport watch --json --from CURSOR`, its events on a channel.
 fn watch(url: &str, from: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(BIN)
-        .args(["watch", "--json", "--from", from])
-        .env("PATCHPORT_REGISTRY", url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn watch");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if let Ok(v) = serde_json::from_str(&line)
-                && tx.send(v).is_err()
-            {
-                return;
-            }
-        }
-    });
-    (Proc(child), rx)
-}
-
-fn s(p: PathBuf) -> String {
-    p.to_str().expect("utf-8 path").to_owned()
+    patchport_tests::process::watch(BIN, url, from)
 }
 
 /// Waits for `n` distinct `port.completed` subjects; returns them with every event type seen.
@@ -289,11 +210,9 @@ fn scenario(url: &str, data: &Path) {
     ))
     .expect("json");
     assert_eq!(r["kind"], "ported");
-    let bad = Command::new(BIN)
+    let bad = cli(BIN, url)
         .args(["resolve", "acme/dora:1", "--base-digest", &digest])
-        .env("PATCHPORT_REGISTRY", url)
-        .output()
-        .expect("run");
+        .output();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("incompatible"));
 
@@ -337,7 +256,9 @@ fn scenario(url: &str, data: &Path) {
 #[test]
 fn publishing_a_base_ports_every_patch_through_two_worker_processes() {
     let data = tempfile::tempdir().expect("tempdir");
-    let (_serve, url) = serve(data.path(), 0, 30);
+    let db = Database::fresh();
+    let serve = serve(&db, 0, 30);
+    let url = serve.url();
     let _workers = [worker(&url, "w0", None), worker(&url, "w1", None)];
     scenario(&url, data.path());
 }
@@ -345,8 +266,8 @@ fn publishing_a_base_ports_every_patch_through_two_worker_processes() {
 #[test]
 fn the_same_scenario_runs_in_one_process_on_sqlite() {
     let data = tempfile::tempdir().expect("tempdir");
-    let sqlite = format!("sqlite://{}/registry.db", data.path().display());
-    let (_serve, url) = serve_on(&sqlite, data.path(), 2, 30);
+    let serve = serve(&Database::sqlite(), 2, 30);
+    let url = serve.url();
     scenario(&url, data.path());
 }
 
@@ -425,16 +346,13 @@ fn no_more_completions(rx: &mpsc::Receiver<serde_json::Value>, wait: Duration) {
 #[test]
 fn a_worker_killed_mid_port_costs_one_lease_and_the_port_completes_once() {
     let data = tempfile::tempdir().expect("tempdir");
-    let (_serve, url) = serve(data.path(), 0, 2);
+    let db = Database::fresh();
+    let serve = serve(&db, 0, 2);
+    let url = serve.url();
     // A worker that hangs after leasing, then is killed with SIGKILL.
     let mut doomed = worker(&url, "doomed", Some(600_000));
     let (_watch, rx) = publish_one(&url);
-    let status = Command::new("kill")
-        .args(["-KILL", &doomed.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let _ = doomed.0.wait();
+    doomed.kill();
     // Another worker gets the job once the lease has expired, and completes it.
     let _rescuer = worker(&url, "rescuer", None);
     let (completed, _) = completions(&rx, 1);
@@ -460,8 +378,9 @@ fn a_worker_killed_mid_port_costs_one_lease_and_the_port_completes_once() {
 
 #[test]
 fn a_stalled_workers_late_result_is_refused_by_the_fence() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let (_serve, url) = serve(data.path(), 0, 2);
+    let db = Database::fresh();
+    let serve = serve(&db, 0, 2);
+    let url = serve.url();
     // Stalls 6 s without heartbeats (its 2 s lease expires), then ports and tries to
     // complete with its old fencing token.
     let _late = worker(&url, "late", Some(6_000));
@@ -476,17 +395,14 @@ fn a_stalled_workers_late_result_is_refused_by_the_fence() {
 
 #[test]
 fn sigterm_releases_the_lease_so_another_worker_takes_the_job_at_once() {
-    let data = tempfile::tempdir().expect("tempdir");
+    let db = Database::fresh();
     // A long lease: only a release can explain a quick hand-over.
-    let (_serve, url) = serve(data.path(), 0, 120);
+    let serve = serve(&db, 0, 120);
+    let url = serve.url();
     let mut leaving = worker(&url, "leaving", Some(600_000));
     let (_watch, rx) = publish_one(&url);
-    let status = Command::new("kill")
-        .args(["-TERM", &leaving.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = leaving.0.wait().expect("wait");
+    leaving.terminate();
+    let exit = leaving.wait();
     assert!(exit.success(), "worker exited with {exit:?} after SIGTERM");
     let _next = worker(&url, "next", None);
     // The job went back to the queue because it was released, not because its

@@ -1,67 +1,24 @@
 //! The README walk-through with the real binary: `patchport serve` in its own process,
 //! every client command as a separate process.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
+
+use patchport_tests::fixtures;
+use patchport_tests::process::{Serve, Server, cli};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(data: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.display()))
-        .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn patchport serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_owned();
-    Server {
-        child,
-        url: format!("http://{addr}"),
-    }
+fn serve() -> Server {
+    Serve::builder(BIN).start()
 }
 
 fn run(server: &Server, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("PATCHPORT_REGISTRY", &server.url)
-        .output()
-        .expect("run patchport")
+    cli(BIN, server.url()).args(args).output()
 }
 
 fn ok(server: &Server, args: &[&str]) -> String {
-    let out = run(server, args);
-    assert!(
-        out.status.success(),
-        "patchport {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+    cli(BIN, server.url()).args(args).ok()
 }
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -82,7 +39,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn the_readme_walk_through_works_with_the_real_binary() {
     let data = tempfile::tempdir().expect("tempdir");
-    let server = serve(data.path());
+    let server = serve();
     let f = fixtures().join("llama-micro");
     let v1 = f.join("v1");
     let v2 = f.join("v2");
@@ -190,14 +147,8 @@ fn the_readme_walk_through_works_with_the_real_binary() {
 
 #[test]
 fn the_server_stops_on_sigterm() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let mut server = serve(data.path());
-    let pid = server.child.id().to_string();
-    let status = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = server.child.wait().expect("wait");
+    let mut server = serve();
+    server.terminate();
+    let exit = server.wait();
     assert!(exit.success(), "serve exited with {exit:?} after SIGTERM");
 }

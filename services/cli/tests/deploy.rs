@@ -14,9 +14,8 @@
 //!   KEDA queue query runs on the real schema (SQLite always, Postgres when configured).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
@@ -24,6 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, Secre
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use patchport_tests::process::{Cli, Database, Serve, Server, file_url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -1517,10 +1517,7 @@ fn dockerfiles_build_the_named_images_as_non_root() {
 // The binary accepts what the deployment passes
 
 fn help(subcommand: &str) -> String {
-    let out = Command::new(BIN)
-        .args([subcommand, "--help"])
-        .output()
-        .expect("run patchport --help");
+    let out = Cli::new(BIN).args([subcommand, "--help"]).output();
     assert!(out.status.success(), "patchport {subcommand} --help failed");
     String::from_utf8(out.stdout).expect("utf-8 help")
 }
@@ -1663,45 +1660,12 @@ fn the_binary_has_the_documented_command_line() {
 // ---------------------------------------------------------------------------------------
 // Against a real registry
 
-struct Registry {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(database: &str, blobs: &Path) -> Registry {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "0",
-            "--database",
-            database,
-        ])
-        .arg("--blobs")
-        .arg(format!("file://{}", blobs.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn patchport serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read the listening line");
-    let addr = line.trim().rsplit(' ').next().expect("address").to_owned();
-    assert!(addr.contains(':'), "registry did not start: {line:?}");
-    Registry {
-        child,
-        url: format!("http://{addr}"),
-    }
+fn serve(database: &Database, blobs: &Path) -> Server {
+    Serve::builder(BIN)
+        .workers(0)
+        .database(database.url())
+        .blobs(file_url(blobs))
+        .start()
 }
 
 /// The compose health check, pointed at a real registry: exit 0 while serving; exit 1
@@ -1709,8 +1673,7 @@ fn serve(database: &str, blobs: &Path) -> Registry {
 #[test]
 fn the_compose_health_check_passes_against_a_serving_registry() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = format!("sqlite://{}/registry.db", dir.path().display());
-    let registry = serve(&db, &dir.path().join("blobs"));
+    let registry = serve(&Database::sqlite(), &dir.path().join("blobs"));
     let test = compose()
         .service("registry")
         .healthcheck
@@ -1724,11 +1687,9 @@ fn the_compose_health_check_passes_against_a_serving_registry() {
         .position(|a| a == "--registry")
         .expect("--registry")
         + 1;
-    args[at] = registry.url.clone();
-    let out = Command::new(BIN)
-        .args(&args)
-        .output()
-        .expect("run the health check");
+    args[at] = registry.url();
+    let health = Cli::new(BIN).args(&args);
+    let out = health.output();
     assert!(
         out.status.success(),
         "{}",
@@ -1736,19 +1697,14 @@ fn the_compose_health_check_passes_against_a_serving_registry() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
 
-    let json = Command::new(BIN)
-        .args(&args)
-        .arg("--json")
-        .output()
-        .expect("run the health check");
+    let json = health.clone().arg("--json").output();
     let v: Value = serde_json::from_slice(&json.stdout).expect("json");
     assert_eq!(v["status"], "SERVING");
 
-    let unknown = Command::new(BIN)
-        .args(&args)
+    let unknown = health
+        .clone()
         .args(["--service", "no.such.Service"])
-        .output()
-        .expect("run the health check");
+        .output();
     assert!(
         !unknown.status.success(),
         "an unknown service is not healthy"
@@ -1756,10 +1712,7 @@ fn the_compose_health_check_passes_against_a_serving_registry() {
 
     drop(registry);
     // Nothing listens there any more.
-    let out = Command::new(BIN)
-        .args(&args)
-        .output()
-        .expect("run the health check");
+    let out = health.output();
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -1774,17 +1727,7 @@ fn keda_query() -> String {
 
 /// Runs a client command against `url`; its stdout.
 fn cli(url: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("PATCHPORT_REGISTRY", url)
-        .output()
-        .expect("run patchport");
-    assert!(
-        out.status.success(),
-        "patchport {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    patchport_tests::process::cli(BIN, url).args(args).ok()
 }
 
 /// Publishes v2 of the llama-micro fixture over v1 with one patch on v1: one port job
@@ -1842,28 +1785,28 @@ fn queue_one_port(url: &str) {
 async fn the_keda_query_counts_queued_ports_on_the_real_schema() {
     let query = keda_query();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = format!("sqlite://{}/registry.db", dir.path().display());
+    let db = Database::sqlite();
     let registry = serve(&db, &dir.path().join("blobs"));
-    queue_one_port(&registry.url);
+    queue_one_port(&registry.url());
     drop(registry);
-    let pool = sqlx::SqlitePool::connect(&db).await.expect("open sqlite");
+    let pool = sqlx::SqlitePool::connect(db.url())
+        .await
+        .expect("open sqlite");
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
         .fetch_one(&pool)
         .await
         .expect("the KEDA query runs on SQLite");
     assert_eq!(n, 1, "one port queued");
 
-    let Ok(base) = std::env::var("PATCHPORT_TEST_DATABASE_URL") else {
-        eprintln!("postgres KEDA query check skipped: PATCHPORT_TEST_DATABASE_URL not set");
+    let Some(db) = Database::postgres("postgres KEDA query check") else {
         return;
     };
-    let url = patchport_tests::fresh_postgres_db(&base)
-        .await
-        .expect("fresh database");
-    let registry = serve(&url, &dir.path().join("blobs-pg"));
-    queue_one_port(&registry.url);
+    let registry = serve(&db, &dir.path().join("blobs-pg"));
+    queue_one_port(&registry.url());
     drop(registry);
-    let pool = sqlx::PgPool::connect(&url).await.expect("open postgres");
+    let pool = sqlx::PgPool::connect(db.url())
+        .await
+        .expect("open postgres");
     let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(query))
         .fetch_one(&pool)
         .await

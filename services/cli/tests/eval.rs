@@ -1,25 +1,22 @@
 //! `patchport eval` and `patchport port --eval` with the real binary on the task-llama
 //! fixture.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use patchport_tests::fixtures;
+use patchport_tests::process::Cli;
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
 
 fn task(p: &str) -> String {
     fixtures().join("task-llama").join(p).display().to_string()
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
+    Cli::new(BIN)
         .args(args)
         .env_remove("PATCHPORT_DEVICE")
         .output()
-        .expect("run patchport")
 }
 
 /// `v` as f64 equals `want` (serde_json's default parser may be 1 ulp off the printed value).

@@ -7,157 +7,50 @@
 //! `PATCHPORT_TEST_DATABASE_URL` is set (the publish test runs on both then).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use patchport_tests::postgres::free_port;
-use patchport_tests::query_i64s;
+use patchport_tests::process::{Database, Proc, Serve, Server, cli, file_url, path_arg as s};
+use patchport_tests::{copy_dir, fixtures};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
 /// The failpoint line `PATCHPORT_TEST_FANOUT_PAUSE_MS` logs inside the transaction.
 const FANOUT_PAUSED: &str = "test failpoint: publish paused mid fan-out";
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().expect("utf-8 path").to_owned()
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Runtime::new().expect("runtime").block_on(f)
-}
-
-/// A fresh Postgres database when `PATCHPORT_TEST_DATABASE_URL` is set, else SQLite.
-fn database(data: &Path) -> String {
-    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
-        Ok(url) => block_on(patchport_tests::fresh_postgres_db(&url)).expect("fresh database"),
-        Err(_) => sqlite(data),
+/// `patchport serve` over `database` and `file://<data>/blobs`, with no in-process
+/// workers; restarted on the same port and stores with [`Server::restart`].
+fn serve(database: &Database, data: &Path, env: &[(&str, &str)]) -> Server {
+    let mut serve = Serve::builder(BIN)
+        .workers(0)
+        .database(database.url())
+        .blobs(file_url(&data.join("blobs")))
+        // The failpoint test reads the log: info, as text, whatever the caller set.
+        .env("PATCHPORT_LOG", "info")
+        .env("PATCHPORT_LOG_FORMAT", "text");
+    for (k, v) in env {
+        serve = serve.env(k, v);
     }
-}
-
-fn sqlite(data: &Path) -> String {
-    format!("sqlite://{}/registry.db", data.display())
-}
-
-fn count(database: &str, sql: &str) -> i64 {
-    block_on(query_i64s(database, sql)).expect("query")[0]
-}
-
-/// A `patchport serve` process on a fixed port; SIGKILLed when dropped.
-struct Registry {
-    child: Child,
-    url: String,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Registry {
-    /// Starts `patchport serve` on `127.0.0.1:port` over `database` and
-    /// `file://<data>/blobs`, with no in-process workers, and waits until it listens.
-    fn start(port: u16, database: &str, data: &Path, env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--workers", "0", "--database", database])
-            .arg("--blobs")
-            .arg(format!("file://{}/blobs", data.display()))
-            // The failpoint test reads the log: info, as text, whatever the caller set.
-            .env("PATCHPORT_LOG", "info")
-            .env("PATCHPORT_LOG_FORMAT", "text")
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let stderr = lines(child.stderr.take().expect("stderr"));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("the listening line");
-        assert!(
-            line.starts_with("patchport registry listening on"),
-            "serve did not start: {line:?} {:?}",
-            stderr.try_iter().collect::<Vec<_>>()
-        );
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            stderr,
-        }
-    }
-
-    /// SIGKILL: no shutdown path runs.
-    fn kill(mut self) {
-        self.child.kill().expect("SIGKILL the registry");
-        self.child.wait().expect("reap the registry");
-    }
-
-    /// Waits for a log line containing `needle`.
-    fn wait_for_log(&self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(_) => {}
-                Err(_) => panic!("no log line {needle:?} in time"),
-            }
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Reads lines on a thread, so a chatty child never blocks on a full pipe.
-fn lines(out: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
+    serve.start()
 }
 
 fn run(url: &str, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("PATCHPORT_REGISTRY", url)
-        .output()
-        .expect("run patchport")
+    cli(BIN, url).args(args).output()
 }
 
 fn ok(url: &str, args: &[&str]) -> String {
-    let out = run(url, args);
-    assert!(
-        out.status.success(),
-        "patchport {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    cli(BIN, url).args(args).ok()
 }
 
 fn json(url: &str, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&ok(url, args)).expect("JSON output")
+    cli(BIN, url).args(args).json()
 }
 
 /// The command fails, saying `words`.
 fn fails(url: &str, args: &[&str], words: &str) {
-    let out = run(url, args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "patchport {args:?} succeeded");
+    let err = cli(BIN, url).args(args).fails();
     assert!(err.contains(words), "patchport {args:?}: {err}");
 }
 
@@ -241,8 +134,7 @@ fn persisted_segments(data: &Path) -> usize {
 fn a_registry_killed_mid_upload_shows_nothing_and_the_push_resumes() {
     const SIZE: usize = 128 << 20;
     let data = tempfile::tempdir().expect("tempdir");
-    let db = database(data.path());
-    let port = free_port().expect("free port");
+    let db = Database::fresh();
     let model_dir = data.path().join("big");
     let model = big_model(&model_dir, SIZE);
     let digest = sha256_file(&model);
@@ -263,27 +155,21 @@ fn a_registry_killed_mid_upload_shows_nothing_and_the_push_resumes() {
         "--json",
     ];
 
-    let registry = Registry::start(port, &db, data.path(), &[]);
-    let mut push = Command::new(BIN)
-        .args(push_args)
-        .env("PATCHPORT_REGISTRY", &registry.url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn push");
+    let mut registry = serve(&db, data.path(), &[]);
+    let mut push = cli(BIN, registry.url()).args(push_args).spawn();
     // Kill the registry once two 16 MiB segments are persisted: the upload is partly
     // committed.
     let deadline = Instant::now() + Duration::from_secs(120);
     while persisted_segments(data.path()) < 2 {
         assert!(
-            push.try_wait().expect("poll push").is_none(),
+            push.try_wait().is_none(),
             "the push ended before the registry was killed"
         );
         assert!(Instant::now() < deadline, "the upload made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
     registry.kill();
-    let status = push.wait().expect("wait for the push");
+    let status = push.wait();
     assert!(
         !status.success(),
         "the push cannot succeed without a registry"
@@ -291,8 +177,8 @@ fn a_registry_killed_mid_upload_shows_nothing_and_the_push_resumes() {
     assert!(!blob.exists(), "a blob appeared for a partial upload");
 
     // The same port and stores.
-    let registry = Registry::start(port, &db, data.path(), &[]);
-    let url = registry.url.clone();
+    let registry = registry.restart();
+    let url = registry.url();
     fails(&url, &["status", "acme/big:v1"], "no base or patch version");
     assert_eq!(
         json(&url, &["list", "bases", "--json"]),
@@ -300,7 +186,7 @@ fn a_registry_killed_mid_upload_shows_nothing_and_the_push_resumes() {
     );
     fails(
         &url,
-        &["pull", "acme/big:v1", "--out", &s(&data.path().join("x"))],
+        &["pull", "acme/big:v1", "--out", &s(data.path().join("x"))],
         "no base or patch version",
     );
     let kept = persisted_segments(data.path());
@@ -337,14 +223,7 @@ fn distinct_patches(data: &Path, n: usize) -> Vec<PathBuf> {
     (0..n)
         .map(|i| {
             let dir = data.join(format!("patch-{i}"));
-            std::fs::create_dir_all(&dir).expect("mkdir");
-            for f in [
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "README.md",
-            ] {
-                std::fs::copy(qv.join(f), dir.join(f)).expect("copy");
-            }
+            copy_dir(&qv, &dir).expect("copy");
             let mut readme = std::fs::OpenOptions::new()
                 .append(true)
                 .open(dir.join("README.md"))
@@ -355,19 +234,18 @@ fn distinct_patches(data: &Path, n: usize) -> Vec<PathBuf> {
         .collect()
 }
 
-fn publish_killed_mid_fan_out(database: &str, data: &Path) {
+fn publish_killed_mid_fan_out(database: &Database, data: &Path) {
     const PATCHES: usize = 8;
-    let port = free_port().expect("free port");
     let f = fixtures().join("llama-micro");
     let pause = [("PATCHPORT_TEST_FANOUT_PAUSE_MS", "600000")];
-    let registry = Registry::start(port, database, data, &pause);
-    let url = registry.url.clone();
+    let mut registry = serve(database, data, &pause);
+    let url = registry.url();
     ok(
         &url,
         &[
             "base",
             "push",
-            &s(&f.join("v1")),
+            &s(f.join("v1")),
             "--name",
             "acme/llama",
             "--version",
@@ -394,7 +272,7 @@ fn publish_killed_mid_fan_out(database: &str, data: &Path) {
     let v2 = [
         "base",
         "push",
-        &s(&f.join("v2")),
+        &s(f.join("v2")),
         "--name",
         "acme/llama",
         "--version",
@@ -402,31 +280,24 @@ fn publish_killed_mid_fan_out(database: &str, data: &Path) {
         "--parent",
         "v1",
     ];
-    let mut publish = Command::new(BIN)
-        .args(v2)
-        .env("PATCHPORT_REGISTRY", &url)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn publish");
+    let mut publish = cli(BIN, &url).args(v2).spawn();
     // Half the jobs are inserted and the transaction is open: kill.
     registry.wait_for_log(FANOUT_PAUSED, Duration::from_secs(120));
     registry.kill();
-    assert!(!publish.wait().expect("wait").success());
+    assert!(!publish.wait().success());
 
-    let registry = Registry::start(port, database, data, &[]);
-    let url = registry.url.clone();
+    let registry = registry.restart_with(|s| s.env_remove("PATCHPORT_TEST_FANOUT_PAUSE_MS"));
+    let url = registry.url();
     fails(
         &url,
         &["status", "acme/llama:v2"],
         "no base or patch version",
     );
-    assert_eq!(count(database, "SELECT COUNT(*) FROM jobs"), 0);
-    assert_eq!(count(database, "SELECT COUNT(*) FROM ports"), 0);
-    assert_eq!(count(database, "SELECT COUNT(*) FROM base_versions"), 1);
+    assert_eq!(database.count("SELECT COUNT(*) FROM jobs"), 0);
+    assert_eq!(database.count("SELECT COUNT(*) FROM ports"), 0);
+    assert_eq!(database.count("SELECT COUNT(*) FROM base_versions"), 1);
     assert_eq!(
-        count(
-            database,
+        database.count(
             "SELECT COUNT(*) FROM events WHERE kind IN ('base.published', 'port.queued') \
              AND subject LIKE '%acme/llama:v2%'"
         ),
@@ -435,11 +306,8 @@ fn publish_killed_mid_fan_out(database: &str, data: &Path) {
 
     // Published again (no failpoint now): every job, in one go.
     ok(&url, &v2);
-    assert_eq!(count(database, "SELECT COUNT(*) FROM jobs"), PATCHES as i64);
-    assert_eq!(
-        count(database, "SELECT COUNT(*) FROM ports"),
-        PATCHES as i64
-    );
+    assert_eq!(database.count("SELECT COUNT(*) FROM jobs"), PATCHES as i64);
+    assert_eq!(database.count("SELECT COUNT(*) FROM ports"), PATCHES as i64);
     let rows = json(&url, &["compat", "--base", "acme/llama:v2", "--json"]);
     let rows = rows.as_array().expect("array");
     assert_eq!(rows.len(), PATCHES);
@@ -449,38 +317,16 @@ fn publish_killed_mid_fan_out(database: &str, data: &Path) {
 #[test]
 fn a_registry_killed_inside_the_publish_transaction_leaves_no_jobs() {
     let data = tempfile::tempdir().expect("tempdir");
-    publish_killed_mid_fan_out(&sqlite(data.path()), data.path());
-    match std::env::var("PATCHPORT_TEST_DATABASE_URL") {
-        Ok(_) => {
-            let data = tempfile::tempdir().expect("tempdir");
-            publish_killed_mid_fan_out(&database(data.path()), data.path());
-        }
-        Err(_) => eprintln!("postgres run skipped: PATCHPORT_TEST_DATABASE_URL not set"),
+    publish_killed_mid_fan_out(&Database::sqlite(), data.path());
+    if let Some(db) = Database::postgres("postgres run") {
+        let data = tempfile::tempdir().expect("tempdir");
+        publish_killed_mid_fan_out(&db, data.path());
     }
 }
 
 /// `patchport watch --json --from CURSOR`: its events, as they come.
-fn watch(url: &str, from: &str) -> (Child, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(BIN)
-        .args(["watch", "--json", "--from", from])
-        .env("PATCHPORT_REGISTRY", url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn watch");
-    let raw = lines(child.stdout.take().expect("stdout"));
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in raw {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if tx.send(v).is_err() {
-                return;
-            }
-        }
-    });
-    (child, rx)
+fn watch(url: &str, from: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
+    patchport_tests::process::watch(BIN, url, from)
 }
 
 fn event_id(e: &serde_json::Value) -> i64 {
@@ -494,17 +340,16 @@ fn event_id(e: &serde_json::Value) -> i64 {
 fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_duplicates() {
     const PUSHES: usize = 12;
     let data = tempfile::tempdir().expect("tempdir");
-    let db = database(data.path());
-    let port = free_port().expect("free port");
+    let db = Database::fresh();
     let f = fixtures().join("llama-micro");
-    let registry = Registry::start(port, &db, data.path(), &[]);
-    let url = registry.url.clone();
+    let mut registry = serve(&db, data.path(), &[]);
+    let url = registry.url();
     ok(
         &url,
         &[
             "base",
             "push",
-            &s(&f.join("v1")),
+            &s(f.join("v1")),
             "--name",
             "acme/llama",
             "--version",
@@ -517,7 +362,7 @@ fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_du
     let (done_tx, done_rx) = mpsc::channel::<usize>();
     let writer = {
         let url = url.clone();
-        let qv = s(&f.join("patches/lora-qv"));
+        let qv = s(f.join("patches/lora-qv"));
         std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             for i in 0..PUSHES {
@@ -555,18 +400,15 @@ fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_du
         .map(|e| e["cursor"].as_str().expect("cursor").to_owned())
         .unwrap_or_else(|| "origin".to_owned());
 
-    let registry = Registry::start(port, &db, data.path(), &[]);
-    let (mut second, second_rx) = watch(&registry.url, &cursor);
+    let registry = registry.restart();
+    let (mut second, second_rx) = watch(&registry.url(), &cursor);
     writer.join().expect("writer");
 
     // Everything the store holds arrives, across both subscriptions, once: a cursor
     // means "the events after this one" (events.proto), so resuming from the last one
     // received repeats nothing. (The stream is at-least-once for a subscriber that
     // resumes from an older cursor than its last; event ids are for that dedupe.)
-    let stored: BTreeSet<i64> = block_on(query_i64s(&db, "SELECT id FROM events"))
-        .expect("events")
-        .into_iter()
-        .collect();
+    let stored: BTreeSet<i64> = db.query_i64s("SELECT id FROM events").into_iter().collect();
     let mut seen_second = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while seen_first.len() + seen_second.len() < stored.len() {
@@ -584,8 +426,7 @@ fn a_subscriber_resumes_from_its_cursor_after_a_registry_kill_without_gaps_or_du
     while let Ok(e) = second_rx.recv_timeout(Duration::from_secs(1)) {
         seen_second.push(e);
     }
-    let _ = second.kill();
-    let _ = second.wait();
+    second.kill();
 
     let first_ids: Vec<i64> = seen_first.iter().map(event_id).collect();
     let second_ids: Vec<i64> = seen_second.iter().map(event_id).collect();

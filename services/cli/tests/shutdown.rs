@@ -2,146 +2,26 @@
 //! health NOT_SERVING, closes the listener, lets in-flight streams finish and exits 0;
 //! an in-process worker releases its lease; `/metrics` counts what happened.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use patchport_proto::v1;
+use patchport_tests::fixtures;
+use patchport_tests::process::{Proc, Serve, cli, path_arg as s};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn s(p: PathBuf) -> String {
-    p.to_str().expect("utf-8 path").to_owned()
-}
-
-/// A child process, killed if the test ends before it exits.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill -TERM failed");
-    }
-
-    /// Waits for the exit, failing the test (and killing the process) after `limit`.
-    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.0.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the process did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// A registry process and what it printed on start.
-struct Server {
-    proc: Proc,
-    url: String,
-    addr: SocketAddr,
-    metrics: Option<SocketAddr>,
-}
-
-fn serve(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["serve", "--listen", "127.0.0.1:0"])
-        .arg("--database")
-        .arg(format!("sqlite://{}/registry.db", data.display()))
-        .arg("--blobs")
-        .arg(format!("file://{}/blobs", data.display()))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn serve");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("listening line");
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("patchport registry listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    let metrics = args.contains(&"--metrics-listen").then(|| {
-        let mut line = String::new();
-        out.read_line(&mut line).expect("metrics line");
-        line.trim()
-            .strip_prefix("patchport metrics listening on ")
-            .unwrap_or_else(|| panic!("unexpected second line {line:?}"))
-            .parse()
-            .expect("metrics address")
-    });
-    Server {
-        proc: Proc(child),
-        url: format!("http://{addr}"),
-        addr,
-        metrics,
-    }
-}
-
 fn ok(url: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("PATCHPORT_REGISTRY", url)
-        .output()
-        .expect("run patchport");
-    assert!(
-        out.status.success(),
-        "patchport {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    cli(BIN, url).args(args).ok()
 }
 
 /// `patchport watch --json --from origin`, its events on a channel.
 fn watch(url: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
-    let mut child = Command::new(BIN)
-        .args(["watch", "--json", "--from", "origin"])
-        .env("PATCHPORT_REGISTRY", url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn watch");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
-                && tx.send(v).is_err()
-            {
-                return;
-            }
-        }
-    });
-    (Proc(child), rx)
+    patchport_tests::process::watch(BIN, url, "origin")
 }
 
 /// Waits for an event of type `kind`; returns every event seen up to it.
@@ -223,9 +103,8 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finish() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let mut server = serve(data.path(), &["--workers", "0"], &[]);
-    let client = patchport_client::Client::connect(&server.url)
+    let mut server = Serve::builder(BIN).workers(0).start();
+    let client = patchport_client::Client::connect(&server.url())
         .await
         .expect("connect");
 
@@ -236,7 +115,7 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
         .await
         .expect("upload");
 
-    let channel = tonic::transport::Channel::from_shared(server.url.clone())
+    let channel = tonic::transport::Channel::from_shared(server.url())
         .expect("url")
         .connect()
         .await
@@ -279,7 +158,7 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
         .data
         .to_vec();
 
-    server.proc.sigterm();
+    server.terminate();
 
     // Health turns NOT_SERVING (the watch is a stream already in flight).
     let next = health.message().await.expect("health").expect("a status");
@@ -287,7 +166,7 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
 
     // The listener closes: new connections are refused while the download is still open.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(server.addr).is_ok() {
+    while TcpStream::connect(server.addr()).is_ok() {
         assert!(
             Instant::now() < deadline,
             "the registry still accepts connections after SIGTERM"
@@ -295,7 +174,7 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        server.proc.0.try_wait().expect("try_wait").is_none(),
+        server.try_wait().is_none(),
         "the registry exited with a download in flight"
     );
 
@@ -312,7 +191,7 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
     }
 
     drop(health);
-    let status = server.proc.wait_exit(Duration::from_secs(60));
+    let status = server.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
         "serve exited with {status:?} after SIGTERM"
@@ -321,19 +200,18 @@ async fn sigterm_turns_health_not_serving_stops_accepting_and_lets_streams_finis
 
 #[test]
 fn sigterm_makes_an_in_process_worker_release_its_lease() {
-    let data = tempfile::tempdir().expect("tempdir");
     // The in-process worker stalls after leasing; the lease (120 s) would outlive the test.
-    let mut server = serve(
-        data.path(),
-        &["--workers", "1", "--lease-seconds", "120"],
-        &[("PATCHPORT_TEST_STALL_MS", "600000")],
-    );
-    let (mut watcher, rx) = watch(&server.url);
-    publish_lineage(&server.url);
+    let mut server = Serve::builder(BIN)
+        .workers(1)
+        .lease_seconds(120)
+        .env("PATCHPORT_TEST_STALL_MS", "600000")
+        .start();
+    let (mut watcher, rx) = watch(&server.url());
+    publish_lineage(&server.url());
     wait_for(&rx, "port.started");
 
-    server.proc.sigterm();
-    let status = server.proc.wait_exit(Duration::from_secs(60));
+    server.terminate();
+    let status = server.wait_exit(Duration::from_secs(60));
     assert!(
         status.success(),
         "serve exited with {status:?} after SIGTERM"
@@ -344,9 +222,9 @@ fn sigterm_makes_an_in_process_worker_release_its_lease() {
     drop(rx);
 
     // On restart (no workers now) the port is queued again and the attempt did not count.
-    let server = serve(data.path(), &["--workers", "0"], &[]);
+    let server = server.restart_with(|s| s.workers(0).env_remove("PATCHPORT_TEST_STALL_MS"));
     let rows: serde_json::Value = serde_json::from_str(&ok(
-        &server.url,
+        &server.url(),
         &["compat", "--base", "acme/llama:v2", "--json"],
     ))
     .expect("json");
@@ -359,7 +237,7 @@ fn sigterm_makes_an_in_process_worker_release_its_lease() {
         row["attempts"], 0,
         "a released lease is not an attempt: {row}"
     );
-    let (_watcher, rx) = watch(&server.url);
+    let (_watcher, rx) = watch(&server.url());
     let seen = wait_for(&rx, "base.published");
     let seen = [seen, {
         let mut rest = Vec::new();
@@ -378,19 +256,15 @@ fn sigterm_makes_an_in_process_worker_release_its_lease() {
 
 #[test]
 fn metrics_count_requests_by_method_and_code_bytes_and_queue_depth() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let server = serve(
-        data.path(),
-        &["--workers", "0", "--metrics-listen", "127.0.0.1:0"],
-        &[],
-    );
-    let metrics = server.metrics.expect("metrics address");
-    publish_lineage(&server.url);
-    let missing = Command::new(BIN)
+    let server = Serve::builder(BIN)
+        .workers(0)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let metrics = server.metrics_addr().expect("metrics address");
+    publish_lineage(&server.url());
+    let missing = cli(BIN, server.url())
         .args(["status", "acme/nope:1"])
-        .env("PATCHPORT_REGISTRY", &server.url)
-        .output()
-        .expect("run status");
+        .output();
     assert!(!missing.status.success());
 
     // A sample line (not a `# HELP` or `# TYPE` comment) containing every part.
