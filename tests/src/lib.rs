@@ -277,6 +277,17 @@ pub struct LocalWorker {
 }
 
 impl LocalWorker {
+    /// Starts the loop on the CPU with the default configuration.
+    pub fn cpu(client: Client) -> Self {
+        Self::start(
+            client,
+            patchport_worker::WorkerConfig::new(
+                "test-worker".into(),
+                patchport_engine::Device::Cpu,
+            ),
+        )
+    }
+
     /// Starts the loop on a task of the current runtime.
     pub fn start(client: Client, config: patchport_worker::WorkerConfig) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();

@@ -165,7 +165,8 @@ async fn cursors_and_types_are_checked_when_subscribing() {
 /// subscriber needs: digests, state, risk and the diagnostics summary.
 #[tokio::test]
 async fn port_events_carry_digests_state_and_diagnostics() {
-    use patchport_tests::ports::{InProcessWorker, wait_port};
+    use patchport_tests::LocalWorker;
+    use patchport_tests::ports::wait_port;
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
@@ -204,7 +205,7 @@ async fn port_events_carry_digests_state_and_diagnostics() {
         let queued = next(&mut events).await;
         assert_eq!(queued.r#type, "port.queued");
         assert_eq!(queued.subject, "acme/qv:1@acme/llama:v2");
-        let worker = InProcessWorker::start(client.clone());
+        let worker = LocalWorker::cpu(client.clone());
         let done = wait_port(&client, "acme/qv:1@acme/llama:v2").await;
         let completed = next(&mut events).await;
         worker.stop().await;

@@ -8,7 +8,8 @@ use std::path::Path;
 use patchport_client::NoProgress;
 use patchport_core::AnyRef;
 use patchport_proto::v1;
-use patchport_tests::ports::{InProcessWorker, wait_port};
+use patchport_tests::LocalWorker;
+use patchport_tests::ports::wait_port;
 use patchport_tests::{Backend, TestRegistry, backends, base, fixtures, patch, read_tree};
 
 fn blob_count(dir: &Path) -> usize {
@@ -47,7 +48,7 @@ async fn request(reg: &TestRegistry, patch: &str, base: &str) -> v1::Port {
         asked.queue_position >= 1,
         "a queued port has a place: {asked:?}"
     );
-    let worker = InProcessWorker::start(client.clone());
+    let worker = LocalWorker::cpu(client.clone());
     let done = wait_port(&client, &format!("{patch}@{base}")).await;
     worker.stop().await;
     done
