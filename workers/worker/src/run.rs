@@ -70,14 +70,28 @@ pub async fn run(
     let mut failures = 0u32;
     let mut workers = client.workers();
     while !shutdown.is_cancelled() {
+        let call = workers.lease_job(v1::LeaseJobRequest {
+            worker_id: config.worker_id.clone(),
+            loaded_base_digests: loaded.clone(),
+            wait_seconds: config.lease_wait.as_secs() as u32,
+            device: config.device.to_string(),
+        });
+        tokio::pin!(call);
         let lease = tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = workers.lease_job(v1::LeaseJobRequest {
-                worker_id: config.worker_id.clone(),
-                loaded_base_digests: loaded.clone(),
-                wait_seconds: config.lease_wait.as_secs() as u32,
-                device: config.device.to_string(),
-            }) => r,
+            r = &mut call => r,
+            () = shutdown.cancelled() => {
+                // The registry may already have leased a job to this call, its answer
+                // on the way: dropping the call would strand that lease until it
+                // expires. Wait briefly for an answer and give back what it brought; a
+                // call still long-polling after that holds nothing.
+                let limit = config.lease_wait.min(Duration::from_secs(2));
+                if let Ok(Ok(resp)) = tokio::time::timeout(limit, &mut call).await
+                    && let Some(job) = resp.into_inner().job
+                {
+                    release(&client, &job.job_id, job.fencing_token).await;
+                }
+                break;
+            }
         };
         let job = match lease {
             Ok(resp) => {
