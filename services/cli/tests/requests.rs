@@ -115,7 +115,14 @@ fn a_requested_port_survives_a_registry_kill_and_completes_exactly_once() {
         cli(BIN, &url)
             .args(["patch", "push"])
             .arg(s(fixtures().join("llama-micro/patches/lora-qv")))
-            .args(["--name", "acme/marker", "--version", "1", "--base", "acme/llama:v1"])
+            .args([
+                "--name",
+                "acme/marker",
+                "--version",
+                "1",
+                "--base",
+                "acme/llama:v1",
+            ])
             .ok();
         until(&from_head, "patch.pushed", "acme/marker:1");
         let _worker = Worker::builder(BIN, &url).id("late-worker").start();
@@ -171,7 +178,11 @@ fn giving_up_leaves_nothing_running_and_a_cancelled_port_refuses_the_late_result
             req.set_timeout(Duration::from_micros(1));
             client.ports().request_port(req).await
         });
-        eprintln!("{}: the hasty caller got {:?}", db.kind(), gave_up.map(|r| r.into_inner().state));
+        eprintln!(
+            "{}: the hasty caller got {:?}",
+            db.kind(),
+            gave_up.map(|r| r.into_inner().state)
+        );
         let port = request(&url);
         assert_eq!(port["state"], "queued", "{}: {port}", db.kind());
         let orphans = "SELECT COUNT(*) FROM ports p LEFT JOIN jobs j ON j.id = p.job_id \
@@ -195,7 +206,12 @@ fn giving_up_leaves_nothing_running_and_a_cancelled_port_refuses_the_late_result
         let (_events, rx) = watch(BIN, &url, "0");
         until(&rx, "port.started", PORT);
         let cancelled = cli(BIN, &url).args(["cancel", PORT, "--json"]).json();
-        assert_eq!(cancelled["state"], "cancelled", "{}: {cancelled}", db.kind());
+        assert_eq!(
+            cancelled["state"],
+            "cancelled",
+            "{}: {cancelled}",
+            db.kind()
+        );
         assert_eq!(db.count(orphans), 0, "{}", db.kind());
         // The worker wakes, ports, and its CompleteJob is refused by the fence.
         let deadline = Instant::now() + Duration::from_secs(60);
