@@ -40,7 +40,16 @@ stop_server() {
     server=""
   fi
 }
+watcher=""
+stop_watcher() {
+  if [ -n "$watcher" ]; then
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
+    watcher=""
+  fi
+}
 cleanup() {
+  stop_watcher
   stop_server
   psql -q -d postgres -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
   rm -rf "$work"
@@ -77,6 +86,18 @@ start_server() {
   url="http://$addr"
 }
 
+# Postgres streams an event only once every transaction that started before it has
+# ended, in the whole cluster (the reader stops at pg_snapshot_xmin), so a long
+# transaction in another database on a shared server delays delivery. While a Postgres
+# run lasts, this samples the age of the oldest transaction holding an xid outside the
+# benchmark's database every 0.2 s into $1.
+watch_xids() {
+  while :; do
+    psql -XAtq -d postgres -c "SELECT coalesce(round(max(extract(epoch FROM clock_timestamp() - xact_start))::numeric, 2), 0) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM '$db'" >> "$1" 2>/dev/null || true
+    sleep 0.2
+  done
+}
+
 # CPU time (user + system, clock ticks) the registry process has used so far.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server/stat"; }
 
@@ -89,8 +110,17 @@ for store in $stores; do
   echo "$store: patchport serve --workers 0 on $url ($("$bin" --version 2>/dev/null || echo patchport))"
   for n in $counts; do
     cpu_before=$(cpu_ticks)
+    if [ "$store" = postgres ]; then
+      : > "$work/xids"
+      watch_xids "$work/xids" &
+      watcher=$!
+    fi
     row=$(timeout 600 "$bench" --registry "$url" --store "$store" --subscribers "$n" \
       --events "$events" --interval-ms "$interval_ms" --row-only) || failed=1
+    if [ "$store" = postgres ]; then
+      stop_watcher
+      echo "postgres: the oldest transaction of another database seen during the run was $(sort -n "$work/xids" | tail -1) s old (events wait for it)" >&2
+    fi
     [ -n "$row" ] || row="| $store | $n | failed | | | | | |"
     cpu=$(awk -v a="$cpu_before" -v b="$(cpu_ticks)" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }')
     row="$row $cpu |"

@@ -19,7 +19,7 @@
 //! on Postgres. Everything is pushed under a fresh namespace, so a registry can be
 //! measured more than once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -79,12 +79,19 @@ fn histogram() -> Histogram<u64> {
 /// What one subscriber saw.
 #[derive(Debug)]
 struct Seen {
-    /// Patch versions received (the generator's sequence numbers).
-    versions: HashSet<u64>,
+    /// Patch versions received (the generator's sequence numbers), with the id and
+    /// cursor of the event that brought each.
+    versions: HashMap<u64, (String, String)>,
     ids: HashSet<String>,
     duplicates: u64,
+    /// The first duplicates, described.
+    first_duplicates: Vec<String>,
     /// Events on the filtered subject that the generator did not push.
     unexpected: u64,
+    /// Events of the warm-up push, committed before the subscription started: a stream
+    /// that starts at the head may still deliver them (on Postgres the head is the last
+    /// event below the oldest running transaction). Reported, not an error.
+    early: u64,
     /// Events whose `time` was after their arrival (clock trouble).
     negative: u64,
     latency_us: Histogram<u64>,
@@ -94,10 +101,12 @@ struct Seen {
 impl Seen {
     fn new() -> Self {
         Self {
-            versions: HashSet::new(),
+            versions: HashMap::new(),
             ids: HashSet::new(),
             duplicates: 0,
+            first_duplicates: Vec::new(),
             unexpected: 0,
+            early: 0,
             negative: 0,
             latency_us: histogram(),
             error: None,
@@ -148,13 +157,35 @@ async fn subscriber(
                 .subject
                 .strip_prefix(&prefix)
                 .and_then(|v| v.parse::<u64>().ok());
-            let Some(version) = version.filter(|v| *v >= 1) else {
+            let Some(version) = version else {
                 seen.unexpected += 1;
                 continue;
             };
-            let fresh_id = seen.ids.insert(event.id);
-            let fresh_version = seen.versions.insert(version);
-            if !fresh_id || !fresh_version {
+            if version == 0 {
+                seen.early += 1;
+                continue;
+            }
+            let fresh_id = seen.ids.insert(event.id.clone());
+            if let Some((id, cursor)) = seen.versions.get(&version) {
+                let again = format!(
+                    "version {version}: event {id} (cursor {cursor}), then event {} (cursor {}){}",
+                    event.id,
+                    event.cursor,
+                    if fresh_id {
+                        ""
+                    } else {
+                        ", the same event again"
+                    }
+                );
+                seen.duplicates += 1;
+                if seen.first_duplicates.len() < 5 {
+                    seen.first_duplicates.push(again);
+                }
+                continue;
+            }
+            seen.versions
+                .insert(version, (event.id.clone(), event.cursor.clone()));
+            if !fresh_id {
                 seen.duplicates += 1;
                 continue;
             }
@@ -298,24 +329,32 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut all = histogram();
-    let (mut lost, mut duplicates, mut unexpected, mut negative) = (0u64, 0u64, 0u64, 0u64);
+    let (mut lost, mut duplicates, mut unexpected, mut early, mut negative) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut errors = Vec::new();
+    let mut first_duplicates = Vec::new();
     for (i, s) in seen.iter().enumerate() {
         let s = s.lock().expect("unpoisoned");
         all.add(&s.latency_us)
             .expect("histograms with the same bounds");
         lost += (1..=args.events)
-            .filter(|v| !s.versions.contains(v))
+            .filter(|v| !s.versions.contains_key(v))
             .count() as u64;
         duplicates += s.duplicates;
         unexpected += s.unexpected;
+        early += s.early;
         negative += s.negative;
         if let Some(e) = &s.error {
             errors.push(format!("subscriber {i}: {e}"));
         }
+        for d in &s.first_duplicates {
+            if first_duplicates.len() < 5 {
+                first_duplicates.push(format!("subscriber {i}: {d}"));
+            }
+        }
     }
     eprintln!(
-        "{}: {} subscribers, {} events pushed in {generated:.2} s ({:.1}/s; push p50 {:.1} ms, p99 {:.1} ms), last events in {drained:.2} s after the last push; {} latency samples, min {:.1} ms; lost {lost}, duplicates {duplicates}, unexpected {unexpected}, time after arrival {negative}, stream errors {}",
+        "{}: {} subscribers, {} events pushed in {generated:.2} s ({:.1}/s; push p50 {:.1} ms, p99 {:.1} ms), last events in {drained:.2} s after the last push; {} latency samples, min {:.1} ms; lost {lost}, duplicates {duplicates}, unexpected {unexpected}, committed before subscribing {early}, time after arrival {negative}, stream errors {}",
         args.store,
         args.subscribers,
         args.events,
@@ -328,6 +367,9 @@ async fn main() -> anyhow::Result<()> {
     );
     for e in errors.iter().take(5) {
         eprintln!("  {e}");
+    }
+    for d in &first_duplicates {
+        eprintln!("  duplicate at {d}");
     }
     if !args.row_only {
         println!("| store | subscribers | events | p50 ms | p99 ms | max ms | lost | duplicates |");
