@@ -74,7 +74,7 @@ start_server() {
     --database "$database" --blobs "file://$work/blobs" > "$work/serve.log" 2>&1 &
   server=$!
   for _ in $(seq 1 300); do
-    grep -q "registry listening on" "$work/serve.log" && break
+    grep -qs "registry listening on" "$work/serve.log" && break
     kill -0 "$server" 2>/dev/null || break
     sleep 0.1
   done
