@@ -442,3 +442,99 @@ impl WorkerService for Workers {
         Ok(Response::new(v1::ReleaseJobResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use patchport_core::layout::BlobRange;
+    use patchport_core::port::{ModuleDiagnostics, RefusalKind};
+    use tonic::Code;
+
+    use super::*;
+
+    fn request() -> v1::CompleteJobRequest {
+        let composed = DeclaredFile::Composed {
+            path: "model.safetensors".to_owned(),
+            size: 3,
+            segments: vec![BlobRange {
+                digest: Digest::of(b"x"),
+                offset: 0,
+                length: 3,
+            }],
+        };
+        v1::CompleteJobRequest {
+            job_id: "7".to_owned(),
+            fencing_token: 3,
+            diagnostics: Some(
+                (&PortDiagnostics {
+                    modules: Vec::new(),
+                    total: ModuleDiagnostics::default(),
+                })
+                    .into(),
+            ),
+            merged_files: vec![(&composed).into()],
+            ..Default::default()
+        }
+    }
+
+    /// The status a client gets for a request that does not parse.
+    fn status(req: &v1::CompleteJobRequest) -> Status {
+        Status::from(ApiError::from(Completion::try_from(req).unwrap_err()))
+    }
+
+    #[test]
+    fn a_completion_is_parsed_once_into_domain_types() {
+        let c = Completion::try_from(&request()).unwrap();
+        assert_eq!((c.attempt.job_id, c.attempt.fencing_token), (7, 3));
+        let Reported::Succeeded { merged_files, .. } = c.outcome else {
+            panic!("no refusals: succeeded")
+        };
+        assert!(matches!(merged_files[0], DeclaredFile::Composed { .. }));
+
+        let mut refused = request();
+        refused.refusals = vec![(&Refusal::new(RefusalKind::Dora, "", String::new())).into()];
+        // Refusals make it incompatible; the files of such a report are not looked at.
+        refused.merged_files[0].segments.clear();
+        let c = Completion::try_from(&refused).unwrap();
+        assert!(
+            matches!(c.outcome, Reported::Incompatible { ref refusals } if refusals[0].kind == RefusalKind::Dora)
+        );
+    }
+
+    #[test]
+    fn a_bad_field_is_invalid_argument_naming_it() {
+        let mut req = request();
+        req.refusals = vec![v1::Refusal {
+            kind: "lossy".to_owned(),
+            ..Default::default()
+        }];
+        let s = status(&req);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message()
+                .starts_with("refusals[0].kind: unknown refusal kind \"lossy\""),
+            "{}",
+            s.message()
+        );
+
+        let mut req = request();
+        let Some(v1::segment::Source::Blob(r)) = &mut req.merged_files[0].segments[0].source else {
+            unreachable!()
+        };
+        r.digest = "sha256:x".to_owned();
+        let s = status(&req);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message()
+                .starts_with("merged_files[0].segments[0].blob.digest: invalid digest"),
+            "{}",
+            s.message()
+        );
+
+        let mut req = request();
+        req.diagnostics = None;
+        assert_eq!(status(&req).message(), "diagnostics is required");
+        let mut req = request();
+        req.job_id = "seven".to_owned();
+        assert!(status(&req).message().starts_with("job_id: "));
+    }
+}
