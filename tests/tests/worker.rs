@@ -4,6 +4,8 @@
 
 use patchport_client::NoProgress;
 use patchport_core::Digest;
+use patchport_core::layout::DeclaredFile;
+use patchport_core::port::RefusalKind;
 use patchport_engine::Device;
 use patchport_proto::v1;
 use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, read_tree};
@@ -96,15 +98,16 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     let out = tempfile::tempdir().unwrap();
     assert_eq!(result.merged_files.len(), want.len());
     let mut composed = 0;
-    for mut file in result.merged_files.clone() {
-        let bytes = &want[&file.path];
-        if !file.segments.is_empty() {
+    for declared in &result.merged_files {
+        let bytes = &want[declared.path()];
+        let mut file = v1::FileEntry::from(declared);
+        if let DeclaredFile::Composed { size, .. } = declared {
             composed += 1;
             assert!(
                 file.digest.is_empty(),
                 "the registry, not the worker, hashes composed files"
             );
-            assert_eq!(file.size, bytes.len() as u64);
+            assert_eq!(*size, bytes.len() as u64);
             file.digest = Digest::of(bytes).to_string();
         }
         // download_file verifies the composed bytes against the offline file's digest.
@@ -120,7 +123,7 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     let adapter = tempfile::tempdir().unwrap();
     for file in &result.adapter_files {
         client
-            .download_file(file, adapter.path(), &NoProgress)
+            .download_file(&file.into(), adapter.path(), &NoProgress)
             .await
             .unwrap();
     }
@@ -138,6 +141,6 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     )
     .await
     .unwrap();
-    assert_eq!(refused.refusals[0].kind, "dora");
+    assert_eq!(refused.refusals[0].kind, RefusalKind::Dora);
     assert!(refused.adapter_files.is_empty() && refused.merged_files.is_empty());
 }

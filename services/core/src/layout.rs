@@ -546,3 +546,32 @@ pub struct ArtifactFile {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub segments: Vec<BlobRange>,
 }
+
+/// A port artifact file as a worker declares it, before the registry verifies it: a
+/// stored blob (its digest and size are the worker's claim, checked against the blob
+/// store), or a file composed from blob ranges, whose digest nobody claims: the registry
+/// hashes the composed bytes itself and records an [`ArtifactFile`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeclaredFile {
+    /// The file is one whole stored blob.
+    Blob(FileRef),
+    /// The file is composed on download from `segments`, in order.
+    Composed {
+        /// Relative path.
+        path: String,
+        /// The composed size the worker planned.
+        size: u64,
+        /// The pieces.
+        segments: Vec<BlobRange>,
+    },
+}
+
+impl DeclaredFile {
+    /// The file's path.
+    pub fn path(&self) -> &str {
+        match self {
+            DeclaredFile::Blob(f) => &f.path,
+            DeclaredFile::Composed { path, .. } => path,
+        }
+    }
+}

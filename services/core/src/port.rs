@@ -1,5 +1,8 @@
 //! What a port says about a patch/base pair: typed refusals and portability diagnostics.
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 
 /// The method version of a port; part of every job key, so a new method re-ports.
@@ -34,18 +37,19 @@ impl PortOrigin {
     }
 
     /// A request's priority as given on the wire, validated.
-    pub fn requested(priority: i32) -> Result<Self, String> {
+    pub fn requested(priority: i32) -> Result<Self, PriorityOutOfRange> {
         u16::try_from(priority)
             .ok()
             .filter(|p| *p <= MAX_REQUEST_PRIORITY)
             .map(PortOrigin::Requested)
-            .ok_or_else(|| {
-                format!(
-                    "priority: {priority} is out of range: use 0 (the default) to {MAX_REQUEST_PRIORITY}, higher first"
-                )
-            })
+            .ok_or(PriorityOutOfRange(priority))
     }
 }
+
+/// A request priority outside `0..=MAX_REQUEST_PRIORITY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is out of range: use 0 (the default) to {MAX_REQUEST_PRIORITY}, higher first")]
+pub struct PriorityOutOfRange(pub i32);
 
 /// Why a patch cannot be ported (never a silent lossy port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,6 +80,21 @@ pub enum RefusalKind {
 }
 
 impl RefusalKind {
+    /// Every kind.
+    pub const ALL: [RefusalKind; 11] = [
+        RefusalKind::Dora,
+        RefusalKind::ModulesToSave,
+        RefusalKind::TrainableTokens,
+        RefusalKind::LoraBias,
+        RefusalKind::InitMethod,
+        RefusalKind::PeftType,
+        RefusalKind::Architecture,
+        RefusalKind::MissingModule,
+        RefusalKind::Shape,
+        RefusalKind::NonFinite,
+        RefusalKind::UnknownTensor,
+    ];
+
     /// The stable machine-readable name (`dora`, `modules_to_save`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,6 +110,30 @@ impl RefusalKind {
             RefusalKind::NonFinite => "non_finite",
             RefusalKind::UnknownTensor => "unknown_tensor",
         }
+    }
+}
+
+impl fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal kind name that is not one of [`RefusalKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown refusal kind {0:?}: expected one of dora, modules_to_save, trainable_tokens, lora_bias, init_method, peft_type, architecture, missing_module, shape, non_finite, unknown_tensor"
+)]
+pub struct UnknownRefusalKind(pub String);
+
+impl FromStr for RefusalKind {
+    type Err = UnknownRefusalKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RefusalKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| UnknownRefusalKind(s.chars().take(100).collect()))
     }
 }
 
@@ -222,8 +265,23 @@ mod tests {
             Ok(2_999)
         );
         for bad in [-1, 1_000, i32::MAX, i32::MIN] {
-            let e = PortOrigin::requested(bad).unwrap_err();
-            assert!(e.starts_with("priority:"), "{e}");
+            assert_eq!(PortOrigin::requested(bad), Err(PriorityOutOfRange(bad)));
         }
+    }
+
+    #[test]
+    fn every_refusal_kind_round_trips_through_its_name() {
+        for k in RefusalKind::ALL {
+            assert_eq!(k.as_str().parse::<RefusalKind>(), Ok(k));
+            assert_eq!(k.to_string(), k.as_str());
+            // The stored (serde) name is the same name.
+            let json = serde_json::to_value(k).unwrap();
+            assert_eq!(json, serde_json::Value::String(k.as_str().to_owned()));
+        }
+        assert_eq!(
+            "lora".parse::<RefusalKind>(),
+            Err(UnknownRefusalKind("lora".to_owned()))
+        );
+        assert!("".parse::<RefusalKind>().is_err());
     }
 }

@@ -1,14 +1,16 @@
-//! Domain records to wire messages and back. Parsing of request fields happens here,
-//! once: a failure is InvalidArgument.
+//! Store records to wire messages, as functions (the store's types are foreign to
+//! `patchport-proto`), and a worker's evaluation to what the store keeps. Core domain
+//! types meet the wire through `patchport_proto::convert`; request messages are parsed
+//! by each service's request types.
 
-use patchport_core::Digest;
 use patchport_core::adapter::{AdapterConfig, InitLoraWeights, TargetModules};
-use patchport_core::layout::{FileRef, TensorRecord};
+use patchport_core::layout::TensorRecord;
 use patchport_core::model_config::ModelConfig;
+use patchport_proto::convert::WireError;
 use patchport_proto::v1;
-use patchport_store::meta::{BaseVersionRecord, PatchVersionRecord, VersionState};
-
-use crate::error::{ApiError, ApiResult};
+use patchport_store::meta::{
+    BaseVersionRecord, EventRecord, PatchVersionRecord, PortRecord, PortState, VersionState,
+};
 
 pub(crate) fn timestamp(millis: i64) -> prost_types::Timestamp {
     prost_types::Timestamp {
@@ -22,39 +24,6 @@ fn state(s: VersionState) -> i32 {
         VersionState::Published => v1::VersionState::Published as i32,
         VersionState::Yanked => v1::VersionState::Yanked as i32,
     }
-}
-
-pub(crate) fn file_to_proto(f: &FileRef) -> v1::FileEntry {
-    v1::FileEntry {
-        path: f.path.clone(),
-        digest: f.digest.to_string(),
-        size: f.size,
-        segments: Vec::new(),
-    }
-}
-
-/// Parses the file list of a push. Composed files cannot be pushed.
-pub(crate) fn files_from_proto(files: &[v1::FileEntry]) -> ApiResult<Vec<FileRef>> {
-    files
-        .iter()
-        .map(|f| {
-            if !f.segments.is_empty() {
-                return Err(ApiError::invalid(format!(
-                    "file {:?}: composed files (segments) cannot be pushed; upload the bytes as a blob",
-                    f.path
-                )));
-            }
-            let digest: Digest = f
-                .digest
-                .parse()
-                .map_err(|e: patchport_core::DigestError| ApiError::invalid(format!("file {:?}: {e}", f.path)))?;
-            Ok(FileRef {
-                path: f.path.clone(),
-                digest,
-                size: f.size,
-            })
-        })
-        .collect()
 }
 
 pub(crate) fn model_config(json: &str) -> Option<v1::ModelConfig> {
@@ -125,7 +94,7 @@ pub(crate) fn base_to_proto(r: &BaseVersionRecord) -> v1::BaseVersion {
             .map(|p| p.1.to_string())
             .unwrap_or_default(),
         state: state(r.state),
-        files: r.files.iter().map(file_to_proto).collect(),
+        files: r.files.iter().map(Into::into).collect(),
         config: model_config(&r.config_json),
         tensor_count: r.tensor_count as u32,
         total_size: r.total_size,
@@ -145,7 +114,7 @@ pub(crate) fn patch_to_proto(r: &PatchVersionRecord) -> v1::PatchVersion {
             digest: r.base_digest.to_string(),
         }),
         state: state(r.state),
-        files: r.files.iter().map(file_to_proto).collect(),
+        files: r.files.iter().map(Into::into).collect(),
         adapter: adapter_config(&r.adapter_json),
         tensor_count: r.tensor_count as u32,
         total_size: r.total_size,
@@ -166,38 +135,7 @@ pub(crate) fn tensor_to_proto(file: &str, t: &TensorRecord) -> v1::TensorEntry {
     }
 }
 
-pub(crate) fn artifact_to_proto(a: &patchport_core::layout::ArtifactFile) -> v1::FileEntry {
-    v1::FileEntry {
-        path: a.file.path.clone(),
-        digest: a.file.digest.to_string(),
-        size: a.file.size,
-        segments: a
-            .segments
-            .iter()
-            .map(|s| v1::Segment {
-                source: Some(v1::segment::Source::Blob(v1::BlobRange {
-                    digest: s.digest.to_string(),
-                    offset: s.offset,
-                    length: s.length,
-                })),
-            })
-            .collect(),
-    }
-}
-
-fn diagnostics_to_proto(d: &patchport_core::port::ModuleDiagnostics) -> v1::ModuleDiagnostics {
-    v1::ModuleDiagnostics {
-        module: d.module.clone(),
-        base_drift: d.base_drift,
-        patch_size: d.patch_size,
-        drift_to_patch: d.drift_to_patch,
-        cosine: d.cosine,
-        unchanged: d.unchanged,
-    }
-}
-
-pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
-    use patchport_store::meta::PortState;
+pub(crate) fn port_to_proto(p: &PortRecord) -> v1::Port {
     let state = match p.state {
         PortState::Queued => v1::PortState::Queued,
         PortState::Running => v1::PortState::Running,
@@ -213,22 +151,10 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         base_digest: p.base_digest.to_string(),
         source_base_digest: p.source_base_digest.to_string(),
         state: state as i32,
-        refusals: p
-            .refusals
-            .iter()
-            .map(|r| v1::Refusal {
-                kind: r.kind.as_str().to_owned(),
-                message: r.message.clone(),
-                subject: r.subject.clone(),
-            })
-            .collect(),
-        diagnostics: p.diagnostics.as_ref().map(|d| v1::PortDiagnostics {
-            modules: d.modules.iter().map(diagnostics_to_proto).collect(),
-            total: Some(diagnostics_to_proto(&d.total)),
-            risk: d.risk(),
-        }),
-        adapter_files: p.adapter_files.iter().map(artifact_to_proto).collect(),
-        merged_files: p.merged_files.iter().map(artifact_to_proto).collect(),
+        refusals: p.refusals.iter().map(Into::into).collect(),
+        diagnostics: p.diagnostics.as_ref().map(Into::into),
+        adapter_files: p.adapter_files.iter().map(Into::into).collect(),
+        merged_files: p.merged_files.iter().map(Into::into).collect(),
         attempts: p.attempts,
         error: p.error.clone().unwrap_or_default(),
         method_version: p.method_version.clone(),
@@ -240,6 +166,57 @@ pub(crate) fn port_to_proto(p: &patchport_store::meta::PortRecord) -> v1::Port {
         queue_position: p
             .queue_position
             .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
+    }
+}
+
+/// A patch version on its own base, as a compat entry.
+pub(crate) fn compat_native(p: &PatchVersionRecord) -> v1::CompatEntry {
+    v1::CompatEntry {
+        patch: format!("{}:{}", p.name, p.version),
+        patch_digest: p.digest.to_string(),
+        base: format!("{}:{}", p.base_name, p.base_version),
+        base_digest: p.base_digest.to_string(),
+        kind: v1::CompatKind::Native as i32,
+        port: None,
+    }
+}
+
+/// A port, as a compat entry.
+pub(crate) fn compat_port(port: &PortRecord) -> v1::CompatEntry {
+    let kind = match port.state {
+        PortState::Queued => v1::CompatKind::Queued,
+        PortState::Running => v1::CompatKind::Running,
+        PortState::Succeeded => v1::CompatKind::Ported,
+        PortState::Incompatible => v1::CompatKind::Incompatible,
+        PortState::Failed => v1::CompatKind::Failed,
+        PortState::Cancelled => v1::CompatKind::Cancelled,
+    };
+    v1::CompatEntry {
+        patch: format!("{}:{}", port.patch_name, port.patch_version),
+        patch_digest: port.patch_digest.to_string(),
+        base: format!("{}:{}", port.base_name, port.base_version),
+        base_digest: port.base_digest.to_string(),
+        kind: kind as i32,
+        port: Some(port_to_proto(port)),
+    }
+}
+
+pub(crate) fn event_to_proto(e: EventRecord) -> v1::Event {
+    let payload_json = e.payload_json.clone().unwrap_or_else(|| {
+        serde_json::json!({
+            "job_id": e.job_id,
+            "port_id": e.port_id,
+            "detail": e.detail,
+        })
+        .to_string()
+    });
+    v1::Event {
+        id: e.id.to_string(),
+        cursor: e.cursor.to_string(),
+        r#type: e.kind.as_str().to_owned(),
+        time: Some(timestamp(e.created_at)),
+        subject: e.subject,
+        payload_json,
     }
 }
 
@@ -266,49 +243,60 @@ fn arm_from(v: &serde_json::Value) -> Option<v1::ArmResult> {
 /// Largest evaluation report a worker may send.
 const MAX_REPORT: usize = 8 << 20;
 
-/// Checks a worker's evaluation and turns it into what the store keeps.
+/// Checks a worker's evaluation and turns it into what the store keeps (fields named
+/// within the evaluation: `status`, `report_json`, ...).
 pub(crate) fn evaluation_record(
     e: &v1::Evaluation,
-) -> ApiResult<patchport_store::meta::EvaluationRecord> {
+) -> Result<patchport_store::meta::EvaluationRecord, WireError> {
     let summary = match e.status.as_str() {
         "evaluated" => match e.verdict.as_str() {
             v @ ("improved" | "preserved" | "regressed") => v.to_owned(),
             other => {
-                return Err(ApiError::invalid(format!(
-                    "evaluation verdict {other:?}: expected improved, preserved or regressed"
-                )));
+                return Err(WireError::invalid(
+                    "verdict",
+                    format!("{other:?}: expected improved, preserved or regressed"),
+                ));
             }
         },
         s @ ("not_evaluable" | "failed") => s.to_owned(),
         other => {
-            return Err(ApiError::invalid(format!(
-                "evaluation status {other:?}: expected evaluated, not_evaluable or failed"
-            )));
+            return Err(WireError::invalid(
+                "status",
+                format!("{other:?}: expected evaluated, not_evaluable or failed"),
+            ));
         }
     };
-    if e.status == "evaluated"
-        && (e.reference.is_none() || e.base_alone.is_none() || e.ported.is_none())
-    {
-        return Err(ApiError::invalid("an evaluated port needs its three arms"));
+    if e.status == "evaluated" {
+        let arms = [
+            ("reference", &e.reference),
+            ("base_alone", &e.base_alone),
+            ("ported", &e.ported),
+        ];
+        if let Some((arm, _)) = arms.iter().find(|(_, a)| a.is_none()) {
+            return Err(WireError::missing(*arm));
+        }
     }
     let numbers = [
-        e.delta,
-        e.standard_error,
-        e.threshold,
-        e.gain_over_base,
-        e.seconds,
+        ("delta", e.delta),
+        ("standard_error", e.standard_error),
+        ("threshold", e.threshold),
+        ("gain_over_base", e.gain_over_base),
+        ("seconds", e.seconds),
     ];
-    if numbers.iter().any(|x| !x.is_finite()) {
-        return Err(ApiError::invalid("evaluation numbers must be finite"));
+    if let Some((field, _)) = numbers.iter().find(|(_, x)| !x.is_finite()) {
+        return Err(WireError::invalid(*field, "must be finite"));
     }
-    if e.reason.len() > 4096 || e.report_json.len() > MAX_REPORT {
-        return Err(ApiError::invalid("evaluation reason or report too large"));
+    if e.reason.len() > 4096 {
+        return Err(WireError::invalid("reason", "longer than 4096 bytes"));
+    }
+    if e.report_json.len() > MAX_REPORT {
+        return Err(WireError::invalid("report_json", "larger than 8 MiB"));
     }
     let report: serde_json::Value = if e.report_json.is_empty() {
         serde_json::Value::Null
     } else {
         serde_json::from_str(&e.report_json)
-            .map_err(|err| ApiError::invalid(format!("evaluation report is not JSON: {err}")))?
+            .map_err(|err| WireError::invalid("report_json", format!("not JSON: {err}")))?
     };
     let json = serde_json::json!({
         "status": e.status,

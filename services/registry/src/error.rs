@@ -2,6 +2,7 @@
 
 use patchport_core::layout::LayoutError;
 use patchport_core::{DigestError, NameError};
+use patchport_proto::convert::WireError;
 use patchport_store::blobs::{BlobError, BlobErrorKind};
 use patchport_store::meta::{StoreError, StoreErrorKind};
 use tonic::{Code, Status};
@@ -211,6 +212,13 @@ impl From<NameError> for ApiError {
 
 impl From<DigestError> for ApiError {
     fn from(e: DigestError) -> Self {
+        ApiError::invalid(e.to_string())
+    }
+}
+
+/// A request field that does not parse: InvalidArgument, naming the field.
+impl From<WireError> for ApiError {
+    fn from(e: WireError) -> Self {
         ApiError::invalid(e.to_string())
     }
 }

@@ -168,23 +168,12 @@ impl Registry {
     /// Validates, indexes and records a base version.
     pub(crate) async fn push_base(
         &self,
-        name: &str,
-        version: &str,
-        parent: &str,
+        name: Name,
+        version: Version,
+        parent: Option<VersionRef>,
         files: Vec<FileRef>,
         audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::BaseVersionRecord, bool)> {
-        let name: Name = name.parse()?;
-        let version: Version = version.parse()?;
-        let parent: Option<VersionRef> = if parent.is_empty() {
-            None
-        } else {
-            Some(
-                parent
-                    .parse::<VersionRef>()
-                    .map_err(|e| ApiError::invalid(format!("parent: {e}")))?,
-            )
-        };
         let files = layout::normalize_files(files)?;
         layout::check_base_files(&files)?;
         if let Some(p) = &parent
@@ -235,23 +224,13 @@ impl Registry {
     /// Validates, indexes and records a patch version pinned to a stored base version.
     pub(crate) async fn push_patch(
         &self,
-        name: &str,
-        version: &str,
-        base: &str,
+        name: Name,
+        version: Version,
+        base: Reference,
         files: Vec<FileRef>,
-        eval_digest: &str,
+        eval_digest: Option<Digest>,
         audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::PatchVersionRecord, bool)> {
-        let name: Name = name.parse()?;
-        let version: Version = version.parse()?;
-        let base: Reference = base
-            .parse()
-            .map_err(|e| ApiError::invalid(format!("base: {e}")))?;
-        let eval_digest: Option<Digest> = if eval_digest.is_empty() {
-            None
-        } else {
-            Some(eval_digest.parse()?)
-        };
         let files = layout::normalize_files(files)?;
         layout::check_patch_files(&files)?;
         if self

@@ -17,9 +17,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use patchport_client::{Client, ClientError};
 use patchport_core::Digest;
-use patchport_core::layout::ADAPTER_CONFIG;
+use patchport_core::layout::{ADAPTER_CONFIG, DeclaredFile, FileRef};
+use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_engine::artifact::compose_ranges;
 use patchport_engine::{Device, MergedSink, ModelSource, PortOptions};
+use patchport_proto::convert::{WireError, parse_field, try_list};
 use patchport_proto::v1;
 use tokio::runtime::Handle;
 
@@ -61,22 +63,48 @@ pub enum WorkerError {
     },
 }
 
+impl From<WireError> for WorkerError {
+    /// A job message whose fields do not parse is a bad job (not retried).
+    fn from(e: WireError) -> Self {
+        WorkerError::BadJob {
+            message: e.to_string(),
+        }
+    }
+}
+
 /// What a port produced, ready for `CompleteJob`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PortResult {
     /// Why the patch cannot be ported (empty when it was).
-    pub refusals: Vec<v1::Refusal>,
+    pub refusals: Vec<Refusal>,
     /// Diagnostics (when ported).
-    pub diagnostics: Option<v1::PortDiagnostics>,
-    /// The ported adapter's files.
-    pub adapter_files: Vec<v1::FileEntry>,
-    /// The merged model's files; composed ones carry segments, an empty digest and their
-    /// size (the registry hashes the composed bytes itself).
-    pub merged_files: Vec<v1::FileEntry>,
+    pub diagnostics: Option<PortDiagnostics>,
+    /// The ported adapter's files: the patch's own blobs and the re-pointed config.
+    pub adapter_files: Vec<FileRef>,
+    /// The merged model's files: whole base blobs, or composed from blob ranges with no
+    /// digest (the registry hashes the composed bytes itself).
+    pub merged_files: Vec<DeclaredFile>,
     /// Engine wall time.
     pub engine_seconds: f64,
     /// The quality gate's result (set by the lease loop after a successful port).
     pub evaluation: Option<v1::Evaluation>,
+}
+
+impl PortResult {
+    /// The `CompleteJob` request that reports this result for the attempt holding
+    /// `fencing_token`: the one place a port's outcome meets the wire.
+    pub fn into_request(self, job_id: String, fencing_token: i64) -> v1::CompleteJobRequest {
+        v1::CompleteJobRequest {
+            job_id,
+            fencing_token,
+            refusals: self.refusals.iter().map(Into::into).collect(),
+            diagnostics: self.diagnostics.as_ref().map(Into::into),
+            adapter_files: self.adapter_files.iter().map(Into::into).collect(),
+            merged_files: self.merged_files.iter().map(Into::into).collect(),
+            engine_seconds: self.engine_seconds,
+            evaluation: self.evaluation,
+        }
+    }
 }
 
 /// A version in the registry, read with ranged `ReadBlob` calls from a blocking thread.
@@ -89,10 +117,16 @@ struct RemoteSource {
     tensor_digests: HashMap<(String, String), Digest>,
 }
 
-fn parse_digest(s: &str) -> Result<Digest, WorkerError> {
-    s.parse().map_err(|e| WorkerError::BadJob {
-        message: format!("{e}"),
-    })
+/// The manifest digest and the files of one of a job's versions (`field`: `patch`,
+/// `source_base`, `target_base`).
+fn version_files(
+    field: &str,
+    digest: &str,
+    files: &[v1::FileEntry],
+) -> Result<(Digest, Vec<FileRef>), WireError> {
+    let digest = parse_field("digest", digest).map_err(|e| e.within(field))?;
+    let files = try_list("files", files).map_err(|e| e.within(field))?;
+    Ok((digest, files))
 }
 
 impl RemoteSource {
@@ -100,8 +134,8 @@ impl RemoteSource {
         client: &Client,
         name: &str,
         version: &str,
-        digest: &str,
-        files: &[v1::FileEntry],
+        digest: Digest,
+        files: &[FileRef],
     ) -> Result<Self, WorkerError> {
         let index = client
             .registry()
@@ -112,13 +146,14 @@ impl RemoteSource {
             .map_err(ClientError::from)?
             .into_inner();
         let mut tensor_digests = HashMap::new();
-        for t in index.tensors {
-            tensor_digests.insert((t.file, t.name), parse_digest(&t.digest)?);
+        for (i, t) in index.tensors.into_iter().enumerate() {
+            let digest = parse_field(&format!("tensors[{i}].digest"), &t.digest)?;
+            tensor_digests.insert((t.file, t.name), digest);
         }
-        let mut map = BTreeMap::new();
-        for f in files {
-            map.insert(f.path.clone(), (parse_digest(&f.digest)?, f.size));
-        }
+        let map = files
+            .iter()
+            .map(|f| (f.path.clone(), (f.digest, f.size)))
+            .collect();
         Ok(Self {
             name: format!("{name}:{version}"),
             handle: Handle::current(),
@@ -211,17 +246,6 @@ impl MergedSink for UploadSink {
     }
 }
 
-fn diagnostics(d: &patchport_core::port::ModuleDiagnostics) -> v1::ModuleDiagnostics {
-    v1::ModuleDiagnostics {
-        module: d.module.clone(),
-        base_drift: d.base_drift,
-        patch_size: d.patch_size,
-        drift_to_patch: d.drift_to_patch,
-        cosine: d.cosine,
-        unchanged: d.unchanged,
-    }
-}
-
 /// Ports the job's patch onto its target base: reads through the registry, uploads the
 /// merged tensors, the re-pointed adapter config and the merged files' headers, and
 /// returns what `CompleteJob` needs.
@@ -242,35 +266,40 @@ pub async fn port_job(
         .target_base
         .as_ref()
         .ok_or_else(|| missing("target base"))?;
+    let (source_digest, source_files) =
+        version_files("source_base", &source.digest, &source.files)?;
+    let (target_digest, target_files) =
+        version_files("target_base", &target.digest, &target.files)?;
+    let (patch_digest, patch_files) = version_files("patch", &patch.digest, &patch.files)?;
     let old = RemoteSource::new(
         client,
         &source.name,
         &source.version,
-        &source.digest,
-        &source.files,
+        source_digest,
+        &source_files,
     )
     .await?;
     let new = RemoteSource::new(
         client,
         &target.name,
         &target.version,
-        &target.digest,
-        &target.files,
+        target_digest,
+        &target_files,
     )
     .await?;
     let adapter = RemoteSource::new(
         client,
         &patch.name,
         &patch.version,
-        &patch.digest,
-        &patch.files,
+        patch_digest,
+        &patch_files,
     )
     .await?;
     let opts = PortOptions {
         merged: job.merged,
         device,
         new_base_name: Some(format!("{}:{}", target.name, target.version)),
-        new_base_revision: Some(target.digest.clone()),
+        new_base_revision: Some(target_digest.to_string()),
     };
     let mut sink = UploadSink {
         handle: Handle::current(),
@@ -292,45 +321,26 @@ pub async fn port_job(
     })?;
     let outcome = outcome?;
     let mut result = PortResult {
-        refusals: outcome
-            .refusals
-            .iter()
-            .map(|r| v1::Refusal {
-                kind: r.kind.as_str().to_owned(),
-                message: r.message.clone(),
-                subject: r.subject.clone(),
-            })
-            .collect(),
+        refusals: outcome.refusals,
         engine_seconds: outcome.timings.total_s,
         ..PortResult::default()
     };
     let Some(ported) = &outcome.adapter else {
         return Ok(result);
     };
-    result.diagnostics = Some(v1::PortDiagnostics {
-        modules: outcome
-            .diagnostics
-            .modules
-            .iter()
-            .map(diagnostics)
-            .collect(),
-        total: Some(diagnostics(&outcome.diagnostics.total)),
-        risk: 0.0,
-    });
+    result.diagnostics = Some(outcome.diagnostics);
     let config = Bytes::from(ported.config_json.clone());
     let config_digest = client.upload_bytes(config.clone()).await?;
-    for f in &patch.files {
-        let mut f = f.clone();
+    for mut f in patch_files {
         if f.path == ADAPTER_CONFIG {
-            f.digest = config_digest.to_string();
+            f.digest = config_digest;
             f.size = config.len() as u64;
         }
         result.adapter_files.push(f);
     }
-    let base_files: HashMap<&str, (&str, u64)> = target
-        .files
+    let base_files: HashMap<&str, Digest> = target_files
         .iter()
-        .map(|f| (f.path.as_str(), (f.digest.as_str(), f.size)))
+        .map(|f| (f.path.as_str(), f.digest))
         .collect();
     for c in outcome.merged.iter().flatten() {
         let header = if c.header.is_empty() {
@@ -338,41 +348,25 @@ pub async fn port_job(
         } else {
             Some(client.upload_bytes(Bytes::from(c.header.clone())).await?)
         };
-        let segments = compose_ranges(
-            c,
-            header,
-            |p| base_files.get(p).and_then(|(d, _)| d.parse().ok()),
-            &sink.stored,
-        )
-        .map_err(|message| WorkerError::BadJob { message })?;
+        let segments = compose_ranges(c, header, |p| base_files.get(p).copied(), &sink.stored)
+            .map_err(|message| WorkerError::BadJob { message })?;
         // A file that is one whole base blob is that blob; anything else is composed.
         let whole = match segments.as_slice() {
-            [s] if s.offset == 0 => base_files
-                .values()
-                .find(|(d, size)| *d == s.digest.to_string() && *size == s.length),
+            [s] if s.offset == 0 => target_files
+                .iter()
+                .find(|f| f.digest == s.digest && f.size == s.length),
             _ => None,
         };
         result.merged_files.push(match whole {
-            Some((digest, size)) => v1::FileEntry {
+            Some(f) => DeclaredFile::Blob(FileRef {
                 path: c.path.clone(),
-                digest: (*digest).to_owned(),
-                size: *size,
-                segments: Vec::new(),
-            },
-            None => v1::FileEntry {
+                digest: f.digest,
+                size: f.size,
+            }),
+            None => DeclaredFile::Composed {
                 path: c.path.clone(),
-                digest: String::new(),
                 size: c.len(),
-                segments: segments
-                    .iter()
-                    .map(|s| v1::Segment {
-                        source: Some(v1::segment::Source::Blob(v1::BlobRange {
-                            digest: s.digest.to_string(),
-                            offset: s.offset,
-                            length: s.length,
-                        })),
-                    })
-                    .collect(),
+                segments,
             },
         });
     }

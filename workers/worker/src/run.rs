@@ -239,16 +239,7 @@ async fn run_one(
     let reply = match outcome {
         Ok(r) => client
             .workers()
-            .complete_job(v1::CompleteJobRequest {
-                job_id: job_id.clone(),
-                fencing_token: token,
-                refusals: r.refusals,
-                diagnostics: r.diagnostics,
-                adapter_files: r.adapter_files,
-                merged_files: r.merged_files,
-                engine_seconds: r.engine_seconds,
-                evaluation: r.evaluation,
-            })
+            .complete_job(r.into_request(job_id.clone(), token))
             .await
             .map(|_| ()),
         Err(e) => {

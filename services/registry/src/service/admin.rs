@@ -1,5 +1,6 @@
 //! `patchport.v1.AdminService`: tokens, namespace policies, the audit log.
 
+use patchport_proto::convert::WireError;
 use patchport_proto::v1::{self, admin_service_server::AdminService};
 use patchport_store::meta::{AuditRecord, NamespacePolicyRecord, TokenRecord, now_millis};
 use tonic::{Request, Response, Status};
@@ -19,18 +20,56 @@ pub(crate) struct Admin {
 }
 
 /// A namespace, or `*`.
-fn parse_namespace(s: &str, allow_star: bool) -> ApiResult<String> {
+fn parse_namespace(s: &str, allow_star: bool) -> Result<String, WireError> {
     let s = s.trim();
     if allow_star && s == "*" {
         return Ok(s.to_owned());
     }
     if s.is_empty() {
-        return Err(ApiError::invalid("namespace is empty"));
+        return Err(WireError::missing("namespace"));
     }
     format!("{s}/x")
         .parse::<patchport_core::Name>()
-        .map_err(|_| ApiError::invalid(format!("invalid namespace {s:?}")))?;
+        .map_err(|_| WireError::invalid("namespace", format!("invalid namespace {s:?}")))?;
     Ok(s.to_owned())
+}
+
+/// A `CreateToken` request.
+#[derive(Debug)]
+struct CreateToken {
+    /// A namespace, or `*`.
+    namespace: String,
+    scope: Scope,
+    /// 0 for a token that never expires.
+    expires_in_seconds: u64,
+    description: String,
+}
+
+impl TryFrom<&v1::CreateTokenRequest> for CreateToken {
+    type Error = WireError;
+
+    fn try_from(req: &v1::CreateTokenRequest) -> Result<Self, WireError> {
+        let namespace = parse_namespace(&req.namespace, true)?;
+        let scope = Scope::parse(req.scope.trim()).map_err(|e| WireError::invalid("scope", e))?;
+        if req.expires_in_seconds > MAX_EXPIRY_SECONDS {
+            return Err(WireError::invalid(
+                "expires_in_seconds",
+                format!(
+                    "expiry of {} s exceeds the limit of {MAX_EXPIRY_SECONDS} s (ten years)",
+                    req.expires_in_seconds
+                ),
+            ));
+        }
+        if req.description.len() > 500 {
+            return Err(WireError::invalid("description", "longer than 500 bytes"));
+        }
+        Ok(CreateToken {
+            namespace,
+            scope,
+            expires_in_seconds: req.expires_in_seconds,
+            description: req.description.clone(),
+        })
+    }
 }
 
 fn token_to_proto(t: &TokenRecord) -> v1::Token {
@@ -69,8 +108,12 @@ impl Admin {
         who: &Principal,
         req: &v1::CreateTokenRequest,
     ) -> ApiResult<v1::CreateTokenResponse> {
-        let namespace = parse_namespace(&req.namespace, true)?;
-        let scope = Scope::parse(req.scope.trim())?;
+        let CreateToken {
+            namespace,
+            scope,
+            expires_in_seconds,
+            description,
+        } = req.try_into()?;
         // A worker token reads every namespace, so only a global admin may make one.
         let needs_global = namespace == "*" || scope == Scope::Worker;
         let auth = &self.registry.auth;
@@ -79,24 +122,10 @@ impl Admin {
         } else {
             auth.require(who, Need::Admin, &namespace).await?;
         }
-        if req.expires_in_seconds > MAX_EXPIRY_SECONDS {
-            return Err(ApiError::invalid(format!(
-                "expiry of {} s exceeds the limit of {MAX_EXPIRY_SECONDS} s (ten years)",
-                req.expires_in_seconds
-            )));
-        }
-        if req.description.len() > 500 {
-            return Err(ApiError::invalid("description longer than 500 bytes"));
-        }
-        let expires_at = (req.expires_in_seconds > 0)
-            .then(|| now_millis() + (req.expires_in_seconds as i64) * 1000);
-        let (record, secret) = mint_token(
-            &namespace,
-            scope,
-            &req.description,
-            &who.actor(),
-            expires_at,
-        );
+        let expires_at =
+            (expires_in_seconds > 0).then(|| now_millis() + (expires_in_seconds as i64) * 1000);
+        let (record, secret) =
+            mint_token(&namespace, scope, &description, &who.actor(), expires_at);
         let entry = self.registry.auth.entry(
             who,
             "CreateToken",
@@ -183,7 +212,7 @@ impl AdminService for Admin {
             self.registry.auth.require_global_admin(&who)?;
             None
         } else {
-            let ns = parse_namespace(&req.namespace, true)?;
+            let ns = parse_namespace(&req.namespace, true).map_err(ApiError::from)?;
             if ns == "*" {
                 self.registry.auth.require_global_admin(&who)?;
             } else {
@@ -224,7 +253,7 @@ impl AdminService for Admin {
         req: Request<v1::GetNamespacePolicyRequest>,
     ) -> Result<Response<v1::NamespacePolicy>, Status> {
         let who = self.who(req.metadata()).await?;
-        let ns = parse_namespace(&req.into_inner().namespace, false)?;
+        let ns = parse_namespace(&req.into_inner().namespace, false).map_err(ApiError::from)?;
         self.registry.auth.require(&who, Need::Admin, &ns).await?;
         let p = self
             .registry
@@ -303,7 +332,7 @@ impl AdminService for Admin {
             self.registry.auth.require_global_admin(&who)?;
             None
         } else {
-            let ns = parse_namespace(&req.namespace, false)?;
+            let ns = parse_namespace(&req.namespace, false).map_err(ApiError::from)?;
             self.registry.auth.require(&who, Need::Admin, &ns).await?;
             Some(ns)
         };

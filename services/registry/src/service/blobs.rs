@@ -5,6 +5,7 @@ use std::pin::Pin;
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use patchport_core::Digest;
+use patchport_proto::convert::{WireError, parse_field, parse_list};
 use patchport_proto::v1::{self, blob_service_server::BlobService};
 use patchport_store::blobs::UploadStart;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,8 +25,64 @@ pub(crate) struct Blobs {
     pub(crate) registry: Registry,
 }
 
-fn parse_digest(s: &str) -> Result<Digest, ApiError> {
-    s.parse::<Digest>().map_err(ApiError::from)
+/// The digests of a `FindMissingBlobs` request.
+#[derive(Debug)]
+struct FindMissing(Vec<Digest>);
+
+impl TryFrom<&v1::FindMissingBlobsRequest> for FindMissing {
+    type Error = WireError;
+
+    fn try_from(req: &v1::FindMissingBlobsRequest) -> Result<Self, WireError> {
+        if req.digests.len() > MAX_DIGESTS {
+            return Err(WireError::invalid(
+                "digests",
+                format!(
+                    "{} digests in one request; the limit is {MAX_DIGESTS}",
+                    req.digests.len()
+                ),
+            ));
+        }
+        parse_list("digests", &req.digests).map(FindMissing)
+    }
+}
+
+/// A `StartUpload` request.
+#[derive(Debug)]
+struct StartUpload {
+    digest: Digest,
+    size: u64,
+}
+
+impl TryFrom<&v1::StartUploadRequest> for StartUpload {
+    type Error = WireError;
+
+    fn try_from(req: &v1::StartUploadRequest) -> Result<Self, WireError> {
+        Ok(StartUpload {
+            digest: parse_field("digest", &req.digest)?,
+            size: req.size,
+        })
+    }
+}
+
+/// A `ReadBlob` request: a byte range of a blob.
+#[derive(Debug)]
+struct ReadRange {
+    digest: Digest,
+    offset: u64,
+    /// `None` reads to the end (0 on the wire).
+    length: Option<u64>,
+}
+
+impl TryFrom<&v1::ReadBlobRequest> for ReadRange {
+    type Error = WireError;
+
+    fn try_from(req: &v1::ReadBlobRequest) -> Result<Self, WireError> {
+        Ok(ReadRange {
+            digest: parse_field("digest", &req.digest)?,
+            offset: req.offset,
+            length: (req.length > 0).then_some(req.length),
+        })
+    }
 }
 
 impl Blobs {
@@ -73,19 +130,7 @@ impl BlobService for Blobs {
         req: Request<v1::FindMissingBlobsRequest>,
     ) -> Result<Response<v1::FindMissingBlobsResponse>, Status> {
         self.uploader(req.metadata()).await?;
-        let req = req.into_inner();
-        if req.digests.len() > MAX_DIGESTS {
-            return Err(ApiError::invalid(format!(
-                "{} digests in one request; the limit is {MAX_DIGESTS}",
-                req.digests.len()
-            ))
-            .into());
-        }
-        let digests = req
-            .digests
-            .iter()
-            .map(|d| parse_digest(d))
-            .collect::<Result<Vec<_>, _>>()?;
+        let FindMissing(digests) = req.get_ref().try_into().map_err(ApiError::from)?;
         let missing = self
             .registry
             .blobs
@@ -104,12 +149,11 @@ impl BlobService for Blobs {
     ) -> Result<Response<v1::StartUploadResponse>, Status> {
         self.uploader(req.metadata()).await?;
         let max_chunk = self.registry.limits.max_chunk_bytes;
-        let req = req.into_inner();
-        let digest = parse_digest(&req.digest)?;
+        let req = StartUpload::try_from(req.get_ref()).map_err(ApiError::from)?;
         let start = self
             .registry
             .blobs
-            .start_upload(digest, req.size)
+            .start_upload(req.digest, req.size)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(match start {
@@ -237,17 +281,15 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::ReadBlobRequest>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
-        let digest = parse_digest(&req.get_ref().digest)?;
-        self.reader(req.metadata(), &digest, false).await?;
-        let req = req.into_inner();
-        let len = (req.length > 0).then_some(req.length);
+        let range = ReadRange::try_from(req.get_ref()).map_err(ApiError::from)?;
+        self.reader(req.metadata(), &range.digest, false).await?;
         let inner = self
             .registry
             .blobs
-            .read(&digest, req.offset, len)
+            .read(&range.digest, range.offset, range.length)
             .await
             .map_err(ApiError::from)?;
-        let start = req.offset;
+        let start = range.offset;
         // Re-chunk to READ_CHUNK-sized messages whatever the backend's chunking.
         let meter = crate::metrics::PullMeter::start();
         let stream = futures::stream::unfold(
@@ -298,7 +340,8 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::StatBlobRequest>,
     ) -> Result<Response<v1::StatBlobResponse>, Status> {
-        let digest = parse_digest(&req.get_ref().digest)?;
+        let digest: Digest =
+            parse_field("digest", &req.get_ref().digest).map_err(ApiError::from)?;
         self.reader(req.metadata(), &digest, true).await?;
         match self
             .registry

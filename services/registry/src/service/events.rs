@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use patchport_core::event::EventKind;
+use patchport_proto::convert::{WireError, parse_list, parse_optional};
 use patchport_proto::v1::{self, event_service_server::EventService};
 use patchport_store::meta::{EventCursor, EventRecord};
 use tokio_stream::wrappers::ReceiverStream;
@@ -17,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, namespace_of};
-use crate::convert::timestamp;
+use crate::convert::event_to_proto;
 use crate::error::ApiError;
 use crate::state::Registry;
 
@@ -35,22 +36,25 @@ const HELD_BACK_RETRIES: [Duration; 5] = [
 ];
 const BATCH: u32 = 256;
 
-fn event_to_proto(e: EventRecord) -> v1::Event {
-    let payload_json = e.payload_json.clone().unwrap_or_else(|| {
-        serde_json::json!({
-            "job_id": e.job_id,
-            "port_id": e.port_id,
-            "detail": e.detail,
+/// A `Subscribe` request, parsed.
+#[derive(Debug)]
+struct Subscription {
+    /// Where to start; `None` for the head.
+    cursor: Option<EventCursor>,
+    filter: Filter,
+}
+
+impl TryFrom<v1::SubscribeRequest> for Subscription {
+    type Error = WireError;
+
+    fn try_from(req: v1::SubscribeRequest) -> Result<Self, WireError> {
+        Ok(Subscription {
+            cursor: parse_optional("cursor", &req.cursor)?,
+            filter: Filter {
+                kinds: parse_list("types", &req.types)?,
+                subject: req.subject,
+            },
         })
-        .to_string()
-    });
-    v1::Event {
-        id: e.id.to_string(),
-        cursor: e.cursor.to_string(),
-        r#type: e.kind.as_str().to_owned(),
-        time: Some(timestamp(e.created_at)),
-        subject: e.subject,
-        payload_json,
     }
 }
 
@@ -58,6 +62,7 @@ fn event_to_proto(e: EventRecord) -> v1::Event {
 #[derive(Debug, Clone)]
 struct Filter {
     kinds: Vec<EventKind>,
+    /// A base or patch name (or a whole subject); empty for all.
     subject: String,
 }
 
@@ -91,35 +96,19 @@ impl EventService for Events {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let auth = self.registry.auth.clone();
         let who = auth.principal(req.metadata()).await?;
-        let req = req.into_inner();
-        if !req.subject.is_empty() {
-            auth.require(&who, Need::Read, namespace_of(&req.subject))
+        let Subscription { cursor, filter } =
+            Subscription::try_from(req.into_inner()).map_err(ApiError::from)?;
+        if !filter.subject.is_empty() {
+            auth.require(&who, Need::Read, namespace_of(&filter.subject))
                 .await?;
         }
-        let filter = Filter {
-            kinds: req
-                .types
-                .iter()
-                .map(|t| {
-                    t.parse::<EventKind>()
-                        .map_err(|e| ApiError::invalid(format!("types: {e}")))
-                })
-                .collect::<Result<_, _>>()?,
-            subject: req.subject,
-        };
         let meta = self.registry.meta.clone();
         // Wake-ups from here on count: nothing committed after the first read is missed.
         let mut wake = meta.event_wakeups();
         wake.borrow_and_update();
-        let mut cursor: EventCursor = if req.cursor.is_empty() {
-            meta.head_cursor().await.map_err(ApiError::from)?
-        } else {
-            req.cursor.parse().map_err(|_| {
-                ApiError::invalid(format!(
-                    "invalid cursor {:?}: use one the server returned",
-                    req.cursor
-                ))
-            })?
+        let mut cursor: EventCursor = match cursor {
+            Some(c) => c,
+            None => meta.head_cursor().await.map_err(ApiError::from)?,
         };
         // The first read answers a bad or foreign cursor as the call's status.
         let first = meta

@@ -7,42 +7,81 @@
 
 use patchport_core::port::{METHOD_VERSION, PortOrigin};
 use patchport_core::{Digest, PortRef, Reference};
+use patchport_proto::convert::{WireError, parse_field};
 use patchport_proto::v1::{self, port_service_server::PortService};
 use patchport_store::meta::{ListFilter, PortState};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, Principal, namespace_of};
-use crate::convert::{artifact_to_proto, file_to_proto, port_to_proto};
+use crate::convert::{compat_native, compat_port, port_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
-fn native(p: &patchport_store::meta::PatchVersionRecord) -> v1::CompatEntry {
-    v1::CompatEntry {
-        patch: format!("{}:{}", p.name, p.version),
-        patch_digest: p.digest.to_string(),
-        base: format!("{}:{}", p.base_name, p.base_version),
-        base_digest: p.base_digest.to_string(),
-        kind: v1::CompatKind::Native as i32,
-        port: None,
+/// The port a `GetPortRequest` names (`GetPort`, `CancelPort`).
+fn port_ref(reference: &str) -> Result<PortRef, WireError> {
+    parse_field("reference", reference)
+}
+
+/// What a `QueryCompat` request asks about.
+#[derive(Debug)]
+enum CompatQuery {
+    /// Every base the patch version works on.
+    Patch(Reference),
+    /// Every patch version that works on the base version.
+    Base(Reference),
+}
+
+impl TryFrom<&v1::QueryCompatRequest> for CompatQuery {
+    type Error = WireError;
+
+    fn try_from(req: &v1::QueryCompatRequest) -> Result<Self, WireError> {
+        use v1::query_compat_request::Subject;
+        match &req.subject {
+            Some(Subject::Patch(r)) => parse_field("patch", r).map(CompatQuery::Patch),
+            Some(Subject::Base(r)) => parse_field("base", r).map(CompatQuery::Base),
+            None => Err(WireError::invalid("subject", "set either patch or base")),
+        }
     }
 }
 
-fn ported(port: &patchport_store::meta::PortRecord) -> v1::CompatEntry {
-    let kind = match port.state {
-        PortState::Queued => v1::CompatKind::Queued,
-        PortState::Running => v1::CompatKind::Running,
-        PortState::Succeeded => v1::CompatKind::Ported,
-        PortState::Incompatible => v1::CompatKind::Incompatible,
-        PortState::Failed => v1::CompatKind::Failed,
-        PortState::Cancelled => v1::CompatKind::Cancelled,
-    };
-    v1::CompatEntry {
-        patch: format!("{}:{}", port.patch_name, port.patch_version),
-        patch_digest: port.patch_digest.to_string(),
-        base: format!("{}:{}", port.base_name, port.base_version),
-        base_digest: port.base_digest.to_string(),
-        kind: kind as i32,
-        port: Some(port_to_proto(port)),
+/// A `Resolve` request.
+#[derive(Debug)]
+struct ResolveQuery {
+    patch: Reference,
+    base_digest: Digest,
+    require_pass: bool,
+}
+
+impl TryFrom<&v1::ResolveRequest> for ResolveQuery {
+    type Error = WireError;
+
+    fn try_from(req: &v1::ResolveRequest) -> Result<Self, WireError> {
+        Ok(ResolveQuery {
+            patch: parse_field("patch", &req.patch)?,
+            base_digest: parse_field("base_digest", &req.base_digest)?,
+            require_pass: req.require_pass,
+        })
+    }
+}
+
+/// A `RequestPort` request.
+#[derive(Debug)]
+struct PortRequest {
+    patch: Reference,
+    base: Reference,
+    origin: PortOrigin,
+}
+
+impl TryFrom<&v1::RequestPortRequest> for PortRequest {
+    type Error = WireError;
+
+    fn try_from(req: &v1::RequestPortRequest) -> Result<Self, WireError> {
+        Ok(PortRequest {
+            patch: parse_field("patch", &req.patch)?,
+            base: parse_field("base", &req.base)?,
+            origin: PortOrigin::requested(req.priority)
+                .map_err(|e| WireError::invalid("priority", e))?,
+        })
     }
 }
 
@@ -100,7 +139,7 @@ impl PortService for Ports {
         &self,
         req: Request<v1::GetPortRequest>,
     ) -> Result<Response<v1::Port>, Status> {
-        let r: PortRef = req.get_ref().reference.parse().map_err(ApiError::from)?;
+        let r = port_ref(&req.get_ref().reference).map_err(ApiError::from)?;
         self.caller(
             req.metadata(),
             &[
@@ -134,9 +173,8 @@ impl PortService for Ports {
         let meta = &self.registry.meta;
         let mut entries = Vec::new();
         let who = self.registry.auth.principal(req.metadata()).await?;
-        match req.into_inner().subject {
-            Some(v1::query_compat_request::Subject::Patch(r)) => {
-                let r: Reference = r.parse().map_err(ApiError::from)?;
+        match CompatQuery::try_from(req.get_ref()).map_err(ApiError::from)? {
+            CompatQuery::Patch(r) => {
                 self.registry
                     .auth
                     .require(&who, Need::Read, r.name.namespace())
@@ -146,17 +184,16 @@ impl PortService for Ports {
                     .await
                     .map_err(ApiError::from)?
                     .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
-                entries.push(native(&p));
+                entries.push(compat_native(&p));
                 for port in meta
                     .list_ports_of(&r.name, &r.version)
                     .await
                     .map_err(ApiError::from)?
                 {
-                    entries.push(ported(&port));
+                    entries.push(compat_port(&port));
                 }
             }
-            Some(v1::query_compat_request::Subject::Base(r)) => {
-                let r: Reference = r.parse().map_err(ApiError::from)?;
+            CompatQuery::Base(r) => {
                 self.registry
                     .auth
                     .require(&who, Need::Read, r.name.namespace())
@@ -174,16 +211,15 @@ impl PortService for Ports {
                     })
                     .await
                     .map_err(ApiError::from)?;
-                entries.extend(patches.iter().map(native));
+                entries.extend(patches.iter().map(compat_native));
                 for port in meta
                     .list_ports_onto(&r.name, &r.version)
                     .await
                     .map_err(ApiError::from)?
                 {
-                    entries.push(ported(&port));
+                    entries.push(compat_port(&port));
                 }
             }
-            None => return Err(ApiError::invalid("set either patch or base").into()),
         }
         // Patches of namespaces the caller may not read stay invisible.
         let mut visible = Vec::with_capacity(entries.len());
@@ -205,11 +241,10 @@ impl PortService for Ports {
         &self,
         req: Request<v1::ResolveRequest>,
     ) -> Result<Response<v1::ResolveResponse>, Status> {
-        let r: Reference = req.get_ref().patch.parse().map_err(ApiError::from)?;
-        self.caller(req.metadata(), &[(Need::Read, r.name.as_str())])
+        let q = ResolveQuery::try_from(req.get_ref()).map_err(ApiError::from)?;
+        self.caller(req.metadata(), &[(Need::Read, q.patch.name.as_str())])
             .await?;
-        let req = req.into_inner();
-        let digest: Digest = req.base_digest.parse().map_err(ApiError::from)?;
+        let (r, digest) = (q.patch, q.base_digest);
         let meta = &self.registry.meta;
         let p = meta
             .get_patch_version(&r.name, &r.version)
@@ -217,7 +252,7 @@ impl PortService for Ports {
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
         // A namespace policy can require a passing evaluation whatever the caller asks.
-        let require_pass = req.require_pass
+        let require_pass = q.require_pass
             || meta
                 .namespace_policy(r.name.namespace())
                 .await
@@ -228,7 +263,7 @@ impl PortService for Ports {
                 kind: v1::CompatKind::Native as i32,
                 patch: format!("{}:{}", p.name, p.version),
                 base: format!("{}:{}", p.base_name, p.base_version),
-                adapter_files: p.files.iter().map(file_to_proto).collect(),
+                adapter_files: p.files.iter().map(Into::into).collect(),
             }));
         }
         let ports = meta
@@ -285,7 +320,7 @@ impl PortService for Ports {
             kind: v1::CompatKind::Ported as i32,
             patch: format!("{}:{}", p.name, p.version),
             base: format!("{}:{}", port.base_name, port.base_version),
-            adapter_files: port.adapter_files.iter().map(artifact_to_proto).collect(),
+            adapter_files: port.adapter_files.iter().map(Into::into).collect(),
         }))
     }
 
@@ -319,7 +354,7 @@ impl PortService for Ports {
         let reference = req.into_inner().reference;
         let ns = namespace_of(&reference).to_owned();
         let out = async {
-            let r: PortRef = reference.parse().map_err(ApiError::from)?;
+            let r = port_ref(&reference)?;
             self.registry.auth.require(&who, Need::Push, &ns).await?;
             Ok(self
                 .registry
@@ -357,15 +392,11 @@ impl Ports {
             .auth
             .require(who, Need::Read, namespace_of(&req.base))
             .await?;
-        let patch: Reference = req
-            .patch
-            .parse()
-            .map_err(|e| ApiError::invalid(format!("patch: {e}")))?;
-        let base: Reference = req
-            .base
-            .parse()
-            .map_err(|e| ApiError::invalid(format!("base: {e}")))?;
-        let origin = PortOrigin::requested(req.priority).map_err(ApiError::invalid)?;
+        let PortRequest {
+            patch,
+            base,
+            origin,
+        } = PortRequest::try_from(req)?;
         let entry = self.registry.auth.entry(
             who,
             "RequestPort",

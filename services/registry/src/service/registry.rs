@@ -1,14 +1,15 @@
 //! `patchport.v1.RegistryService`: base and patch versions.
 
-use patchport_core::layout;
-use patchport_core::{Name, Reference};
+use patchport_core::layout::{self, FileRef};
+use patchport_core::{Digest, Name, Reference, Version, VersionRef};
+use patchport_proto::convert::{WireError, parse_field, parse_optional, try_list};
 use patchport_proto::v1::{self, registry_service_server::RegistryService};
 use patchport_store::meta::AuditRecord;
 use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, Principal, namespace_of};
-use crate::convert::{base_to_proto, files_from_proto, patch_to_proto, tensor_to_proto};
+use crate::convert::{base_to_proto, patch_to_proto, tensor_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
@@ -18,11 +19,77 @@ pub(crate) struct Versions {
     pub(crate) registry: Registry,
 }
 
-fn parse_ref(s: &str) -> ApiResult<Reference> {
-    Ok(s.parse::<Reference>()?)
+/// A `PushBaseVersion` request.
+#[derive(Debug)]
+struct PushBase {
+    name: Name,
+    version: Version,
+    parent: Option<VersionRef>,
+    files: Vec<FileRef>,
 }
 
-fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
+impl TryFrom<&v1::PushBaseVersionRequest> for PushBase {
+    type Error = WireError;
+
+    fn try_from(req: &v1::PushBaseVersionRequest) -> Result<Self, WireError> {
+        Ok(PushBase {
+            name: parse_field("name", &req.name)?,
+            version: parse_field("version", &req.version)?,
+            parent: parse_optional("parent", &req.parent)?,
+            files: try_list("files", &req.files)?,
+        })
+    }
+}
+
+/// A `PushPatchVersion` request.
+#[derive(Debug)]
+struct PushPatch {
+    name: Name,
+    version: Version,
+    base: Reference,
+    files: Vec<FileRef>,
+    eval_digest: Option<Digest>,
+}
+
+impl TryFrom<&v1::PushPatchVersionRequest> for PushPatch {
+    type Error = WireError;
+
+    fn try_from(req: &v1::PushPatchVersionRequest) -> Result<Self, WireError> {
+        Ok(PushPatch {
+            name: parse_field("name", &req.name)?,
+            version: parse_field("version", &req.version)?,
+            base: parse_field("base", &req.base)?,
+            files: try_list("files", &req.files)?,
+            eval_digest: parse_optional("eval_digest", &req.eval_digest)?,
+        })
+    }
+}
+
+/// A `Yank*Version` request.
+#[derive(Debug)]
+struct Yank {
+    reference: Reference,
+    reason: String,
+}
+
+impl TryFrom<&v1::YankRequest> for Yank {
+    type Error = WireError;
+
+    fn try_from(req: &v1::YankRequest) -> Result<Self, WireError> {
+        Ok(Yank {
+            reference: parse_field("reference", &req.reference)?,
+            reason: req.reason.clone(),
+        })
+    }
+}
+
+/// The version a `GetVersionRequest` names.
+fn version_ref(req: &v1::GetVersionRequest) -> Result<Reference, WireError> {
+    parse_field("reference", &req.reference)
+}
+
+/// The store filter of a `ListRequest` (`ListFilter` is the store's, so a function).
+fn list_filter(req: &v1::ListRequest) -> Result<ListFilter, WireError> {
     let prefix = req.filter.trim().to_owned();
     if !prefix.is_empty() {
         // Either a namespace or a full name.
@@ -32,9 +99,10 @@ fn list_filter(req: &v1::ListRequest) -> ApiResult<ListFilter> {
             format!("{prefix}/x").parse::<Name>().is_ok()
         };
         if !ok {
-            return Err(ApiError::invalid(format!(
-                "invalid filter {prefix:?}: expected a namespace or namespace/name"
-            )));
+            return Err(WireError::invalid(
+                "filter",
+                format!("invalid filter {prefix:?}: expected a namespace or namespace/name"),
+            ));
         }
     }
     Ok(ListFilter {
@@ -137,13 +205,13 @@ impl Versions {
         let req = req.into_inner();
         let ns = namespace_of(&req.reference).to_owned();
         let out = async {
-            let r = parse_ref(&req.reference)?;
+            let Yank { reference, reason } = Yank::try_from(&req)?;
             self.registry.auth.require(&who, Need::Push, &ns).await?;
             let entry = self
                 .registry
                 .auth
                 .entry(&who, action, &req.reference, &ns, &req.reason);
-            Ok(yank(r, req.reason.clone(), entry).await?)
+            Ok(yank(reference, reason, entry).await?)
         }
         .await;
         self.registry
@@ -224,9 +292,9 @@ impl RegistryService for Versions {
                 &req.version,
                 also_read,
                 async |audit| {
-                    let files = files_from_proto(&req.files)?;
+                    let push = PushBase::try_from(&req)?;
                     self.registry
-                        .push_base(&req.name, &req.version, &req.parent, files, audit)
+                        .push_base(push.name, push.version, push.parent, push.files, audit)
                         .await
                 },
             )
@@ -247,7 +315,7 @@ impl RegistryService for Versions {
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::BaseVersion>, Status> {
         let who = self.registry.auth.principal(req.metadata()).await?;
-        let r = parse_ref(&req.into_inner().reference)?;
+        let r = version_ref(req.get_ref()).map_err(ApiError::from)?;
         self.registry
             .auth
             .require(&who, Need::Read, r.name.namespace())
@@ -260,7 +328,7 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListBaseVersionsResponse>, Status> {
-        let filter = list_filter(req.get_ref())?;
+        let filter = list_filter(req.get_ref()).map_err(ApiError::from)?;
         let who = self.list_caller(&req).await?;
         let versions = self
             .registry
@@ -304,16 +372,9 @@ impl RegistryService for Versions {
                 &req.version,
                 Some(&req.base),
                 async |audit| {
-                    let files = files_from_proto(&req.files)?;
+                    let p = PushPatch::try_from(&req)?;
                     self.registry
-                        .push_patch(
-                            &req.name,
-                            &req.version,
-                            &req.base,
-                            files,
-                            &req.eval_digest,
-                            audit,
-                        )
+                        .push_patch(p.name, p.version, p.base, p.files, p.eval_digest, audit)
                         .await
                 },
             )
@@ -334,7 +395,7 @@ impl RegistryService for Versions {
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::PatchVersion>, Status> {
         let who = self.registry.auth.principal(req.metadata()).await?;
-        let r = parse_ref(&req.into_inner().reference)?;
+        let r = version_ref(req.get_ref()).map_err(ApiError::from)?;
         self.registry
             .auth
             .require(&who, Need::Read, r.name.namespace())
@@ -347,7 +408,7 @@ impl RegistryService for Versions {
         &self,
         req: Request<v1::ListRequest>,
     ) -> Result<Response<v1::ListPatchVersionsResponse>, Status> {
-        let filter = list_filter(req.get_ref())?;
+        let filter = list_filter(req.get_ref()).map_err(ApiError::from)?;
         let who = self.list_caller(&req).await?;
         let versions = self
             .registry
@@ -382,8 +443,8 @@ impl RegistryService for Versions {
         req: Request<v1::GetVersionRequest>,
     ) -> Result<Response<v1::TensorIndex>, Status> {
         let who = self.registry.auth.principal(req.metadata()).await?;
+        let r = version_ref(req.get_ref()).map_err(ApiError::from)?;
         let reference = req.into_inner().reference;
-        let r = parse_ref(&reference)?;
         self.registry
             .auth
             .require(&who, Need::Read, r.name.namespace())

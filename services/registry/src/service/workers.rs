@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use patchport_core::layout::{ArtifactFile, BlobRange, FileRef};
-use patchport_core::port::{ModuleDiagnostics, PortDiagnostics, Refusal};
+use patchport_core::layout::{ArtifactFile, BlobRange, DeclaredFile, FileRef};
+use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, VersionRef};
+use patchport_proto::convert::{WireError, parse_list, required, try_list};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
-use patchport_store::meta::{JobOutcome, LeasedJob};
+use patchport_store::meta::{EvaluationRecord, JobOutcome, LeasedJob};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -31,25 +32,136 @@ pub(crate) struct Workers {
     pub(crate) draining: CancellationToken,
 }
 
-fn job_id(s: &str) -> ApiResult<i64> {
-    s.parse()
-        .map_err(|_| ApiError::invalid(format!("invalid job id {s:?}")))
+/// A `LeaseJob` request.
+#[derive(Debug)]
+struct LeaseQuery {
+    worker_id: String,
+    /// The bases the worker holds (affinity).
+    loaded: Vec<Digest>,
+    /// How long to wait for a job, at most [`MAX_WAIT`].
+    wait: Duration,
 }
 
-fn diag(d: &v1::ModuleDiagnostics) -> ModuleDiagnostics {
-    ModuleDiagnostics {
-        module: d.module.clone(),
-        base_drift: d.base_drift,
-        patch_size: d.patch_size,
-        drift_to_patch: d.drift_to_patch,
-        cosine: d.cosine,
-        unchanged: d.unchanged,
+impl TryFrom<&v1::LeaseJobRequest> for LeaseQuery {
+    type Error = WireError;
+
+    fn try_from(req: &v1::LeaseJobRequest) -> Result<Self, WireError> {
+        if req.worker_id.is_empty() || req.worker_id.len() > 200 {
+            return Err(WireError::invalid("worker_id", "must be 1-200 bytes"));
+        }
+        Ok(LeaseQuery {
+            worker_id: req.worker_id.clone(),
+            loaded: parse_list("loaded_base_digests", &req.loaded_base_digests)?,
+            wait: Duration::from_secs(u64::from(req.wait_seconds)).min(MAX_WAIT),
+        })
     }
 }
 
-fn refusal_kind(kind: &str) -> ApiResult<patchport_core::port::RefusalKind> {
-    serde_json::from_value(serde_json::Value::String(kind.to_owned()))
-        .map_err(|_| ApiError::invalid(format!("unknown refusal kind {kind:?}")))
+/// The attempt a request is about: its job and the fencing token of its lease.
+#[derive(Debug, Clone, Copy)]
+struct Attempt {
+    job_id: i64,
+    fencing_token: i64,
+}
+
+impl Attempt {
+    fn parse(job_id: &str, fencing_token: i64) -> Result<Self, WireError> {
+        let job_id = job_id
+            .parse()
+            .map_err(|_| WireError::invalid("job_id", format!("invalid job id {job_id:?}")))?;
+        Ok(Attempt {
+            job_id,
+            fencing_token,
+        })
+    }
+}
+
+impl TryFrom<&v1::HeartbeatRequest> for Attempt {
+    type Error = WireError;
+
+    fn try_from(req: &v1::HeartbeatRequest) -> Result<Self, WireError> {
+        Attempt::parse(&req.job_id, req.fencing_token)
+    }
+}
+
+impl TryFrom<&v1::ReleaseJobRequest> for Attempt {
+    type Error = WireError;
+
+    fn try_from(req: &v1::ReleaseJobRequest) -> Result<Self, WireError> {
+        Attempt::parse(&req.job_id, req.fencing_token)
+    }
+}
+
+/// A `FailJob` request.
+#[derive(Debug)]
+struct Failure {
+    attempt: Attempt,
+    error: String,
+    retryable: bool,
+}
+
+impl TryFrom<&v1::FailJobRequest> for Failure {
+    type Error = WireError;
+
+    fn try_from(req: &v1::FailJobRequest) -> Result<Self, WireError> {
+        Ok(Failure {
+            attempt: Attempt::parse(&req.job_id, req.fencing_token)?,
+            error: req.error.clone(),
+            retryable: req.retryable,
+        })
+    }
+}
+
+/// A `CompleteJob` request: the outcome a worker reports, before its files are verified.
+#[derive(Debug)]
+struct Completion {
+    attempt: Attempt,
+    outcome: Reported,
+    engine_seconds: f64,
+}
+
+/// What a worker reports: refusals make a port incompatible; without them it succeeded.
+#[derive(Debug)]
+enum Reported {
+    Succeeded {
+        diagnostics: PortDiagnostics,
+        adapter_files: Vec<DeclaredFile>,
+        merged_files: Vec<DeclaredFile>,
+        evaluation: Option<EvaluationRecord>,
+    },
+    Incompatible {
+        refusals: Vec<Refusal>,
+    },
+}
+
+impl TryFrom<&v1::CompleteJobRequest> for Completion {
+    type Error = WireError;
+
+    fn try_from(req: &v1::CompleteJobRequest) -> Result<Self, WireError> {
+        let attempt = Attempt::parse(&req.job_id, req.fencing_token)?;
+        let outcome = if req.refusals.is_empty() {
+            Reported::Succeeded {
+                diagnostics: required("diagnostics", req.diagnostics.as_ref())?.into(),
+                adapter_files: try_list("adapter_files", &req.adapter_files)?,
+                merged_files: try_list("merged_files", &req.merged_files)?,
+                evaluation: req
+                    .evaluation
+                    .as_ref()
+                    .map(crate::convert::evaluation_record)
+                    .transpose()
+                    .map_err(|e| e.within("evaluation"))?,
+            }
+        } else {
+            Reported::Incompatible {
+                refusals: try_list("refusals", &req.refusals)?,
+            }
+        };
+        Ok(Completion {
+            attempt,
+            outcome,
+            engine_seconds: req.engine_seconds,
+        })
+    }
 }
 
 /// Records a port attempt's time from its lease to its outcome.
@@ -135,66 +247,51 @@ impl Workers {
 
     /// Checks a worker's artifact files: every blob exists; composed files are hashed
     /// here (a worker's word about composed bytes never counts unverified).
-    async fn verify_files(&self, files: &[v1::FileEntry]) -> ApiResult<Vec<ArtifactFile>> {
+    async fn verify_files(&self, files: &[DeclaredFile]) -> ApiResult<Vec<ArtifactFile>> {
         let mut out = Vec::with_capacity(files.len());
         for f in files {
-            patchport_core::layout::validate_path(&f.path)?;
-            if f.segments.is_empty() {
-                let digest: Digest = f.digest.parse()?;
-                match self.registry.blobs.size(&digest).await? {
-                    Some(size) if size == f.size => {}
-                    _ => {
-                        return Err(ApiError::precondition(format!(
-                            "{}: blob {digest} ({} bytes) is not stored",
-                            f.path, f.size
-                        )));
+            let (path, segments) = match f {
+                DeclaredFile::Blob(file) => {
+                    match self.registry.blobs.size(&file.digest).await? {
+                        Some(size) if size == file.size => {}
+                        _ => {
+                            return Err(ApiError::precondition(format!(
+                                "{}: blob {} ({} bytes) is not stored",
+                                file.path, file.digest, file.size
+                            )));
+                        }
                     }
+                    out.push(ArtifactFile {
+                        file: file.clone(),
+                        segments: Vec::new(),
+                    });
+                    continue;
                 }
-                out.push(ArtifactFile {
-                    file: FileRef {
-                        path: f.path.clone(),
-                        digest,
-                        size: f.size,
-                    },
-                    segments: Vec::new(),
-                });
-                continue;
-            }
-            let mut segments = Vec::with_capacity(f.segments.len());
-            for s in &f.segments {
-                let Some(v1::segment::Source::Blob(r)) = &s.source else {
-                    return Err(ApiError::invalid(format!(
-                        "{}: segments must be blob ranges",
-                        f.path
-                    )));
-                };
-                let digest: Digest = r.digest.parse()?;
-                match self.registry.blobs.size(&digest).await? {
+                // The worker's planned size is not taken either: the bytes are hashed.
+                DeclaredFile::Composed { path, segments, .. } => (path, segments),
+            };
+            for r in segments {
+                match self.registry.blobs.size(&r.digest).await? {
                     Some(size)
                         if r.offset
                             .checked_add(r.length)
                             .is_some_and(|end| end <= size) => {}
                     _ => {
                         return Err(ApiError::precondition(format!(
-                            "{}: range {}+{} of blob {digest} is not stored",
-                            f.path, r.offset, r.length
+                            "{path}: range {}+{} of blob {} is not stored",
+                            r.offset, r.length, r.digest
                         )));
                     }
                 }
-                segments.push(BlobRange {
-                    digest,
-                    offset: r.offset,
-                    length: r.length,
-                });
             }
-            let (digest, size) = self.compose_digest(&segments).await?;
+            let (digest, size) = self.compose_digest(segments).await?;
             out.push(ArtifactFile {
                 file: FileRef {
-                    path: f.path.clone(),
+                    path: path.clone(),
                     digest,
                     size,
                 },
-                segments,
+                segments: segments.clone(),
             });
         }
         Ok(out)
@@ -209,18 +306,12 @@ impl WorkerService for Workers {
         req: Request<v1::LeaseJobRequest>,
     ) -> Result<Response<v1::LeaseJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let req = req.into_inner();
-        if req.worker_id.is_empty() || req.worker_id.len() > 200 {
-            return Err(ApiError::invalid("worker_id must be 1-200 bytes").into());
-        }
-        let loaded = req
-            .loaded_base_digests
-            .iter()
-            .map(|d| d.parse::<Digest>())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(ApiError::from)?;
-        let deadline = tokio::time::Instant::now()
-            + Duration::from_secs(u64::from(req.wait_seconds)).min(MAX_WAIT);
+        let LeaseQuery {
+            worker_id,
+            loaded,
+            wait,
+        } = LeaseQuery::try_from(req.get_ref()).map_err(ApiError::from)?;
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             if self.draining.is_cancelled() {
                 // Shutting down: this process takes no new work.
@@ -229,7 +320,7 @@ impl WorkerService for Workers {
             if let Some(leased) = self
                 .registry
                 .meta
-                .lease_job(&req.worker_id, &loaded, self.lease)
+                .lease_job(&worker_id, &loaded, self.lease)
                 .await
                 .map_err(ApiError::from)?
             {
@@ -257,11 +348,11 @@ impl WorkerService for Workers {
         req: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let req = req.into_inner();
+        let a = Attempt::try_from(req.get_ref()).map_err(ApiError::from)?;
         let cancelled = self
             .registry
             .meta
-            .heartbeat(job_id(&req.job_id)?, req.fencing_token, self.lease)
+            .heartbeat(a.job_id, a.fencing_token, self.lease)
             .await
             .map_err(ApiError::from)?;
         let expires = patchport_store::meta::now_millis() + self.lease.as_millis() as i64;
@@ -277,41 +368,25 @@ impl WorkerService for Workers {
         req: Request<v1::CompleteJobRequest>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let req = req.into_inner();
-        let id = job_id(&req.job_id)?;
-        let leased_at = self.leased_at(id).await;
-        let outcome = if req.refusals.is_empty() {
-            let diagnostics = req
-                .diagnostics
-                .as_ref()
-                .ok_or_else(|| ApiError::invalid("a port needs its diagnostics"))?;
-            JobOutcome::Succeeded {
-                adapter_files: self.verify_files(&req.adapter_files).await?,
-                merged_files: self.verify_files(&req.merged_files).await?,
-                diagnostics: PortDiagnostics {
-                    modules: diagnostics.modules.iter().map(diag).collect(),
-                    total: diagnostics.total.as_ref().map(diag).unwrap_or_default(),
-                },
-                evaluation: req
-                    .evaluation
-                    .as_ref()
-                    .map(crate::convert::evaluation_record)
-                    .transpose()?,
-            }
-        } else {
-            JobOutcome::Incompatible {
-                refusals: req
-                    .refusals
-                    .iter()
-                    .map(|r| {
-                        Ok(Refusal::new(
-                            refusal_kind(&r.kind)?,
-                            &r.subject,
-                            r.message.clone(),
-                        ))
-                    })
-                    .collect::<ApiResult<_>>()?,
-            }
+        let Completion {
+            attempt,
+            outcome,
+            engine_seconds,
+        } = Completion::try_from(req.get_ref()).map_err(ApiError::from)?;
+        let leased_at = self.leased_at(attempt.job_id).await;
+        let outcome = match outcome {
+            Reported::Succeeded {
+                diagnostics,
+                adapter_files,
+                merged_files,
+                evaluation,
+            } => JobOutcome::Succeeded {
+                adapter_files: self.verify_files(&adapter_files).await?,
+                merged_files: self.verify_files(&merged_files).await?,
+                diagnostics,
+                evaluation,
+            },
+            Reported::Incompatible { refusals } => JobOutcome::Incompatible { refusals },
         };
         let label = match outcome {
             JobOutcome::Succeeded { .. } => "succeeded",
@@ -319,11 +394,11 @@ impl WorkerService for Workers {
         };
         self.registry
             .meta
-            .complete_job(id, req.fencing_token, outcome)
+            .complete_job(attempt.job_id, attempt.fencing_token, outcome)
             .await
             .map_err(ApiError::from)?;
         record_port_duration(leased_at, label);
-        tracing::info!(engine_seconds = req.engine_seconds, "job completed");
+        tracing::info!(engine_seconds, "job completed");
         Ok(Response::new(v1::CompleteJobResponse {}))
     }
 
@@ -333,13 +408,17 @@ impl WorkerService for Workers {
         req: Request<v1::FailJobRequest>,
     ) -> Result<Response<v1::FailJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let req = req.into_inner();
-        let id = job_id(&req.job_id)?;
-        let leased_at = self.leased_at(id).await;
+        let f = Failure::try_from(req.get_ref()).map_err(ApiError::from)?;
+        let leased_at = self.leased_at(f.attempt.job_id).await;
         let job = self
             .registry
             .meta
-            .fail_job(id, req.fencing_token, &req.error, req.retryable)
+            .fail_job(
+                f.attempt.job_id,
+                f.attempt.fencing_token,
+                &f.error,
+                f.retryable,
+            )
             .await
             .map_err(ApiError::from)?;
         let retried = job.state == patchport_store::meta::PortState::Queued;
@@ -354,12 +433,108 @@ impl WorkerService for Workers {
         req: Request<v1::ReleaseJobRequest>,
     ) -> Result<Response<v1::ReleaseJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let req = req.into_inner();
+        let a = Attempt::try_from(req.get_ref()).map_err(ApiError::from)?;
         self.registry
             .meta
-            .release_job(job_id(&req.job_id)?, req.fencing_token)
+            .release_job(a.job_id, a.fencing_token)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(v1::ReleaseJobResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use patchport_core::layout::BlobRange;
+    use patchport_core::port::{ModuleDiagnostics, RefusalKind};
+    use tonic::Code;
+
+    use super::*;
+
+    fn request() -> v1::CompleteJobRequest {
+        let composed = DeclaredFile::Composed {
+            path: "model.safetensors".to_owned(),
+            size: 3,
+            segments: vec![BlobRange {
+                digest: Digest::of(b"x"),
+                offset: 0,
+                length: 3,
+            }],
+        };
+        v1::CompleteJobRequest {
+            job_id: "7".to_owned(),
+            fencing_token: 3,
+            diagnostics: Some(
+                (&PortDiagnostics {
+                    modules: Vec::new(),
+                    total: ModuleDiagnostics::default(),
+                })
+                    .into(),
+            ),
+            merged_files: vec![(&composed).into()],
+            ..Default::default()
+        }
+    }
+
+    /// The status a client gets for a request that does not parse.
+    fn status(req: &v1::CompleteJobRequest) -> Status {
+        Status::from(ApiError::from(Completion::try_from(req).unwrap_err()))
+    }
+
+    #[test]
+    fn a_completion_is_parsed_once_into_domain_types() {
+        let c = Completion::try_from(&request()).unwrap();
+        assert_eq!((c.attempt.job_id, c.attempt.fencing_token), (7, 3));
+        let Reported::Succeeded { merged_files, .. } = c.outcome else {
+            panic!("no refusals: succeeded")
+        };
+        assert!(matches!(merged_files[0], DeclaredFile::Composed { .. }));
+
+        let mut refused = request();
+        refused.refusals = vec![(&Refusal::new(RefusalKind::Dora, "", String::new())).into()];
+        // Refusals make it incompatible; the files of such a report are not looked at.
+        refused.merged_files[0].segments.clear();
+        let c = Completion::try_from(&refused).unwrap();
+        assert!(
+            matches!(c.outcome, Reported::Incompatible { ref refusals } if refusals[0].kind == RefusalKind::Dora)
+        );
+    }
+
+    #[test]
+    fn a_bad_field_is_invalid_argument_naming_it() {
+        let mut req = request();
+        req.refusals = vec![v1::Refusal {
+            kind: "lossy".to_owned(),
+            ..Default::default()
+        }];
+        let s = status(&req);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message()
+                .starts_with("refusals[0].kind: unknown refusal kind \"lossy\""),
+            "{}",
+            s.message()
+        );
+
+        let mut req = request();
+        let Some(v1::segment::Source::Blob(r)) = &mut req.merged_files[0].segments[0].source else {
+            unreachable!()
+        };
+        r.digest = "sha256:x".to_owned();
+        let s = status(&req);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(
+            s.message()
+                .starts_with("merged_files[0].segments[0].blob.digest: invalid digest"),
+            "{}",
+            s.message()
+        );
+
+        let mut req = request();
+        req.diagnostics = None;
+        assert_eq!(status(&req).message(), "diagnostics is required");
+        let mut req = request();
+        req.job_id = "seven".to_owned();
+        assert!(status(&req).message().starts_with("job_id: "));
     }
 }
