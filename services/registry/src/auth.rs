@@ -523,7 +523,7 @@ impl Auth {
     /// Records a refused state-changing call in the audit log (a successful one was
     /// recorded in its own transaction, see [`Auth::entry`]). A refusal changed nothing,
     /// so a failure to record it is logged, not returned.
-    pub async fn audit<T>(
+    pub async fn audit_refusal<T>(
         &self,
         who: &Principal,
         action: &str,
@@ -532,21 +532,12 @@ impl Auth {
         outcome: &ApiResult<T>,
         detail: &str,
     ) {
-        if outcome.is_ok() {
+        let Err(refusal) = outcome else {
             return;
-        }
+        };
         let entry = AuditRecord {
-            id: 0,
-            at: now_millis(),
-            actor: who.actor(),
-            action: action.to_owned(),
-            target: target.to_owned(),
-            namespace: namespace.to_owned(),
-            outcome: match outcome {
-                Ok(_) => "ok".to_owned(),
-                Err(e) => format!("{:?}", e.kind().code()),
-            },
-            detail: detail.to_owned(),
+            outcome: format!("{:?}", refusal.kind().code()),
+            ..self.entry(who, action, target, namespace, detail)
         };
         if let Err(e) = self.meta.insert_audit(&entry).await {
             tracing::error!(error = %e, action, target, "writing the audit log failed");

@@ -189,7 +189,7 @@ impl AdminService for Admin {
             .unwrap_or_default();
         self.registry
             .auth
-            .audit(
+            .audit_refusal(
                 &who,
                 "CreateToken",
                 &target,
@@ -242,7 +242,7 @@ impl AdminService for Admin {
         let ns = out.as_ref().map(|(_, ns)| ns.clone()).unwrap_or_default();
         self.registry
             .auth
-            .audit(&who, "RevokeToken", id.trim(), &ns, &out, "")
+            .audit_refusal(&who, "RevokeToken", id.trim(), &ns, &out, "")
             .await;
         Ok(Response::new(token_to_proto(&out?.0)))
     }
@@ -305,7 +305,7 @@ impl AdminService for Admin {
         .await;
         self.registry
             .auth
-            .audit(
+            .audit_refusal(
                 &who,
                 "SetNamespacePolicy",
                 req.namespace.trim(),

@@ -340,7 +340,7 @@ impl PortService for Ports {
         };
         self.registry
             .auth
-            .audit(&who, "RequestPort", &target, &ns, &out, &detail)
+            .audit_refusal(&who, "RequestPort", &target, &ns, &out, &detail)
             .await;
         Ok(Response::new(out?))
     }
@@ -375,7 +375,7 @@ impl PortService for Ports {
         .await;
         self.registry
             .auth
-            .audit(&who, "CancelPort", &reference, &ns, &out, "")
+            .audit_refusal(&who, "CancelPort", &reference, &ns, &out, "")
             .await;
         Ok(Response::new(port_to_proto(&out?)))
     }

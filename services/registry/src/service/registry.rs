@@ -178,7 +178,7 @@ impl Versions {
         };
         self.registry
             .auth
-            .audit(
+            .audit_refusal(
                 &who,
                 action,
                 &format!("{name}:{version}"),
@@ -216,7 +216,7 @@ impl Versions {
         .await;
         self.registry
             .auth
-            .audit(&who, action, &req.reference, &ns, &out, &req.reason)
+            .audit_refusal(&who, action, &req.reference, &ns, &out, &req.reason)
             .await;
         out
     }
