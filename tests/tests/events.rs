@@ -264,3 +264,64 @@ async fn a_publish_on_one_replica_reaches_a_subscriber_of_another() {
     let e = next(&mut events).await;
     assert_eq!(e.subject, "acme/llama:v1");
 }
+
+/// Many streams share the registry's one outbox reader: each of them gets every event of
+/// concurrent writers exactly once, in log order.
+#[tokio::test]
+async fn many_subscribers_each_get_every_event_once_in_order() {
+    for backend in backends() {
+        let reg = TestRegistry::start(backend).await.unwrap();
+        let client = reg.client().await.unwrap();
+        let f = fixtures().join("llama-micro");
+        client
+            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+            .await
+            .unwrap();
+        let mut streams = Vec::new();
+        for _ in 0..12 {
+            streams.push(subscribe(&client, "", &["patch.pushed"]).await.unwrap());
+        }
+        let mut writers = Vec::new();
+        for w in 0..3 {
+            let url = reg.url.clone();
+            let dir = f.join("patches/lora-qv");
+            writers.push(tokio::spawn(async move {
+                let client = patchport_client::Client::connect(&url).await.unwrap();
+                for i in 0..8 {
+                    client
+                        .push_dir(
+                            &dir,
+                            &patch(&format!("acme/m{w}-{i}"), "1", "acme/llama:v1"),
+                            &NoProgress,
+                        )
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        let mut orders = Vec::new();
+        for stream in &mut streams {
+            let mut ids = Vec::new();
+            while ids.len() < 24 {
+                ids.push(next(stream).await.id.parse::<i64>().unwrap());
+            }
+            // Nothing more arrives for these pushes.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), stream.message())
+                    .await
+                    .is_err(),
+                "{backend:?}: an extra event"
+            );
+            let distinct: BTreeSet<i64> = ids.iter().copied().collect();
+            assert_eq!(distinct.len(), 24, "{backend:?}: duplicates in {ids:?}");
+            orders.push(ids);
+        }
+        assert!(
+            orders.windows(2).all(|w| w[0] == w[1]),
+            "{backend:?}: streams disagree on the order"
+        );
+    }
+}

@@ -421,6 +421,10 @@ impl Application {
             }))
             .add_service(EventServiceServer::new(Events {
                 registry: self.registry.clone(),
+                hub: crate::service::hub::EventHub::new(
+                    self.registry.meta.clone(),
+                    self.draining.clone(),
+                ),
                 draining: self.draining.clone(),
             }))
             .add_service(

@@ -1,11 +1,13 @@
 //! `patchport.v1.EventService`: the transactional outbox, streamed at least once from a
 //! cursor. The store's cursor never skips a transaction that commits late (on Postgres
 //! it follows `(xid, id)` below the snapshot's xmin). Streams are pushed, not polled: a
-//! caught-up stream sleeps until the store's wake-up counter moves (Postgres
-//! `LISTEN/NOTIFY` from any replica; SQLite, a commit in this process), then reads the
-//! outbox by cursor, which stays the only truth.
+//! stream reads the outbox by its own cursor until it is caught up, then takes the pages
+//! the process's one reader ([`super::hub`]) broadcasts when the store wakes it. A page
+//! that does not continue the stream's cursor, a lagging stream, or a silent hub send
+//! the stream back to reading by its cursor: the outbox stays the only truth.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -22,19 +24,11 @@ use crate::convert::event_to_proto;
 use crate::error::ApiError;
 use crate::state::Registry;
 
-/// A caught-up stream reads the outbox at least this often even without a wake-up (a
-/// safety net for a lost listener connection; never the way events normally arrive).
-const FALLBACK: Duration = Duration::from_secs(2);
-/// On Postgres a woken reader may find the new events still held back behind an older
-/// transaction that is open (the xmin rule): it looks again after these pauses.
-const HELD_BACK_RETRIES: [Duration; 5] = [
-    Duration::from_millis(5),
-    Duration::from_millis(10),
-    Duration::from_millis(20),
-    Duration::from_millis(40),
-    Duration::from_millis(80),
-];
-const BATCH: u32 = 256;
+use super::hub::{BATCH, EventHub, Page};
+
+/// A caught-up stream that hears nothing from the hub reads the outbox itself at least
+/// this often (a safety net for a stalled hub; never the way events normally arrive).
+const FALLBACK: Duration = Duration::from_secs(10);
 
 /// A `Subscribe` request, parsed.
 #[derive(Debug)]
@@ -80,9 +74,42 @@ impl Filter {
 #[derive(Debug, Clone)]
 pub(crate) struct Events {
     pub(crate) registry: Registry,
+    /// The process's one outbox reader.
+    pub(crate) hub: EventHub,
     /// Cancelled at shutdown: every stream ends cleanly (the client resumes elsewhere
     /// from its cursor).
     pub(crate) draining: CancellationToken,
+}
+
+/// Sends one event if the subscriber wants it and may read it; false when the stream
+/// is over (the client left, or authorisation failed).
+async fn send(
+    tx: &tokio::sync::mpsc::Sender<Result<v1::Event, Status>>,
+    filter: &Filter,
+    auth: &crate::auth::Auth,
+    who: &crate::auth::Principal,
+    e: EventRecord,
+    lag: &metrics::Histogram,
+) -> bool {
+    if !filter.wants(&e) {
+        return true;
+    }
+    // Events about namespaces the subscriber may not read are skipped.
+    match auth.allows(who, Need::Read, namespace_of(&e.subject)).await {
+        Ok(true) => {}
+        Ok(false) => return true,
+        Err(err) => {
+            let _ = tx.send(Err(err.into())).await;
+            return false;
+        }
+    }
+    let created_at = e.created_at;
+    if tx.send(Ok(event_to_proto(e))).await.is_err() {
+        return false;
+    }
+    let now = patchport_store::meta::now_millis();
+    lag.record((now - created_at).max(0) as f64 / 1000.0);
+    true
 }
 
 #[tonic::async_trait]
@@ -103,9 +130,9 @@ impl EventService for Events {
                 .await?;
         }
         let meta = self.registry.meta.clone();
-        // Wake-ups from here on count: nothing committed after the first read is missed.
-        let mut wake = meta.event_wakeups();
-        wake.borrow_and_update();
+        // Pages broadcast from here on reach this stream: nothing read after the first
+        // read below is missed.
+        let mut pages = self.hub.subscribe();
         let mut cursor: EventCursor = match cursor {
             Some(c) => c,
             None => meta.head_cursor().await.map_err(ApiError::from)?,
@@ -120,8 +147,8 @@ impl EventService for Events {
         let lag = metrics::histogram!(crate::metrics::EVENT_LAG);
         tokio::spawn(async move {
             let mut batch = Some(first);
-            let mut wake_alive = true;
             loop {
+                // Read by our own cursor until caught up.
                 let (events, next) = match batch.take() {
                     Some(b) => b,
                     None => match meta.read_events(Some(&cursor), BATCH).await {
@@ -134,62 +161,50 @@ impl EventService for Events {
                 };
                 let full = events.len() == BATCH as usize;
                 for e in events {
-                    if !filter.wants(&e) {
-                        continue;
-                    }
-                    // Events about namespaces the subscriber may not read are skipped.
-                    match auth
-                        .allows(&who, Need::Read, namespace_of(&e.subject))
-                        .await
-                    {
-                        Ok(true) => {}
-                        Ok(false) => continue,
-                        Err(e) => {
-                            let _ = tx.send(Err(e.into())).await;
-                            return;
-                        }
-                    }
-                    let created_at = e.created_at;
-                    if tx.send(Ok(event_to_proto(e))).await.is_err() {
+                    if !send(&tx, &filter, &auth, &who, e, &lag).await {
                         return;
                     }
-                    let now = patchport_store::meta::now_millis();
-                    lag.record((now - created_at).max(0) as f64 / 1000.0);
                 }
                 cursor = next;
                 if full {
                     continue;
                 }
-                // Caught up: sleep until something may have been appended.
-                let woken = tokio::select! {
-                    () = tx.closed() => return,
-                    () = draining.cancelled() => return,
-                    r = wake.changed(), if wake_alive => {
-                        wake_alive = r.is_ok();
-                        wake_alive
+                // Caught up: follow the hub's pages while they continue our cursor.
+                loop {
+                    let page = tokio::select! {
+                        () = tx.closed() => return,
+                        () = draining.cancelled() => return,
+                        r = pages.recv() => r,
+                        () = tokio::time::sleep(FALLBACK) => break,
+                    };
+                    let page: Arc<Page> = match page {
+                        Ok(p) => p,
+                        // Fell behind the broadcast, or the hub is gone: read ourselves.
+                        Err(_) => break,
+                    };
+                    let (Some(at), Some(from), Some(to)) =
+                        (cursor.position(), page.from.position(), page.to.position())
+                    else {
+                        break;
+                    };
+                    if from > at {
+                        // A gap between our cursor and the page: read it ourselves.
+                        break;
                     }
-                    () = tokio::time::sleep(FALLBACK) => false,
-                };
-                if !woken {
-                    continue;
-                }
-                // Woken: the events may still be held back behind an older open
-                // transaction (Postgres); look again shortly until they show.
-                for pause in HELD_BACK_RETRIES {
-                    match meta.read_events(Some(&cursor), BATCH).await {
-                        Ok(r) if r.0.is_empty() => tokio::time::sleep(pause).await,
-                        Ok(r) => {
-                            batch = Some(r);
-                            break;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(ApiError::from(e).into())).await;
+                    // The page holds every event after `from` up to `to`; ours start
+                    // after `at`.
+                    for e in page
+                        .events
+                        .iter()
+                        .filter(|e| e.cursor.position() > Some(at))
+                    {
+                        if !send(&tx, &filter, &auth, &who, e.clone(), &lag).await {
                             return;
                         }
                     }
-                }
-                if draining.is_cancelled() {
-                    return;
+                    if to > at {
+                        cursor = page.to.clone();
+                    }
                 }
             }
         });

@@ -31,6 +31,20 @@ impl EventCursor {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Where in the log order this cursor stands, for cursors of one store: `(xid, id)`
+    /// on Postgres, `(0, id)` on SQLite, `(0, 0)` at the origin; `None` for a cursor no
+    /// store hands out. Every event after a cursor has a greater position.
+    pub fn position(&self) -> Option<(u64, i64)> {
+        if self.is_origin() {
+            return Some((0, 0));
+        }
+        if let Some(id) = self.0.strip_prefix("sq:") {
+            return id.parse().ok().map(|id| (0, id));
+        }
+        let (xid, id) = self.0.strip_prefix("pg:")?.split_once(':')?;
+        Some((xid.parse().ok()?, id.parse().ok()?))
+    }
 }
 
 impl fmt::Display for EventCursor {
