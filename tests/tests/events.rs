@@ -302,19 +302,28 @@ async fn many_subscribers_each_get_every_event_once_in_order() {
         for w in writers {
             w.await.unwrap();
         }
+        // Read every stream at once, as separate subscribers would (one connection
+        // carries them all: reading them one by one would stall on flow control).
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                tokio::spawn(async move {
+                    let mut ids = Vec::new();
+                    while ids.len() < 24 {
+                        ids.push(next(&mut stream).await.id.parse::<i64>().unwrap());
+                    }
+                    // Nothing more arrives for these pushes.
+                    let extra = tokio::time::timeout(Duration::from_millis(300), stream.message())
+                        .await
+                        .is_ok();
+                    (ids, extra)
+                })
+            })
+            .collect();
         let mut orders = Vec::new();
-        for stream in &mut streams {
-            let mut ids = Vec::new();
-            while ids.len() < 24 {
-                ids.push(next(stream).await.id.parse::<i64>().unwrap());
-            }
-            // Nothing more arrives for these pushes.
-            assert!(
-                tokio::time::timeout(Duration::from_millis(300), stream.message())
-                    .await
-                    .is_err(),
-                "{backend:?}: an extra event"
-            );
+        for r in readers {
+            let (ids, extra) = r.await.unwrap();
+            assert!(!extra, "{backend:?}: an extra event after {ids:?}");
             let distinct: BTreeSet<i64> = ids.iter().copied().collect();
             assert_eq!(distinct.len(), 24, "{backend:?}: duplicates in {ids:?}");
             orders.push(ids);
