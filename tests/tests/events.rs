@@ -43,6 +43,36 @@ async fn read_until(
     last
 }
 
+/// `count` writers, each on its own connection, pushing `each` patch versions
+/// `acme/{prefix}{w}-{i}:1` onto `acme/llama:v1` concurrently.
+fn writers(
+    reg: &TestRegistry,
+    prefix: &str,
+    count: usize,
+    each: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..count)
+        .map(|w| {
+            let url = reg.url.clone();
+            let dir = fixtures().join("llama-micro/patches/lora-qv");
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                let client = patchport_client::Client::connect(&url).await.unwrap();
+                for i in 0..each {
+                    client
+                        .push_dir(
+                            &dir,
+                            &patch(&format!("acme/{prefix}{w}-{i}"), "1", "acme/llama:v1"),
+                            &NoProgress,
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_subscriber_resuming_from_its_cursor_misses_nothing_under_concurrent_writers() {
     for backend in backends() {
@@ -54,24 +84,7 @@ async fn a_subscriber_resuming_from_its_cursor_misses_nothing_under_concurrent_w
             .await
             .unwrap();
         // Four writers push 10 patches each, concurrently.
-        let mut writers = Vec::new();
-        for w in 0..4 {
-            let url = reg.url.clone();
-            let dir = f.join("patches/lora-qv");
-            writers.push(tokio::spawn(async move {
-                let client = patchport_client::Client::connect(&url).await.unwrap();
-                for i in 0..10 {
-                    client
-                        .push_dir(
-                            &dir,
-                            &patch(&format!("acme/w{w}-{i}"), "1", "acme/llama:v1"),
-                            &NoProgress,
-                        )
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
+        let writers = writers(&reg, "w", 4, 10);
         let want: BTreeSet<String> = (0..4)
             .flat_map(|w| (0..10).map(move |i| format!("acme/w{w}-{i}:1")))
             .collect();
@@ -281,25 +294,7 @@ async fn many_subscribers_each_get_every_event_once_in_order() {
         for _ in 0..12 {
             streams.push(subscribe(&client, "", &["patch.pushed"]).await.unwrap());
         }
-        let mut writers = Vec::new();
-        for w in 0..3 {
-            let url = reg.url.clone();
-            let dir = f.join("patches/lora-qv");
-            writers.push(tokio::spawn(async move {
-                let client = patchport_client::Client::connect(&url).await.unwrap();
-                for i in 0..8 {
-                    client
-                        .push_dir(
-                            &dir,
-                            &patch(&format!("acme/m{w}-{i}"), "1", "acme/llama:v1"),
-                            &NoProgress,
-                        )
-                        .await
-                        .unwrap();
-                }
-            }));
-        }
-        for w in writers {
+        for w in writers(&reg, "m", 3, 8) {
             w.await.unwrap();
         }
         // Read every stream at once, as separate subscribers would (one connection

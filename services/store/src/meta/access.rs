@@ -296,20 +296,8 @@ macro_rules! impl_access {
                 &self,
                 e: &$crate::meta::access::AuditRecord,
             ) -> Result<(), $crate::meta::StoreError> {
-                sqlx::query(
-                    "INSERT INTO audit_log (at, actor, action, target, namespace, outcome, detail) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(e.at)
-                .bind(&e.actor)
-                .bind(&e.action)
-                .bind(&e.target)
-                .bind(&e.namespace)
-                .bind(&e.outcome)
-                .bind(&e.detail)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                let mut conn = self.pool.acquire().await?;
+                Self::write_audit(&mut conn, e).await
             }
 
             async fn list_audit(
