@@ -89,19 +89,41 @@ pub(crate) struct PortRow {
     pub(crate) queue_position: Option<i64>,
 }
 
-/// Every port column, and a queued port's place in the queue: 1 + the queued jobs leased
-/// before its job (higher priority first, then first in first out, as `lease_job` takes
-/// them).
-pub(crate) const PORT_SELECT: &str = "SELECT t.id, p.name AS patch_name, p.version AS patch_version, \
+const PORT_COLUMNS: &str = "t.id, p.name AS patch_name, p.version AS patch_version, \
     p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
     b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
     t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
-    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json, \
-    CASE WHEN t.state = 'queued' THEN q.position END AS queue_position \
-    FROM ports t JOIN patch_versions p ON p.id = t.patch_id \
-    JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id \
-    LEFT JOIN (SELECT id AS job, ROW_NUMBER() OVER (ORDER BY priority DESC, id) AS position \
-    FROM jobs WHERE state = 'queued') q ON q.job = t.job_id";
+    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json";
+
+const PORT_JOINS: &str = "ports t JOIN patch_versions p ON p.id = t.patch_id \
+    JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
+
+/// Which ports' rows a query reads, and whether they come with their place in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Places {
+    /// A queued port's place: 1 + the queued jobs leased before its job (higher priority
+    /// first, then first in first out, as `lease_job` takes them). A window over every
+    /// queued job, so only reads a caller sees ask for it.
+    With,
+    /// `queue_position` NULL: the queue's own writes (event payloads, leases).
+    Without,
+}
+
+/// `SELECT` every port column `FROM` the ports and their versions (alias `t` for ports).
+pub(crate) fn port_select(places: Places) -> String {
+    match places {
+        Places::With => format!(
+            "SELECT {PORT_COLUMNS}, CASE WHEN t.state = 'queued' THEN q.position END AS queue_position \
+             FROM {PORT_JOINS} LEFT JOIN (SELECT id AS job, ROW_NUMBER() OVER (ORDER BY priority DESC, id) \
+             AS position FROM jobs WHERE state = 'queued') q ON q.job = t.job_id"
+        ),
+        Places::Without => {
+            format!(
+                "SELECT {PORT_COLUMNS}, CAST(NULL AS BIGINT) AS queue_position FROM {PORT_JOINS}"
+            )
+        }
+    }
+}
 
 pub(crate) fn port_record(row: PortRow) -> Result<super::PortRecord, StoreError> {
     const T: &str = "ports";

@@ -26,23 +26,37 @@ macro_rules! impl_outbox {
             }
 
             /// Appends one event per port, in port order, each carrying the port as it
-            /// stands now (call it after the change it announces).
+            /// stands now (call it after the change it announces); returns the ports as
+            /// announced.
             async fn emit_ports(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 kind: patchport_core::event::EventKind,
                 detail: Option<&str>,
                 ports: &[i64],
-            ) -> Result<(), $crate::meta::StoreError> {
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
                 if ports.is_empty() {
-                    return Ok(());
+                    return Ok(Vec::new());
                 }
+                let records =
+                    Self::ports_by_id(conn, ports, $crate::meta::sql::Places::Without).await?;
+                Self::append_port_events(conn, kind, detail, &records).await?;
+                Ok(records)
+            }
+
+            /// Appends one event per port already loaded (see `emit_ports`).
+            async fn append_port_events(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                kind: patchport_core::event::EventKind,
+                detail: Option<&str>,
+                ports: &[$crate::meta::PortRecord],
+            ) -> Result<(), $crate::meta::StoreError> {
                 let now = $crate::meta::now_millis();
-                for port in Self::ports_by_id(conn, ports).await? {
+                for port in ports {
                     let subject = format!(
                         "{}:{}@{}:{}",
                         port.patch_name, port.patch_version, port.base_name, port.base_version
                     );
-                    let payload = $crate::meta::sql::port_event_payload(kind, &port, detail);
+                    let payload = $crate::meta::sql::port_event_payload(kind, port, detail);
                     sqlx::query(
                         "INSERT INTO events (kind, subject, job_id, port_id, detail, payload_json, created_at) \
                          VALUES ($1, $2, $3, $4, $5, $6, $7)",

@@ -11,10 +11,11 @@ macro_rules! impl_queue {
                 conn: &mut <$db as sqlx::Database>::Connection,
                 filter: &'static str,
                 id: i64,
+                places: $crate::meta::sql::Places,
             ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
                 let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
                     "{} WHERE {filter} ORDER BY t.id",
-                    $crate::meta::sql::PORT_SELECT
+                    $crate::meta::sql::port_select(places)
                 )))
                 .bind(id)
                 .fetch_all(&mut *conn)
@@ -39,13 +40,14 @@ macro_rules! impl_queue {
             async fn ports_by_id(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 ids: &[i64],
+                places: $crate::meta::sql::Places,
             ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
                 let mut out = Vec::with_capacity(ids.len());
                 for chunk in ids.chunks(500) {
                     let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
                     let mut q = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
                         "{} WHERE t.id IN ({}) ORDER BY t.id",
-                        $crate::meta::sql::PORT_SELECT,
+                        $crate::meta::sql::port_select(places),
                         marks.join(", ")
                     )));
                     for id in chunk {
@@ -164,7 +166,9 @@ macro_rules! impl_queue {
                 };
                 let one = [port_id];
                 match job_state.as_str() {
-                    "queued" => Self::emit_ports(conn, EventKind::PortQueued, None, &one).await?,
+                    "queued" => {
+                        Self::emit_ports(conn, EventKind::PortQueued, None, &one).await?;
+                    }
                     "running" => {
                         // Another patch version with the same content is being ported
                         // right now: this one rides along.
@@ -283,7 +287,8 @@ macro_rules! impl_queue {
                 .bind(job_id)
                 .execute(&mut *conn)
                 .await?;
-                Self::emit_ports(conn, kind, Some(detail), &running).await
+                Self::emit_ports(conn, kind, Some(detail), &running).await?;
+                Ok(())
             }
 
             async fn load_job(
@@ -315,7 +320,7 @@ macro_rules! impl_queue {
                 conn: &mut <$db as sqlx::Database>::Connection,
                 job_id: i64,
             ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
-                Self::ports_where(conn, "t.job_id = $1", job_id).await
+                Self::ports_where(conn, "t.job_id = $1", job_id, $crate::meta::sql::Places::Without).await
             }
 
             /// Where a running job goes when its attempt ends without an outcome.
@@ -354,7 +359,7 @@ macro_rules! impl_queue {
                 };
                 let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
                     "{} WHERE t.patch_id = $1 AND t.base_id = $2 AND t.method_version = $3",
-                    $crate::meta::sql::PORT_SELECT
+                    $crate::meta::sql::port_select($crate::meta::sql::Places::With)
                 )))
                 .bind(patch.id)
                 .bind(base.id)
@@ -403,7 +408,7 @@ macro_rules! impl_queue {
                 }
                 let port_id =
                     Self::queue_port(&mut tx, patch.id, base.id, self.retry.max_attempts, origin, true).await?;
-                let port = Self::ports_by_id(&mut tx, &[port_id])
+                let port = Self::ports_by_id(&mut tx, &[port_id], $crate::meta::sql::Places::With)
                     .await?
                     .pop()
                     .ok_or_else(|| StoreError::NotFound {
@@ -443,7 +448,7 @@ macro_rules! impl_queue {
                         what: format!("base version {base_name}:{base_version}"),
                     });
                 };
-                Self::ports_where(&mut conn, "t.base_id = $1", base.id).await
+                Self::ports_where(&mut conn, "t.base_id = $1", base.id, $crate::meta::sql::Places::With).await
             }
 
             async fn list_ports_of(
@@ -457,7 +462,7 @@ macro_rules! impl_queue {
                         what: format!("patch version {patch_name}:{patch_version}"),
                     });
                 };
-                Self::ports_where(&mut conn, "t.patch_id = $1", patch.id).await
+                Self::ports_where(&mut conn, "t.patch_id = $1", patch.id, $crate::meta::sql::Places::With).await
             }
 
             async fn set_job_priority(
@@ -642,9 +647,11 @@ macro_rules! impl_queue {
                 .execute(&mut *tx)
                 .await?;
                 use patchport_core::event::EventKind;
-                Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
+                let completed =
+                    Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
                 if let Some(summary) = &summary {
-                    Self::emit_ports(&mut tx, EventKind::PortEvaluated, Some(summary), &running).await?;
+                    Self::append_port_events(&mut tx, EventKind::PortEvaluated, Some(summary), &completed)
+                        .await?;
                 }
                 let job = Self::must_load_job(&mut tx, job_id).await?;
                 tx.commit().await?;
@@ -782,15 +789,17 @@ macro_rules! impl_queue {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Self::emit_ports(&mut tx, patchport_core::event::EventKind::PortCancelled, None, &[port_id]).await?;
-                let row = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
-                    "{} WHERE t.id = $1",
-                    $crate::meta::sql::PORT_SELECT
-                )))
-                .bind(port_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                let rec = $crate::meta::sql::port_record(row)?;
+                let rec = Self::emit_ports(
+                    &mut tx,
+                    patchport_core::event::EventKind::PortCancelled,
+                    None,
+                    &[port_id],
+                )
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::NotFound {
+                    what: format!("port {port_id}"),
+                })?;
                 Self::write_audit(&mut tx, audit).await?;
                 tx.commit().await?;
                 Ok(rec)
