@@ -336,6 +336,19 @@ pub fn base(name: &str, version: &str, parent: Option<&str>) -> patchport_client
     }
 }
 
+/// Pushes the fixture directory `dir` (relative to [`fixtures`], e.g. `llama-micro/v1`)
+/// as `kind`; panics with both named when the push fails.
+pub async fn push_fixture(
+    client: &Client,
+    dir: &str,
+    kind: &patchport_client::PushKind,
+) -> patchport_client::PushOutcome {
+    client
+        .push_dir(&fixtures().join(dir), kind, &patchport_client::NoProgress)
+        .await
+        .unwrap_or_else(|e| panic!("pushing fixture {dir} as {kind:?}: {e}"))
+}
+
 /// A patch push: `name`, `version`, the base reference it was trained on.
 pub fn patch(name: &str, version: &str, base: &str) -> patchport_client::PushKind {
     patchport_client::PushKind::Patch {

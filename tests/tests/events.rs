@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use patchport_client::NoProgress;
 use patchport_proto::v1;
-use patchport_tests::{TestRegistry, backends, base, fixtures, patch};
+use patchport_tests::{TestRegistry, backends, base, fixtures, patch, push_fixture};
 
 async fn read_until(
     client: &patchport_client::Client,
@@ -78,11 +78,7 @@ async fn a_subscriber_resuming_from_its_cursor_misses_nothing_under_concurrent_w
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
-        let f = fixtures().join("llama-micro");
-        client
-            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-            .await
-            .unwrap();
+        push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
         // Four writers push 10 patches each, concurrently.
         let writers = writers(&reg, "w", 4, 10);
         let want: BTreeSet<String> = (0..4)
@@ -138,11 +134,7 @@ async fn cursors_and_types_are_checked_when_subscribing() {
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
-        let f = fixtures().join("llama-micro");
-        client
-            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-            .await
-            .unwrap();
+        push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
         let mut replay = subscribe(&client, "0", &[]).await.unwrap();
         let first = next(&mut replay).await;
         assert_eq!(
@@ -183,23 +175,14 @@ async fn port_events_carry_digests_state_and_diagnostics() {
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
-        let f = fixtures().join("llama-micro");
-        client
-            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-            .await
-            .unwrap();
-        client
-            .push_dir(&f.join("v2"), &base("acme/llama", "v2", None), &NoProgress)
-            .await
-            .unwrap();
-        client
-            .push_dir(
-                &f.join("patches/lora-qv"),
-                &patch("acme/qv", "1", "acme/llama:v1"),
-                &NoProgress,
-            )
-            .await
-            .unwrap();
+        push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
+        push_fixture(&client, "llama-micro/v2", &base("acme/llama", "v2", None)).await;
+        push_fixture(
+            &client,
+            "llama-micro/patches/lora-qv",
+            &patch("acme/qv", "1", "acme/llama:v1"),
+        )
+        .await;
         let mut events = subscribe(&client, "", &["port.queued", "port.completed"])
             .await
             .unwrap();
@@ -267,13 +250,7 @@ async fn a_publish_on_one_replica_reaches_a_subscriber_of_another() {
     let on_b = b.client().await.unwrap();
     let mut events = subscribe(&on_b, "", &["base.published"]).await.unwrap();
     let on_a = a.client().await.unwrap();
-    on_a.push_dir(
-        &fixtures().join("llama-micro/v1"),
-        &base("acme/llama", "v1", None),
-        &NoProgress,
-    )
-    .await
-    .unwrap();
+    push_fixture(&on_a, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
     let e = next(&mut events).await;
     assert_eq!(e.subject, "acme/llama:v1");
 }
@@ -285,11 +262,7 @@ async fn many_subscribers_each_get_every_event_once_in_order() {
     for backend in backends() {
         let reg = TestRegistry::start(backend).await.unwrap();
         let client = reg.client().await.unwrap();
-        let f = fixtures().join("llama-micro");
-        client
-            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-            .await
-            .unwrap();
+        push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
         let mut streams = Vec::new();
         for _ in 0..12 {
             streams.push(subscribe(&client, "", &["patch.pushed"]).await.unwrap());

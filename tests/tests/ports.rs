@@ -10,7 +10,9 @@ use patchport_core::AnyRef;
 use patchport_proto::v1;
 use patchport_tests::LocalWorker;
 use patchport_tests::ports::wait_port;
-use patchport_tests::{Backend, TestRegistry, backends, base, fixtures, patch, read_tree};
+use patchport_tests::{
+    Backend, TestRegistry, backends, base, fixtures, patch, push_fixture, read_tree,
+};
 
 fn blob_count(dir: &Path) -> usize {
     fn walk(d: &Path) -> usize {
@@ -71,14 +73,12 @@ async fn a_stored_port_pulls_back_equal_to_the_offline_port() {
                 .await
                 .unwrap();
         }
-        client
-            .push_dir(
-                &f.join("patches/lora-qv"),
-                &patch("acme/qv", "1", "acme/llama:v1"),
-                &NoProgress,
-            )
-            .await
-            .unwrap();
+        push_fixture(
+            &client,
+            "llama-micro/patches/lora-qv",
+            &patch("acme/qv", "1", "acme/llama:v1"),
+        )
+        .await;
         for target in ["v2", "v2-sharded", "v2-bf16"] {
             let before = blob_count(reg.dir.path());
             let port = request(&reg, "acme/qv:1", &format!("acme/llama:{target}")).await;
@@ -174,10 +174,7 @@ async fn a_port_onto_unchanged_weights_says_so() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
     let f = fixtures().join("llama-micro");
-    client
-        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-        .await
-        .unwrap();
+    push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
     // The same weights again, under a new version with a different generation config.
     let copy = tempfile::tempdir().unwrap();
     for (path, bytes) in read_tree(&f.join("v1")) {
@@ -192,14 +189,12 @@ async fn a_port_onto_unchanged_weights_says_so() {
         .push_dir(copy.path(), &base("acme/llama", "v1.1", None), &NoProgress)
         .await
         .unwrap();
-    client
-        .push_dir(
-            &f.join("patches/lora-qv"),
-            &patch("acme/qv", "1", "acme/llama:v1"),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+    push_fixture(
+        &client,
+        "llama-micro/patches/lora-qv",
+        &patch("acme/qv", "1", "acme/llama:v1"),
+    )
+    .await;
     let port = request(&reg, "acme/qv:1", "acme/llama:v1.1").await;
     assert_eq!(port.state, v1::PortState::Succeeded as i32);
     let diag = port.diagnostics.unwrap();
@@ -217,14 +212,8 @@ async fn refused_ports_are_recorded_with_their_reasons() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
     let f = fixtures().join("llama-micro");
-    client
-        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-        .await
-        .unwrap();
-    client
-        .push_dir(&f.join("v2"), &base("acme/llama", "v2", None), &NoProgress)
-        .await
-        .unwrap();
+    push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
+    push_fixture(&client, "llama-micro/v2", &base("acme/llama", "v2", None)).await;
     for (p, reason) in [
         ("dora", "dora"),
         ("modules-to-save", "modules_to_save"),
@@ -302,27 +291,19 @@ async fn refused_ports_are_recorded_with_their_reasons() {
 async fn a_queued_port_can_be_cancelled() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
-    let f = fixtures().join("llama-micro");
-    client
-        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-        .await
-        .unwrap();
-    client
-        .push_dir(
-            &f.join("patches/lora-qv"),
-            &patch("acme/qv", "1", "acme/llama:v1"),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
-    client
-        .push_dir(
-            &f.join("v2"),
-            &base("acme/llama", "v2", Some("v1")),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
+    push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
+    push_fixture(
+        &client,
+        "llama-micro/patches/lora-qv",
+        &patch("acme/qv", "1", "acme/llama:v1"),
+    )
+    .await;
+    push_fixture(
+        &client,
+        "llama-micro/v2",
+        &base("acme/llama", "v2", Some("v1")),
+    )
+    .await;
     let reference = "acme/qv:1@acme/llama:v2".to_owned();
     let queued = client
         .ports()
