@@ -710,6 +710,12 @@ impl WorkerBuilder {
         self.env("PATCHPORT_TEST_STALL_MS", ms.to_string())
     }
 
+    /// `PATCHPORT_TEST_STALL_UNTIL`: after leasing a job it stalls, without heartbeats,
+    /// until `path` exists (the test creates it when the worker should go on).
+    pub fn stall_until(self, path: &Path) -> Self {
+        self.env("PATCHPORT_TEST_STALL_UNTIL", path.as_os_str())
+    }
+
     /// `PATCHPORT_TOKEN`.
     pub fn token(self, token: &str) -> Self {
         self.env("PATCHPORT_TOKEN", token)

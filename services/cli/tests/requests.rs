@@ -196,16 +196,20 @@ fn giving_up_leaves_nothing_running_and_a_cancelled_port_refuses_the_late_result
             db.kind()
         );
 
-        // A worker that leases it and stalls (no heartbeats), as a slow GPU would.
+        // A worker that leases it and stalls (no heartbeats), as a slow GPU would, until
+        // the port was cancelled.
         let log = tempfile::NamedTempFile::new().unwrap();
+        let gate = tempfile::tempdir().unwrap();
+        let go_on = gate.path().join("go-on");
         let _worker = Worker::builder(BIN, &url)
             .id("slow")
-            .stall_ms(4_000)
+            .stall_until(&go_on)
             .log_to(log.path())
             .start();
         let (_events, rx) = watch(BIN, &url, "0");
         until(&rx, "port.started", PORT);
         let cancelled = cli(BIN, &url).args(["cancel", PORT, "--json"]).json();
+        std::fs::write(&go_on, b"").unwrap();
         assert_eq!(
             cancelled["state"],
             "cancelled",

@@ -157,15 +157,28 @@ async fn run_one(
 ) -> Result<(), WorkerError> {
     let leased = Instant::now();
     let (job_id, token) = (job.job_id.clone(), job.fencing_token);
-    // Fault-injection hook for the crash tests: stall this long after leasing, without
-    // heartbeats, as a hung or partitioned worker would.
-    if let Some(ms) = std::env::var("PATCHPORT_TEST_STALL_MS")
+    // Fault-injection hooks for the crash tests: stall after leasing, without heartbeats,
+    // as a hung or partitioned worker would: for a time, or until a file exists (the test
+    // decides when the stalled worker wakes).
+    let stall_ms = std::env::var("PATCHPORT_TEST_STALL_MS")
         .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        tracing::warn!(job_id = %job_id, ms, "stalling (PATCHPORT_TEST_STALL_MS)");
+        .and_then(|v| v.parse::<u64>().ok());
+    let stall_until = std::env::var_os("PATCHPORT_TEST_STALL_UNTIL").map(std::path::PathBuf::from);
+    if stall_ms.is_some() || stall_until.is_some() {
+        tracing::warn!(job_id = %job_id, ?stall_ms, ?stall_until, "stalling (PATCHPORT_TEST_STALL_*)");
+        let woken = async {
+            match (stall_ms, &stall_until) {
+                (Some(ms), _) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                (None, Some(path)) => {
+                    while !path.exists() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                (None, None) => {}
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            () = woken => {}
             () = shutdown.cancelled() => {
                 release(client, &job_id, token).await;
                 record(leased, "released");
