@@ -211,6 +211,7 @@ impl Shared {
             .ports()
             .query_compat(v1::QueryCompatRequest {
                 subject: Some(v1::query_compat_request::Subject::Patch(reference.clone())),
+                ..Default::default()
             })
             .await
             .with_context(|| format!("compat --patch {reference}"))?
@@ -232,18 +233,13 @@ impl Shared {
             .iter()
             .map(|(r, _)| r.clone())
             .collect();
-        let resp = client
-            .ports()
-            .max_decoding_message_size(256 << 20)
-            .query_compat(v1::QueryCompatRequest {
-                subject: Some(v1::query_compat_request::Subject::Base(
-                    self.base_ref.clone(),
-                )),
-            })
+        let entries = client
+            .query_compat_all(v1::query_compat_request::Subject::Base(
+                self.base_ref.clone(),
+            ))
             .await
-            .with_context(|| format!("compat --base {}", self.base_ref))?
-            .into_inner();
-        let listed: HashSet<String> = resp.entries.into_iter().map(|e| e.patch).collect();
+            .with_context(|| format!("compat --base {}", self.base_ref))?;
+        let listed: HashSet<String> = entries.into_iter().map(|e| e.patch).collect();
         let missing = known.iter().filter(|r| !listed.contains(*r)).count();
         anyhow::ensure!(
             missing == 0,

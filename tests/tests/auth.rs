@@ -204,7 +204,7 @@ async fn tokens_are_hashed_expire_and_revoke() {
         .registry()
         .list_base_versions(v1::ListRequest {
             filter: "acme".into(),
-            include_yanked: false,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -218,7 +218,7 @@ async fn tokens_are_hashed_expire_and_revoke() {
             .registry()
             .list_base_versions(v1::ListRequest {
                 filter: "acme".into(),
-                include_yanked: false,
+                ..Default::default()
             })
             .await,
     );
@@ -232,7 +232,7 @@ async fn tokens_are_hashed_expire_and_revoke() {
             .registry()
             .list_base_versions(v1::ListRequest {
                 filter: "acme".into(),
-                include_yanked: false,
+                ..Default::default()
             })
             .await,
     );

@@ -65,23 +65,11 @@ async fn seeded() -> (TestRegistry, Vec<v1::BaseVersion>, Vec<v1::PatchVersion>)
 async fn listing(reg: &TestRegistry) -> (Vec<v1::BaseVersion>, Vec<v1::PatchVersion>) {
     let client = reg.client().await.unwrap();
     let req = v1::ListRequest {
-        filter: String::new(),
         include_yanked: true,
+        ..Default::default()
     };
-    let b = client
-        .registry()
-        .list_base_versions(req.clone())
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
-    let p = client
-        .registry()
-        .list_patch_versions(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .versions;
+    let b = client.list_base_versions_all(req.clone()).await.unwrap();
+    let p = client.list_patch_versions_all(req).await.unwrap();
     (b, p)
 }
 

@@ -259,6 +259,7 @@ async fn load(url: String, worker: usize, stop: Arc<AtomicBool>) -> Tally {
                 subject: Some(v1::query_compat_request::Subject::Base(
                     "acme/llama:v1".to_owned(),
                 )),
+                ..Default::default()
             })
             .await
             .map(|_| ())

@@ -153,6 +153,7 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
             subject: Some(v1::query_compat_request::Subject::Patch(
                 "acme/qvo:1".into(),
             )),
+            ..Default::default()
         })
         .await
         .unwrap()

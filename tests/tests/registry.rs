@@ -441,3 +441,155 @@ async fn reflection_and_health_are_served() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// Every page of a compat query by base, `page_size` at a time, in order.
+async fn compat_pages(
+    client: &patchport_client::Client,
+    base: &str,
+    page_size: u32,
+) -> Vec<Vec<(String, i32)>> {
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .ports()
+            .query_compat(v1::QueryCompatRequest {
+                subject: Some(v1::query_compat_request::Subject::Base(base.into())),
+                page_size,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages.push(
+            page.entries
+                .into_iter()
+                .map(|e| (e.patch, e.kind))
+                .collect(),
+        );
+        if page.next_page_token.is_empty() {
+            return pages;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn listings_and_compat_come_in_pages_that_add_up_to_the_whole_answer() {
+    for backend in backends() {
+        let reg = TestRegistry::start(backend).await.unwrap();
+        let client = reg.client().await.unwrap();
+        let f = fixtures().join("llama-micro");
+        let lora = f.join("patches/lora-qv");
+        client
+            .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+            .await
+            .unwrap();
+        for i in 1..=3 {
+            client
+                .push_dir(
+                    &lora,
+                    &patch(&format!("acme/old{i}"), "1", "acme/llama:v1"),
+                    &NoProgress,
+                )
+                .await
+                .unwrap();
+        }
+        // Publishing v2 queues a port of each of the three onto it.
+        client
+            .push_dir(
+                &f.join("v2"),
+                &base("acme/llama", "v2", Some("v1")),
+                &NoProgress,
+            )
+            .await
+            .unwrap();
+        for i in 1..=2 {
+            client
+                .push_dir(
+                    &lora,
+                    &patch(&format!("acme/new{i}"), "1", "acme/llama:v2"),
+                    &NoProgress,
+                )
+                .await
+                .unwrap();
+        }
+        let native = v1::CompatKind::Native as i32;
+        let queued = v1::CompatKind::Queued as i32;
+        let whole = vec![
+            ("acme/new1:1".to_owned(), native),
+            ("acme/new2:1".to_owned(), native),
+            ("acme/old1:1".to_owned(), queued),
+            ("acme/old2:1".to_owned(), queued),
+            ("acme/old3:1".to_owned(), queued),
+        ];
+        for size in [1, 2, 3, 5, 0] {
+            let pages = compat_pages(&client, "acme/llama:v2", size).await;
+            assert!(
+                pages
+                    .iter()
+                    .all(|p| p.len() <= size.max(1) as usize || size == 0),
+                "{backend:?} size {size}: {pages:?}"
+            );
+            assert_eq!(pages.concat(), whole, "{backend:?} size {size}: {pages:?}");
+        }
+        assert_eq!(
+            client
+                .query_compat_all(v1::query_compat_request::Subject::Base(
+                    "acme/llama:v2".into()
+                ))
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+
+        // Listings: by name then age, two at a time, nothing twice, nothing left out.
+        let mut names = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = client
+                .registry()
+                .list_patch_versions(v1::ListRequest {
+                    filter: "acme".into(),
+                    page_size: 2,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.versions.len() <= 2);
+            names.extend(page.versions.into_iter().map(|v| v.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(
+            names,
+            [
+                "acme/new1",
+                "acme/new2",
+                "acme/old1",
+                "acme/old2",
+                "acme/old3"
+            ],
+            "{backend:?}"
+        );
+
+        // A token from elsewhere is refused, naming the field.
+        for token in ["nonsense", "7a"] {
+            let err = client
+                .registry()
+                .list_patch_versions(v1::ListRequest {
+                    page_token: token.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("page_token"), "{}", err.message());
+        }
+    }
+}

@@ -12,7 +12,7 @@ mod push;
 use std::time::Duration;
 
 use patchport_proto::v1::{
-    admin_service_client::AdminServiceClient, blob_service_client::BlobServiceClient,
+    self, admin_service_client::AdminServiceClient, blob_service_client::BlobServiceClient,
     event_service_client::EventServiceClient, port_service_client::PortServiceClient,
     registry_service_client::RegistryServiceClient, worker_service_client::WorkerServiceClient,
 };
@@ -338,5 +338,66 @@ impl Client {
     /// The raw worker service client.
     pub fn workers(&self) -> WorkerServiceClient<Transport> {
         self.workers.clone()
+    }
+
+    /// Every base version of a listing (`ListBaseVersions`, page after page).
+    pub async fn list_base_versions_all(
+        &self,
+        mut req: v1::ListRequest,
+    ) -> Result<Vec<v1::BaseVersion>, tonic::Status> {
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .registry()
+                .list_base_versions(req.clone())
+                .await?
+                .into_inner();
+            all.extend(page.versions);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// Every patch version of a listing (`ListPatchVersions`, page after page).
+    pub async fn list_patch_versions_all(
+        &self,
+        mut req: v1::ListRequest,
+    ) -> Result<Vec<v1::PatchVersion>, tonic::Status> {
+        let mut all = Vec::new();
+        loop {
+            let page = self
+                .registry()
+                .list_patch_versions(req.clone())
+                .await?
+                .into_inner();
+            all.extend(page.versions);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    /// Every entry of a compat query (`QueryCompat`, page after page).
+    pub async fn query_compat_all(
+        &self,
+        subject: v1::query_compat_request::Subject,
+    ) -> Result<Vec<v1::CompatEntry>, tonic::Status> {
+        let mut req = v1::QueryCompatRequest {
+            subject: Some(subject),
+            page_size: 1000,
+            page_token: String::new(),
+        };
+        let mut all = Vec::new();
+        loop {
+            let page = self.ports().query_compat(req.clone()).await?.into_inner();
+            all.extend(page.entries);
+            if page.next_page_token.is_empty() {
+                return Ok(all);
+            }
+            req.page_token = page.next_page_token;
+        }
     }
 }

@@ -51,14 +51,14 @@ async fn base_versions_insert_get_list_and_lineage() {
         let list = |prefix: &str| {
             let f = ListFilter {
                 prefix: prefix.to_owned(),
-                include_yanked: false,
-                on_base: None,
+                ..ListFilter::default()
             };
             let s = s.clone();
             async move {
                 s.list_base_versions(&f)
                     .await
                     .unwrap()
+                    .items
                     .iter()
                     .map(|r| format!("{}:{}", r.name, r.version))
                     .collect::<Vec<_>>()
@@ -170,7 +170,8 @@ async fn patch_versions_pin_their_base() {
             .unwrap();
         assert_eq!(got, Some(p.clone()));
         let listed = s.list_patch_versions(&ListFilter::default()).await.unwrap();
-        assert_eq!(listed, vec![p.clone()]);
+        assert_eq!(listed.items, vec![p.clone()]);
+        assert!(listed.next.is_none());
         // Listing by base digest: only the patches trained on that base.
         let (other, _) = s
             .insert_base_version(new_base("acme/llama", "v2", None, "b"), &audit())
@@ -181,13 +182,14 @@ async fn patch_versions_pin_their_base() {
             ..ListFilter::default()
         };
         assert_eq!(
-            s.list_patch_versions(&on(base.digest)).await.unwrap(),
+            s.list_patch_versions(&on(base.digest)).await.unwrap().items,
             vec![p]
         );
         assert!(
             s.list_patch_versions(&on(other.digest))
                 .await
                 .unwrap()
+                .items
                 .is_empty(),
             "{}",
             b.label
@@ -212,15 +214,15 @@ async fn yanked_versions_leave_listings_but_stay_readable() {
             s.list_base_versions(&ListFilter::default())
                 .await
                 .unwrap()
+                .items
                 .is_empty()
         );
         let all = ListFilter {
-            prefix: String::new(),
             include_yanked: true,
-            on_base: None,
+            ..ListFilter::default()
         };
         assert_eq!(
-            s.list_base_versions(&all).await.unwrap().len(),
+            s.list_base_versions(&all).await.unwrap().items.len(),
             1,
             "{}",
             b.label

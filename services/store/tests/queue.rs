@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, RefusalKind};
-use patchport_store::meta::{self, JobOutcome, PortState, StoreErrorKind};
+use patchport_store::meta::{self, JobOutcome, Page, PortState, StoreErrorKind};
 
 #[tokio::test]
 async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
@@ -37,9 +37,10 @@ async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
         patch(s, "acme/twin", "2", "acme/llama", "v1", "twin").await;
         patch(s, "other/x", "1", "other/model", "v1", "x").await;
         assert!(
-            s.list_ports_onto(&name("acme/llama"), &vref("v1"))
+            s.list_ports_onto(&name("acme/llama"), &vref("v1"), &Page::ALL)
                 .await
                 .unwrap()
+                .items
                 .len()
                 == 1,
             "{l}: v0 patch caught up onto v1"
@@ -47,9 +48,10 @@ async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
 
         let v2 = base(s, "acme/llama", "v2", Some("v1")).await;
         let ports = s
-            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         let names: Vec<String> = ports
             .iter()
             .map(|p| format!("{}:{}", p.patch_name, p.patch_version))
@@ -104,9 +106,10 @@ async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
         );
         patch(s, "acme/p0", "1", "acme/llama", "v1", "p0").await;
         assert_eq!(
-            s.list_ports_onto(&name("acme/llama"), &vref("v2"))
+            s.list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
                 .await
                 .unwrap()
+                .items
                 .len(),
             7,
             "{l}"
@@ -119,21 +122,24 @@ async fn publishing_a_base_queues_a_port_for_every_patch_on_its_ancestors() {
             .await
             .unwrap();
         let n3 = s
-            .list_ports_onto(&name("acme/llama"), &vref("v3"))
+            .list_ports_onto(&name("acme/llama"), &vref("v3"), &Page::ALL)
             .await
             .unwrap()
+            .items
             .len();
         patch(s, "acme/late", "1", "acme/llama", "v1", "late").await;
         let onto2 = s
-            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         assert_eq!(onto2.len(), 8, "{l}");
         assert_eq!(onto2[7].patch_name, name("acme/late"), "{l}");
         assert_eq!(
-            s.list_ports_onto(&name("acme/llama"), &vref("v3"))
+            s.list_ports_onto(&name("acme/llama"), &vref("v3"), &Page::ALL)
                 .await
                 .unwrap()
+                .items
                 .len(),
             n3,
             "{l}"
@@ -456,18 +462,20 @@ async fn priority_then_affinity_to_the_loaded_base_then_age() {
                 .unwrap()
         };
         let a_ports = s
-            .list_ports_onto(&name("acme/a"), &vref("v2"))
+            .list_ports_onto(&name("acme/a"), &vref("v2"), &Page::ALL)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         let (pa0, pa1, pa2) = (
             job_of(a_ports.clone(), "acme/pa0"),
             job_of(a_ports.clone(), "acme/pa1"),
             job_of(a_ports, "acme/pa2"),
         );
         let pb = job_of(
-            s.list_ports_onto(&name("acme/b"), &vref("v2"))
+            s.list_ports_onto(&name("acme/b"), &vref("v2"), &Page::ALL)
                 .await
-                .unwrap(),
+                .unwrap()
+                .items,
             "acme/pb",
         );
         s.set_job_priority(pa2, 10).await.unwrap();
@@ -808,9 +816,10 @@ async fn requests_before_catch_up_before_fan_out_first_in_first_out_within() {
         let r1 = req("acme/f1", "v9", 0).await;
         let raised = req("acme/f2", "v2", 5).await;
         let ports = s
-            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         let job = |n: &str| {
             ports
                 .iter()
@@ -837,9 +846,10 @@ async fn requests_before_catch_up_before_fan_out_first_in_first_out_within() {
         }
         assert_eq!(order, expected, "{l}");
         let leased = s
-            .list_ports_onto(&name("acme/llama"), &vref("v2"))
+            .list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
             .await
-            .unwrap();
+            .unwrap()
+            .items;
         assert!(
             leased.iter().all(|p| p.queue_position.is_none()),
             "{l}: running ports have no place"

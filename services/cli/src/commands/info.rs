@@ -44,15 +44,12 @@ pub(crate) async fn list(registry: &str, a: ListArgs) -> anyhow::Result<()> {
     let req = v1::ListRequest {
         filter: a.filter,
         include_yanked: a.all,
+        page_size: 1000,
+        page_token: String::new(),
     };
     match a.kind {
         ListKind::Bases => {
-            let versions = client
-                .registry()
-                .list_base_versions(req)
-                .await?
-                .into_inner()
-                .versions;
+            let versions = client.list_base_versions_all(req).await?;
             if a.json {
                 output::print_json(&serde_json::Value::Array(
                     versions.iter().map(output::base_json).collect(),
@@ -76,12 +73,7 @@ pub(crate) async fn list(registry: &str, a: ListArgs) -> anyhow::Result<()> {
             }
         }
         ListKind::Patches => {
-            let versions = client
-                .registry()
-                .list_patch_versions(req)
-                .await?
-                .into_inner()
-                .versions;
+            let versions = client.list_patch_versions_all(req).await?;
             if a.json {
                 output::print_json(&serde_json::Value::Array(
                     versions.iter().map(output::patch_json).collect(),
@@ -138,15 +130,10 @@ pub(crate) async fn status(registry: &str, a: StatusArgs) -> anyhow::Result<()> 
             let p = p.into_inner();
             // Its ports, with their quality gate.
             let ports: Vec<v1::Port> = client
-                .ports()
-                .query_compat(v1::QueryCompatRequest {
-                    subject: Some(v1::query_compat_request::Subject::Patch(
-                        reference.to_string(),
-                    )),
-                })
+                .query_compat_all(v1::query_compat_request::Subject::Patch(
+                    reference.to_string(),
+                ))
                 .await?
-                .into_inner()
-                .entries
                 .into_iter()
                 .filter_map(|e| e.port)
                 .collect();

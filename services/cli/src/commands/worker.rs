@@ -177,14 +177,7 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
         (None, Some(b)) => v1::query_compat_request::Subject::Base(b),
         (None, None) => anyhow::bail!("give --patch or --base"),
     };
-    let entries = client
-        .ports()
-        .query_compat(v1::QueryCompatRequest {
-            subject: Some(subject),
-        })
-        .await?
-        .into_inner()
-        .entries;
+    let entries = client.query_compat_all(subject).await?;
     if a.json {
         let rows: Vec<serde_json::Value> = entries
             .iter()

@@ -9,13 +9,15 @@ use patchport_core::port::{METHOD_VERSION, PortOrigin};
 use patchport_core::{Digest, PortRef, Reference};
 use patchport_proto::convert::{WireError, parse_field};
 use patchport_proto::v1::{self, port_service_server::PortService};
-use patchport_store::meta::{ListFilter, PortState};
+use patchport_store::meta::{ListFilter, Page, PortState};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, Principal, namespace_of};
 use crate::convert::{compat_native, compat_port, port_to_proto};
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
+
+use super::paging::{self, Part};
 
 /// The port a `GetPortRequest` names (`GetPort`, `CancelPort`).
 fn port_ref(reference: &str) -> Result<PortRef, WireError> {
@@ -172,7 +174,9 @@ impl PortService for Ports {
     ) -> Result<Response<v1::QueryCompatResponse>, Status> {
         let meta = &self.registry.meta;
         let mut entries = Vec::new();
+        let mut next = None;
         let who = self.registry.auth.principal(req.metadata()).await?;
+        let size = paging::page_size(req.get_ref().page_size);
         match CompatQuery::try_from(req.get_ref()).map_err(ApiError::from)? {
             CompatQuery::Patch(r) => {
                 self.registry
@@ -184,14 +188,40 @@ impl PortService for Ports {
                     .await
                     .map_err(ApiError::from)?
                     .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
-                entries.push(compat_native(&p));
+                // One native pair and a port per base version it was ported onto: few,
+                // paged by the last port id (0: the native pair).
+                let (part, page) = paging::decode(
+                    &req.get_ref().page_token,
+                    Part::Natives,
+                    &[Part::Natives, Part::Ports],
+                    size,
+                )
+                .map_err(ApiError::from)?;
+                let mut all = Vec::new();
+                if part == Part::Natives {
+                    all.push((0, compat_native(&p)));
+                }
                 for port in meta
                     .list_ports_of(&r.name, &r.version)
                     .await
                     .map_err(ApiError::from)?
                 {
-                    entries.push(compat_port(&port));
+                    if port.id > page.after_id {
+                        all.push((port.id, compat_port(&port)));
+                    }
                 }
+                if all.len() > size as usize {
+                    all.truncate(size as usize);
+                    let after_id = all.last().map_or(0, |(id, _)| *id);
+                    next = Some(paging::encode(
+                        Part::Ports,
+                        &Page {
+                            after_id,
+                            ..Page::first(size)
+                        },
+                    ));
+                }
+                entries.extend(all.into_iter().map(|(_, e)| e));
             }
             CompatQuery::Base(r) => {
                 self.registry
@@ -203,21 +233,52 @@ impl PortService for Ports {
                     .await
                     .map_err(ApiError::from)?
                     .ok_or_else(|| ApiError::not_found(format!("base version {r} not found")))?;
-                // Only the patches trained on this base, selected in the store.
-                let patches = meta
-                    .list_patch_versions(&ListFilter {
-                        on_base: Some(b.digest),
-                        ..ListFilter::default()
-                    })
-                    .await
-                    .map_err(ApiError::from)?;
-                entries.extend(patches.iter().map(compat_native));
-                for port in meta
-                    .list_ports_onto(&r.name, &r.version)
-                    .await
-                    .map_err(ApiError::from)?
-                {
-                    entries.push(compat_port(&port));
+                let (part, page) = paging::decode(
+                    &req.get_ref().page_token,
+                    Part::Natives,
+                    &[Part::Natives, Part::Ports],
+                    size,
+                )
+                .map_err(ApiError::from)?;
+                // The patches trained on this base (selected in the store), then the
+                // ports onto it, a page at a time.
+                let mut ports_from = Some(page.clone());
+                if part == Part::Natives {
+                    let natives = meta
+                        .list_patch_versions(&ListFilter {
+                            on_base: Some(b.digest),
+                            page,
+                            ..ListFilter::default()
+                        })
+                        .await
+                        .map_err(ApiError::from)?;
+                    entries.extend(natives.items.iter().map(compat_native));
+                    let left = size - entries.len() as u32;
+                    if let Some(more) = natives.next {
+                        next = Some(paging::encode(Part::Natives, &more));
+                        ports_from = None;
+                    } else if left == 0 {
+                        next = Some(paging::encode(Part::Ports, &Page::first(size)));
+                        ports_from = None;
+                    } else {
+                        ports_from = Some(Page::first(left));
+                    }
+                }
+                if let Some(page) = ports_from {
+                    let ports = meta
+                        .list_ports_onto(&r.name, &r.version, &page)
+                        .await
+                        .map_err(ApiError::from)?;
+                    entries.extend(ports.items.iter().map(compat_port));
+                    next = ports.next.map(|more| {
+                        paging::encode(
+                            Part::Ports,
+                            &Page {
+                                limit: Some(size),
+                                ..more
+                            },
+                        )
+                    });
                 }
             }
         }
@@ -233,7 +294,10 @@ impl PortService for Ports {
                 visible.push(e);
             }
         }
-        Ok(Response::new(v1::QueryCompatResponse { entries: visible }))
+        Ok(Response::new(v1::QueryCompatResponse {
+            entries: visible,
+            next_page_token: next.unwrap_or_default(),
+        }))
     }
 
     #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch), err)]

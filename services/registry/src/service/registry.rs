@@ -6,6 +6,8 @@ use patchport_proto::convert::{WireError, parse_field, parse_optional, try_list}
 use patchport_proto::v1::{self, registry_service_server::RegistryService};
 use patchport_store::meta::AuditRecord;
 use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
+
+use super::paging::{self, Part};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, Principal, namespace_of};
@@ -105,10 +107,17 @@ fn list_filter(req: &v1::ListRequest) -> Result<ListFilter, WireError> {
             ));
         }
     }
+    let (_, page) = paging::decode(
+        &req.page_token,
+        Part::Versions,
+        &[Part::Versions],
+        paging::page_size(req.page_size),
+    )?;
     Ok(ListFilter {
         prefix,
         include_yanked: req.include_yanked,
         on_base: None,
+        page,
     })
 }
 
@@ -330,15 +339,19 @@ impl RegistryService for Versions {
     ) -> Result<Response<v1::ListBaseVersionsResponse>, Status> {
         let filter = list_filter(req.get_ref()).map_err(ApiError::from)?;
         let who = self.list_caller(&req).await?;
-        let versions = self
+        let page = self
             .registry
             .meta
             .list_base_versions(&filter)
             .await
             .map_err(ApiError::from)?;
-        let versions = self.readable(&who, versions, |v| v.name.as_str()).await?;
+        let versions = self.readable(&who, page.items, |v| v.name.as_str()).await?;
         Ok(Response::new(v1::ListBaseVersionsResponse {
             versions: versions.iter().map(base_to_proto).collect(),
+            next_page_token: page
+                .next
+                .map(|p| paging::encode(Part::Versions, &p))
+                .unwrap_or_default(),
         }))
     }
 
@@ -410,15 +423,19 @@ impl RegistryService for Versions {
     ) -> Result<Response<v1::ListPatchVersionsResponse>, Status> {
         let filter = list_filter(req.get_ref()).map_err(ApiError::from)?;
         let who = self.list_caller(&req).await?;
-        let versions = self
+        let page = self
             .registry
             .meta
             .list_patch_versions(&filter)
             .await
             .map_err(ApiError::from)?;
-        let versions = self.readable(&who, versions, |v| v.name.as_str()).await?;
+        let versions = self.readable(&who, page.items, |v| v.name.as_str()).await?;
         Ok(Response::new(v1::ListPatchVersionsResponse {
             versions: versions.iter().map(patch_to_proto).collect(),
+            next_page_token: page
+                .next
+                .map(|p| paging::encode(Part::Versions, &p))
+                .unwrap_or_default(),
         }))
     }
 

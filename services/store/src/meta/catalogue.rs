@@ -6,7 +6,7 @@
 use patchport_core::{Digest, Name, VersionRef};
 
 use super::{
-    AuditRecord, BaseVersionRecord, BlobIndex, ListFilter, NewBaseVersion, NewPatchVersion,
+    AuditRecord, BaseVersionRecord, BlobIndex, ListFilter, NewBaseVersion, NewPatchVersion, Paged,
     PatchVersionRecord, StoreError,
 };
 
@@ -29,11 +29,11 @@ pub trait Catalogue: Send + Sync {
         name: &Name,
         version: &VersionRef,
     ) -> Result<Option<BaseVersionRecord>, StoreError>;
-    /// Base versions, by name then creation.
+    /// Base versions, by name then creation, one page of them (`filter.page`).
     async fn list_base_versions(
         &self,
         filter: &ListFilter,
-    ) -> Result<Vec<BaseVersionRecord>, StoreError>;
+    ) -> Result<Paged<BaseVersionRecord>, StoreError>;
     /// Marks a base version yanked.
     async fn yank_base_version(
         &self,
@@ -54,11 +54,12 @@ pub trait Catalogue: Send + Sync {
         name: &Name,
         version: &VersionRef,
     ) -> Result<Option<PatchVersionRecord>, StoreError>;
-    /// Patch versions, by name then creation.
+    /// Patch versions, by name then creation (by creation alone with `on_base`), one page
+    /// of them (`filter.page`).
     async fn list_patch_versions(
         &self,
         filter: &ListFilter,
-    ) -> Result<Vec<PatchVersionRecord>, StoreError>;
+    ) -> Result<Paged<PatchVersionRecord>, StoreError>;
     /// Marks a patch version yanked.
     async fn yank_patch_version(
         &self,

@@ -436,8 +436,79 @@ pub struct ListFilter {
     pub prefix: String,
     /// Include yanked versions.
     pub include_yanked: bool,
-    /// Patch listings only: just the versions trained on this base digest.
+    /// Patch listings only: just the versions trained on this base digest (oldest first,
+    /// paged by id alone).
     pub on_base: Option<Digest>,
+    /// Which page.
+    pub page: Page,
+}
+
+/// A keyset page: the rows after a key, at most `limit` of them (all with `None`).
+/// Listings by name are keyed by (name, id), the others by id alone (`after_name` empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// The name of the last row of the previous page (listings by name).
+    pub after_name: String,
+    /// The id of the last row of the previous page; 0 for the first page.
+    pub after_id: i64,
+    /// At most this many rows; `None` for every row.
+    pub limit: Option<u32>,
+}
+
+impl Page {
+    /// Every row.
+    pub const ALL: Page = Page {
+        after_name: String::new(),
+        after_id: 0,
+        limit: None,
+    };
+
+    /// The first `limit` rows.
+    pub fn first(limit: u32) -> Self {
+        Self {
+            limit: Some(limit),
+            ..Self::ALL
+        }
+    }
+}
+
+/// One page of rows and the key of the next, if there are more.
+#[derive(Debug, Clone)]
+pub struct Paged<T> {
+    /// The rows of this page.
+    pub items: Vec<T>,
+    /// Where the next page starts (its `limit` is this page's); `None` on the last page.
+    pub next: Option<Page>,
+}
+
+impl<T> Paged<T> {
+    /// Keeps at most `page.limit` of `rows` (fetched with one more than the limit, so an
+    /// extra row means there is a next page, keyed by the last kept row).
+    pub(crate) fn cut<R>(
+        mut rows: Vec<R>,
+        page: &Page,
+        key: impl Fn(&R) -> (String, i64),
+        record: impl FnMut(R) -> Result<T, StoreError>,
+    ) -> Result<Self, StoreError> {
+        let next = match page.limit {
+            Some(limit) if rows.len() > limit as usize => {
+                rows.truncate(limit as usize);
+                rows.last().map(|r| {
+                    let (after_name, after_id) = key(r);
+                    Page {
+                        after_name,
+                        after_id,
+                        limit: page.limit,
+                    }
+                })
+            }
+            _ => None,
+        };
+        Ok(Self {
+            items: rows.into_iter().map(record).collect::<Result<_, _>>()?,
+            next,
+        })
+    }
 }
 
 /// The metadata store: every concern, as one object (each has its own conformance

@@ -9,7 +9,7 @@ use patchport_core::port::{PortDiagnostics, Refusal};
 
 use patchport_core::{Name, VersionRef};
 
-use super::{PortRecord, PortState, StoreError};
+use super::{Page, Paged, PortRecord, PortState, StoreError};
 
 /// How failed attempts are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,12 +175,14 @@ pub trait Queue: Send + Sync {
         patch_name: &Name,
         patch_version: &VersionRef,
     ) -> Result<Vec<PortRecord>, StoreError>;
-    /// Ports onto a base version, by id (its fan-out, among others).
+    /// Ports onto a base version, by id (its fan-out, among others), one page of them
+    /// (keyed by id).
     async fn list_ports_onto(
         &self,
         base_name: &Name,
         base_version: &VersionRef,
-    ) -> Result<Vec<PortRecord>, StoreError>;
+        page: &Page,
+    ) -> Result<Paged<PortRecord>, StoreError>;
     /// Sets a job's priority (higher is leased first).
     async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
     /// Leases the next ready job: jobs whose target base is in `loaded_base_digests`

@@ -91,6 +91,25 @@ macro_rules! impl_catalogue {
                 $crate::meta::sql::patch_record(row, files)
             }
 
+            /// The files of many versions of `table`, by version id, in few statements.
+            async fn files_of(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                table: &'static str,
+                ids: impl Iterator<Item = i64>,
+            ) -> Result<std::collections::HashMap<i64, Vec<$crate::meta::sql::FileRow>>, $crate::meta::StoreError> {
+                let ids: Vec<i64> = ids.collect();
+                let mut rows = Vec::new();
+                for chunk in ids.chunks($crate::meta::sql::FILES_CHUNK) {
+                    let sql = $crate::meta::sql::files_of_sql(table, chunk.len());
+                    let mut q = sqlx::query_as::<_, $crate::meta::sql::VersionFileRow>(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    rows.extend(q.fetch_all(&mut *conn).await?);
+                }
+                Ok($crate::meta::sql::group_files(rows))
+            }
+
             async fn try_insert_base(
                 &self,
                 new: &$crate::meta::NewBaseVersion,
@@ -346,22 +365,23 @@ macro_rules! impl_catalogue {
             async fn list_base_versions(
                 &self,
                 filter: &$crate::meta::ListFilter,
-            ) -> Result<Vec<$crate::meta::BaseVersionRecord>, $crate::meta::StoreError> {
+            ) -> Result<$crate::meta::Paged<$crate::meta::BaseVersionRecord>, $crate::meta::StoreError> {
                 use $crate::meta::sql::{BaseRow, BASE_SELECT};
                 let mut conn = self.pool.acquire().await?;
-                let rows = sqlx::query_as::<_, BaseRow>(sqlx::AssertSqlSafe(format!(
-                    "{BASE_SELECT} WHERE ($1 = '' OR b.name = $1 OR substr(b.name, 1, length($1) + 1) = $1 || '/') \
-                     AND ($2 OR b.state = 'published') ORDER BY b.name, b.id"
-                )))
-                .bind(filter.prefix.as_str())
-                .bind(filter.include_yanked)
-                .fetch_all(&mut *conn)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    out.push(Self::load_base(&mut conn, row).await?);
+                let (tail, args) = $crate::meta::sql::listing("b", filter);
+                let mut q = sqlx::query_as::<_, BaseRow>(sqlx::AssertSqlSafe(format!("{BASE_SELECT}{tail}")));
+                for a in args {
+                    q = match a {
+                        $crate::meta::sql::Arg::Text(t) => q.bind(t),
+                        $crate::meta::sql::Arg::Int(i) => q.bind(i),
+                    };
                 }
-                Ok(out)
+                let rows = q.fetch_all(&mut *conn).await?;
+                let mut files = Self::files_of(&mut conn, "base_files", rows.iter().map(|r| r.id)).await?;
+                $crate::meta::Paged::cut(rows, &filter.page, |r| (r.name.clone(), r.id), |row| {
+                    let f = files.remove(&row.id).unwrap_or_default();
+                    $crate::meta::sql::base_record(row, $crate::meta::sql::files("base_files", f)?)
+                })
             }
 
             async fn yank_base_version(
@@ -423,23 +443,23 @@ macro_rules! impl_catalogue {
             async fn list_patch_versions(
                 &self,
                 filter: &$crate::meta::ListFilter,
-            ) -> Result<Vec<$crate::meta::PatchVersionRecord>, $crate::meta::StoreError> {
+            ) -> Result<$crate::meta::Paged<$crate::meta::PatchVersionRecord>, $crate::meta::StoreError> {
                 use $crate::meta::sql::{PatchRow, PATCH_SELECT};
                 let mut conn = self.pool.acquire().await?;
-                let rows = sqlx::query_as::<_, PatchRow>(sqlx::AssertSqlSafe(format!(
-                    "{PATCH_SELECT} WHERE ($1 = '' OR v.name = $1 OR substr(v.name, 1, length($1) + 1) = $1 || '/') \
-                     AND ($2 OR v.state = 'published') AND ($3 = '' OR b.digest = $3) ORDER BY v.name, v.id"
-                )))
-                .bind(filter.prefix.as_str())
-                .bind(filter.include_yanked)
-                .bind(filter.on_base.map(|d| d.to_string()).unwrap_or_default())
-                .fetch_all(&mut *conn)
-                .await?;
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows {
-                    out.push(Self::load_patch(&mut conn, row).await?);
+                let (tail, args) = $crate::meta::sql::listing("v", filter);
+                let mut q = sqlx::query_as::<_, PatchRow>(sqlx::AssertSqlSafe(format!("{PATCH_SELECT}{tail}")));
+                for a in args {
+                    q = match a {
+                        $crate::meta::sql::Arg::Text(t) => q.bind(t),
+                        $crate::meta::sql::Arg::Int(i) => q.bind(i),
+                    };
                 }
-                Ok(out)
+                let rows = q.fetch_all(&mut *conn).await?;
+                let mut files = Self::files_of(&mut conn, "patch_files", rows.iter().map(|r| r.id)).await?;
+                $crate::meta::Paged::cut(rows, &filter.page, |r| (r.name.clone(), r.id), |row| {
+                    let f = files.remove(&row.id).unwrap_or_default();
+                    $crate::meta::sql::patch_record(row, $crate::meta::sql::files("patch_files", f)?)
+                })
             }
 
             async fn yank_patch_version(

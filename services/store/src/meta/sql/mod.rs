@@ -52,6 +52,107 @@ pub(crate) struct FileRow {
     pub(crate) size: i64,
 }
 
+/// A file row with its version's id (files of many versions read at once).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct VersionFileRow {
+    pub(crate) version_id: i64,
+    pub(crate) path: String,
+    pub(crate) digest: String,
+    pub(crate) size: i64,
+}
+
+/// A value bound to a numbered placeholder of a query built at run time.
+#[derive(Debug, Clone)]
+pub(crate) enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The `WHERE`, `ORDER BY` and `LIMIT` of a version listing (`alias` `b` or `v`), with
+/// its arguments in placeholder order.
+pub(crate) fn listing(alias: &str, filter: &super::ListFilter) -> (String, Vec<Arg>) {
+    let mut conds = Vec::new();
+    let mut args = Vec::new();
+    let mut arg = |a: Arg| {
+        args.push(a);
+        format!("${}", args.len())
+    };
+    let prefix = filter.prefix.as_str();
+    if prefix.contains('/') {
+        conds.push(format!(
+            "{alias}.name = {}",
+            arg(Arg::Text(prefix.to_owned()))
+        ));
+    } else if !prefix.is_empty() {
+        conds.push(format!(
+            "{alias}.namespace = {}",
+            arg(Arg::Text(prefix.to_owned()))
+        ));
+    }
+    if !filter.include_yanked {
+        conds.push(format!("{alias}.state = 'published'"));
+    }
+    let page = &filter.page;
+    let order = if let Some(base) = &filter.on_base {
+        conds.push(format!(
+            "{alias}.base_id IN (SELECT id FROM base_versions WHERE digest = {})",
+            arg(Arg::Text(base.to_string()))
+        ));
+        if page.after_id > 0 {
+            conds.push(format!("{alias}.id > {}", arg(Arg::Int(page.after_id))));
+        }
+        format!("{alias}.id")
+    } else {
+        if page.after_id > 0 {
+            let name = arg(Arg::Text(page.after_name.clone()));
+            let id = arg(Arg::Int(page.after_id));
+            conds.push(format!("({alias}.name, {alias}.id) > ({name}, {id})"));
+        }
+        format!("{alias}.name, {alias}.id")
+    };
+    let mut sql = String::new();
+    if !conds.is_empty() {
+        sql.push_str(" WHERE ");
+        sql.push_str(&conds.join(" AND "));
+    }
+    sql.push_str(&format!(" ORDER BY {order}"));
+    if let Some(limit) = page.limit {
+        // One more than asked: its presence says there is a next page.
+        sql.push_str(&format!(" LIMIT {}", arg(Arg::Int(i64::from(limit) + 1))));
+    }
+    (sql, args)
+}
+
+/// `SELECT` the files of the versions `ids` from `table` (`base_files` or `patch_files`),
+/// ordered by version then path: one statement per 500 versions.
+pub(crate) fn files_of_sql(table: &str, count: usize) -> String {
+    let list: Vec<String> = (1..=count).map(|i| format!("${i}")).collect();
+    format!(
+        "SELECT version_id, path, digest, size FROM {table} WHERE version_id IN ({}) \
+         ORDER BY version_id, path",
+        list.join(", ")
+    )
+}
+
+/// How many versions' files one statement reads.
+pub(crate) const FILES_CHUNK: usize = 500;
+
+/// Files grouped by version id.
+pub(crate) fn group_files(
+    rows: Vec<VersionFileRow>,
+) -> std::collections::HashMap<i64, Vec<FileRow>> {
+    let mut by_version: std::collections::HashMap<i64, Vec<FileRow>> =
+        std::collections::HashMap::new();
+    for r in rows {
+        by_version.entry(r.version_id).or_default().push(FileRow {
+            path: r.path,
+            digest: r.digest,
+            size: r.size,
+        });
+    }
+    by_version
+}
+
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct TensorRow {
     pub(crate) name: String,

@@ -441,14 +441,24 @@ macro_rules! impl_queue {
                 &self,
                 base_name: &patchport_core::Name,
                 base_version: &patchport_core::VersionRef,
-            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                page: &$crate::meta::Page,
+            ) -> Result<$crate::meta::Paged<$crate::meta::PortRecord>, $crate::meta::StoreError> {
                 let mut conn = self.pool.acquire().await?;
                 let Some(base) = Self::base_by_ref(&mut conn, base_name, base_version).await? else {
                     return Err($crate::meta::StoreError::NotFound {
                         what: format!("base version {base_name}:{base_version}"),
                     });
                 };
-                Self::ports_where(&mut conn, "t.base_id = $1", base.id, $crate::meta::sql::Places::With).await
+                let limit = page.limit.map_or(String::new(), |l| format!(" LIMIT {}", i64::from(l) + 1));
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE t.base_id = $1 AND t.id > $2 ORDER BY t.id{limit}",
+                    $crate::meta::sql::port_select($crate::meta::sql::Places::With)
+                )))
+                .bind(base.id)
+                .bind(page.after_id)
+                .fetch_all(&mut *conn)
+                .await?;
+                $crate::meta::Paged::cut(rows, page, |r| (String::new(), r.id), $crate::meta::sql::port_record)
             }
 
             async fn list_ports_of(
