@@ -218,6 +218,7 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
             name: "acme/llama".into(),
             version: "v1".into(),
             parent: String::new(),
+            validate_only: false,
             files: vec![
                 v1::FileEntry {
                     path: "config.json".into(),
@@ -248,6 +249,7 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
             name: "acme/llama".into(),
             version: "v1".into(),
             parent: String::new(),
+            validate_only: false,
             files: vec![v1::FileEntry {
                 path: "../etc/passwd".into(),
                 digest: patchport_core::Digest::of(b"x").to_string(),
