@@ -420,6 +420,7 @@ impl From<&PortDiagnostics> for v1::PortDiagnostics {
             modules: d.modules.iter().map(Into::into).collect(),
             total: Some((&d.total).into()),
             risk: d.risk(),
+            high_risk: d.high_risk(),
         }
     }
 }
@@ -526,6 +527,7 @@ mod tests {
         };
         let wire = v1::PortDiagnostics::from(&d);
         assert_eq!(wire.risk, d.risk());
+        assert_eq!(wire.high_risk, d.high_risk());
         assert_eq!(PortDiagnostics::from(&wire), d);
         assert_eq!(
             PortDiagnostics::from(&v1::PortDiagnostics::default()),

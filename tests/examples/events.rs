@@ -232,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
         version: version.to_string(),
         base: base_ref.clone(),
         eval: None,
+        allow_architecture_mismatch: false,
     };
 
     // Setup: the base, and version 0 of the patch so that every measured push finds

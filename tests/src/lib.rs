@@ -356,5 +356,6 @@ pub fn patch(name: &str, version: &str, base: &str) -> patchport_client::PushKin
         version: version.to_owned(),
         base: base.to_owned(),
         eval: None,
+        allow_architecture_mismatch: false,
     }
 }

@@ -206,6 +206,7 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
             name: "acme/llama".into(),
             version: "v1".into(),
             parent: String::new(),
+            validate_only: false,
             files: vec![
                 v1::FileEntry {
                     path: "config.json".into(),
@@ -236,6 +237,7 @@ async fn a_push_naming_a_blob_that_was_never_uploaded_is_a_failed_precondition()
             name: "acme/llama".into(),
             version: "v1".into(),
             parent: String::new(),
+            validate_only: false,
             files: vec![v1::FileEntry {
                 path: "../etc/passwd".into(),
                 digest: patchport_core::Digest::of(b"x").to_string(),
@@ -328,24 +330,24 @@ async fn bad_names_versions_parents_and_bases_are_refused() {
         &["invalid reference"],
     )
     .await;
-    // A model directory is not an adapter: adapter_config.json is missing.
-    expect_err(
-        &reg,
-        &v2,
-        &patch("acme/qv", "2", "acme/llama:v1"),
-        Code::InvalidArgument,
-        &["missing adapter_config.json"],
-    )
-    .await;
-    // An adapter directory is not a model.
-    expect_err(
-        &reg,
-        &qv,
-        &base("acme/llama", "v2", None),
-        Code::InvalidArgument,
-        &["missing config.json"],
-    )
-    .await;
+    // A model directory is not an adapter: adapter_config.json is missing. The client
+    // refuses it from the file names, before it sends anything (the registry's own
+    // check of a manifest is in services/cli/tests/clients.rs).
+    let client = reg.client().await.unwrap();
+    for (dir, kind, words) in [
+        (
+            &v2,
+            patch("acme/qv", "2", "acme/llama:v1"),
+            "missing adapter_config.json",
+        ),
+        // An adapter directory is not a model.
+        (&qv, base("acme/llama", "v2", None), "missing config.json"),
+    ] {
+        let e = client.push_dir(dir, &kind, &NoProgress).await.unwrap_err();
+        assert_eq!(e.code(), None, "{e}");
+        assert!(e.to_string().contains(words), "{e}");
+        assert!(e.to_string().contains("nothing was uploaded"), "{e}");
+    }
     assert_eq!(listing(&reg).await, (bases, patches));
 }
 

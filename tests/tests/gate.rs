@@ -61,6 +61,7 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
         version: "1".into(),
         base: "acme/tiny:v1".into(),
         eval: Some(eval),
+        allow_architecture_mismatch: false,
     };
     let err = client
         .push_dir(
@@ -145,6 +146,10 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
         risk(&small)
     );
     assert!(risk(&same) < risk(&small));
+    // The high-risk flag is computed by the registry and travels on the wire.
+    let high = |p: &v1::Port| p.diagnostics.as_ref().unwrap().high_risk;
+    assert!(high(&large), "{}", risk(&large));
+    assert!(!high(&small) && !high(&same), "{}", risk(&small));
 
     // Compat carries it all; resolve --require-pass returns only the passing port.
     let compat = client
@@ -247,6 +252,7 @@ async fn a_base_without_a_tokenizer_is_not_evaluable() {
                 version: "1".into(),
                 base: "acme/llama:v1".into(),
                 eval: Some(fixtures().join("task-llama/eval.jsonl")),
+                allow_architecture_mismatch: false,
             },
             &NoProgress,
         )

@@ -2,7 +2,7 @@
 //! tensors uploaded as blobs, the merged model described as blob ranges that compose
 //! into exactly the offline `--merged` bytes.
 
-use patchport_client::NoProgress;
+use patchport_client::{FileSource, NoProgress};
 use patchport_core::Digest;
 use patchport_core::layout::DeclaredFile;
 use patchport_core::port::RefusalKind;
@@ -110,11 +110,38 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
             assert_eq!(*size, bytes.len() as u64);
             file.digest = Digest::of(bytes).to_string();
         }
-        // download_file verifies the composed bytes against the offline file's digest.
-        client
-            .download_file(&file, out.path(), &NoProgress)
-            .await
-            .unwrap();
+        if file.segments.is_empty() {
+            client
+                .download_file(&file, FileSource::Blob, out.path(), &NoProgress)
+                .await
+                .unwrap();
+            continue;
+        }
+        // Not recorded yet (the registry composes recorded files): put the declared
+        // pieces together from their blobs and compare with the offline file's digest.
+        let mut composed_bytes = Vec::new();
+        for seg in &file.segments {
+            let Some(v1::segment::Source::Blob(r)) = &seg.source else {
+                panic!("a worker declares composed files as blob ranges");
+            };
+            let mut stream = client
+                .blobs()
+                .read_file(v1::ReadFileRequest {
+                    digest: r.digest.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut blob = Vec::new();
+            while let Some(chunk) = stream.message().await.unwrap() {
+                blob.extend_from_slice(&chunk.data);
+            }
+            composed_bytes
+                .extend_from_slice(&blob[r.offset as usize..(r.offset + r.length) as usize]);
+        }
+        assert_eq!(Digest::of(&composed_bytes).to_string(), file.digest);
+        std::fs::write(out.path().join(&file.path), composed_bytes).unwrap();
     }
     assert!(composed >= 1);
     assert_eq!(read_tree(out.path()), want);
@@ -123,7 +150,7 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     let adapter = tempfile::tempdir().unwrap();
     for file in &result.adapter_files {
         client
-            .download_file(&file.into(), adapter.path(), &NoProgress)
+            .download_file(&file.into(), FileSource::Blob, adapter.path(), &NoProgress)
             .await
             .unwrap();
     }

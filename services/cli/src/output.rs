@@ -196,9 +196,6 @@ pub(crate) fn print_patch(p: &v1::PatchVersion) {
     print_files(&p.files);
 }
 
-/// Ports whose drift risk is at least this are flagged (`high_risk`) for review.
-pub(crate) use patchport_core::port::HIGH_RISK;
-
 fn arm_json(a: Option<&v1::ArmResult>) -> Value {
     a.map_or(
         Value::Null,
@@ -227,9 +224,12 @@ pub(crate) fn evaluation_json(e: Option<&v1::Evaluation>) -> Value {
 
 /// One line about a port's gate: `risk 0.16 · regressed: accuracy 0.925 vs 0.944`.
 pub(crate) fn gate_line(p: &v1::Port) -> String {
-    let risk = p.diagnostics.as_ref().map(|d| d.risk);
-    let mut out = risk.map_or_else(String::new, |r| {
-        format!("risk {r:.2}{}", if r >= HIGH_RISK { " (high)" } else { "" })
+    let mut out = p.diagnostics.as_ref().map_or_else(String::new, |d| {
+        format!(
+            "risk {:.2}{}",
+            d.risk,
+            if d.high_risk { " (high)" } else { "" }
+        )
     });
     if let Some(e) = &p.evaluation {
         let part = match e.status.as_str() {

@@ -304,7 +304,8 @@ fn metrics_count_requests_by_method_and_code_bytes_and_queue_depth() {
         ],
     )
     .unwrap_or_else(|| panic!("no PushBaseVersion OK counter:\n{body}"));
-    assert!(push.ends_with(" 2"), "two base pushes: {push}");
+    // Each push is a validate_only call before the upload and the push itself.
+    assert!(push.ends_with(" 4"), "two base pushes: {push}");
     let uploads = line_with(
         &body,
         &[
@@ -321,7 +322,7 @@ fn metrics_count_requests_by_method_and_code_bytes_and_queue_depth() {
                 "patchport_grpc_request_duration_seconds_bucket{",
                 "PushBaseVersion",
                 "le=\"+Inf\"",
-                "} 2"
+                "} 4"
             ]
         )
         .is_some(),

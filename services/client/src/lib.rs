@@ -20,8 +20,8 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-pub use pull::PullOutcome;
-pub use push::{FileToPush, PushKind, PushOutcome, scan_dir};
+pub use pull::{FileSource, PullOutcome};
+pub use push::{FileToPush, PushKind, PushOutcome, list_dir, scan_dir};
 
 /// The default registry address.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";

@@ -11,6 +11,21 @@ use patchport_proto::v1;
 
 use crate::{Client, ClientError, Progress};
 
+/// Where [`Client::download_file`] reads a file from.
+#[derive(Debug, Clone, Copy)]
+pub enum FileSource<'a> {
+    /// A file of a base or patch version, or of a port (`merged`: its merged model), by
+    /// reference and path.
+    Version {
+        /// The version or port reference.
+        reference: &'a str,
+        /// For a port: the merged model's file.
+        merged: bool,
+    },
+    /// The blob with the file's digest (a file stored whole).
+    Blob,
+}
+
 /// The result of a pull.
 #[derive(Debug, Clone)]
 pub struct PullOutcome {
@@ -61,6 +76,11 @@ impl Client {
         merged: bool,
         progress: &dyn Progress,
     ) -> Result<PullOutcome, ClientError> {
+        let reference_str = reference.to_string();
+        let source = FileSource::Version {
+            reference: &reference_str,
+            merged,
+        };
         let (kind, digest, files) = match reference {
             AnyRef::Version(r) => {
                 if merged {
@@ -98,7 +118,7 @@ impl Client {
         std::fs::create_dir_all(out).map_err(|e| ClientError::io(out.display(), e))?;
         let mut bytes = 0;
         for f in &files {
-            self.download_file(f, out, progress).await?;
+            self.download_file(f, source, out, progress).await?;
             bytes += f.size;
         }
         Ok(PullOutcome {
@@ -109,10 +129,13 @@ impl Client {
         })
     }
 
-    /// Downloads one file (a blob, or a composed file) into `out/<path>`, verified.
+    /// Downloads one file into `out/<path>` through one `ReadFile` stream (a port's
+    /// composed file arrives whole), verified against `f`'s digest and size, which the
+    /// stream's first message must repeat.
     pub async fn download_file(
         &self,
         f: &v1::FileEntry,
+        from: FileSource<'_>,
         out: &Path,
         progress: &dyn Progress,
     ) -> Result<PathBuf, ClientError> {
@@ -129,50 +152,35 @@ impl Client {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         ));
+        let req = match from {
+            FileSource::Version { reference, merged } => v1::ReadFileRequest {
+                reference: reference.to_owned(),
+                path: f.path.clone(),
+                merged,
+                digest: String::new(),
+            },
+            FileSource::Blob => v1::ReadFileRequest {
+                digest: f.digest.clone(),
+                ..Default::default()
+            },
+        };
+        let mut stream = self.blobs().read_file(req).await?.into_inner();
         let mut file = std::io::BufWriter::with_capacity(
             1 << 20,
             std::fs::File::create(&tmp).map_err(|e| ClientError::io(tmp.display(), e))?,
         );
         let mut hasher = Hasher::new();
         progress.start(&f.path, f.size);
-        let ranges: Vec<(String, u64, u64, Option<bytes::Bytes>)> = if f.segments.is_empty() {
-            vec![(f.digest.clone(), 0, 0, None)]
-        } else {
-            f.segments
-                .iter()
-                .map(|s| match &s.source {
-                    Some(v1::segment::Source::Inline(b)) => (String::new(), 0, 0, Some(b.clone())),
-                    Some(v1::segment::Source::Blob(r)) => {
-                        (r.digest.clone(), r.offset, r.length, None)
-                    }
-                    None => (String::new(), 0, 0, Some(bytes::Bytes::new())),
-                })
-                .collect()
-        };
-        for (digest, offset, length, inline) in ranges {
-            if let Some(b) = inline {
-                hasher.update(&b);
-                file.write_all(&b)
-                    .map_err(|e| ClientError::io(tmp.display(), e))?;
-                progress.advance(b.len() as u64);
-                continue;
+        let mut announced = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if let Some(head) = chunk.file {
+                announced = Some(head);
             }
-            let mut stream = self
-                .blobs()
-                .read_blob(v1::ReadBlobRequest {
-                    digest,
-                    offset,
-                    length,
-                })
-                .await?
-                .into_inner();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                hasher.update(&chunk.data);
-                file.write_all(&chunk.data)
-                    .map_err(|e| ClientError::io(tmp.display(), e))?;
-                progress.advance(chunk.data.len() as u64);
-            }
+            hasher.update(&chunk.data);
+            file.write_all(&chunk.data)
+                .map_err(|e| ClientError::io(tmp.display(), e))?;
+            progress.advance(chunk.data.len() as u64);
         }
         progress.finish();
         file.flush()
@@ -180,7 +188,10 @@ impl Client {
         drop(file);
         let size = hasher.len();
         let actual = hasher.finish().to_string();
-        if actual != f.digest || size != f.size {
+        let expected_ok = announced
+            .as_ref()
+            .is_some_and(|h| h.digest == f.digest && h.size == f.size);
+        if !expected_ok || actual != f.digest || size != f.size {
             let _ = std::fs::remove_file(&tmp);
             return Err(ClientError::DigestMismatch {
                 path: f.path.clone(),

@@ -1,4 +1,5 @@
-//! Pushing a directory: hash every file, upload the blobs the registry lacks (resuming
+//! Pushing a directory: check its layout from the file names, hash every file, have the
+//! registry check the manifest (`validate_only`), upload the blobs it lacks (resuming
 //! from the committed offset after a cut), then record the version in one call.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -49,6 +50,9 @@ pub enum PushKind {
         base: String,
         /// An eval set file to store with it.
         eval: Option<PathBuf>,
+        /// Push onto a base of another architecture when the modules and shapes line up
+        /// (`allow_architecture_mismatch`).
+        allow_architecture_mismatch: bool,
     },
 }
 
@@ -86,9 +90,10 @@ fn hash_file(path: &Path) -> Result<(Digest, u64), ClientError> {
     Ok((h.finish(), len))
 }
 
-/// Lists and hashes every regular file under `dir` (following symlinks; entries whose
-/// name starts with `.` are skipped, so `.git` and `.cache` never travel).
-pub fn scan_dir(dir: &Path) -> Result<Vec<FileToPush>, ClientError> {
+/// Lists every regular file under `dir` as (relative path, local path), sorted by path
+/// (following symlinks; entries whose name starts with `.` are skipped, so `.git` and
+/// `.cache` never travel). Nothing is read.
+pub fn list_dir(dir: &Path) -> Result<Vec<(String, PathBuf)>, ClientError> {
     let meta = std::fs::metadata(dir).map_err(|e| ClientError::io(dir.display(), e))?;
     if !meta.is_dir() {
         return Err(ClientError::Invalid {
@@ -115,18 +120,51 @@ pub fn scan_dir(dir: &Path) -> Result<Vec<FileToPush>, ClientError> {
             if meta.is_dir() {
                 stack.push((path, rel_path));
             } else if meta.is_file() {
-                let (digest, size) = hash_file(&path)?;
-                out.push(FileToPush {
-                    path: rel_path,
-                    local: path,
-                    digest,
-                    size,
-                });
+                out.push((rel_path, path));
             }
         }
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Hashes listed files.
+fn hash_files(listed: Vec<(String, PathBuf)>) -> Result<Vec<FileToPush>, ClientError> {
+    listed
+        .into_iter()
+        .map(|(path, local)| {
+            let (digest, size) = hash_file(&local)?;
+            Ok(FileToPush {
+                path,
+                local,
+                digest,
+                size,
+            })
+        })
+        .collect()
+}
+
+/// Lists and hashes every regular file under `dir` (as [`list_dir`]).
+pub fn scan_dir(dir: &Path) -> Result<Vec<FileToPush>, ClientError> {
+    hash_files(list_dir(dir)?)
+}
+
+/// Checks a directory's layout from its file names alone, as the registry will: a base
+/// needs config.json and *.safetensors, a patch adapter_config.json and
+/// adapter_model.safetensors.
+fn check_layout(
+    dir: &Path,
+    kind: &PushKind,
+    listed: &[(String, PathBuf)],
+) -> Result<(), ClientError> {
+    let paths: Vec<&str> = listed.iter().map(|(p, _)| p.as_str()).collect();
+    let checked = match kind {
+        PushKind::Base { .. } => patchport_core::layout::check_base_paths(&paths),
+        PushKind::Patch { .. } => patchport_core::layout::check_patch_paths(&paths),
+    };
+    checked.map_err(|e| ClientError::Invalid {
+        message: format!("{}: {e}; nothing was uploaded", dir.display()),
+    })
 }
 
 impl Client {
@@ -137,8 +175,10 @@ impl Client {
         kind: &PushKind,
         progress: &dyn Progress,
     ) -> Result<PushOutcome, ClientError> {
-        let dir_owned = dir.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || scan_dir(&dir_owned))
+        // The layout first, from names alone: before hashing or sending a byte.
+        let listed = list_dir(dir)?;
+        check_layout(dir, kind, &listed)?;
+        let files = tokio::task::spawn_blocking(move || hash_files(listed))
             .await
             .map_err(|e| ClientError::Invalid {
                 message: format!("hashing task failed: {e}"),
@@ -160,10 +200,6 @@ impl Client {
             }
             _ => None,
         };
-        let mut all: Vec<&FileToPush> = files.iter().collect();
-        all.extend(eval.iter());
-        let (uploaded_blobs, uploaded_bytes, skipped_blobs) =
-            self.upload_missing(&all, progress).await?;
         let entries: Vec<v1::FileEntry> = files
             .iter()
             .map(|f| v1::FileEntry {
@@ -173,16 +209,41 @@ impl Client {
                 segments: Vec::new(),
             })
             .collect();
-        let mut registry = self.registry();
-        let mut out = PushOutcome {
-            base: None,
-            patch: None,
-            created: false,
+        let eval_digest = eval
+            .as_ref()
+            .map(|e| e.digest.to_string())
+            .unwrap_or_default();
+        // The registry checks the manifest (names, layout, parent or base, permission)
+        // before any blob is sent.
+        self.push_manifest(kind, entries.clone(), eval_digest.clone(), true)
+            .await?;
+        let mut all: Vec<&FileToPush> = files.iter().collect();
+        all.extend(eval.iter());
+        let (uploaded_blobs, uploaded_bytes, skipped_blobs) =
+            self.upload_missing(&all, progress).await?;
+        let (base, patch, created) = self
+            .push_manifest(kind, entries, eval_digest, false)
+            .await?;
+        Ok(PushOutcome {
+            base,
+            patch,
+            created,
             uploaded_blobs,
             uploaded_bytes,
             skipped_blobs,
-        };
-        match kind {
+        })
+    }
+
+    /// PushBaseVersion or PushPatchVersion of a manifest (`validate_only`: only checked).
+    async fn push_manifest(
+        &self,
+        kind: &PushKind,
+        entries: Vec<v1::FileEntry>,
+        eval_digest: String,
+        validate_only: bool,
+    ) -> Result<(Option<v1::BaseVersion>, Option<v1::PatchVersion>, bool), ClientError> {
+        let mut registry = self.registry();
+        Ok(match kind {
             PushKind::Base {
                 name,
                 version,
@@ -194,16 +255,17 @@ impl Client {
                         version: version.clone(),
                         parent: parent.clone().unwrap_or_default(),
                         files: entries,
+                        validate_only,
                     })
                     .await?
                     .into_inner();
-                out.created = resp.created;
-                out.base = resp.version;
+                (resp.version, None, resp.created)
             }
             PushKind::Patch {
                 name,
                 version,
                 base,
+                allow_architecture_mismatch,
                 ..
             } => {
                 let resp = registry
@@ -212,15 +274,15 @@ impl Client {
                         version: version.clone(),
                         base: base.clone(),
                         files: entries,
-                        eval_digest: eval.map(|e| e.digest.to_string()).unwrap_or_default(),
+                        eval_digest,
+                        validate_only,
+                        allow_architecture_mismatch: *allow_architecture_mismatch,
                     })
                     .await?
                     .into_inner();
-                out.created = resp.created;
-                out.patch = resp.version;
+                (None, resp.version, resp.created)
             }
-        }
-        Ok(out)
+        })
     }
 
     /// Uploads the files whose blobs the registry lacks; returns (blobs sent, bytes

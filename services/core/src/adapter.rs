@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use crate::model_config::ModelConfig;
 use crate::port::{Refusal, RefusalKind};
 
 /// An `adapter_config.json` that cannot be used.
@@ -409,9 +410,229 @@ impl AdapterConfig {
     }
 }
 
+/// The prefix PEFT puts before a base module name in adapter tensor keys.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// What an adapter tensor key is (the module name it carries, without [`PEFT_PREFIX`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdapterKey<'a> {
+    /// `lora_A` of a Linear (or Conv1D) module.
+    LoraA(&'a str),
+    /// `lora_B` of a Linear (or Conv1D) module.
+    LoraB(&'a str),
+    /// `lora_embedding_A` of an Embedding.
+    EmbeddingA(&'a str),
+    /// `lora_embedding_B` of an Embedding.
+    EmbeddingB(&'a str),
+    /// A DoRA magnitude vector.
+    Magnitude(&'a str),
+    /// A trained LoRA bias.
+    LoraBias(&'a str),
+    /// A whole module's tensor (a `modules_to_save` copy or a trained base tensor).
+    Full(&'a str),
+    /// Anything else.
+    Unknown,
+}
+
+/// Classifies a PEFT adapter tensor key.
+pub fn classify(key: &str) -> AdapterKey<'_> {
+    let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
+        return AdapterKey::Unknown;
+    };
+    let suffixes = [
+        ".lora_A.weight",
+        ".lora_B.weight",
+        ".lora_embedding_A",
+        ".lora_embedding_B",
+        ".lora_magnitude_vector.weight",
+        ".lora_magnitude_vector",
+        ".lora_A.bias",
+        ".lora_B.bias",
+        ".modules_to_save.weight",
+    ];
+    for (i, suffix) in suffixes.iter().enumerate() {
+        if let Some(m) = rest.strip_suffix(suffix).filter(|m| !m.is_empty()) {
+            return match i {
+                0 => AdapterKey::LoraA(m),
+                1 => AdapterKey::LoraB(m),
+                2 => AdapterKey::EmbeddingA(m),
+                3 => AdapterKey::EmbeddingB(m),
+                4 | 5 => AdapterKey::Magnitude(m),
+                6 | 7 => AdapterKey::LoraBias(m),
+                _ => AdapterKey::Full(m),
+            };
+        }
+    }
+    if rest.contains(".lora_") || rest.starts_with("lora_") {
+        return AdapterKey::Unknown;
+    }
+    for suffix in [".weight", ".bias"] {
+        if let Some(module) = rest.strip_suffix(suffix) {
+            let module = module.strip_suffix(".modules_to_save").unwrap_or(module);
+            if !module.is_empty() {
+                return AdapterKey::Full(module);
+            }
+        }
+    }
+    AdapterKey::Unknown
+}
+
+/// The model class an adapter was made for (PEFT's `auto_mapping.base_model_class`,
+/// e.g. `LlamaForCausalLM`), when its config says.
+pub fn base_model_class(cfg: &AdapterConfig) -> Option<&str> {
+    cfg.raw
+        .get("auto_mapping")?
+        .get("base_model_class")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
+/// An adapter pushed onto a base of another architecture: the model class the adapter was
+/// made for is not among the base's `architectures`. `None` when they agree or when either
+/// side does not say.
+pub fn architecture_refusal(cfg: &AdapterConfig, base: &ModelConfig) -> Option<Refusal> {
+    let class = base_model_class(cfg)?;
+    if base.architectures.is_empty() || base.architectures.iter().any(|a| a == class) {
+        return None;
+    }
+    Some(Refusal::new(
+        RefusalKind::Architecture,
+        "auto_mapping.base_model_class",
+        format!(
+            "the adapter was made for {class} but the base is {} (model_type {})",
+            base.architectures.join(", "),
+            base.model_type
+        ),
+    ))
+}
+
+/// Whether an adapter's LoRA modules truly line up with a base, from tensor names and
+/// shapes alone: every `lora_A`/`lora_B` pair names a base tensor `<module>.weight` whose
+/// shape is that of `B·A` (transposed for `fan_in_fan_out` and embeddings). `adapter`
+/// and `base` map tensor names to shapes. Empty when everything lines up.
+pub fn lineup_refusals(
+    cfg: &AdapterConfig,
+    adapter: &BTreeMap<String, Vec<u64>>,
+    base: &BTreeMap<String, Vec<u64>>,
+) -> Vec<Refusal> {
+    #[derive(Default)]
+    struct Pair<'a> {
+        a: Option<&'a [u64]>,
+        b: Option<&'a [u64]>,
+        embedding: bool,
+    }
+    let mut pairs: BTreeMap<&str, Pair<'_>> = BTreeMap::new();
+    for (name, shape) in adapter {
+        match classify(name) {
+            AdapterKey::LoraA(m) => pairs.entry(m).or_default().a = Some(shape),
+            AdapterKey::LoraB(m) => pairs.entry(m).or_default().b = Some(shape),
+            AdapterKey::EmbeddingA(m) => {
+                let p = pairs.entry(m).or_default();
+                p.a = Some(shape);
+                p.embedding = true;
+            }
+            AdapterKey::EmbeddingB(m) => {
+                let p = pairs.entry(m).or_default();
+                p.b = Some(shape);
+                p.embedding = true;
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if pairs.is_empty() {
+        out.push(Refusal::new(
+            RefusalKind::UnknownTensor,
+            crate::layout::ADAPTER_WEIGHTS,
+            "the adapter has no LoRA A/B tensors".to_owned(),
+        ));
+    }
+    for (module, p) in pairs {
+        let (Some(a), Some(b)) = (p.a, p.b) else {
+            out.push(Refusal::new(
+                RefusalKind::UnknownTensor,
+                module,
+                format!("{module}: the adapter lacks one of its lora_A/lora_B factors"),
+            ));
+            continue;
+        };
+        let weight = format!("{module}.weight");
+        let Some(have) = base.get(&weight) else {
+            out.push(Refusal::new(
+                RefusalKind::MissingModule,
+                module,
+                format!("{module}: the base has no tensor {weight}"),
+            ));
+            continue;
+        };
+        let want = match (a, b) {
+            ([r, i], [o, r2]) if r == r2 => {
+                if p.embedding || cfg.fan_in_fan_out {
+                    vec![*i, *o]
+                } else {
+                    vec![*o, *i]
+                }
+            }
+            _ => {
+                out.push(Refusal::new(
+                    RefusalKind::Shape,
+                    module,
+                    format!("{module}: lora_A {a:?} and lora_B {b:?} are not a rank-r pair"),
+                ));
+                continue;
+            }
+        };
+        if *have != want {
+            out.push(Refusal::new(
+                RefusalKind::Shape,
+                module,
+                format!("{module}: B·A is {want:?} but the base's {weight} is {have:?}"),
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn architecture_and_lineup() {
+        let cfg = AdapterConfig::parse(
+            br#"{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],
+                "auto_mapping":{"base_model_class":"LlamaForCausalLM"}}"#,
+        )
+        .unwrap();
+        let qwen =
+            ModelConfig::parse(br#"{"model_type":"qwen2","architectures":["Qwen2ForCausalLM"]}"#)
+                .unwrap();
+        let llama =
+            ModelConfig::parse(br#"{"model_type":"llama","architectures":["LlamaForCausalLM"]}"#)
+                .unwrap();
+        let r = architecture_refusal(&cfg, &qwen).unwrap();
+        assert_eq!(r.kind, RefusalKind::Architecture);
+        assert!(r.message.contains("LlamaForCausalLM") && r.message.contains("Qwen2ForCausalLM"));
+        assert!(architecture_refusal(&cfg, &llama).is_none());
+        let p = |s: &str| format!("{PEFT_PREFIX}{s}");
+        let adapter: BTreeMap<String, Vec<u64>> = [
+            (p("m.q_proj.lora_A.weight"), vec![2, 8]),
+            (p("m.q_proj.lora_B.weight"), vec![6, 2]),
+        ]
+        .into();
+        let fits: BTreeMap<String, Vec<u64>> = [("m.q_proj.weight".to_owned(), vec![6, 8])].into();
+        assert!(lineup_refusals(&cfg, &adapter, &fits).is_empty());
+        let wrong: BTreeMap<String, Vec<u64>> = [("m.q_proj.weight".to_owned(), vec![8, 6])].into();
+        assert_eq!(
+            lineup_refusals(&cfg, &adapter, &wrong)[0].kind,
+            RefusalKind::Shape
+        );
+        let other: BTreeMap<String, Vec<u64>> = [("m.k_proj.weight".to_owned(), vec![6, 8])].into();
+        assert_eq!(
+            lineup_refusals(&cfg, &adapter, &other)[0].kind,
+            RefusalKind::MissingModule
+        );
+    }
 
     #[test]
     fn patterns_resolve_as_peft_does() {

@@ -135,13 +135,24 @@ pub fn is_safetensors(path: &str) -> bool {
 
 /// Checks that a file list is a Hugging Face model directory.
 pub fn check_base_files(files: &[FileRef]) -> Result<(), LayoutError> {
-    if !files.iter().any(|f| f.path == MODEL_CONFIG) {
+    check_base_paths(&files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>())
+}
+
+/// Checks that a file list is a PEFT adapter directory.
+pub fn check_patch_files(files: &[FileRef]) -> Result<(), LayoutError> {
+    check_patch_paths(&files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>())
+}
+
+/// [`check_base_files`] on paths alone (a client checks a directory before hashing or
+/// sending anything).
+pub fn check_base_paths(files: &[&str]) -> Result<(), LayoutError> {
+    if !files.contains(&MODEL_CONFIG) {
         return Err(LayoutError::Missing {
             file: MODEL_CONFIG,
             hint: "a base version is a Hugging Face model directory with config.json at its root",
         });
     }
-    if !files.iter().any(|f| is_safetensors(&f.path)) {
+    if !files.iter().any(|f| is_safetensors(f)) {
         return Err(LayoutError::Missing {
             file: "*.safetensors",
             hint: "a base version needs its weights as one or more .safetensors files",
@@ -150,15 +161,15 @@ pub fn check_base_files(files: &[FileRef]) -> Result<(), LayoutError> {
     Ok(())
 }
 
-/// Checks that a file list is a PEFT adapter directory.
-pub fn check_patch_files(files: &[FileRef]) -> Result<(), LayoutError> {
-    if !files.iter().any(|f| f.path == ADAPTER_CONFIG) {
+/// [`check_patch_files`] on paths alone.
+pub fn check_patch_paths(files: &[&str]) -> Result<(), LayoutError> {
+    if !files.contains(&ADAPTER_CONFIG) {
         return Err(LayoutError::Missing {
             file: ADAPTER_CONFIG,
             hint: "a patch is a PEFT adapter directory (save_pretrained output) with adapter_config.json at its root",
         });
     }
-    if !files.iter().any(|f| f.path == ADAPTER_WEIGHTS) {
+    if !files.contains(&ADAPTER_WEIGHTS) {
         return Err(LayoutError::Missing {
             file: ADAPTER_WEIGHTS,
             hint: "a patch needs its weights in adapter_model.safetensors",

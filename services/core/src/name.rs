@@ -48,6 +48,16 @@ pub enum NameError {
         /// The input.
         input: String,
     },
+    /// A full reference to a version of another name than the one it must belong to.
+    #[error(
+        "{input:?} is not a version of {name}: give a version of {name}, as {name}:<version> or just <version>"
+    )]
+    OtherName {
+        /// The input.
+        input: String,
+        /// The name it must have.
+        name: String,
+    },
     /// A port reference that is not `patch@base`.
     #[error(
         "invalid port reference {input:?}: expected namespace/patch:version@namespace/base:version"
@@ -192,6 +202,25 @@ impl fmt::Display for VersionRef {
     }
 }
 
+impl VersionRef {
+    /// A version of `name`, given as a full reference (`namespace/name:version`,
+    /// `namespace/name@sha256:<hex>`) that must name `name`, or as a bare version or
+    /// manifest digest (`v1`, `sha256:<hex>`).
+    pub fn of(name: &Name, s: &str) -> Result<Self, NameError> {
+        if !s.contains('/') {
+            return s.parse();
+        }
+        let r: Reference = s.parse()?;
+        if r.name != *name {
+            return Err(NameError::OtherName {
+                input: truncated(s),
+                name: name.to_string(),
+            });
+        }
+        Ok(r.version)
+    }
+}
+
 /// `namespace/name:version` or `namespace/name@sha256:<hex>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Reference {
@@ -290,6 +319,15 @@ impl FromStr for AnyRef {
     }
 }
 
+impl fmt::Display for AnyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnyRef::Version(r) => r.fmt(f),
+            AnyRef::Port(p) => p.fmt(f),
+        }
+    }
+}
+
 macro_rules! display_debug_as_str {
     ($($t:ty),*) => {$(
         impl fmt::Display for $t {
@@ -320,6 +358,22 @@ debug_as_display!(VersionRef, Reference, PortRef);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_of_takes_full_references_of_the_same_name_and_bare_versions() {
+        let n: Name = "acme/llama".parse().unwrap();
+        let v = |s: &str| VersionRef::of(&n, s);
+        assert_eq!(v("v1").unwrap().to_string(), "v1");
+        assert_eq!(v("acme/llama:v1").unwrap().to_string(), "v1");
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(v(&format!("acme/llama@{d}")).unwrap().to_string(), d);
+        assert_eq!(v(&d).unwrap().to_string(), d);
+        assert!(matches!(
+            v("acme/other:v1"),
+            Err(NameError::OtherName { .. })
+        ));
+        assert!(v("acme/llama").is_err());
+    }
 
     #[test]
     fn names() {

@@ -211,6 +211,12 @@ impl PortDiagnostics {
         let r2 = r * r;
         r2 / (r2 + RISK_HALF_RATIO * RISK_HALF_RATIO)
     }
+
+    /// The drift risk is at least [`HIGH_RISK`]: flag the port for review. The one place
+    /// the flag is computed (the wire's `PortDiagnostics.high_risk`, events, the CLI).
+    pub fn high_risk(&self) -> bool {
+        self.risk() >= HIGH_RISK
+    }
 }
 
 /// The drift-to-patch ratio at which [`PortDiagnostics::risk`] is one half.

@@ -289,8 +289,12 @@ impl Application {
             .build_v1()
             .map_err(|source| StartError::Reflection { source })?;
         let limits = self.registry.limits.clone();
-        // A chunk plus framing.
-        let chunk_message = limits.max_chunk_bytes as usize + (1 << 20);
+        // A chunk plus framing, and never below the metadata services' limit: an
+        // oversize chunk must reach UploadChunks, whose own check answers
+        // RESOURCE_EXHAUSTED naming --max-chunk-bytes (the transport would answer
+        // OUT_OF_RANGE).
+        let chunk_message =
+            (limits.max_chunk_bytes as usize + (1 << 20)).max(limits.max_message_bytes);
         let blobs = BlobServiceServer::new(Blobs {
             registry: self.registry.clone(),
         })

@@ -64,6 +64,16 @@ pub enum ApiError {
         /// What to tell the user.
         message: String,
     },
+    /// A request refused for what it carries (a patch made for another architecture):
+    /// FAILED_PRECONDITION with the typed reasons in the trailing metadata
+    /// (`patchport-refusal-kind`, `patchport-refusals-bin`).
+    #[error("{message}")]
+    Refused {
+        /// The reasons, each with its stable kind.
+        refusals: Vec<patchport_core::port::Refusal>,
+        /// What to tell the user.
+        message: String,
+    },
     /// A store that cannot be reached right now (a dropped database connection, an object
     /// store error that may pass): the user gets a generic message and a code that says
     /// retrying may work, the log gets the chain.
@@ -165,10 +175,21 @@ impl ApiError {
         }
     }
 
+    /// A refusal with typed reasons (FAILED_PRECONDITION).
+    pub fn refused(refusals: Vec<patchport_core::port::Refusal>) -> Self {
+        let message = refusals
+            .iter()
+            .map(|r| format!("refused ({}): {}", r.kind, r.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self::Refused { refusals, message }
+    }
+
     /// The kind.
     pub fn kind(&self) -> ErrorKind {
         match self {
             ApiError::User { kind, .. } => *kind,
+            ApiError::Refused { .. } => ErrorKind::FailedPrecondition,
             ApiError::Unavailable { .. } => ErrorKind::Unavailable,
             ApiError::Internal { .. } => ErrorKind::Internal,
         }
@@ -186,12 +207,41 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Trailing metadata key of a refusal's kinds (comma-separated).
+pub(crate) const REFUSAL_KIND_KEY: &str = "patchport-refusal-kind";
+/// Trailing metadata key of a refusal's reasons (a serialized `patchport.v1.Refusals`).
+pub(crate) const REFUSALS_BIN_KEY: &str = "patchport-refusals-bin";
+
+/// The one mapping to gRPC, and the one place request failures are logged: what the
+/// caller got wrong (any user kind) at INFO, so it never pages anyone; a store that is
+/// unavailable or a failure of the registry at ERROR, with the cause chain.
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
-            ApiError::User { kind, message } => Status::new(kind.code(), message),
+            ApiError::User { kind, message } => {
+                tracing::info!(code = ?kind.code(), error = %message, "request refused");
+                Status::new(kind.code(), message)
+            }
+            ApiError::Refused { refusals, message } => {
+                use prost::Message as _;
+                let kinds: Vec<&str> = refusals.iter().map(|r| r.kind.as_str()).collect();
+                tracing::info!(code = ?Code::FailedPrecondition, kinds = %kinds.join(","), error = %message, "request refused");
+                let mut status = Status::failed_precondition(message);
+                let md = status.metadata_mut();
+                if let Ok(v) = kinds.join(",").parse() {
+                    md.insert(REFUSAL_KIND_KEY, v);
+                }
+                let wire = patchport_proto::v1::Refusals {
+                    refusals: refusals.iter().map(Into::into).collect(),
+                };
+                md.insert_bin(
+                    REFUSALS_BIN_KEY,
+                    tonic::metadata::MetadataValue::from_bytes(&wire.encode_to_vec()),
+                );
+                status
+            }
             ApiError::Unavailable { store, .. } => {
-                tracing::warn!(error = %chain(&e), "store unavailable");
+                tracing::error!(error = %chain(&e), "store unavailable");
                 Status::unavailable(format!("{store} is temporarily unavailable; retry later"))
             }
             ApiError::Internal { ref context, .. } => {

@@ -165,6 +165,101 @@ impl Registry {
         Ok((out, count))
     }
 
+    /// What a base push is checked for before any blob is read (all of a
+    /// `validate_only` push): paths, the required files, the parent. Returns the files
+    /// sorted.
+    pub(crate) async fn check_base_manifest(
+        &self,
+        name: &Name,
+        parent: Option<&VersionRef>,
+        files: Vec<FileRef>,
+    ) -> ApiResult<Vec<FileRef>> {
+        let files = layout::normalize_files(files)?;
+        layout::check_base_files(&files)?;
+        if let Some(p) = parent
+            && self.meta.get_base_version(name, p).await?.is_none()
+        {
+            return Err(ApiError::not_found(format!(
+                "parent version {name}:{p} not found (request field parent): push the parent version first"
+            )));
+        }
+        Ok(files)
+    }
+
+    /// What a patch push is checked for before any blob is read (all of a
+    /// `validate_only` push): paths, the required files, the base. Returns the files
+    /// sorted and the base.
+    pub(crate) async fn check_patch_manifest(
+        &self,
+        base: &Reference,
+        files: Vec<FileRef>,
+    ) -> ApiResult<(Vec<FileRef>, patchport_store::meta::BaseVersionRecord)> {
+        let files = layout::normalize_files(files)?;
+        layout::check_patch_files(&files)?;
+        let Some(base_rec) = self
+            .meta
+            .get_base_version(&base.name, &base.version)
+            .await?
+        else {
+            return Err(ApiError::not_found(format!(
+                "base version {base} not found (request field base): push the base version first"
+            )));
+        };
+        Ok((files, base_rec))
+    }
+
+    /// A patch made for another model class than the base's is refused (kind
+    /// `architecture`) unless the caller allows it and its LoRA modules line up with the
+    /// base's tensors by name and shape.
+    async fn check_architecture(
+        &self,
+        adapter: &AdapterConfig,
+        adapter_index: Option<&BlobIndex>,
+        base: &patchport_store::meta::BaseVersionRecord,
+        allow_mismatch: bool,
+    ) -> ApiResult<()> {
+        let base_config = ModelConfig::parse(base.config_json.as_bytes())
+            .map_err(|e| ApiError::internal("reading a stored base config", e))?;
+        let Some(mut refusal) =
+            patchport_core::adapter::architecture_refusal(adapter, &base_config)
+        else {
+            return Ok(());
+        };
+        if !allow_mismatch {
+            refusal.message.push_str(
+                "; set allow_architecture_mismatch to push it anyway when its modules and shapes line up with the base",
+            );
+            return Err(ApiError::refused(vec![refusal]));
+        }
+        let shapes = |ix: &BlobIndex| {
+            ix.tensors
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let adapter_shapes = adapter_index.map(shapes).unwrap_or_default();
+        let mut base_shapes = BTreeMap::new();
+        for f in base
+            .files
+            .iter()
+            .filter(|f| layout::is_safetensors(&f.path))
+        {
+            base_shapes.extend(shapes(&self.blob_index(f).await?));
+        }
+        let refusals =
+            patchport_core::adapter::lineup_refusals(adapter, &adapter_shapes, &base_shapes);
+        if refusals.is_empty() {
+            tracing::info!(
+                base = %format!("{}:{}", base.name, base.version),
+                "architecture mismatch allowed: every LoRA module lines up with the base"
+            );
+            return Ok(());
+        }
+        let mut all = vec![refusal];
+        all.extend(refusals);
+        Err(ApiError::refused(all))
+    }
+
     /// Validates, indexes and records a base version.
     pub(crate) async fn push_base(
         &self,
@@ -174,15 +269,9 @@ impl Registry {
         files: Vec<FileRef>,
         audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::BaseVersionRecord, bool)> {
-        let files = layout::normalize_files(files)?;
-        layout::check_base_files(&files)?;
-        if let Some(p) = &parent
-            && self.meta.get_base_version(&name, p).await?.is_none()
-        {
-            return Err(ApiError::not_found(format!(
-                "parent version {name}:{p} not found; push the parent first or fix --parent"
-            )));
-        }
+        let files = self
+            .check_base_manifest(&name, parent.as_ref(), files)
+            .await?;
         self.check_blobs(&files).await?;
         let config_file = files
             .iter()
@@ -224,25 +313,18 @@ impl Registry {
     /// Validates, indexes and records a patch version pinned to a stored base version.
     pub(crate) async fn push_patch(
         &self,
-        name: Name,
-        version: Version,
-        base: Reference,
-        files: Vec<FileRef>,
-        eval_digest: Option<Digest>,
+        push: crate::service::registry::PushPatch,
         audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::PatchVersionRecord, bool)> {
-        let files = layout::normalize_files(files)?;
-        layout::check_patch_files(&files)?;
-        if self
-            .meta
-            .get_base_version(&base.name, &base.version)
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::not_found(format!(
-                "base version {base} not found; push the base first or fix --base"
-            )));
-        }
+        let crate::service::registry::PushPatch {
+            name,
+            version,
+            base,
+            files,
+            eval_digest,
+            allow_architecture_mismatch,
+        } = push;
+        let (files, base_rec) = self.check_patch_manifest(&base, files).await?;
         self.check_blobs(&files).await?;
         if let Some(d) = &eval_digest
             && !self.blobs.contains(d).await?
@@ -280,6 +362,13 @@ impl Registry {
                 t.name, t.non_finite
             )));
         }
+        self.check_architecture(
+            &adapter,
+            indexes.get(ADAPTER_WEIGHTS),
+            &base_rec,
+            allow_architecture_mismatch,
+        )
+        .await?;
         let digest = layout::manifest_digest("patch", &files);
         let new = NewPatchVersion {
             name,

@@ -18,8 +18,7 @@ use crate::error::EngineError;
 use crate::numeric::is_float;
 use crate::source::{FileHeader, ModelSource, read_header, read_small};
 
-/// The prefix PEFT puts before a base module name in adapter tensor keys.
-pub(crate) const PEFT_PREFIX: &str = "base_model.model.";
+use patchport_core::adapter::{AdapterKey, classify};
 
 /// One target module of a patch that ports: where its LoRA pair is and which base
 /// tensor it is added to.
@@ -252,62 +251,6 @@ impl BaseIndex {
         let f = &self.weight_files[fi];
         Some((f, &f.header.tensors[ti]))
     }
-}
-
-/// What an adapter tensor key is.
-#[derive(Debug, PartialEq, Eq)]
-enum AdapterKey<'a> {
-    LoraA(&'a str),
-    LoraB(&'a str),
-    EmbeddingA(&'a str),
-    EmbeddingB(&'a str),
-    Magnitude(&'a str),
-    LoraBias(&'a str),
-    /// A whole module's tensor (a `modules_to_save` copy or a trained base tensor).
-    Full(&'a str),
-    Unknown,
-}
-
-fn classify(key: &str) -> AdapterKey<'_> {
-    let Some(rest) = key.strip_prefix(PEFT_PREFIX) else {
-        return AdapterKey::Unknown;
-    };
-    let suffixes = [
-        ".lora_A.weight",
-        ".lora_B.weight",
-        ".lora_embedding_A",
-        ".lora_embedding_B",
-        ".lora_magnitude_vector.weight",
-        ".lora_magnitude_vector",
-        ".lora_A.bias",
-        ".lora_B.bias",
-        ".modules_to_save.weight",
-    ];
-    for (i, suffix) in suffixes.iter().enumerate() {
-        if let Some(m) = rest.strip_suffix(suffix).filter(|m| !m.is_empty()) {
-            return match i {
-                0 => AdapterKey::LoraA(m),
-                1 => AdapterKey::LoraB(m),
-                2 => AdapterKey::EmbeddingA(m),
-                3 => AdapterKey::EmbeddingB(m),
-                4 | 5 => AdapterKey::Magnitude(m),
-                6 | 7 => AdapterKey::LoraBias(m),
-                _ => AdapterKey::Full(m),
-            };
-        }
-    }
-    if rest.contains(".lora_") || rest.starts_with("lora_") {
-        return AdapterKey::Unknown;
-    }
-    for suffix in [".weight", ".bias"] {
-        if let Some(module) = rest.strip_suffix(suffix) {
-            let module = module.strip_suffix(".modules_to_save").unwrap_or(module);
-            if !module.is_empty() {
-                return AdapterKey::Full(module);
-            }
-        }
-    }
-    AdapterKey::Unknown
 }
 
 #[derive(Debug, Default)]
@@ -770,6 +713,7 @@ fn compose_weights(fh: &FileHeader, targets: &HashMap<&str, &ModulePlan>) -> Com
 #[cfg(test)]
 mod tests {
     use super::*;
+    use patchport_core::adapter::PEFT_PREFIX;
 
     #[test]
     fn classifies_peft_keys() {

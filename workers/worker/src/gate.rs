@@ -101,7 +101,9 @@ async fn fetch_version(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     for f in files {
-        client.download_file(f, &tmp, &NoProgress).await?;
+        client
+            .download_file(f, patchport_client::FileSource::Blob, &tmp, &NoProgress)
+            .await?;
     }
     std::fs::write(tmp.join(".complete"), b"").map_err(|e| io(&tmp, e))?;
     let _ = std::fs::remove_dir_all(&dir);

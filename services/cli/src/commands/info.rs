@@ -145,6 +145,7 @@ pub(crate) async fn status(registry: &str, a: StatusArgs) -> anyhow::Result<()> 
                             "base": port.base,
                             "state": output::port_state_name(port.state),
                             "risk": port.diagnostics.as_ref().map(|d| d.risk),
+                            "high_risk": port.diagnostics.as_ref().map(|d| d.high_risk),
                             "evaluation": output::evaluation_json(port.evaluation.as_ref()),
                         })
                     })

@@ -49,6 +49,7 @@ fn port_json(p: &v1::Port) -> serde_json::Value {
         "error": (!p.error.is_empty()).then_some(&p.error),
         "refusals": p.refusals.iter().map(|r| serde_json::json!({"kind": r.kind, "subject": r.subject, "message": r.message})).collect::<Vec<_>>(),
         "risk": p.diagnostics.as_ref().map(|d| d.risk),
+        "high_risk": p.diagnostics.as_ref().map(|d| d.high_risk),
     })
 }
 

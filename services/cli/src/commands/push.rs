@@ -35,7 +35,8 @@ pub(crate) struct BasePushArgs {
     /// The new version (immutable once pushed).
     #[arg(long)]
     version: String,
-    /// The version of the same base this one evolved from.
+    /// The version of the same base this one evolved from: `v1`, or a full reference
+    /// (namespace/name:version).
     #[arg(long)]
     parent: Option<String>,
     /// Print the result as JSON.
@@ -59,6 +60,10 @@ pub(crate) struct PatchPushArgs {
     /// An eval set (JSONL) to store with the patch.
     #[arg(long)]
     eval: Option<PathBuf>,
+    /// Push onto a base of another architecture than the adapter was made for
+    /// (`auto_mapping.base_model_class`), when its modules and shapes line up with it.
+    #[arg(long)]
+    allow_architecture_mismatch: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -156,6 +161,7 @@ pub(crate) async fn run_patch(registry: &str, cmd: PatchCommand) -> anyhow::Resu
                 version: a.version,
                 base: a.base,
                 eval: a.eval,
+                allow_architecture_mismatch: a.allow_architecture_mismatch,
             };
             let out = client.push_dir(&a.dir, &kind, &Bars::default()).await?;
             report(&out, a.json);

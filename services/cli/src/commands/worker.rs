@@ -198,7 +198,7 @@ pub(crate) async fn compat(registry: &str, a: CompatArgs) -> anyhow::Result<()> 
                     "error": port.map(|p| p.error.clone()).filter(|e| !e.is_empty()),
                     "attempts": port.map(|p| p.attempts),
                     "risk": port.and_then(|p| p.diagnostics.as_ref()).map(|d| d.risk),
-                    "high_risk": port.and_then(|p| p.diagnostics.as_ref()).map(|d| d.risk >= crate::output::HIGH_RISK),
+                    "high_risk": port.and_then(|p| p.diagnostics.as_ref()).map(|d| d.high_risk),
                     "evaluation": crate::output::evaluation_json(port.and_then(|p| p.evaluation.as_ref())),
                 })
             })

@@ -174,7 +174,7 @@ impl Admin {
 
 #[tonic::async_trait]
 impl AdminService for Admin {
-    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace, scope = %req.get_ref().scope), err)]
+    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace, scope = %req.get_ref().scope))]
     async fn create_token(
         &self,
         req: Request<v1::CreateTokenRequest>,
@@ -201,7 +201,7 @@ impl AdminService for Admin {
         Ok(Response::new(out?))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn list_tokens(
         &self,
         req: Request<v1::ListTokensRequest>,
@@ -231,7 +231,7 @@ impl AdminService for Admin {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id), err)]
+    #[tracing::instrument(skip_all, fields(id = %req.get_ref().id))]
     async fn revoke_token(
         &self,
         req: Request<v1::RevokeTokenRequest>,
@@ -247,7 +247,7 @@ impl AdminService for Admin {
         Ok(Response::new(token_to_proto(&out?.0)))
     }
 
-    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace), err)]
+    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
     async fn get_namespace_policy(
         &self,
         req: Request<v1::GetNamespacePolicyRequest>,
@@ -268,7 +268,7 @@ impl AdminService for Admin {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace), err)]
+    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
     async fn set_namespace_policy(
         &self,
         req: Request<v1::NamespacePolicy>,
@@ -321,7 +321,7 @@ impl AdminService for Admin {
         Ok(Response::new(req))
     }
 
-    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace), err)]
+    #[tracing::instrument(skip_all, fields(namespace = %req.get_ref().namespace))]
     async fn list_audit(
         &self,
         req: Request<v1::ListAuditRequest>,

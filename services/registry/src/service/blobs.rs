@@ -4,7 +4,8 @@ use std::pin::Pin;
 
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
-use patchport_core::Digest;
+use patchport_core::layout::{BlobRange, FileRef};
+use patchport_core::{AnyRef, Digest};
 use patchport_proto::convert::{WireError, parse_field, parse_list};
 use patchport_proto::v1::{self, blob_service_server::BlobService};
 use patchport_store::blobs::UploadStart;
@@ -18,6 +19,36 @@ use crate::state::Registry;
 const MAX_DIGESTS: usize = 10_000;
 /// Size of the chunks ReadBlob sends.
 pub(crate) const READ_CHUNK: usize = 1 << 20;
+
+/// The refusal of an oversize upload chunk: the limit, and the server flag and
+/// environment variable that set it.
+fn chunk_limit_message(size: &str, max_chunk: u64) -> String {
+    format!(
+        "upload chunk of {size}; the limit is {max_chunk} bytes (set by the registry's \
+         --max-chunk-bytes / PATCHPORT_MAX_CHUNK_BYTES; StartUpload's max_chunk_size says it)"
+    )
+}
+
+/// A chunk beyond even the transport's message limit arrives as the transport's
+/// OUT_OF_RANGE: answer RESOURCE_EXHAUSTED naming the chunk limit, as for any oversize
+/// chunk.
+fn transport_limit(status: Status, max_chunk: u64) -> Status {
+    if status.code() == tonic::Code::OutOfRange && status.message().contains("too large") {
+        // tonic says `found N bytes`: the message, a chunk plus a few bytes of framing.
+        let found = status
+            .message()
+            .split("found ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .map_or_else(
+                || "more than the limit".to_owned(),
+                |n| format!("about {n} bytes"),
+            );
+        ApiError::exhausted(chunk_limit_message(&found, max_chunk)).into()
+    } else {
+        status
+    }
+}
 
 /// The blob service.
 #[derive(Debug, Clone)]
@@ -85,6 +116,46 @@ impl TryFrom<&v1::ReadBlobRequest> for ReadRange {
     }
 }
 
+/// What a `ReadFile` request names.
+#[derive(Debug)]
+enum FileSource {
+    /// A file of a base or patch version, or of a port's artifact.
+    InVersion {
+        reference: AnyRef,
+        path: String,
+        merged: bool,
+    },
+    /// A blob.
+    Blob(Digest),
+}
+
+impl TryFrom<&v1::ReadFileRequest> for FileSource {
+    type Error = WireError;
+
+    fn try_from(req: &v1::ReadFileRequest) -> Result<Self, WireError> {
+        match (req.reference.is_empty(), req.digest.is_empty()) {
+            (false, true) => {
+                if req.path.is_empty() {
+                    return Err(WireError::invalid(
+                        "path",
+                        "required with reference: the file's path within the version or port",
+                    ));
+                }
+                Ok(FileSource::InVersion {
+                    reference: parse_field("reference", &req.reference)?,
+                    path: req.path.clone(),
+                    merged: req.merged,
+                })
+            }
+            (true, false) => Ok(FileSource::Blob(parse_field("digest", &req.digest)?)),
+            _ => Err(WireError::invalid(
+                "reference",
+                "set either reference (with path) or digest",
+            )),
+        }
+    }
+}
+
 impl Blobs {
     /// Uploads (and the existence checks that go with them) need push somewhere, or
     /// the worker scope.
@@ -122,9 +193,200 @@ impl Blobs {
     }
 }
 
+impl Blobs {
+    /// The file a `ReadFile` request names, after the read checks of the version or port
+    /// (or of the blob): the file, and the blob ranges its bytes are, in order.
+    async fn file_of(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        source: FileSource,
+    ) -> ApiResult<(FileRef, Vec<BlobRange>)> {
+        let whole = |f: FileRef| {
+            let range = BlobRange {
+                digest: f.digest,
+                offset: 0,
+                length: f.size,
+            };
+            (f, vec![range])
+        };
+        let (reference, path, merged) =
+            match source {
+                FileSource::Blob(digest) => {
+                    self.reader(md, &digest, false).await?;
+                    let size =
+                        self.registry.blobs.size(&digest).await?.ok_or_else(|| {
+                            ApiError::not_found(format!("blob {digest} not found"))
+                        })?;
+                    return Ok(whole(FileRef {
+                        path: String::new(),
+                        digest,
+                        size,
+                    }));
+                }
+                FileSource::InVersion {
+                    reference,
+                    path,
+                    merged,
+                } => (reference, path, merged),
+            };
+        let auth = &self.registry.auth;
+        let who = auth.principal(md).await?;
+        let meta = &self.registry.meta;
+        let not_found = || ApiError::not_found(format!("no file {path:?} in {reference}"));
+        match &reference {
+            AnyRef::Version(r) => {
+                if merged {
+                    return Err(ApiError::invalid(
+                        "merged: applies to a port reference (patch@base)",
+                    ));
+                }
+                auth.require(&who, Need::Read, r.name.namespace()).await?;
+                let files = if let Some(b) = meta.get_base_version(&r.name, &r.version).await? {
+                    b.files
+                } else if let Some(p) = meta.get_patch_version(&r.name, &r.version).await? {
+                    p.files
+                } else {
+                    return Err(ApiError::not_found(format!("no base or patch version {r}")));
+                };
+                let f = files
+                    .into_iter()
+                    .find(|f| f.path == path)
+                    .ok_or_else(not_found)?;
+                Ok(whole(f))
+            }
+            AnyRef::Port(r) => {
+                auth.require(&who, Need::Read, r.patch.name.namespace())
+                    .await?;
+                auth.require(&who, Need::Read, r.base.name.namespace())
+                    .await?;
+                let port = meta
+                    .get_port(
+                        &r.patch.name,
+                        &r.patch.version,
+                        &r.base.name,
+                        &r.base.version,
+                        patchport_core::port::METHOD_VERSION,
+                    )
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("no port {r}")))?;
+                let files = if merged {
+                    port.merged_files
+                } else {
+                    port.adapter_files
+                };
+                let f = files
+                    .into_iter()
+                    .find(|f| f.file.path == path)
+                    .ok_or_else(not_found)?;
+                if f.segments.is_empty() {
+                    Ok(whole(f.file))
+                } else {
+                    Ok((f.file, f.segments))
+                }
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// The bytes of a file stored as byte ranges of blobs, in order: the one reading of
+    /// composed files (ReadFile streams it; CompleteJob hashes a worker's composed files
+    /// with it).
+    pub(crate) fn compose(
+        &self,
+        segments: Vec<BlobRange>,
+    ) -> impl Stream<Item = ApiResult<bytes::Bytes>> + Send + 'static {
+        let blobs = self.blobs.clone();
+        futures::stream::iter(segments)
+            .then(move |s| {
+                let blobs = blobs.clone();
+                async move { blobs.read(&s.digest, s.offset, Some(s.length)).await }
+            })
+            .map(|opened| match opened {
+                Ok(stream) => stream.map(|c| c.map_err(ApiError::from)).left_stream(),
+                Err(e) => {
+                    futures::stream::once(async move { Err(ApiError::from(e)) }).right_stream()
+                }
+            })
+            .flatten()
+    }
+}
+
+/// Streams `file`'s bytes (`segments`, in order) in messages of at most [`READ_CHUNK`];
+/// the first names the file.
+fn stream_file(
+    registry: &Registry,
+    file: FileRef,
+    segments: Vec<BlobRange>,
+) -> impl Stream<Item = Result<v1::ReadFileChunk, Status>> + Send + 'static {
+    struct State<S> {
+        inner: S,
+        buf: BytesMut,
+        offset: u64,
+        header: Option<v1::FileEntry>,
+        done: bool,
+        meter: crate::metrics::PullMeter,
+    }
+    let state = State {
+        inner: Box::pin(registry.compose(segments)),
+        buf: BytesMut::new(),
+        offset: 0,
+        header: Some(v1::FileEntry::from(&file)),
+        done: false,
+        meter: crate::metrics::PullMeter::start(),
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            let ready = st.buf.len() >= READ_CHUNK
+                || (st.done && (!st.buf.is_empty() || st.header.is_some()));
+            if ready {
+                let data = st.buf.split_to(READ_CHUNK.min(st.buf.len())).freeze();
+                let msg = v1::ReadFileChunk {
+                    file: st.header.take(),
+                    offset: st.offset,
+                    data,
+                };
+                st.offset += msg.data.len() as u64;
+                st.meter.sent(msg.data.len());
+                return Some((Ok(msg), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.inner.next().await {
+                Some(Ok(bytes)) => st.buf.extend_from_slice(&bytes),
+                Some(Err(e)) => {
+                    // Nothing more after an error.
+                    st.done = true;
+                    st.header = None;
+                    st.buf.clear();
+                    return Some((Err(e.into()), st));
+                }
+                None => st.done = true,
+            }
+        }
+    })
+}
+
 #[tonic::async_trait]
 impl BlobService for Blobs {
-    #[tracing::instrument(skip_all, fields(count = req.get_ref().digests.len()), err)]
+    type ReadFileStream = Pin<Box<dyn Stream<Item = Result<v1::ReadFileChunk, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference, path = %req.get_ref().path, digest = %req.get_ref().digest))]
+    async fn read_file(
+        &self,
+        req: Request<v1::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let source = FileSource::try_from(req.get_ref()).map_err(ApiError::from)?;
+        let (file, segments) = self.file_of(req.metadata(), source).await?;
+        Ok(Response::new(Box::pin(stream_file(
+            &self.registry,
+            file,
+            segments,
+        ))))
+    }
+
+    #[tracing::instrument(skip_all, fields(count = req.get_ref().digests.len()))]
     async fn find_missing_blobs(
         &self,
         req: Request<v1::FindMissingBlobsRequest>,
@@ -142,7 +404,7 @@ impl BlobService for Blobs {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest, size = req.get_ref().size), err)]
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest, size = req.get_ref().size))]
     async fn start_upload(
         &self,
         req: Request<v1::StartUploadRequest>,
@@ -172,7 +434,7 @@ impl BlobService for Blobs {
         }))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn upload_chunks(
         &self,
         req: Request<Streaming<v1::UploadChunk>>,
@@ -181,7 +443,11 @@ impl BlobService for Blobs {
         let max_chunk = self.registry.limits.max_chunk_bytes;
         let mut stream = req.into_inner();
         let meter = crate::metrics::PushMeter::start();
-        let Some(first) = stream.message().await? else {
+        let Some(first) = stream
+            .message()
+            .await
+            .map_err(|s| transport_limit(s, max_chunk))?
+        else {
             return Err(ApiError::invalid("empty upload stream: send at least one chunk").into());
         };
         let upload_id = first.upload_id.clone();
@@ -203,9 +469,9 @@ impl BlobService for Blobs {
             }
             if chunk.data.len() as u64 > max_chunk {
                 failure = Some(
-                    ApiError::exhausted(format!(
-                        "chunk of {} bytes; the limit is {max_chunk} (--max-chunk-bytes)",
-                        chunk.data.len()
+                    ApiError::exhausted(chunk_limit_message(
+                        &format!("{} bytes", chunk.data.len()),
+                        max_chunk,
                     ))
                     .into(),
                 );
@@ -220,8 +486,9 @@ impl BlobService for Blobs {
             match stream.message().await {
                 Ok(m) => next = m,
                 Err(status) => {
-                    // The client went away: keep what arrived so it can resume.
-                    failure = Some(status);
+                    // The client went away (keep what arrived so it can resume), or a
+                    // chunk exceeded even the transport's limit.
+                    failure = Some(transport_limit(status, max_chunk));
                     break;
                 }
             }
@@ -235,7 +502,7 @@ impl BlobService for Blobs {
         }))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn get_upload(
         &self,
         req: Request<v1::GetUploadRequest>,
@@ -255,7 +522,7 @@ impl BlobService for Blobs {
         }))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn commit_upload(
         &self,
         req: Request<v1::CommitUploadRequest>,
@@ -276,7 +543,7 @@ impl BlobService for Blobs {
 
     type ReadBlobStream = Pin<Box<dyn Stream<Item = Result<v1::ReadBlobChunk, Status>> + Send>>;
 
-    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest), err)]
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
     async fn read_blob(
         &self,
         req: Request<v1::ReadBlobRequest>,
@@ -335,7 +602,7 @@ impl BlobService for Blobs {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest), err)]
+    #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest))]
     async fn stat_blob(
         &self,
         req: Request<v1::StatBlobRequest>,

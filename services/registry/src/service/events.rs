@@ -116,7 +116,7 @@ async fn send(
 impl EventService for Events {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<v1::Event, Status>> + Send>>;
 
-    #[tracing::instrument(skip_all, fields(cursor = %req.get_ref().cursor), err)]
+    #[tracing::instrument(skip_all, fields(cursor = %req.get_ref().cursor))]
     async fn subscribe(
         &self,
         req: Request<v1::SubscribeRequest>,

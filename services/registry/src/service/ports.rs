@@ -6,7 +6,7 @@
 //! registry never ports.
 
 use patchport_core::port::{METHOD_VERSION, PortOrigin};
-use patchport_core::{Digest, PortRef, Reference};
+use patchport_core::{Digest, PortRef, Reference, VersionRef};
 use patchport_proto::convert::{WireError, parse_field};
 use patchport_proto::v1::{self, port_service_server::PortService};
 use patchport_store::meta::{ListFilter, Page, PortState};
@@ -136,7 +136,7 @@ impl Ports {
 
 #[tonic::async_trait]
 impl PortService for Ports {
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn get_port(
         &self,
         req: Request<v1::GetPortRequest>,
@@ -167,7 +167,7 @@ impl PortService for Ports {
         Ok(Response::new(port_to_proto(&port)))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn query_compat(
         &self,
         req: Request<v1::QueryCompatRequest>,
@@ -300,7 +300,7 @@ impl PortService for Ports {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch), err)]
+    #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch))]
     async fn resolve(
         &self,
         req: Request<v1::ResolveRequest>,
@@ -335,8 +335,12 @@ impl PortService for Ports {
             .await
             .map_err(ApiError::from)?;
         let Some(port) = ports.iter().find(|port| port.base_digest == digest) else {
+            if let Some(hint) = self.file_digest_hint(&p, &ports, &digest).await? {
+                return Err(ApiError::invalid(hint).into());
+            }
             return Err(ApiError::not_found(format!(
-                "no port of {r} for base {digest}: it is not a descendant of {}:{} in the registry",
+                "no port of {r} for base {digest}: it is not a descendant of {}:{} in the registry \
+                 (base_digest is a base version's manifest digest, BaseVersion.digest)",
                 p.base_name, p.base_version
             ))
             .into());
@@ -388,7 +392,7 @@ impl PortService for Ports {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch, base = %req.get_ref().base), err)]
+    #[tracing::instrument(skip_all, fields(patch = %req.get_ref().patch, base = %req.get_ref().base))]
     async fn request_port(
         &self,
         req: Request<v1::RequestPortRequest>,
@@ -409,7 +413,7 @@ impl PortService for Ports {
         Ok(Response::new(out?))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn cancel_port(
         &self,
         req: Request<v1::GetPortRequest>,
@@ -446,6 +450,58 @@ impl PortService for Ports {
 }
 
 impl Ports {
+    /// When a Resolve `base_digest` is the sha256 of a file of a base the patch works on
+    /// (its own base's versions, or a port's base) rather than a manifest digest: a
+    /// message naming the manifest digest(s) to pass instead. Not accepted in its place:
+    /// one weights file may belong to several versions (a re-pushed tokenizer, a config
+    /// fix), each with its own ports.
+    async fn file_digest_hint(
+        &self,
+        p: &patchport_store::meta::PatchVersionRecord,
+        ports: &[patchport_store::meta::PortRecord],
+        digest: &Digest,
+    ) -> ApiResult<Option<String>> {
+        let meta = &self.registry.meta;
+        let mut bases = meta
+            .list_base_versions(&ListFilter {
+                prefix: p.base_name.to_string(),
+                include_yanked: true,
+                on_base: None,
+            })
+            .await?;
+        for port in ports {
+            if port.base_name != p.base_name
+                && let Some(b) = meta
+                    .get_base_version(
+                        &port.base_name,
+                        &VersionRef::Version(port.base_version.clone()),
+                    )
+                    .await?
+            {
+                bases.push(b);
+            }
+        }
+        let holders: Vec<String> = bases
+            .iter()
+            .filter_map(|b| {
+                let f = b.files.iter().find(|f| f.digest == *digest)?;
+                Some(format!(
+                    "{} of {}:{} (manifest digest {})",
+                    f.path, b.name, b.version, b.digest
+                ))
+            })
+            .collect();
+        if holders.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(format!(
+            "base_digest {digest} is the sha256 of a file ({}), not a base version's manifest \
+             digest: pass the manifest digest (BaseVersion.digest: sha256 over the version's \
+             sorted file list, see \"Digests\" in the README)",
+            holders.join("; ")
+        )))
+    }
+
     /// Queues the port (or finds it) and answers at once: the registry never ports.
     async fn request(&self, who: &Principal, req: &v1::RequestPortRequest) -> ApiResult<v1::Port> {
         self.registry

@@ -2,7 +2,7 @@
 
 use patchport_core::layout::{self, FileRef};
 use patchport_core::{Digest, Name, Reference, Version, VersionRef};
-use patchport_proto::convert::{WireError, parse_field, parse_optional, try_list};
+use patchport_proto::convert::{FieldError as _, WireError, parse_field, parse_optional, try_list};
 use patchport_proto::v1::{self, registry_service_server::RegistryService};
 use patchport_store::meta::AuditRecord;
 use patchport_store::meta::{BaseVersionRecord, ListFilter, PatchVersionRecord};
@@ -34,10 +34,16 @@ impl TryFrom<&v1::PushBaseVersionRequest> for PushBase {
     type Error = WireError;
 
     fn try_from(req: &v1::PushBaseVersionRequest) -> Result<Self, WireError> {
+        let name: Name = parse_field("name", &req.name)?;
+        // A full reference of this name, or a bare version or manifest digest.
+        let parent = match req.parent.as_str() {
+            "" => None,
+            p => Some(VersionRef::of(&name, p).map_err(|e| e.at("parent"))?),
+        };
         Ok(PushBase {
-            name: parse_field("name", &req.name)?,
+            name,
             version: parse_field("version", &req.version)?,
-            parent: parse_optional("parent", &req.parent)?,
+            parent,
             files: try_list("files", &req.files)?,
         })
     }
@@ -45,12 +51,13 @@ impl TryFrom<&v1::PushBaseVersionRequest> for PushBase {
 
 /// A `PushPatchVersion` request.
 #[derive(Debug)]
-struct PushPatch {
-    name: Name,
-    version: Version,
-    base: Reference,
-    files: Vec<FileRef>,
-    eval_digest: Option<Digest>,
+pub(crate) struct PushPatch {
+    pub(crate) name: Name,
+    pub(crate) version: Version,
+    pub(crate) base: Reference,
+    pub(crate) files: Vec<FileRef>,
+    pub(crate) eval_digest: Option<Digest>,
+    pub(crate) allow_architecture_mismatch: bool,
 }
 
 impl TryFrom<&v1::PushPatchVersionRequest> for PushPatch {
@@ -63,6 +70,7 @@ impl TryFrom<&v1::PushPatchVersionRequest> for PushPatch {
             base: parse_field("base", &req.base)?,
             files: try_list("files", &req.files)?,
             eval_digest: parse_optional("eval_digest", &req.eval_digest)?,
+            allow_architecture_mismatch: req.allow_architecture_mismatch,
         })
     }
 }
@@ -199,6 +207,30 @@ impl Versions {
         out
     }
 
+    /// A `validate_only` push: the caller's permission and the name limit, then `check`;
+    /// nothing recorded, no push budget taken, no blob read.
+    async fn validate(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        name: &str,
+        also_read: Option<&str>,
+        check: impl AsyncFnOnce() -> ApiResult<()>,
+    ) -> ApiResult<()> {
+        let who = self.registry.auth.principal(md).await?;
+        self.registry
+            .auth
+            .require(&who, Need::Push, namespace_of(name))
+            .await?;
+        if let Some(other) = also_read {
+            self.registry
+                .auth
+                .require(&who, Need::Read, namespace_of(other))
+                .await?;
+        }
+        self.check_name_len(name)?;
+        check().await
+    }
+
     /// A yank: push scope on the reference's namespace, audited either way.
     async fn yank<R>(
         &self,
@@ -284,7 +316,7 @@ impl Versions {
 
 #[tonic::async_trait]
 impl RegistryService for Versions {
-    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version))]
     async fn push_base_version(
         &self,
         req: Request<v1::PushBaseVersionRequest>,
@@ -293,6 +325,17 @@ impl RegistryService for Versions {
         let req = req.into_inner();
         // A parent is a version of the same name, or a full reference.
         let also_read = req.parent.contains('/').then_some(req.parent.as_str());
+        if req.validate_only {
+            self.validate(&md, &req.name, also_read, async || {
+                let push = PushBase::try_from(&req)?;
+                self.registry
+                    .check_base_manifest(&push.name, push.parent.as_ref(), push.files)
+                    .await
+                    .map(drop)
+            })
+            .await?;
+            return Ok(Response::new(v1::PushBaseVersionResponse::default()));
+        }
         let out = self
             .push(
                 &md,
@@ -318,7 +361,7 @@ impl RegistryService for Versions {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn get_base_version(
         &self,
         req: Request<v1::GetVersionRequest>,
@@ -332,7 +375,7 @@ impl RegistryService for Versions {
         Ok(Response::new(base_to_proto(&self.base(&r).await?)))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn list_base_versions(
         &self,
         req: Request<v1::ListRequest>,
@@ -355,7 +398,7 @@ impl RegistryService for Versions {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn yank_base_version(
         &self,
         req: Request<v1::YankRequest>,
@@ -370,13 +413,24 @@ impl RegistryService for Versions {
         Ok(Response::new(base_to_proto(&rec)))
     }
 
-    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version), err)]
+    #[tracing::instrument(skip_all, fields(name = %req.get_ref().name, version = %req.get_ref().version))]
     async fn push_patch_version(
         &self,
         req: Request<v1::PushPatchVersionRequest>,
     ) -> Result<Response<v1::PushPatchVersionResponse>, Status> {
         let md = req.metadata().clone();
         let req = req.into_inner();
+        if req.validate_only {
+            self.validate(&md, &req.name, Some(&req.base), async || {
+                let p = PushPatch::try_from(&req)?;
+                self.registry
+                    .check_patch_manifest(&p.base, p.files)
+                    .await
+                    .map(drop)
+            })
+            .await?;
+            return Ok(Response::new(v1::PushPatchVersionResponse::default()));
+        }
         let out = self
             .push(
                 &md,
@@ -386,9 +440,7 @@ impl RegistryService for Versions {
                 Some(&req.base),
                 async |audit| {
                     let p = PushPatch::try_from(&req)?;
-                    self.registry
-                        .push_patch(p.name, p.version, p.base, p.files, p.eval_digest, audit)
-                        .await
+                    self.registry.push_patch(p, audit).await
                 },
             )
             .await;
@@ -402,7 +454,7 @@ impl RegistryService for Versions {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn get_patch_version(
         &self,
         req: Request<v1::GetVersionRequest>,
@@ -416,7 +468,7 @@ impl RegistryService for Versions {
         Ok(Response::new(patch_to_proto(&self.patch(&r).await?)))
     }
 
-    #[tracing::instrument(skip_all, err)]
+    #[tracing::instrument(skip_all)]
     async fn list_patch_versions(
         &self,
         req: Request<v1::ListRequest>,
@@ -439,7 +491,7 @@ impl RegistryService for Versions {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn yank_patch_version(
         &self,
         req: Request<v1::YankRequest>,
@@ -454,7 +506,7 @@ impl RegistryService for Versions {
         Ok(Response::new(patch_to_proto(&rec)))
     }
 
-    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference), err)]
+    #[tracing::instrument(skip_all, fields(reference = %req.get_ref().reference))]
     async fn get_tensor_index(
         &self,
         req: Request<v1::GetVersionRequest>,

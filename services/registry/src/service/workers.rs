@@ -176,15 +176,9 @@ impl Workers {
     /// Hashes the bytes a composed file's segments produce.
     async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
         let mut hasher = patchport_core::Hasher::new();
-        for s in segments {
-            let mut stream = self
-                .registry
-                .blobs
-                .read(&s.digest, s.offset, Some(s.length))
-                .await?;
-            while let Some(chunk) = stream.next().await {
-                hasher.update(&chunk?);
-            }
+        let mut stream = std::pin::pin!(self.registry.compose(segments.to_vec()));
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk?);
         }
         let size = hasher.len();
         Ok((hasher.finish(), size))
@@ -300,7 +294,7 @@ impl Workers {
 
 #[tonic::async_trait]
 impl WorkerService for Workers {
-    #[tracing::instrument(skip_all, fields(worker = %req.get_ref().worker_id), err)]
+    #[tracing::instrument(skip_all, fields(worker = %req.get_ref().worker_id))]
     async fn lease_job(
         &self,
         req: Request<v1::LeaseJobRequest>,
@@ -342,7 +336,7 @@ impl WorkerService for Workers {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id), err)]
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn heartbeat(
         &self,
         req: Request<v1::HeartbeatRequest>,
@@ -362,7 +356,7 @@ impl WorkerService for Workers {
         }))
     }
 
-    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id), err)]
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn complete_job(
         &self,
         req: Request<v1::CompleteJobRequest>,
@@ -402,7 +396,7 @@ impl WorkerService for Workers {
         Ok(Response::new(v1::CompleteJobResponse {}))
     }
 
-    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id), err)]
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn fail_job(
         &self,
         req: Request<v1::FailJobRequest>,
@@ -427,7 +421,7 @@ impl WorkerService for Workers {
         Ok(Response::new(v1::FailJobResponse { retry_at }))
     }
 
-    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id), err)]
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn release_job(
         &self,
         req: Request<v1::ReleaseJobRequest>,

@@ -377,7 +377,7 @@ pub(crate) fn port_event_payload(
         "detail": detail,
         "refusal_kinds": port.refusals.iter().map(|r| r.kind.as_str()).collect::<Vec<_>>(),
         "risk": port.diagnostics.as_ref().map(|d| d.risk()),
-        "high_risk": port.diagnostics.as_ref().map(|d| d.risk() >= patchport_core::port::HIGH_RISK),
+        "high_risk": port.diagnostics.as_ref().map(|d| d.high_risk()),
         "diagnostics": diagnostics,
         "verdict": verdict,
         "adapter_files": port.adapter_files.len(),
