@@ -6,4 +6,5 @@ pub(crate) mod events;
 pub(crate) mod hub;
 pub(crate) mod ports;
 pub(crate) mod registry;
+pub(crate) mod signing;
 pub(crate) mod workers;
