@@ -287,4 +287,8 @@ fn pulled_ports_and_patches_verify_with_model_signing_and_tampering_fails() {
         ok,
         "the forged statement is well-formed for its own key: {out}"
     );
+    eprintln!(
+        "model_signing ({}) verified the pulled port, merged model, patch and base, and refused 5 tampered or foreign signatures",
+        ms.display()
+    );
 }
