@@ -255,6 +255,11 @@ fn pulled_ports_and_patches_verify_with_model_signing_and_tampering_fails() {
         ])
         .ok();
 
+    // The embedded key was generated beside the database and is kept across restarts.
+    let server = server.restart();
+    let again = cli(BIN, server.url()).arg("signing-key").ok();
+    assert_eq!(again, std::fs::read_to_string(&key).unwrap());
+
     // The real model_signing CLI.
     let ms = match model_signing() {
         Ok(bin) => bin,
