@@ -255,7 +255,22 @@ fn pulled_ports_and_patches_verify_with_model_signing_and_tampering_fails() {
         ])
         .ok();
 
-    // The embedded key was generated beside the database and is kept across restarts.
+    // The embedded key was generated beside the database (readable by its owner only) and
+    // is kept across restarts; `signing-key --key` prints its public half offline.
+    let db = server.database_url();
+    let key_file =
+        Path::new(db.strip_prefix("sqlite://").unwrap()).with_file_name("signing-key.pem");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key_file.display());
+    }
+    let offline = cli(BIN, &url)
+        .args(["signing-key", "--key"])
+        .arg(&key_file)
+        .ok();
+    assert_eq!(offline, std::fs::read_to_string(&key).unwrap());
     let server = server.restart();
     let again = cli(BIN, server.url()).arg("signing-key").ok();
     assert_eq!(again, std::fs::read_to_string(&key).unwrap());
