@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "patchport/v1/events.proto",
         "patchport/v1/worker.proto",
         "patchport/v1/admin.proto",
+        "patchport/v1/signing.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -281,6 +281,7 @@ async fn anonymous_read_is_per_namespace() {
             namespace: "public".into(),
             anonymous_read: true,
             require_pass: false,
+            ..Default::default()
         })
         .await
         .unwrap();

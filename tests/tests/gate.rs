@@ -175,6 +175,7 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
         patch: "acme/qvo:1".into(),
         base_digest: base.base_digest.clone(),
         require_pass,
+        ..Default::default()
     };
     client
         .ports()
@@ -200,6 +201,7 @@ async fn every_port_is_evaluated_and_resolve_can_require_a_pass() {
             namespace: "acme".into(),
             anonymous_read: false,
             require_pass: true,
+            ..Default::default()
         })
         .await
         .unwrap();

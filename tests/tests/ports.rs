@@ -328,6 +328,7 @@ async fn a_queued_port_can_be_cancelled() {
             patch: "acme/qv:1".into(),
             base_digest: cancelled.base_digest,
             require_pass: false,
+            ..Default::default()
         })
         .await
         .unwrap_err();

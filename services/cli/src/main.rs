@@ -77,6 +77,12 @@ enum Command {
     /// Ask the registry's gRPC health service; exit 0 when it is serving (for container
     /// health checks).
     Health(commands::health::HealthArgs),
+    /// Print the public key (PEM) that verifies the registry's signatures, from the
+    /// registry or from a private key file.
+    SigningKey(commands::sign::SigningKeyArgs),
+    /// Verify a pulled directory offline: model.sig over every file, and a port's
+    /// provenance.json, with trusted public keys.
+    Verify(commands::sign::VerifyArgs),
 }
 
 /// How logs are written to stderr.
@@ -131,6 +137,8 @@ async fn main() -> std::process::ExitCode {
         Command::Namespace(cmd) => commands::admin::namespace(&cli.registry, cmd).await,
         Command::Audit(args) => commands::admin::audit(&cli.registry, args).await,
         Command::Health(args) => commands::health::run(&cli.registry, args).await,
+        Command::SigningKey(args) => commands::sign::signing_key(&cli.registry, args).await,
+        Command::Verify(args) => commands::sign::verify(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -160,7 +160,7 @@ fn resolve_answers_a_weights_file_sha256_with_the_manifest_digest_to_use() {
     let status = block_on(ports.resolve(v1::ResolveRequest {
         patch: "acme/qv:1".into(),
         base_digest: weights,
-        require_pass: false,
+        ..Default::default()
     }))
     .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

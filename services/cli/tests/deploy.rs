@@ -63,6 +63,8 @@ const NON_FLAG_VARIABLES: &[&str] = &[
     "PATCHPORT_ADMIN_TOKEN",
     "PATCHPORT_TOKEN",
     "PATCHPORT_ALLOW_PLAINTEXT_TOKEN",
+    // The signing key PEM itself (a secret; `--signing-key FILE` is the flag's form).
+    "PATCHPORT_SIGNING_KEY",
 ];
 
 fn repo() -> PathBuf {

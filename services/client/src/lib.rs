@@ -8,13 +8,15 @@
 
 mod pull;
 mod push;
+mod signing;
 
 use std::time::Duration;
 
 use patchport_proto::v1::{
     self, admin_service_client::AdminServiceClient, blob_service_client::BlobServiceClient,
     event_service_client::EventServiceClient, port_service_client::PortServiceClient,
-    registry_service_client::RegistryServiceClient, worker_service_client::WorkerServiceClient,
+    registry_service_client::RegistryServiceClient, signing_service_client::SigningServiceClient,
+    worker_service_client::WorkerServiceClient,
 };
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -22,6 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 pub use pull::{FileSource, PullOutcome};
 pub use push::{FileToPush, PushKind, PushOutcome, list_dir, scan_dir};
+pub use signing::{DirVerification, SignatureFiles, verify_dir};
 
 /// The default registry address.
 pub const DEFAULT_REGISTRY: &str = "http://127.0.0.1:50051";
@@ -222,6 +225,7 @@ pub struct Client {
     events: EventServiceClient<Transport>,
     workers: WorkerServiceClient<Transport>,
     admin: AdminServiceClient<Transport>,
+    signing: SigningServiceClient<Transport>,
 }
 
 impl Client {
@@ -299,6 +303,8 @@ impl Client {
             ports: PortServiceClient::new(t(&channel)),
             events: EventServiceClient::new(t(&channel)),
             admin: AdminServiceClient::new(t(&channel)),
+            // Signatures list every file of a model: as large as a registry message.
+            signing: SigningServiceClient::new(t(&channel)).max_decoding_message_size(64 << 20),
             workers: WorkerServiceClient::new(t(&channel))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
@@ -399,5 +405,10 @@ impl Client {
             }
             req.page_token = page.next_page_token;
         }
+    }
+
+    /// The raw signing service client.
+    pub fn signing(&self) -> SigningServiceClient<Transport> {
+        self.signing.clone()
     }
 }

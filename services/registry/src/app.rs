@@ -10,7 +10,8 @@ use std::time::Duration;
 use patchport_proto::v1::{
     admin_service_server::AdminServiceServer, blob_service_server::BlobServiceServer,
     event_service_server::EventServiceServer, port_service_server::PortServiceServer,
-    registry_service_server::RegistryServiceServer, worker_service_server::WorkerServiceServer,
+    registry_service_server::RegistryServiceServer, signing_service_server::SigningServiceServer,
+    worker_service_server::WorkerServiceServer,
 };
 use patchport_store::blobs::BlobStore;
 use patchport_store::meta;
@@ -28,13 +29,14 @@ use crate::service::blobs::Blobs;
 use crate::service::events::Events;
 use crate::service::ports::Ports;
 use crate::service::registry::Versions;
+use crate::service::signing::Signing;
 use crate::service::workers::Workers;
 use crate::state::Registry;
 
 /// How often the `patchport_jobs` gauge is refreshed from the store.
 const JOBS_GAUGE_EVERY: Duration = Duration::from_secs(5);
 /// Every service with a health status ("" is the whole server).
-const HEALTH_SERVICES: [&str; 7] = [
+const HEALTH_SERVICES: [&str; 8] = [
     "",
     "patchport.v1.BlobService",
     "patchport.v1.RegistryService",
@@ -42,6 +44,7 @@ const HEALTH_SERVICES: [&str; 7] = [
     "patchport.v1.EventService",
     "patchport.v1.WorkerService",
     "patchport.v1.AdminService",
+    "patchport.v1.SigningService",
 ];
 
 /// What the registry serves and where.
@@ -68,6 +71,9 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Request limits.
     pub limits: Limits,
+    /// The key that signs versions and ports, and older public keys still trusted;
+    /// `None` signs nothing.
+    pub signing: Option<std::sync::Arc<crate::signing::SigningKeys>>,
 }
 
 impl Default for Config {
@@ -83,6 +89,7 @@ impl Default for Config {
             insecure_no_auth: false,
             tls: None,
             limits: Limits::default(),
+            signing: None,
         }
     }
 }
@@ -236,6 +243,7 @@ impl Application {
                 meta,
                 blobs,
                 limits: std::sync::Arc::new(config.limits),
+                signing: config.signing,
             },
             lease: config.lease,
             tls: config.tls,
@@ -441,6 +449,9 @@ impl Application {
                 .max_encoding_message_size(limits.max_message_bytes),
             )
             .add_service(AdminServiceServer::new(Admin {
+                registry: self.registry.clone(),
+            }))
+            .add_service(SigningServiceServer::new(Signing {
                 registry: self.registry.clone(),
             }))
             .serve_with_incoming_shutdown(

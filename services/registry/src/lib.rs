@@ -14,9 +14,11 @@ mod ingest;
 mod limits;
 mod metrics;
 mod service;
+pub mod signing;
 mod state;
 
 pub use app::{Application, Config, StartError, TlsConfig};
 pub use error::{ApiError, ErrorKind};
 pub use limits::Limits;
+pub use signing::SigningKeys;
 pub use state::Registry;

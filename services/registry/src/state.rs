@@ -20,4 +20,6 @@ pub struct Registry {
     pub auth: Auth,
     /// Request limits.
     pub limits: Arc<Limits>,
+    /// The key that signs versions and ports (`None`: nothing is signed).
+    pub signing: crate::signing::Keys,
 }

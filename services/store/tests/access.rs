@@ -103,6 +103,7 @@ async fn namespace_policies_default_then_replace() {
             namespace: "acme".into(),
             anonymous_read: true,
             require_pass: true,
+            require_signed: true,
         };
         s.set_namespace_policy(&set, 5, &action("SetNamespacePolicy", "acme"))
             .await

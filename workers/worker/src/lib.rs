@@ -103,6 +103,7 @@ impl PortResult {
             merged_files: self.merged_files.iter().map(Into::into).collect(),
             engine_seconds: self.engine_seconds,
             evaluation: self.evaluation,
+            ..Default::default()
         }
     }
 }

@@ -252,7 +252,11 @@ async fn run_one(
     let reply = match outcome {
         Ok(r) => client
             .workers()
-            .complete_job(r.into_request(job_id.clone(), token))
+            .complete_job(v1::CompleteJobRequest {
+                // Recorded in the port's signed provenance.
+                device: config.device.to_string(),
+                ..r.into_request(job_id.clone(), token)
+            })
             .await
             .map(|_| ()),
         Err(e) => {

@@ -87,6 +87,9 @@ pub(crate) struct NamespaceSetArgs {
     /// `resolve` returns only ports whose evaluation passed.
     #[arg(long)]
     require_pass: Option<bool>,
+    /// `resolve` returns only signed artifacts (model signature and port provenance).
+    #[arg(long)]
+    require_signed: Option<bool>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -215,6 +218,7 @@ fn policy_json(p: &v1::NamespacePolicy) -> Value {
         "namespace": p.namespace,
         "anonymous_read": p.anonymous_read,
         "require_pass": p.require_pass,
+        "require_signed": p.require_signed,
     })
 }
 
@@ -243,6 +247,9 @@ pub(crate) async fn namespace(registry: &str, cmd: NamespaceCommand) -> anyhow::
             if let Some(v) = a.require_pass {
                 p.require_pass = v;
             }
+            if let Some(v) = a.require_signed {
+                p.require_signed = v;
+            }
             (admin.set_namespace_policy(p).await?.into_inner(), a.json)
         }
     };
@@ -250,8 +257,8 @@ pub(crate) async fn namespace(registry: &str, cmd: NamespaceCommand) -> anyhow::
         output::print_json(&policy_json(&policy));
     } else {
         println!(
-            "{}: anonymous_read={} require_pass={}",
-            policy.namespace, policy.anonymous_read, policy.require_pass
+            "{}: anonymous_read={} require_pass={} require_signed={}",
+            policy.namespace, policy.anonymous_read, policy.require_pass, policy.require_signed
         );
     }
     Ok(())

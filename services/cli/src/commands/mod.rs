@@ -9,6 +9,7 @@ pub(crate) mod ports;
 pub(crate) mod pull;
 pub(crate) mod push;
 pub(crate) mod serve;
+pub(crate) mod sign;
 pub(crate) mod worker;
 
 /// The `--ca-cert` of this invocation (set once by `main`).

@@ -30,6 +30,12 @@ pub(crate) async fn run(registry: &str, a: PullArgs) -> anyhow::Result<()> {
     let out = client
         .pull(&reference, &a.out, a.merged, &Bars::default())
         .await?;
+    // After the files: model.sig (and provenance.json for a port), as the registry signed
+    // them; `patchport verify` checks them offline.
+    let signed = client
+        .write_signature(&reference, &a.out, a.merged)
+        .await
+        .context("writing the signature")?;
     if a.json {
         output::print_json(&serde_json::json!({
             "kind": out.kind,
@@ -38,6 +44,7 @@ pub(crate) async fn run(registry: &str, a: PullArgs) -> anyhow::Result<()> {
             "out": a.out.display().to_string(),
             "bytes": out.bytes,
             "files": out.files.iter().map(output::file_json).collect::<Vec<_>>(),
+            "signed_by": signed.as_ref().map(|s| s.key_hint.clone()),
         }));
     } else {
         println!(
@@ -48,6 +55,19 @@ pub(crate) async fn run(registry: &str, a: PullArgs) -> anyhow::Result<()> {
             out.files.len(),
             output::human_bytes(out.bytes)
         );
+        match &signed {
+            Some(s) => println!(
+                "wrote {}{} (signed by key {})",
+                patchport_signing::SIGNATURE_FILE,
+                if s.provenance {
+                    format!(" and {}", patchport_signing::PROVENANCE_FILE)
+                } else {
+                    String::new()
+                },
+                s.key_hint
+            ),
+            None => println!("not signed: the registry has no signing key"),
+        }
     }
     Ok(())
 }

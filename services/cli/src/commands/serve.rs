@@ -74,6 +74,84 @@ pub(crate) struct ServeArgs {
     /// the remaining connections are dropped.
     #[arg(long, env = "PATCHPORT_SHUTDOWN_GRACE_SECONDS", default_value_t = 30)]
     shutdown_grace_seconds: u64,
+    /// ECDSA P-256 private key PEM that signs every version and port (OpenSSF Model
+    /// Signing). The PEM itself may come in PATCHPORT_SIGNING_KEY instead. Without
+    /// either, an embedded (sqlite://) registry generates `signing-key.pem` beside its
+    /// database on first start; a Postgres registry signs nothing.
+    #[arg(long, env = "PATCHPORT_SIGNING_KEY_FILE")]
+    signing_key: Option<std::path::PathBuf>,
+    /// Public key PEM file(s) of earlier signing keys, still trusted after a rotation
+    /// (served with the active key by `patchport signing-key --all`).
+    #[arg(long, env = "PATCHPORT_TRUSTED_PUBLIC_KEYS", value_delimiter = ',')]
+    trusted_public_keys: Vec<std::path::PathBuf>,
+}
+
+/// The signing key: `--signing-key`, PATCHPORT_SIGNING_KEY (the PEM), or for an embedded
+/// database `signing-key.pem` beside it (generated on first start, mode 0600).
+fn signing_keys(args: &ServeArgs) -> anyhow::Result<Option<patchport_registry::SigningKeys>> {
+    use patchport_signing::{PublicKey, SigningKey};
+    let from_env = std::env::var("PATCHPORT_SIGNING_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty());
+    let embedded = args
+        .database
+        .strip_prefix("sqlite://")
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .filter(|p| !p.is_empty() && !p.contains(":memory:"))
+        .map(|p| {
+            Path::new(p)
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("signing-key.pem")
+        });
+    let active = match (&args.signing_key, from_env, embedded) {
+        (Some(path), _, _) => {
+            let pem = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the signing key {}", path.display()))?;
+            SigningKey::from_pem(&pem).with_context(|| format!("{}", path.display()))?
+        }
+        (None, Some(pem), _) => SigningKey::from_pem(&pem).context("PATCHPORT_SIGNING_KEY")?,
+        (None, None, Some(path)) if path.exists() => {
+            let pem = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading the signing key {}", path.display()))?;
+            SigningKey::from_pem(&pem).with_context(|| format!("{}", path.display()))?
+        }
+        (None, None, Some(path)) => {
+            let key = SigningKey::generate();
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            write_secret(&path, &key.to_pem())
+                .with_context(|| format!("writing the signing key {}", path.display()))?;
+            tracing::info!(path = %path.display(), key = %key.public_key().hint(), "generated a signing key");
+            key
+        }
+        (None, None, None) => {
+            tracing::warn!(
+                "signing off: no --signing-key or PATCHPORT_SIGNING_KEY; versions and ports are not signed"
+            );
+            return Ok(None);
+        }
+    };
+    let mut older = Vec::new();
+    for path in &args.trusted_public_keys {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the trusted public keys {}", path.display()))?;
+        older.extend(PublicKey::parse_all(&text).with_context(|| format!("{}", path.display()))?);
+    }
+    tracing::info!(key = %active.public_key().hint(), trusted = older.len() + 1, "signing on");
+    Ok(Some(patchport_registry::SigningKeys::new(active, older)))
+}
+
+/// Creates a file only its owner can read, failing if it exists.
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())
 }
 
 /// Makes `file://relative/path` absolute (object_store needs absolute paths).
@@ -137,6 +215,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let tls_cert_pem = tls.as_ref().map(|t| t.cert_pem.clone());
+    let signing = signing_keys(&args)?.map(std::sync::Arc::new);
     let config = Config {
         listen: args.listen,
         database: args.database,
@@ -159,6 +238,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         metrics_listen: args.metrics_listen,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),
+        signing,
     };
     let signal = shutdown_signal()?;
     let mut app = Application::build(config).await?;

@@ -145,6 +145,9 @@ pub(crate) struct ResolveArgs {
     /// Only a port whose evaluation passed.
     #[arg(long)]
     require_pass: bool,
+    /// Only an artifact the registry signed (refuses an unsigned port or patch).
+    #[arg(long)]
+    require_signed: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -249,6 +252,7 @@ pub(crate) async fn resolve(registry: &str, a: ResolveArgs) -> anyhow::Result<()
             patch: a.patch,
             base_digest: a.base_digest,
             require_pass: a.require_pass,
+            require_signed: a.require_signed,
         })
         .await?
         .into_inner();

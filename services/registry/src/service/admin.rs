@@ -265,6 +265,7 @@ impl AdminService for Admin {
             namespace: p.namespace,
             anonymous_read: p.anonymous_read,
             require_pass: p.require_pass,
+            require_signed: p.require_signed,
         }))
     }
 
@@ -285,6 +286,7 @@ impl AdminService for Admin {
                         namespace: ns.clone(),
                         anonymous_read: req.anonymous_read,
                         require_pass: req.require_pass,
+                        require_signed: req.require_signed,
                     },
                     now_millis(),
                     &self.registry.auth.entry(
@@ -293,8 +295,8 @@ impl AdminService for Admin {
                         &ns,
                         &ns,
                         &format!(
-                            "anonymous_read={} require_pass={}",
-                            req.anonymous_read, req.require_pass
+                            "anonymous_read={} require_pass={} require_signed={}",
+                            req.anonymous_read, req.require_pass, req.require_signed
                         ),
                     ),
                 )
@@ -312,8 +314,8 @@ impl AdminService for Admin {
                 req.namespace.trim(),
                 &out,
                 &format!(
-                    "anonymous_read={} require_pass={}",
-                    req.anonymous_read, req.require_pass
+                    "anonymous_read={} require_pass={} require_signed={}",
+                    req.anonymous_read, req.require_pass, req.require_signed
                 ),
             )
             .await;

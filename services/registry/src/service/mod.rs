@@ -7,4 +7,5 @@ pub(crate) mod hub;
 pub(crate) mod paging;
 pub(crate) mod ports;
 pub(crate) mod registry;
+pub(crate) mod signing;
 pub(crate) mod workers;

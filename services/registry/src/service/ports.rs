@@ -9,7 +9,7 @@ use patchport_core::port::{METHOD_VERSION, PortOrigin};
 use patchport_core::{Digest, PortRef, Reference, VersionRef};
 use patchport_proto::convert::{WireError, parse_field};
 use patchport_proto::v1::{self, port_service_server::PortService};
-use patchport_store::meta::{ListFilter, Page, PortState};
+use patchport_store::meta::{ListFilter, Page, PortRecord, PortState};
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Need, Principal, namespace_of};
@@ -52,6 +52,7 @@ struct ResolveQuery {
     patch: Reference,
     base_digest: Digest,
     require_pass: bool,
+    require_signed: bool,
 }
 
 impl TryFrom<&v1::ResolveRequest> for ResolveQuery {
@@ -62,6 +63,7 @@ impl TryFrom<&v1::ResolveRequest> for ResolveQuery {
             patch: parse_field("patch", &req.patch)?,
             base_digest: parse_field("base_digest", &req.base_digest)?,
             require_pass: req.require_pass,
+            require_signed: req.require_signed,
         })
     }
 }
@@ -110,6 +112,23 @@ impl Ports {
         Ok(who)
     }
 
+    /// The port a reference names (the caller's read access already checked).
+    pub(crate) async fn find_port(&self, r: &PortRef) -> ApiResult<PortRecord> {
+        let (p, b) = self.lookup(&r.patch, &r.base).await?;
+        self.registry
+            .meta
+            .get_port(
+                &p.name,
+                &r.patch.version,
+                &b.name,
+                &r.base.version,
+                METHOD_VERSION,
+            )
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::not_found(format!("no port {r}: request it first")))
+    }
+
     async fn lookup(
         &self,
         patch: &Reference,
@@ -150,21 +169,7 @@ impl PortService for Ports {
             ],
         )
         .await?;
-        let (p, b) = self.lookup(&r.patch, &r.base).await?;
-        let port = self
-            .registry
-            .meta
-            .get_port(
-                &p.name,
-                &r.patch.version,
-                &b.name,
-                &r.base.version,
-                METHOD_VERSION,
-            )
-            .await
-            .map_err(ApiError::from)?
-            .ok_or_else(|| ApiError::not_found(format!("no port {r}: request it first")))?;
-        Ok(Response::new(port_to_proto(&port)))
+        Ok(Response::new(port_to_proto(&self.find_port(&r).await?)))
     }
 
     #[tracing::instrument(skip_all)]
@@ -315,14 +320,30 @@ impl PortService for Ports {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::not_found(format!("patch version {r} not found")))?;
-        // A namespace policy can require a passing evaluation whatever the caller asks.
-        let require_pass = q.require_pass
-            || meta
-                .namespace_policy(r.name.namespace())
-                .await
-                .map_err(ApiError::from)?
-                .require_pass;
+        // A namespace policy can require a passing evaluation (or a signature) whatever
+        // the caller asks.
+        let policy = meta
+            .namespace_policy(r.name.namespace())
+            .await
+            .map_err(ApiError::from)?;
+        let require_pass = q.require_pass || policy.require_pass;
+        let require_signed = q.require_signed || policy.require_signed;
         if p.base_digest == digest {
+            if require_signed {
+                let kind = crate::signing::VersionKind::Patch;
+                if self
+                    .registry
+                    .version_signature(kind, &p.name, &p.version, &p.files)
+                    .await?
+                    .is_none()
+                {
+                    return Err(ApiError::precondition(format!(
+                        "patch version {}:{} is not signed (the registry has no signing key)",
+                        p.name, p.version
+                    ))
+                    .into());
+                }
+            }
             return Ok(Response::new(v1::ResolveResponse {
                 kind: v1::CompatKind::Native as i32,
                 patch: format!("{}:{}", p.name, p.version),
@@ -383,6 +404,19 @@ impl PortService for Ports {
                 ))
                 .into());
             }
+        }
+        if require_signed
+            && self
+                .registry
+                .port_signature(port, false, None, false)
+                .await?
+                .is_none()
+        {
+            return Err(ApiError::precondition(format!(
+                "the port of {r} onto {}:{} is not signed (the registry has no signing key)",
+                port.base_name, port.base_version
+            ))
+            .into());
         }
         Ok(Response::new(v1::ResolveResponse {
             kind: v1::CompatKind::Ported as i32,
@@ -466,9 +500,10 @@ impl Ports {
             .list_base_versions(&ListFilter {
                 prefix: p.base_name.to_string(),
                 include_yanked: true,
-                on_base: None,
+                ..ListFilter::default()
             })
-            .await?;
+            .await?
+            .items;
         for port in ports {
             if port.base_name != p.base_name
                 && let Some(b) = meta

@@ -354,6 +354,10 @@ impl RegistryService for Versions {
         let (rec, created) = out?;
         if created {
             tracing::info!(base = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "base version published");
+            let kind = crate::signing::VersionKind::Base;
+            self.registry
+                .sign_version(kind, &rec.name, &rec.version, &rec.files)
+                .await;
         }
         Ok(Response::new(v1::PushBaseVersionResponse {
             version: Some(base_to_proto(&rec)),
@@ -447,6 +451,10 @@ impl RegistryService for Versions {
         let (rec, created) = out?;
         if created {
             tracing::info!(patch = %format!("{}:{}", rec.name, rec.version), digest = %rec.digest, "patch version pushed");
+            let kind = crate::signing::VersionKind::Patch;
+            self.registry
+                .sign_version(kind, &rec.name, &rec.version, &rec.files)
+                .await;
         }
         Ok(Response::new(v1::PushPatchVersionResponse {
             version: Some(patch_to_proto(&rec)),

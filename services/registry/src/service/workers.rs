@@ -118,6 +118,8 @@ struct Completion {
     attempt: Attempt,
     outcome: Reported,
     engine_seconds: f64,
+    /// The device the worker ran on (for the signed provenance).
+    device: String,
 }
 
 /// What a worker reports: refusals make a port incompatible; without them it succeeded.
@@ -160,6 +162,7 @@ impl TryFrom<&v1::CompleteJobRequest> for Completion {
             attempt,
             outcome,
             engine_seconds: req.engine_seconds,
+            device: req.device.chars().take(200).collect(),
         })
     }
 }
@@ -200,6 +203,24 @@ impl Workers {
                 None
             }
         }
+    }
+
+    /// The worker of a running attempt, for its ports' provenance (`None` when the
+    /// registry does not sign).
+    async fn signing_worker(
+        &self,
+        id: i64,
+        device: String,
+    ) -> Option<patchport_signing::WorkerInfo> {
+        self.registry.signing.as_ref()?;
+        let id = match self.registry.meta.get_job(id).await {
+            Ok(job) => job.and_then(|j| j.lease_owner).unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading a job's worker failed");
+                String::new()
+            }
+        };
+        Some(patchport_signing::WorkerInfo { id, device })
     }
 
     async fn job_to_proto(&self, leased: &LeasedJob) -> ApiResult<v1::Job> {
@@ -366,8 +387,10 @@ impl WorkerService for Workers {
             attempt,
             outcome,
             engine_seconds,
+            device,
         } = Completion::try_from(req.get_ref()).map_err(ApiError::from)?;
         let leased_at = self.leased_at(attempt.job_id).await;
+        let worker = self.signing_worker(attempt.job_id, device).await;
         let outcome = match outcome {
             Reported::Succeeded {
                 diagnostics,
@@ -392,6 +415,14 @@ impl WorkerService for Workers {
             .await
             .map_err(ApiError::from)?;
         record_port_duration(leased_at, label);
+        if let Some(worker) = worker
+            && label == "succeeded"
+        {
+            match self.registry.meta.job_ports(attempt.job_id).await {
+                Ok(ports) => self.registry.sign_ports(&ports, &worker).await,
+                Err(e) => tracing::warn!(error = %e, "reading a job's ports to sign them failed"),
+            }
+        }
         tracing::info!(engine_seconds, "job completed");
         Ok(Response::new(v1::CompleteJobResponse {}))
     }

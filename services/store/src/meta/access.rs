@@ -35,6 +35,8 @@ pub struct NamespacePolicyRecord {
     pub anonymous_read: bool,
     /// `resolve` returns only ports whose evaluation passed.
     pub require_pass: bool,
+    /// `resolve` returns only signed artifacts.
+    pub require_signed: bool,
 }
 
 /// One audit log entry.
@@ -63,6 +65,7 @@ pub(crate) struct PolicyRow {
     namespace: String,
     anonymous_read: i64,
     require_pass: i64,
+    require_signed: i64,
 }
 
 impl From<PolicyRow> for NamespacePolicyRecord {
@@ -71,6 +74,7 @@ impl From<PolicyRow> for NamespacePolicyRecord {
             namespace: r.namespace,
             anonymous_read: r.anonymous_read != 0,
             require_pass: r.require_pass != 0,
+            require_signed: r.require_signed != 0,
         }
     }
 }
@@ -246,7 +250,7 @@ macro_rules! impl_access {
                 namespace: &str,
             ) -> Result<$crate::meta::access::NamespacePolicyRecord, $crate::meta::StoreError> {
                 let row = sqlx::query_as::<_, $crate::meta::access::PolicyRow>(
-                    "SELECT namespace, anonymous_read, require_pass FROM namespace_policies \
+                    "SELECT namespace, anonymous_read, require_pass, require_signed FROM namespace_policies \
                      WHERE namespace = $1",
                 )
                 .bind(namespace)
@@ -268,15 +272,16 @@ macro_rules! impl_access {
             ) -> Result<(), $crate::meta::StoreError> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
-                    "INSERT INTO namespace_policies (namespace, anonymous_read, require_pass, updated_at) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (namespace) DO UPDATE SET \
+                    "INSERT INTO namespace_policies (namespace, anonymous_read, require_pass, require_signed, updated_at) \
+                     VALUES ($1, $2, $3, $5, $4) ON CONFLICT (namespace) DO UPDATE SET \
                      anonymous_read = excluded.anonymous_read, require_pass = excluded.require_pass, \
-                     updated_at = excluded.updated_at",
+                     require_signed = excluded.require_signed, updated_at = excluded.updated_at",
                 )
                 .bind(&p.namespace)
                 .bind(i64::from(p.anonymous_read))
                 .bind(i64::from(p.require_pass))
                 .bind(at)
+                .bind(i64::from(p.require_signed))
                 .execute(&mut *tx)
                 .await?;
                 Self::write_audit(&mut tx, audit).await?;

@@ -9,6 +9,7 @@ mod catalogue;
 mod outbox;
 mod postgres;
 mod queue;
+pub mod signatures;
 mod sql;
 mod sqlite;
 
@@ -24,6 +25,7 @@ pub use catalogue::Catalogue;
 pub use outbox::{EventCursor, EventRecord, Outbox};
 pub use postgres::PgStore;
 pub use queue::{EvaluationRecord, JobOutcome, JobRecord, LeasedJob, Queue, RetryPolicy};
+pub use signatures::{SignatureRecord, Signatures};
 pub use sqlite::SqliteStore;
 
 /// What kind of failure a store error is (maps to one gRPC code in the registry).
@@ -513,9 +515,15 @@ impl<T> Paged<T> {
 
 /// The metadata store: every concern, as one object (each has its own conformance
 /// suite: `tests/catalogue.rs`, `tests/queue.rs`, `tests/outbox.rs`, `tests/access.rs`).
-pub trait MetadataStore: Catalogue + Queue + Outbox + Access + Send + Sync + fmt::Debug {}
+pub trait MetadataStore:
+    Catalogue + Queue + Outbox + Access + Signatures + Send + Sync + fmt::Debug
+{
+}
 
-impl<T: Catalogue + Queue + Outbox + Access + Send + Sync + fmt::Debug> MetadataStore for T {}
+impl<T: Catalogue + Queue + Outbox + Access + Signatures + Send + Sync + fmt::Debug> MetadataStore
+    for T
+{
+}
 
 /// Opens the store named by a URL (`postgres://...` or `sqlite://PATH`) and migrates it.
 pub async fn connect(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>, StoreError> {

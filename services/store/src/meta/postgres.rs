@@ -244,4 +244,5 @@ impl PgStore {
 }
 
 super::access::impl_access!(PgStore, sqlx::Postgres);
+super::signatures::impl_signatures!(PgStore, sqlx::Postgres);
 super::sql::impl_sql_store!(PgStore, sqlx::Postgres);

@@ -180,4 +180,5 @@ impl SqliteStore {
 }
 
 super::access::impl_access!(SqliteStore, sqlx::Sqlite);
+super::signatures::impl_signatures!(SqliteStore, sqlx::Sqlite);
 super::sql::impl_sql_store!(SqliteStore, sqlx::Sqlite);
