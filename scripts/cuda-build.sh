@@ -7,8 +7,9 @@
 #   eval "$(scripts/cuda-build.sh --env)" # only set up the toolkit; print its variables
 #
 # 1. Installs NVIDIA's CUDA 13.0 compiler, headers and libraries (nvidia-cuda-nvcc,
-#    -cccl, -runtime, -nvrtc, nvidia-cublas, nvidia-curand; pinned to a version cudarc
-#    supports) into a venv under ${PATCHPORT_CUDA_DIR:-$HOME/.cache/patchport-cuda}
+#    -cccl, -runtime, -nvrtc, -crt, nvidia-nvvm, nvidia-cublas, nvidia-curand; every one
+#    pinned: nvcc's own dependencies float, and a newer cicc writes PTX the pinned ptxas
+#    refuses; 13.0 is a version cudarc supports) into a venv under ${PATCHPORT_CUDA_DIR:-$HOME/.cache/patchport-cuda}
 #    (once; reused), and lays out a CUDA_HOME there (bin, include, lib64 with the
 #    unversioned names the linker wants).
 # 2. The wheels have no libcuda (it comes with the GPU driver): a stub libcuda.so with
@@ -35,6 +36,8 @@ home="$cuda_dir/cuda-13.0"
 # of the driver).
 wheels=(
   "nvidia-cuda-nvcc==13.0.88"
+  "nvidia-nvvm==13.0.88"
+  "nvidia-cuda-crt==13.0.88"
   "nvidia-cuda-cccl==13.0.85"
   "nvidia-cuda-runtime==13.0.96"
   "nvidia-cuda-nvrtc==13.0.88"
