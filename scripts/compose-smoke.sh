@@ -3,7 +3,7 @@
 #
 #   scripts/compose-smoke.sh
 #
-# 1. Docker: installs docker.io, docker-compose and debootstrap (apt) when missing and
+# 1. Docker: installs docker.io, docker-compose, debootstrap and jq (apt) when missing and
 #    starts dockerd when none answers. Always Debian's /usr/bin/docker (its BuildKit
 #    builds offline) and docker-compose 1.29 (COMPOSE=... for another, e.g.
 #    "docker compose").
@@ -87,10 +87,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- 1. Docker ------------------------------------------------------------------------
-if [ ! -x "$docker" ] || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null; then
-  say "installing docker.io, docker-compose, debootstrap (apt)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null ||
-    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose debootstrap >/dev/null; }
+if [ ! -x "$docker" ] || ! command -v docker-compose >/dev/null || ! command -v debootstrap >/dev/null ||
+  ! command -v jq >/dev/null; then
+  say "installing docker.io, docker-compose, debootstrap, jq (apt)"
+  pkgs=(docker.io docker-compose debootstrap jq)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null ||
+    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >/dev/null; }
 fi
 if [ -n "${COMPOSE:-}" ]; then read -ra compose <<<"$COMPOSE"; else compose=(/usr/bin/docker-compose); fi
 if ! "$docker" info >/dev/null 2>&1; then
@@ -204,7 +206,8 @@ pp base push "$fx/v2" --registry "$a" --name acme/llama-micro --version v2 --par
 say "pushed v1 and ${#patches[@]} patches and published v2 through replica A"
 
 # completed SUBJECT: how many port.completed events replica B's watch has for it.
-completed() { jq -c --arg s "$1" 'select(.type == "port.completed" and .subject == $s)' "$events" | wc -l; }
+# (Lines are read raw and parsed leniently: the last one may still be being written.)
+completed() { jq -cR --arg s "$1" 'fromjson? | select(.type == "port.completed" and .subject == $s)' "$events" | wc -l; }
 wait_completed() { # SUBJECT... : each completed at least once, within 240 s
   local deadline=$(($(date +%s) + 240)) s
   for s in "$@"; do
@@ -243,7 +246,7 @@ jq '.lora_alpha = 12' "$fx/patches/lora-qv/adapter_config.json" >"$work/late/ada
 pp patch push "$work/late" --registry "$b" --name acme/late --version 1 --base acme/llama-micro:v1 >/dev/null
 pp request acme/late:1 --registry "$b" --base acme/llama-micro:v2 >/dev/null
 deadline=$(($(date +%s) + 120))
-until holder="$(jq -r --arg s "$late" 'select(.type == "port.started" and .subject == $s) | .payload.detail // empty' "$events" | head -n 1)" && [ -n "$holder" ]; do
+until holder="$(jq -rR --arg s "$late" 'fromjson? | select(.type == "port.started" and .subject == $s) | .payload.detail // empty' "$events" | head -n 1)" && [ -n "$holder" ]; do
   [ "$(date +%s)" -lt "$deadline" ] || fail "no port.started for $late"
   sleep 0.2
 done
@@ -256,12 +259,12 @@ wait_completed "$late"
 sleep $((lease_s + 5)) # a second completion would come after another lease expiry
 n="$(completed "$late")"
 [ "$n" = 1 ] || fail "$late completed $n times"
-by="$(jq -r --arg s "$late" 'select(.type == "port.started" and .subject == $s) | .payload.detail' "$events" | tail -n 1)"
+by="$(jq -rR --arg s "$late" 'fromjson? | select(.type == "port.started" and .subject == $s) | .payload.detail' "$events" | tail -n 1)"
 [ "$by" != "$holder" ] || fail "$late was not re-leased to another worker"
 pp watch --registry "$a" --json --from 0 >"$work/events-a.jsonl" 2>/dev/null &
 replay=$!
 sleep 3
 kill "$replay" 2>/dev/null || true
-n_a="$(jq -c --arg s "$late" 'select(.type == "port.completed" and .subject == $s)' "$work/events-a.jsonl" | wc -l)"
+n_a="$(jq -cR --arg s "$late" 'fromjson? | select(.type == "port.completed" and .subject == $s)' "$work/events-a.jsonl" | wc -l)"
 [ "$n_a" = 1 ] || fail "replica A's history has $n_a port.completed for $late"
 say "$late completed exactly once (re-leased to $by), on both replicas' event history"
