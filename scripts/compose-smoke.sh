@@ -14,8 +14,9 @@
 # 3. The registry and worker images from deploy/docker/Dockerfile with BINARY=prebuilt:
 #    the host-built binary ($PATCHPORT_BIN, default $CARGO_TARGET_DIR/debug/patchport,
 #    built when missing), so nothing compiles twice. With $PATCHPORT_CUDA_BIN (the
-#    binary scripts/cuda-build.sh made) the CUDA worker image is built too (not run: no
-#    GPU here).
+#    binary scripts/cuda-build.sh made) the CUDA worker image is built too, on
+#    local/cuda-runtime (the same CUDA 13.0 libraries from PyPI; cached), and checked to
+#    resolve every library but the driver's libcuda.so.1 (not run: no GPU here).
 # 4. `docker-compose -p pp-smoke-PID -f deploy/compose.yaml -f deploy/compose.local.yaml`:
 #    Postgres, an S3 server (moto), the bucket job, two registry replicas, two workers,
 #    on the project's private network; only the replicas' gRPC ports are published
@@ -151,15 +152,28 @@ done
 "$docker" run --rm "$PATCHPORT_WORKER_IMAGE" --version >/dev/null ||
   fail "the worker image does not run its binary"
 if [ -n "${PATCHPORT_CUDA_BIN:-}" ]; then
+  [ -x "$PATCHPORT_CUDA_BIN" ] || fail "no CUDA binary at $PATCHPORT_CUDA_BIN (scripts/cuda-build.sh makes it)"
+  wheels="$(scripts/cuda-build.sh --wheels)"
+  cuda_base="local/cuda-runtime:$(printf '%s' "$wheels" | sha256sum | cut -c1-12)"
+  if ! "$docker" image inspect "$cuda_base" >/dev/null 2>&1; then
+    say "building $cuda_base (once; the CUDA libraries the binary was built with, from PyPI)"
+    "$docker" build -q --secret "id=ca,src=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}" \
+      --build-arg BASE_IMAGE=local/debian:bookworm --build-arg "CUDA_WHEELS=$wheels" \
+      -f deploy/docker/local/cuda-runtime.Dockerfile -t "$cuda_base" deploy/docker/local >/dev/null
+  fi
   mkdir -p "$work/cuda-context"
   cp "$PATCHPORT_CUDA_BIN" "$work/cuda-context/patchport"
-  say "building $cuda_image (deploy/docker/Dockerfile.cuda, BINARY=prebuilt; built, not run: no GPU)"
+  say "building $cuda_image (deploy/docker/Dockerfile.cuda, BINARY=prebuilt)"
   "$docker" build -q -f deploy/docker/Dockerfile.cuda \
-    --build-arg BINARY=prebuilt --build-arg CUDA_RUNTIME_IMAGE=local/debian:bookworm \
+    --build-arg BINARY=prebuilt --build-arg "CUDA_RUNTIME_IMAGE=$cuda_base" \
     -t "$cuda_image" "$work/cuda-context" >/dev/null
-  "$docker" run --rm --entrypoint /bin/sh "$cuda_image" -c \
-    'test "$(id -u)" = 65532 && test -x /usr/local/bin/patchport' ||
-    fail "the CUDA image lacks its binary or runs as another user"
+  # No GPU here, so it cannot run; but as uid 65532 every library it links must resolve
+  # in the image except the driver's libcuda.so.1 (the NVIDIA runtime mounts it).
+  missing="$("$docker" run --rm --entrypoint /bin/sh "$cuda_image" -c \
+    'test "$(id -u)" = 65532 && ldd /usr/local/bin/patchport | grep "not found" | cut -d" " -f1 | tr -d "\t"')" ||
+    fail "the CUDA image: not uid 65532, or no binary"
+  [ "$missing" = "libcuda.so.1" ] || fail "the CUDA image lacks libraries: $missing"
+  say "CUDA image: every library resolves but the driver's libcuda.so.1 (not run: no GPU)"
 fi
 
 # --- 4. The stack -----------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #   scripts/cuda-build.sh                 # release build of the binary
 #   scripts/cuda-build.sh --tests         # also the engine's and eval's test binaries
 #   eval "$(scripts/cuda-build.sh --env)" # only set up the toolkit; print its variables
+#   scripts/cuda-build.sh --wheels        # the pinned runtime wheels (for a runtime image)
 #
 # 1. Installs NVIDIA's CUDA 13.0 compiler, headers and libraries (nvidia-cuda-nvcc,
 #    -cccl, -runtime, -nvrtc, -crt, nvidia-nvvm, nvidia-cublas, nvidia-curand; every one
@@ -53,7 +54,13 @@ for arg in "$@"; do
   case "$arg" in
     --env) mode=env ;;
     --tests) tests=1 ;;
-    *) log "unknown argument '$arg' (expected --env or --tests)"; exit 2 ;;
+    --wheels)
+      # What running the binary needs (no compiler, no headers).
+      printf '%s\n' "${wheels[@]}" | grep -E 'runtime|nvrtc|cublas|curand' | tr '\n' ' '
+      echo
+      exit 0
+      ;;
+    *) log "unknown argument '$arg' (expected --env, --wheels or --tests)"; exit 2 ;;
   esac
 done
 
