@@ -121,6 +121,8 @@ eval "$(cat_env)"
 log "$(nvcc --version | tail -n 2 | head -n 1)"
 
 mkdir -p "$target_dir"
+# candle-kernels compiles its 15 static (MoE, GGUF) kernels on one thread unless told.
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 build_log="$target_dir/cuda-build.log"
 : >"$build_log"
 export PATCHPORT_NVCC_LOG="$build_log"
@@ -142,16 +144,18 @@ if [ "$tests" = 1 ]; then
   }
 fi
 
-# Proof that the kernels were compiled: nvcc ran in this build, or the PTX an earlier
-# build compiled (candle-kernels' OUT_DIR) is there and the crate was fresh.
+# Proof that the kernels were compiled: nvcc ran in this build (--ptx: the PTX kernels;
+# -c: the static MoE/GGUF ones), or candle-kernels' build found the PTX an earlier build
+# compiled (cudaforge keeps them in its OUT_DIR; nvcc-ran.log has that run's lines).
+grep -E '^nvcc-ran: .*(--ptx| -c )' "$build_log" | sed "s/^/$(date -u +%FT%TZ) /" >>"$target_dir/nvcc-ran.log" || true
 nvcc_runs="$(grep -cE '^nvcc-ran: .*--ptx' "$build_log" || true)"
 ptx="$(find "$target_dir/release/build" -path '*candle-kernels-*/out/*.ptx' 2>/dev/null | wc -l)"
 if [ "$nvcc_runs" -gt 0 ]; then
-  log "nvcc compiled kernels to PTX in this build ($nvcc_runs nvcc command lines in the log, $ptx .ptx files)"
-elif [ "$ptx" -gt 0 ] && grep -q 'Fresh candle-kernels' "$build_log"; then
-  log "candle-kernels was fresh: its $ptx PTX files were compiled by nvcc in an earlier build"
+  log "nvcc compiled $nvcc_runs kernel sources to PTX in this build ($ptx .ptx files; see the nvcc-ran lines of $build_log)"
+elif [ "$ptx" -gt 0 ] && grep -qE 'Fresh candle-kernels|All PTX kernels up-to-date' "$build_log"; then
+  log "candle's $ptx PTX kernels are up to date: nvcc compiled them in an earlier build (see $target_dir/nvcc-ran.log)"
 else
-  log "no sign that nvcc compiled candle's kernels (no nvcc line in $build_log, $ptx .ptx files)"
+  log "no sign that nvcc compiled candle's kernels (no nvcc-ran line in $build_log, $ptx .ptx files)"
   exit 1
 fi
 bin="$target_dir/release/patchport"
