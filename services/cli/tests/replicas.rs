@@ -328,27 +328,54 @@ fn an_upload_started_on_one_replica_resumes_on_the_other() {
     });
 }
 
+/// Waits (two minutes at most) until the worker log at `log` has a line with one of
+/// `needles`; returns the one found.
+fn wait_for_log(log: &std::path::Path, needles: &[&'static str]) -> &'static str {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(n) = needles.iter().find(|n| text.contains(**n)) {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needles:?} in the worker log: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_job_re_leased_through_the_other_replica_refuses_the_first_workers_late_result() {
     // 2 s leases; the first worker stalls 6 s without heartbeats after leasing.
     let Some(r) = replicas(2) else { return };
+    let logs = tempfile::tempdir().expect("tempdir");
+    let late_log = logs.path().join("late.log");
     let (_watch, rx) = watch(BIN, r.a.url(), "0");
-    let _late: Proc = worker(&r.a.url(), "late-on-a").stall_ms(6_000).start();
+    let _late: Proc = worker(&r.a.url(), "late-on-a")
+        .stall_ms(6_000)
+        .log_to(&late_log)
+        .start();
     publish(&r.a.url());
     let mut seen = Vec::new();
     let first = until(&rx, "port.started", PORT, &mut seen);
     assert_eq!(first["payload"]["detail"], "late-on-a");
     // Its lease expires; a worker of replica B takes the job and completes it.
     let _rescuer: Proc = worker(&r.b.url(), "rescuer-on-b").start();
-    let second = until(&rx, "port.started", PORT, &mut seen);
-    assert_eq!(second["payload"]["detail"], "rescuer-on-b");
     let done = until(&rx, "port.completed", PORT, &mut seen);
     assert_eq!(done["payload"]["state"], "succeeded", "{done}");
-    // The first worker wakes after ~6 s and completes with its old fencing token through
-    // replica A: refused, nothing changes.
-    no_more_completions(&rx, Duration::from_secs(8));
+    assert!(
+        seen.iter().any(|e| e["type"] == "port.started"
+            && e["subject"] == PORT
+            && e["payload"]["detail"] == "rescuer-on-b"),
+        "replica B's worker leased the job: {seen:?}"
+    );
+    // The first worker wakes after ~6 s: its heartbeat through replica A finds the lease
+    // lost, or its CompleteJob with the old fencing token is refused; nothing changes.
+    wait_for_log(&late_log, &["refused by the fence", "lease lost"]);
+    no_more_completions(&rx, Duration::from_secs(3));
     let row = port_row(&r.b.url());
-    assert_eq!(row["attempts"], 2, "{row}");
+    assert!(row["attempts"].as_u64() >= Some(2), "{row}");
     assert_eq!(
         r.db.count("SELECT COUNT(*) FROM events WHERE kind = 'port.completed'"),
         1
@@ -373,19 +400,9 @@ fn a_job_cancelled_through_the_other_replica_refuses_the_running_workers_result(
     let cancelled = cli(BIN, r.b.url()).args(["cancel", PORT, "--json"]).json();
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     std::fs::write(&go_on, b"").expect("go on");
-    // The worker wakes, ports, and its CompleteJob through A is refused by the fence.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("refused by the fence")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the late result was not refused: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // The worker either learns of the cancel and drops the job, or wakes, ports, and its
+    // CompleteJob through A is refused by the fence: either way nothing lands.
+    wait_for_log(&log, &["refused by the fence", "job cancelled"]);
     no_more_completions(&rx, Duration::from_secs(2));
     assert_eq!(port_row(&r.a.url())["kind"], "cancelled");
     assert_eq!(
