@@ -28,8 +28,8 @@
 # 6. Fault: one more patch (lora-qv with another alpha) and its port requested; the worker that leases its port (the workers stall
 #    $STALL_MS after each lease, PATCHPORT_TEST_STALL_MS) is `docker kill`ed mid-port;
 #    the lease expires, the other worker ports it, and it completes exactly once.
-# 7. Down with volumes; the images built in 3 removed; no container of the project left
-#    (a trap does it on every exit). Exit 0 only when all of it held.
+# 7. Down with volumes; the images built in 3 and the build cache no image uses removed;
+#    no container of the project left (a trap does it on every exit). Exit 0 only when all of it held.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
@@ -75,6 +75,8 @@ cleanup() {
     "$docker" rm -f $left >/dev/null 2>&1
   fi
   "$docker" rmi "$PATCHPORT_REGISTRY_IMAGE" "$PATCHPORT_WORKER_IMAGE" "$cuda_image" >/dev/null 2>&1
+  # The build cache no image uses (the binaries' build contexts, ~160 MB a build).
+  "$docker" builder prune -f >/dev/null 2>&1
   "$docker" volume ls -q --filter "label=com.docker.compose.project=$project" | xargs -r "$docker" volume rm >/dev/null 2>&1
   "$docker" network ls -q --filter "label=com.docker.compose.project=$project" | xargs -r "$docker" network rm >/dev/null 2>&1
   rm -rf "$work"
