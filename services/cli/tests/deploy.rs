@@ -993,10 +993,11 @@ fn the_renderer_agrees_with_kustomize() {
 // ---------------------------------------------------------------------------------------
 // compose
 
+/// No top-level `name:` (docker-compose 1.29 refuses it; the project name comes from
+/// `-p`): an unknown field fails to parse.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ComposeFile {
-    name: String,
     services: BTreeMap<String, ComposeService>,
     #[serde(default)]
     volumes: BTreeMap<String, Option<Value>>,
@@ -1072,7 +1073,13 @@ struct ComposeDeploy {
 
 fn compose() -> ComposeFile {
     let path = deploy().join("compose.yaml");
-    serde_yaml_ng::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    // The second registry replica is the first one merged (`<<: *registry`).
+    let mut value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    value
+        .apply_merge()
+        .unwrap_or_else(|e| panic!("{}: merge keys: {e}", path.display()));
+    serde_yaml_ng::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 impl ComposeFile {
@@ -1104,7 +1111,6 @@ fn url_parts(url: &str) -> (String, String, String, Option<u16>) {
 #[test]
 fn compose_runs_the_production_topology() {
     let c = compose();
-    assert_eq!(c.name, "patchport");
     for s in ["postgres", "minio", "bucket", "registry", "worker"] {
         assert!(c.services.contains_key(s), "compose: no {s} service");
     }
@@ -1331,11 +1337,26 @@ fn dockerfile_stages(path: &Path) -> Vec<Stage> {
         }
     }
     let mut stages: Vec<Stage> = Vec::new();
+    // Global `ARG NAME=default`s (before the first FROM), substituted into FROM lines.
+    let mut args: Vec<(String, String)> = Vec::new();
     for line in logical {
         let (keyword, rest) = line.split_once(char::is_whitespace).unwrap_or((&line, ""));
         let keyword = keyword.to_uppercase();
-        let rest = rest.trim().to_owned();
+        let mut rest = rest.trim().to_owned();
+        if keyword == "ARG" && stages.is_empty() {
+            if let Some((name, default)) = rest.split_once('=') {
+                let mut default = default.trim_matches('"').to_owned();
+                for (n, v) in &args {
+                    default = default.replace(&format!("${{{n}}}"), v);
+                }
+                args.push((name.to_owned(), default));
+            }
+            continue;
+        }
         if keyword == "FROM" {
+            for (n, v) in &args {
+                rest = rest.replace(&format!("${{{n}}}"), v);
+            }
             let words: Vec<&str> = rest.split_whitespace().collect();
             let name = match words.as_slice() {
                 [_, as_, name] if as_.eq_ignore_ascii_case("as") => Some((*name).to_owned()),
@@ -1455,6 +1476,14 @@ fn dockerfiles_build_the_named_images_as_non_root() {
                 })
             })
             .unwrap_or_else(|| panic!("{what}: copies from no named build stage"));
+        // A stage that only renames another (`FROM ${BINARY} AS binary`): the default one.
+        let mut builder = builder;
+        while builder.instructions.is_empty() {
+            builder = stages
+                .iter()
+                .find(|st| st.name.as_deref() == Some(builder.from.as_str()))
+                .unwrap_or_else(|| panic!("{what}: stage {:?} renames no stage", builder.name));
+        }
         let build = builder
             .instructions
             .iter()
