@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -53,8 +53,9 @@ def patchport_bin() -> Optional[Path]:
 class Serve:
     """A `patchport serve` child process; killed when the test ends."""
 
-    def __init__(self, binary: Path, home: Path, workers: int = 1) -> None:
+    def __init__(self, binary: Path, home: Path, workers: int = 1, env: Optional[Dict[str, str]] = None) -> None:
         self.binary = binary
+        self.extra_env = dict(env or {})
         self.home = home
         self.workers = workers
         self.listen = "127.0.0.1:0"
@@ -65,6 +66,7 @@ class Serve:
     def start(self) -> "Serve":
         self.home.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+        env.update(self.extra_env)
         cmd = [
             str(self.binary),
             "serve",
@@ -182,3 +184,15 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 def files_of(path: Path) -> List[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+def publish(client: "object", fixtures: Path, patches: "tuple[str, ...]" = ("lora-qv",)) -> None:
+    """acme/llama-micro v1, the given llama-micro patches on it (as acme/<patch>:1), then
+    v2 published with parent v1 (which queues a port of each patch onto v2)."""
+    c = client  # a patchport.Client
+    c.push_base(fixtures / "llama-micro/v1", "acme/llama-micro", "v1")  # type: ignore[attr-defined]
+    for p in patches:
+        c.push_patch(  # type: ignore[attr-defined]
+            fixtures / "llama-micro/patches" / p, f"acme/{p}", "1", base="acme/llama-micro:v1"
+        )
+    c.push_base(fixtures / "llama-micro/v2", "acme/llama-micro", "v2", parent="v1")  # type: ignore[attr-defined]
