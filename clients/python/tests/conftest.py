@@ -128,7 +128,6 @@ class Serve:
 
 
 def _skip(reason: str) -> None:
-    print(f"SKIPPED: {reason}")
     pytest.skip(reason)
 
 
@@ -169,12 +168,12 @@ def fixtures() -> Path:
     return FIXTURES
 
 
-def require(module: str) -> None:
+def require(module: str, hint: str = "install clients/python[test]") -> None:
     """Skips the running test, saying why, when a Python package is absent."""
     try:
         __import__(module)
     except ImportError as e:
-        _skip(f"Python package {module!r} is not installed ({e}); install clients/python[test]")
+        _skip(f"Python package {module!r} is not installed ({e}); {hint}")
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
