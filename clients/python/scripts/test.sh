@@ -10,6 +10,10 @@
 # python3 -m venv) the Python tests are skipped with the reason, and this exits 0.
 # PATCHPORT_BIN picks the binary (default: $CARGO_TARGET_DIR/debug/patchport, built
 # when absent).
+#
+# vLLM pins its own torch, so its resolver test runs in a second venv
+# (~/.cache/patchport-py/vllm-venv, about 10 GB): built when PATCHPORT_TEST_VLLM=1, used
+# whenever it is there and current, otherwise that test says it is skipped and why.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -48,4 +52,30 @@ if [ -z "${PATCHPORT_BIN:-}" ]; then
   fi
 fi
 cd "$here"
-exec "$venv/bin/python" -m pytest -q -rs tests "$@"
+status=0
+"$venv/bin/python" -m pytest -q -rs tests "$@" || status=$?
+
+vvenv="$cache/vllm-venv"
+if [ "${PATCHPORT_TEST_VLLM:-}" = 1 ] &&
+   { [ ! -x "$vvenv/bin/python" ] || [ "$(cat "$vvenv/.patchport-stamp" 2>/dev/null)" != "$stamp" ]; }; then
+  echo "python: building the vLLM venv in $vvenv (once per pyproject.toml)"
+  start=$(date +%s)
+  rm -rf "$vvenv"
+  if "$python" -m venv "$vvenv" >/dev/null 2>&1 &&
+     "$vvenv/bin/pip" install -q --upgrade pip "setuptools>=77" &&
+     "$vvenv/bin/pip" install -q "$here[vllm]" pytest; then
+    echo "$stamp" >"$vvenv/.patchport-stamp"
+    echo "python: vLLM venv ready in $(( $(date +%s) - start )) s"
+  else
+    rm -rf "$vvenv"
+    echo "vllm tests skipped: pip could not install clients/python[vllm] (no network to PyPI?)"
+  fi
+fi
+if [ -x "$vvenv/bin/python" ] && [ "$(cat "$vvenv/.patchport-stamp" 2>/dev/null)" = "$stamp" ]; then
+  "$vvenv/bin/pip" install -q --no-deps --no-build-isolation --force-reinstall "$here" >/dev/null
+  echo "python: the vLLM resolver against vLLM's own classes ($vvenv)"
+  "$vvenv/bin/python" -m pytest -q -rs tests/test_vllm.py "$@" || status=$?
+else
+  echo "vllm tests skipped: no current vLLM venv in $vvenv (PATCHPORT_TEST_VLLM=1 builds it, ~10 GB)"
+fi
+exit "$status"

@@ -28,6 +28,8 @@ def test_the_plugin_is_declared_for_vllm() -> None:
 def test_resolver_contract(client: patchport.Client, fixtures: Path, tmp_path: Path) -> None:
     publish(client, fixtures, ("lora-qv", "dora"))
     client.wait_port("acme/lora-qv:1", V2, timeout=120)
+    with pytest.raises(patchport.Refused):
+        client.wait_port("acme/dora:1", V2, timeout=120)
     v2 = str(fixtures / "llama-micro/v2")
     resolver = PatchportResolver(client=client, cache_dir=tmp_path / "cache")
 
@@ -66,6 +68,8 @@ def test_resolver_with_vllms_own_classes(
 
     publish(client, fixtures, ("lora-qv", "dora"))
     client.wait_port("acme/lora-qv:1", V2, timeout=120)
+    with pytest.raises(patchport.Refused):
+        client.wait_port("acme/dora:1", V2, timeout=120)
     monkeypatch.setenv("PATCHPORT_REGISTRY", client.url)
     monkeypatch.setenv("PATCHPORT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("PATCHPORT_VLLM_BASE", raising=False)
