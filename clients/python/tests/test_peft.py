@@ -53,6 +53,11 @@ def test_peft_from_registry_equals_the_original_adapter_on_v2(
     print(f"max |logits(port via registry) - logits(original adapter)| on v2 = {diff:.3g}")
     assert diff <= 1e-5
 
+    # The port pulled by reference loads the same way.
+    pulled = client.pull(f"acme/lora-qv:1@{V2}", tmp_path / "pulled")
+    from_pull = PeftModel.from_pretrained(_load(v2), str(pulled)).eval()
+    assert (_logits(from_pull, ids) - want).abs().max().item() <= 1e-5
+
     # Downloaded once: a second resolution reuses the cached directory.
     cached = sorted((tmp_path / "cache" / "adapters").iterdir())
     patchport.peft.from_registry(_load(v2), "acme/lora-qv:1", client, cache_dir=tmp_path / "cache")
