@@ -29,4 +29,14 @@ else
   echo "S3 tests skipped: PATCHPORT_TEST_S3_ENDPOINT not set (file:// and memory:// only)"
 fi
 
-exec cargo test --workspace --locked --no-fail-fast "$@"
+status=0
+cargo test --workspace --locked --no-fail-fast "$@" || status=$?
+
+# The Python SDK (clients/python) against the debug binary just built, in a venv cached
+# under ~/.cache/patchport-py; skipped with the reason when the venv cannot be made.
+if [ "$#" -eq 0 ]; then
+  clients/python/scripts/test.sh || status=$?
+else
+  echo "python tests skipped: cargo test arguments given"
+fi
+exit "$status"
