@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
@@ -27,6 +28,8 @@ from .v1 import (
     ports_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
 )
 
 __all__ = ["Client", "Event", "Resolution", "PushStats", "DEFAULT_REGISTRY", "port_state", "compat_kind"]
@@ -282,6 +285,8 @@ class Client:
         """The raw PortService stub."""
         self.events = events_pb2_grpc.EventServiceStub(self._channel)
         """The raw EventService stub."""
+        self.signing = signing_pb2_grpc.SigningServiceStub(self._channel)
+        """The raw SigningService stub."""
         #: What the last :meth:`push_base` / :meth:`push_patch` sent.
         self.last_push = PushStats()
 
@@ -494,7 +499,25 @@ class Client:
             if merged:
                 raise errors.InvalidArgument("merged applies to port references (patch@base)")
             files = self._lookup(reference)
-        return self.download(files, dest)
+        out = self.download(files, dest)
+        self._write_signature(reference, merged, out)
+        return out
+
+    def _write_signature(self, reference: str, merged: bool, out: Path) -> None:
+        """Writes the registry's OpenSSF Model Signing bundle as ``model.sig`` (and a
+        port's signed provenance as ``provenance.json``) beside the pulled files, as
+        ``patchport pull`` does; an unsigned registry leaves them out with a warning."""
+        req = signing_pb2.GetSignatureRequest(reference=reference, merged=merged)
+        try:
+            sig = self.signing.GetSignature(req, metadata=self._metadata)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                warnings.warn(f"{reference} is not signed: {e.details()}", stacklevel=3)
+                return
+            raise from_rpc_error(e) from None
+        if sig.provenance:
+            (out / "provenance.json").write_text(sig.provenance)
+        (out / "model.sig").write_text(sig.model_signature)
 
     def _lookup(self, reference: str) -> List[common_pb2.FileEntry]:
         req = registry_pb2.GetVersionRequest(reference=reference)
@@ -647,7 +670,14 @@ class Client:
         if (patch is None) == (base is None):
             raise errors.InvalidArgument("compat needs exactly one of patch or base")
         req = ports_pb2.QueryCompatRequest(patch=patch) if patch is not None else ports_pb2.QueryCompatRequest(base=base)
-        return list(self._call(self.ports.QueryCompat, req).entries)
+        req.page_size = 1000
+        entries: List[ports_pb2.CompatEntry] = []
+        while True:
+            page = self._call(self.ports.QueryCompat, req)
+            entries.extend(page.entries)
+            if not page.next_page_token:
+                return entries
+            req.page_token = page.next_page_token
 
     def resolve(self, patch: str, base_digest: str, require_pass: bool = False) -> Resolution:
         """The exact adapter for the base a serving engine has loaded.

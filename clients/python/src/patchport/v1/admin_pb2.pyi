@@ -76,14 +76,16 @@ class GetNamespacePolicyRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ...) -> None: ...
 
 class NamespacePolicy(_message.Message):
-    __slots__ = ("namespace", "anonymous_read", "require_pass")
+    __slots__ = ("namespace", "anonymous_read", "require_pass", "require_signed")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     ANONYMOUS_READ_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_PASS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_SIGNED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     anonymous_read: bool
     require_pass: bool
-    def __init__(self, namespace: _Optional[str] = ..., anonymous_read: _Optional[bool] = ..., require_pass: _Optional[bool] = ...) -> None: ...
+    require_signed: bool
+    def __init__(self, namespace: _Optional[str] = ..., anonymous_read: _Optional[bool] = ..., require_pass: _Optional[bool] = ..., require_signed: _Optional[bool] = ...) -> None: ...
 
 class ListAuditRequest(_message.Message):
     __slots__ = ("namespace", "limit")

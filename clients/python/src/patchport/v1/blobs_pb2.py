@@ -22,43 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from patchport.v1 import common_pb2 as patchport_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18patchport/v1/blobs.proto\x12\x0cpatchport.v1\"*\n\x17\x46indMissingBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"+\n\x18\x46indMissingBlobsResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"2\n\x12StartUploadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"r\n\x13StartUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x16\n\x0e\x61lready_exists\x18\x03 \x01(\x08\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\x04\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"0\n\x14UploadChunksResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"Y\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_offset\x18\x04 \x01(\x04\"(\n\x13\x43ommitUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"J\n\x14\x43ommitUploadResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"-\n\rReadBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"!\n\x0fStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"0\n\x10StatBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x32\xca\x04\n\x0b\x42lobService\x12\x61\n\x10\x46indMissingBlobs\x12%.patchport.v1.FindMissingBlobsRequest\x1a&.patchport.v1.FindMissingBlobsResponse\x12R\n\x0bStartUpload\x12 .patchport.v1.StartUploadRequest\x1a!.patchport.v1.StartUploadResponse\x12O\n\x0cUploadChunks\x12\x19.patchport.v1.UploadChunk\x1a\".patchport.v1.UploadChunksResponse(\x01\x12G\n\tGetUpload\x12\x1e.patchport.v1.GetUploadRequest\x1a\x1a.patchport.v1.UploadStatus\x12U\n\x0c\x43ommitUpload\x12!.patchport.v1.CommitUploadRequest\x1a\".patchport.v1.CommitUploadResponse\x12H\n\x08ReadBlob\x12\x1d.patchport.v1.ReadBlobRequest\x1a\x1b.patchport.v1.ReadBlobChunk0\x01\x12I\n\x08StatBlob\x12\x1d.patchport.v1.StatBlobRequest\x1a\x1e.patchport.v1.StatBlobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18patchport/v1/blobs.proto\x12\x0cpatchport.v1\x1a\x19patchport/v1/common.proto\"*\n\x17\x46indMissingBlobsRequest\x12\x0f\n\x07\x64igests\x18\x01 \x03(\t\"+\n\x18\x46indMissingBlobsResponse\x12\x0f\n\x07missing\x18\x01 \x03(\t\"2\n\x12StartUploadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"r\n\x13StartUploadResponse\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x18\n\x10\x63ommitted_offset\x18\x02 \x01(\x04\x12\x16\n\x0e\x61lready_exists\x18\x03 \x01(\x08\x12\x16\n\x0emax_chunk_size\x18\x04 \x01(\x04\">\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"0\n\x14UploadChunksResponse\x12\x18\n\x10\x63ommitted_offset\x18\x01 \x01(\x04\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"Y\n\x0cUploadStatus\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x18\n\x10\x63ommitted_offset\x18\x04 \x01(\x04\"(\n\x13\x43ommitUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"J\n\x14\x43ommitUploadResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65\x64uplicated\x18\x03 \x01(\x08\"A\n\x0fReadBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"-\n\rReadBlobChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"!\n\x0fStatBlobRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"0\n\x10StatBlobResponse\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"R\n\x0fReadFileRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06merged\x18\x03 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"T\n\rReadFileChunk\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.patchport.v1.FileEntry\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\x94\x05\n\x0b\x42lobService\x12\x61\n\x10\x46indMissingBlobs\x12%.patchport.v1.FindMissingBlobsRequest\x1a&.patchport.v1.FindMissingBlobsResponse\x12R\n\x0bStartUpload\x12 .patchport.v1.StartUploadRequest\x1a!.patchport.v1.StartUploadResponse\x12O\n\x0cUploadChunks\x12\x19.patchport.v1.UploadChunk\x1a\".patchport.v1.UploadChunksResponse(\x01\x12G\n\tGetUpload\x12\x1e.patchport.v1.GetUploadRequest\x1a\x1a.patchport.v1.UploadStatus\x12U\n\x0c\x43ommitUpload\x12!.patchport.v1.CommitUploadRequest\x1a\".patchport.v1.CommitUploadResponse\x12H\n\x08ReadBlob\x12\x1d.patchport.v1.ReadBlobRequest\x1a\x1b.patchport.v1.ReadBlobChunk0\x01\x12I\n\x08StatBlob\x12\x1d.patchport.v1.StatBlobRequest\x1a\x1e.patchport.v1.StatBlobResponse\x12H\n\x08ReadFile\x12\x1d.patchport.v1.ReadFileRequest\x1a\x1b.patchport.v1.ReadFileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'patchport.v1.blobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINDMISSINGBLOBSREQUEST']._serialized_start=42
-  _globals['_FINDMISSINGBLOBSREQUEST']._serialized_end=84
-  _globals['_FINDMISSINGBLOBSRESPONSE']._serialized_start=86
-  _globals['_FINDMISSINGBLOBSRESPONSE']._serialized_end=129
-  _globals['_STARTUPLOADREQUEST']._serialized_start=131
-  _globals['_STARTUPLOADREQUEST']._serialized_end=181
-  _globals['_STARTUPLOADRESPONSE']._serialized_start=183
-  _globals['_STARTUPLOADRESPONSE']._serialized_end=297
-  _globals['_UPLOADCHUNK']._serialized_start=299
-  _globals['_UPLOADCHUNK']._serialized_end=361
-  _globals['_UPLOADCHUNKSRESPONSE']._serialized_start=363
-  _globals['_UPLOADCHUNKSRESPONSE']._serialized_end=411
-  _globals['_GETUPLOADREQUEST']._serialized_start=413
-  _globals['_GETUPLOADREQUEST']._serialized_end=450
-  _globals['_UPLOADSTATUS']._serialized_start=452
-  _globals['_UPLOADSTATUS']._serialized_end=541
-  _globals['_COMMITUPLOADREQUEST']._serialized_start=543
-  _globals['_COMMITUPLOADREQUEST']._serialized_end=583
-  _globals['_COMMITUPLOADRESPONSE']._serialized_start=585
-  _globals['_COMMITUPLOADRESPONSE']._serialized_end=659
-  _globals['_READBLOBREQUEST']._serialized_start=661
-  _globals['_READBLOBREQUEST']._serialized_end=726
-  _globals['_READBLOBCHUNK']._serialized_start=728
-  _globals['_READBLOBCHUNK']._serialized_end=773
-  _globals['_STATBLOBREQUEST']._serialized_start=775
-  _globals['_STATBLOBREQUEST']._serialized_end=808
-  _globals['_STATBLOBRESPONSE']._serialized_start=810
-  _globals['_STATBLOBRESPONSE']._serialized_end=858
-  _globals['_BLOBSERVICE']._serialized_start=861
-  _globals['_BLOBSERVICE']._serialized_end=1447
+  _globals['_FINDMISSINGBLOBSREQUEST']._serialized_start=69
+  _globals['_FINDMISSINGBLOBSREQUEST']._serialized_end=111
+  _globals['_FINDMISSINGBLOBSRESPONSE']._serialized_start=113
+  _globals['_FINDMISSINGBLOBSRESPONSE']._serialized_end=156
+  _globals['_STARTUPLOADREQUEST']._serialized_start=158
+  _globals['_STARTUPLOADREQUEST']._serialized_end=208
+  _globals['_STARTUPLOADRESPONSE']._serialized_start=210
+  _globals['_STARTUPLOADRESPONSE']._serialized_end=324
+  _globals['_UPLOADCHUNK']._serialized_start=326
+  _globals['_UPLOADCHUNK']._serialized_end=388
+  _globals['_UPLOADCHUNKSRESPONSE']._serialized_start=390
+  _globals['_UPLOADCHUNKSRESPONSE']._serialized_end=438
+  _globals['_GETUPLOADREQUEST']._serialized_start=440
+  _globals['_GETUPLOADREQUEST']._serialized_end=477
+  _globals['_UPLOADSTATUS']._serialized_start=479
+  _globals['_UPLOADSTATUS']._serialized_end=568
+  _globals['_COMMITUPLOADREQUEST']._serialized_start=570
+  _globals['_COMMITUPLOADREQUEST']._serialized_end=610
+  _globals['_COMMITUPLOADRESPONSE']._serialized_start=612
+  _globals['_COMMITUPLOADRESPONSE']._serialized_end=686
+  _globals['_READBLOBREQUEST']._serialized_start=688
+  _globals['_READBLOBREQUEST']._serialized_end=753
+  _globals['_READBLOBCHUNK']._serialized_start=755
+  _globals['_READBLOBCHUNK']._serialized_end=800
+  _globals['_STATBLOBREQUEST']._serialized_start=802
+  _globals['_STATBLOBREQUEST']._serialized_end=835
+  _globals['_STATBLOBRESPONSE']._serialized_start=837
+  _globals['_STATBLOBRESPONSE']._serialized_end=885
+  _globals['_READFILEREQUEST']._serialized_start=887
+  _globals['_READFILEREQUEST']._serialized_end=969
+  _globals['_READFILECHUNK']._serialized_start=971
+  _globals['_READFILECHUNK']._serialized_end=1055
+  _globals['_BLOBSERVICE']._serialized_start=1058
+  _globals['_BLOBSERVICE']._serialized_end=1718
 # @@protoc_insertion_point(module_scope)

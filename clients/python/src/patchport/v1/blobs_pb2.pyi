@@ -1,8 +1,9 @@
+from patchport.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -119,3 +120,25 @@ class StatBlobResponse(_message.Message):
     digest: str
     size: int
     def __init__(self, digest: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ReadFileRequest(_message.Message):
+    __slots__ = ("reference", "path", "merged", "digest")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    reference: str
+    path: str
+    merged: bool
+    digest: str
+    def __init__(self, reference: _Optional[str] = ..., path: _Optional[str] = ..., merged: _Optional[bool] = ..., digest: _Optional[str] = ...) -> None: ...
+
+class ReadFileChunk(_message.Message):
+    __slots__ = ("file", "offset", "data")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    file: _common_pb2.FileEntry
+    offset: int
+    data: bytes
+    def __init__(self, file: _Optional[_Union[_common_pb2.FileEntry, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...

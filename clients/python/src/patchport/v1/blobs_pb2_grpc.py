@@ -71,6 +71,11 @@ class BlobServiceStub:
                 request_serializer=patchport_dot_v1_dot_blobs__pb2.StatBlobRequest.SerializeToString,
                 response_deserializer=patchport_dot_v1_dot_blobs__pb2.StatBlobResponse.FromString,
                 _registered_method=True)
+        self.ReadFile = channel.unary_stream(
+                '/patchport.v1.BlobService/ReadFile',
+                request_serializer=patchport_dot_v1_dot_blobs__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=patchport_dot_v1_dot_blobs__pb2.ReadFileChunk.FromString,
+                _registered_method=True)
 
 
 class BlobServiceServicer:
@@ -128,6 +133,17 @@ class BlobServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadFile(self, request, context):
+        """Streams one whole file of a base version, a patch version or a port (by reference
+        and path), or one blob (by digest), in chunks of at most 1 MiB. The first message
+        carries the file's path, `sha256:` digest and size (`file`) for the client to verify
+        the bytes against; a port's merged files are composed on the fly, so a client never
+        stitches segments. Read authorization as for the version or port (or ReadBlob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlobServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +181,11 @@ def add_BlobServiceServicer_to_server(servicer, server):
                     servicer.StatBlob,
                     request_deserializer=patchport_dot_v1_dot_blobs__pb2.StatBlobRequest.FromString,
                     response_serializer=patchport_dot_v1_dot_blobs__pb2.StatBlobResponse.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=patchport_dot_v1_dot_blobs__pb2.ReadFileRequest.FromString,
+                    response_serializer=patchport_dot_v1_dot_blobs__pb2.ReadFileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +379,33 @@ class BlobService:
             '/patchport.v1.BlobService/StatBlob',
             patchport_dot_v1_dot_blobs__pb2.StatBlobRequest.SerializeToString,
             patchport_dot_v1_dot_blobs__pb2.StatBlobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/patchport.v1.BlobService/ReadFile',
+            patchport_dot_v1_dot_blobs__pb2.ReadFileRequest.SerializeToString,
+            patchport_dot_v1_dot_blobs__pb2.ReadFileChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,14 +74,16 @@ class ModuleDiagnostics(_message.Message):
     def __init__(self, module: _Optional[str] = ..., base_drift: _Optional[float] = ..., patch_size: _Optional[float] = ..., drift_to_patch: _Optional[float] = ..., cosine: _Optional[float] = ..., unchanged: _Optional[bool] = ...) -> None: ...
 
 class PortDiagnostics(_message.Message):
-    __slots__ = ("modules", "total", "risk")
+    __slots__ = ("modules", "total", "risk", "high_risk")
     MODULES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     RISK_FIELD_NUMBER: _ClassVar[int]
+    HIGH_RISK_FIELD_NUMBER: _ClassVar[int]
     modules: _containers.RepeatedCompositeFieldContainer[ModuleDiagnostics]
     total: ModuleDiagnostics
     risk: float
-    def __init__(self, modules: _Optional[_Iterable[_Union[ModuleDiagnostics, _Mapping]]] = ..., total: _Optional[_Union[ModuleDiagnostics, _Mapping]] = ..., risk: _Optional[float] = ...) -> None: ...
+    high_risk: bool
+    def __init__(self, modules: _Optional[_Iterable[_Union[ModuleDiagnostics, _Mapping]]] = ..., total: _Optional[_Union[ModuleDiagnostics, _Mapping]] = ..., risk: _Optional[float] = ..., high_risk: _Optional[bool] = ...) -> None: ...
 
 class Port(_message.Message):
     __slots__ = ("patch", "patch_digest", "base", "base_digest", "source_base_digest", "state", "refusals", "diagnostics", "adapter_files", "merged_files", "attempts", "error", "method_version", "queued_at", "started_at", "finished_at", "job_id", "evaluation", "queue_position")
@@ -165,6 +167,12 @@ class Evaluation(_message.Message):
     report_json: str
     def __init__(self, status: _Optional[str] = ..., reason: _Optional[str] = ..., verdict: _Optional[str] = ..., reference: _Optional[_Union[ArmResult, _Mapping]] = ..., base_alone: _Optional[_Union[ArmResult, _Mapping]] = ..., ported: _Optional[_Union[ArmResult, _Mapping]] = ..., delta: _Optional[float] = ..., standard_error: _Optional[float] = ..., threshold: _Optional[float] = ..., gain_over_base: _Optional[float] = ..., eval_digest: _Optional[str] = ..., seconds: _Optional[float] = ..., report_json: _Optional[str] = ...) -> None: ...
 
+class Refusals(_message.Message):
+    __slots__ = ("refusals",)
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    refusals: _containers.RepeatedCompositeFieldContainer[Refusal]
+    def __init__(self, refusals: _Optional[_Iterable[_Union[Refusal, _Mapping]]] = ...) -> None: ...
+
 class GetPortRequest(_message.Message):
     __slots__ = ("reference",)
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -172,12 +180,16 @@ class GetPortRequest(_message.Message):
     def __init__(self, reference: _Optional[str] = ...) -> None: ...
 
 class QueryCompatRequest(_message.Message):
-    __slots__ = ("patch", "base")
+    __slots__ = ("patch", "base", "page_size", "page_token")
     PATCH_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     patch: str
     base: str
-    def __init__(self, patch: _Optional[str] = ..., base: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, patch: _Optional[str] = ..., base: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class CompatEntry(_message.Message):
     __slots__ = ("patch", "patch_digest", "base", "base_digest", "kind", "port")
@@ -196,20 +208,24 @@ class CompatEntry(_message.Message):
     def __init__(self, patch: _Optional[str] = ..., patch_digest: _Optional[str] = ..., base: _Optional[str] = ..., base_digest: _Optional[str] = ..., kind: _Optional[_Union[CompatKind, str]] = ..., port: _Optional[_Union[Port, _Mapping]] = ...) -> None: ...
 
 class QueryCompatResponse(_message.Message):
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "next_page_token")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[CompatEntry]
-    def __init__(self, entries: _Optional[_Iterable[_Union[CompatEntry, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, entries: _Optional[_Iterable[_Union[CompatEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ResolveRequest(_message.Message):
-    __slots__ = ("patch", "base_digest", "require_pass")
+    __slots__ = ("patch", "base_digest", "require_pass", "require_signed")
     PATCH_FIELD_NUMBER: _ClassVar[int]
     BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_PASS_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_SIGNED_FIELD_NUMBER: _ClassVar[int]
     patch: str
     base_digest: str
     require_pass: bool
-    def __init__(self, patch: _Optional[str] = ..., base_digest: _Optional[str] = ..., require_pass: _Optional[bool] = ...) -> None: ...
+    require_signed: bool
+    def __init__(self, patch: _Optional[str] = ..., base_digest: _Optional[str] = ..., require_pass: _Optional[bool] = ..., require_signed: _Optional[bool] = ...) -> None: ...
 
 class ResolveResponse(_message.Message):
     __slots__ = ("kind", "patch", "base", "adapter_files")

@@ -25,33 +25,33 @@ _sym_db = _symbol_database.Default()
 from patchport.v1 import common_pb2 as patchport_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpatchport/v1/registry.proto\x12\x0cpatchport.v1\x1a\x19patchport/v1/common.proto\"o\n\x16PushBaseVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\"V\n\x17PushBaseVersionResponse\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x83\x01\n\x17PushPatchVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x13\n\x0b\x65val_digest\x18\x05 \x01(\t\"X\n\x18PushPatchVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.patchport.v1.PatchVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"&\n\x11GetVersionRequest\x12\x11\n\treference\x18\x01 \x01(\t\"5\n\x0bListRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x16\n\x0einclude_yanked\x18\x02 \x01(\x08\"G\n\x18ListBaseVersionsResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.patchport.v1.BaseVersion\"I\n\x19ListPatchVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.patchport.v1.PatchVersion\"0\n\x0bYankRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\\\n\x0bTensorIndex\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.patchport.v1.TensorEntry2\x84\x06\n\x0fRegistryService\x12^\n\x0fPushBaseVersion\x12$.patchport.v1.PushBaseVersionRequest\x1a%.patchport.v1.PushBaseVersionResponse\x12L\n\x0eGetBaseVersion\x12\x1f.patchport.v1.GetVersionRequest\x1a\x19.patchport.v1.BaseVersion\x12U\n\x10ListBaseVersions\x12\x19.patchport.v1.ListRequest\x1a&.patchport.v1.ListBaseVersionsResponse\x12G\n\x0fYankBaseVersion\x12\x19.patchport.v1.YankRequest\x1a\x19.patchport.v1.BaseVersion\x12\x61\n\x10PushPatchVersion\x12%.patchport.v1.PushPatchVersionRequest\x1a&.patchport.v1.PushPatchVersionResponse\x12N\n\x0fGetPatchVersion\x12\x1f.patchport.v1.GetVersionRequest\x1a\x1a.patchport.v1.PatchVersion\x12W\n\x11ListPatchVersions\x12\x19.patchport.v1.ListRequest\x1a\'.patchport.v1.ListPatchVersionsResponse\x12I\n\x10YankPatchVersion\x12\x19.patchport.v1.YankRequest\x1a\x1a.patchport.v1.PatchVersion\x12L\n\x0eGetTensorIndex\x12\x1f.patchport.v1.GetVersionRequest\x1a\x19.patchport.v1.TensorIndexb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpatchport/v1/registry.proto\x12\x0cpatchport.v1\x1a\x19patchport/v1/common.proto\"\x86\x01\n\x16PushBaseVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"V\n\x17PushBaseVersionResponse\x12*\n\x07version\x18\x01 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\xbf\x01\n\x17PushPatchVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12&\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x13\n\x0b\x65val_digest\x18\x05 \x01(\t\x12\x15\n\rvalidate_only\x18\x06 \x01(\x08\x12#\n\x1b\x61llow_architecture_mismatch\x18\x07 \x01(\x08\"X\n\x18PushPatchVersionResponse\x12+\n\x07version\x18\x01 \x01(\x0b\x32\x1a.patchport.v1.PatchVersion\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"&\n\x11GetVersionRequest\x12\x11\n\treference\x18\x01 \x01(\t\"\\\n\x0bListRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x16\n\x0einclude_yanked\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n\x18ListBaseVersionsResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.patchport.v1.BaseVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x19ListPatchVersionsResponse\x12,\n\x08versions\x18\x01 \x03(\x0b\x32\x1a.patchport.v1.PatchVersion\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x0bYankRequest\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\\\n\x0bTensorIndex\x12\x11\n\treference\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.patchport.v1.TensorEntry2\x84\x06\n\x0fRegistryService\x12^\n\x0fPushBaseVersion\x12$.patchport.v1.PushBaseVersionRequest\x1a%.patchport.v1.PushBaseVersionResponse\x12L\n\x0eGetBaseVersion\x12\x1f.patchport.v1.GetVersionRequest\x1a\x19.patchport.v1.BaseVersion\x12U\n\x10ListBaseVersions\x12\x19.patchport.v1.ListRequest\x1a&.patchport.v1.ListBaseVersionsResponse\x12G\n\x0fYankBaseVersion\x12\x19.patchport.v1.YankRequest\x1a\x19.patchport.v1.BaseVersion\x12\x61\n\x10PushPatchVersion\x12%.patchport.v1.PushPatchVersionRequest\x1a&.patchport.v1.PushPatchVersionResponse\x12N\n\x0fGetPatchVersion\x12\x1f.patchport.v1.GetVersionRequest\x1a\x1a.patchport.v1.PatchVersion\x12W\n\x11ListPatchVersions\x12\x19.patchport.v1.ListRequest\x1a\'.patchport.v1.ListPatchVersionsResponse\x12I\n\x10YankPatchVersion\x12\x19.patchport.v1.YankRequest\x1a\x1a.patchport.v1.PatchVersion\x12L\n\x0eGetTensorIndex\x12\x1f.patchport.v1.GetVersionRequest\x1a\x19.patchport.v1.TensorIndexb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'patchport.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PUSHBASEVERSIONREQUEST']._serialized_start=72
-  _globals['_PUSHBASEVERSIONREQUEST']._serialized_end=183
-  _globals['_PUSHBASEVERSIONRESPONSE']._serialized_start=185
-  _globals['_PUSHBASEVERSIONRESPONSE']._serialized_end=271
-  _globals['_PUSHPATCHVERSIONREQUEST']._serialized_start=274
-  _globals['_PUSHPATCHVERSIONREQUEST']._serialized_end=405
-  _globals['_PUSHPATCHVERSIONRESPONSE']._serialized_start=407
-  _globals['_PUSHPATCHVERSIONRESPONSE']._serialized_end=495
-  _globals['_GETVERSIONREQUEST']._serialized_start=497
-  _globals['_GETVERSIONREQUEST']._serialized_end=535
-  _globals['_LISTREQUEST']._serialized_start=537
-  _globals['_LISTREQUEST']._serialized_end=590
-  _globals['_LISTBASEVERSIONSRESPONSE']._serialized_start=592
-  _globals['_LISTBASEVERSIONSRESPONSE']._serialized_end=663
-  _globals['_LISTPATCHVERSIONSRESPONSE']._serialized_start=665
-  _globals['_LISTPATCHVERSIONSRESPONSE']._serialized_end=738
-  _globals['_YANKREQUEST']._serialized_start=740
-  _globals['_YANKREQUEST']._serialized_end=788
-  _globals['_TENSORINDEX']._serialized_start=790
-  _globals['_TENSORINDEX']._serialized_end=882
-  _globals['_REGISTRYSERVICE']._serialized_start=885
-  _globals['_REGISTRYSERVICE']._serialized_end=1657
+  _globals['_PUSHBASEVERSIONREQUEST']._serialized_start=73
+  _globals['_PUSHBASEVERSIONREQUEST']._serialized_end=207
+  _globals['_PUSHBASEVERSIONRESPONSE']._serialized_start=209
+  _globals['_PUSHBASEVERSIONRESPONSE']._serialized_end=295
+  _globals['_PUSHPATCHVERSIONREQUEST']._serialized_start=298
+  _globals['_PUSHPATCHVERSIONREQUEST']._serialized_end=489
+  _globals['_PUSHPATCHVERSIONRESPONSE']._serialized_start=491
+  _globals['_PUSHPATCHVERSIONRESPONSE']._serialized_end=579
+  _globals['_GETVERSIONREQUEST']._serialized_start=581
+  _globals['_GETVERSIONREQUEST']._serialized_end=619
+  _globals['_LISTREQUEST']._serialized_start=621
+  _globals['_LISTREQUEST']._serialized_end=713
+  _globals['_LISTBASEVERSIONSRESPONSE']._serialized_start=715
+  _globals['_LISTBASEVERSIONSRESPONSE']._serialized_end=811
+  _globals['_LISTPATCHVERSIONSRESPONSE']._serialized_start=813
+  _globals['_LISTPATCHVERSIONSRESPONSE']._serialized_end=911
+  _globals['_YANKREQUEST']._serialized_start=913
+  _globals['_YANKREQUEST']._serialized_end=961
+  _globals['_TENSORINDEX']._serialized_start=963
+  _globals['_TENSORINDEX']._serialized_end=1055
+  _globals['_REGISTRYSERVICE']._serialized_start=1058
+  _globals['_REGISTRYSERVICE']._serialized_end=1830
 # @@protoc_insertion_point(module_scope)
