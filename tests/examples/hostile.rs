@@ -5,7 +5,8 @@
 //! - `tokens`: N requests, each with a distinct well-formed but invalid token (every one
 //!   must be UNAUTHENTICATED); the RSS growth.
 //! - `uploads`: S upload streams that each send 15 MiB and stall; the RSS while they
-//!   stall (`PATCHPORT_MAX_UPLOAD_STREAMS` is raised to S so all of them are served).
+//!   stall (`PATCHPORT_MAX_UPLOAD_STREAMS` is raised to S so all of them are served,
+//!   unless `--upload-cap` says otherwise).
 //! - `subscribe`: 2,000 Subscribe streams from one caller: how many the registry held.
 //! - `patterns`: a patch whose adapter config has 400 keys like `k1x\w{60}` (refused
 //!   after the fix), and one at the limit (256 realistic keys): the time `list patches`
@@ -40,6 +41,10 @@ struct Args {
     /// Stalled upload streams.
     #[arg(long, default_value_t = 40)]
     uploads: usize,
+    /// `PATCHPORT_MAX_UPLOAD_STREAMS` for the registry (default: as many as `--uploads`,
+    /// so every stream is served; 16 is the registry's default).
+    #[arg(long)]
+    upload_cap: Option<usize>,
     /// Subscribe streams.
     #[arg(long, default_value_t = 2_000)]
     subscriptions: usize,
@@ -61,9 +66,10 @@ fn rss_mib(pid: u32) -> f64 {
 }
 
 fn serve(args: &Args, auth: bool) -> Server {
-    let mut b = Serve::builder(&args.bin)
-        .workers(0)
-        .env("PATCHPORT_MAX_UPLOAD_STREAMS", args.uploads.to_string());
+    let mut b = Serve::builder(&args.bin).workers(0).env(
+        "PATCHPORT_MAX_UPLOAD_STREAMS",
+        args.upload_cap.unwrap_or(args.uploads).to_string(),
+    );
     if auth {
         b = b.env("PATCHPORT_ADMIN_TOKEN", ADMIN);
     }
