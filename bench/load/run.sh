@@ -28,7 +28,10 @@ createdb "$db"
 rm -rf "$work"
 mkdir -p "$work/blobs"
 port=$((20000 + RANDOM % 20000))
+# Auth is off: every client is the one anonymous caller 127.0.0.1, so the per-caller
+# stream caps are raised to the load's client count.
 "$bin" serve --listen "127.0.0.1:$port" --workers 0 \
+  --max-upload-streams 1024 --max-subscriptions 1024 \
   --database "postgres://$PGUSER@$PGHOST:$PGPORT/$db" \
   --blobs "file://$work/blobs" > "$work/serve.log" 2>&1 &
 server=$!
