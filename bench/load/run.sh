@@ -29,9 +29,9 @@ rm -rf "$work"
 mkdir -p "$work/blobs"
 port=$((20000 + RANDOM % 20000))
 # Auth is off: every client is the one anonymous caller 127.0.0.1, so the per-caller
-# stream caps are raised to the load's client count.
-"$bin" serve --listen "127.0.0.1:$port" --workers 0 \
-  --max-upload-streams 1024 --max-subscriptions 1024 \
+# stream caps are raised above the client count (by variable: older builds ignore it).
+PATCHPORT_MAX_UPLOAD_STREAMS=1024 PATCHPORT_MAX_SUBSCRIPTIONS=1024 \
+  "$bin" serve --listen "127.0.0.1:$port" --workers 0 \
   --database "postgres://$PGUSER@$PGHOST:$PGPORT/$db" \
   --blobs "file://$work/blobs" > "$work/serve.log" 2>&1 &
 server=$!
