@@ -676,8 +676,9 @@ impl Auth {
     }
 
     /// Takes a place for one more long-lived stream of `who` (per caller: a token, the
-    /// bootstrap admin, or an anonymous caller by address; the in-process workers are not
-    /// capped), or refuses with RESOURCE_EXHAUSTED naming the limit and its flag.
+    /// bootstrap admin, an anonymous caller by address, a worker-scope token per
+    /// connection; the in-process workers are not capped), or refuses with
+    /// RESOURCE_EXHAUSTED naming the limit and its flag.
     pub(crate) fn open_stream(
         &self,
         who: &Principal,
@@ -692,6 +693,16 @@ impl Auth {
                 None => "anonymous caller".to_owned(),
             },
             Principal::Bootstrap => "the bootstrap admin".to_owned(),
+            // Many worker processes share one worker token (one Secret): each
+            // connection is a caller of its own.
+            Principal::Token {
+                id,
+                scope: Scope::Worker,
+                ..
+            } => match remote {
+                Some(addr) => format!("worker token {id} at {addr}"),
+                None => format!("worker token {id}"),
+            },
             Principal::Token { id, .. } => format!("token {id}"),
         };
         self.streams.open(kind, &caller, max).map(Some)
