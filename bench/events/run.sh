@@ -70,7 +70,9 @@ start_server() {
     *) echo "unknown store $store (sqlite or postgres)" >&2; exit 2 ;;
   esac
   # Port 0: the registry prints the address it bound.
-  "$bin" serve --listen 127.0.0.1:0 --workers 0 \
+  # Auth is off: the 100 subscribers are one anonymous caller (127.0.0.1), so the
+  # per-caller subscription cap is raised above them (by variable: older builds ignore it).
+  PATCHPORT_MAX_SUBSCRIPTIONS=1024 "$bin" serve --listen 127.0.0.1:0 --workers 0 \
     --database "$database" --blobs "file://$work/blobs" > "$work/serve.log" 2>&1 &
   server=$!
   for _ in $(seq 1 300); do

@@ -28,7 +28,10 @@ createdb "$db"
 rm -rf "$work"
 mkdir -p "$work/blobs"
 port=$((20000 + RANDOM % 20000))
-"$bin" serve --listen "127.0.0.1:$port" --workers 0 \
+# Auth is off: every client is the one anonymous caller 127.0.0.1, so the per-caller
+# stream caps are raised above the client count (by variable: older builds ignore it).
+PATCHPORT_MAX_UPLOAD_STREAMS=1024 PATCHPORT_MAX_SUBSCRIPTIONS=1024 \
+  "$bin" serve --listen "127.0.0.1:$port" --workers 0 \
   --database "postgres://$PGUSER@$PGHOST:$PGPORT/$db" \
   --blobs "file://$work/blobs" > "$work/serve.log" 2>&1 &
 server=$!

@@ -258,9 +258,12 @@ fn modules(c: &AdapterConfig) -> Vec<String> {
     out
 }
 
-/// `adapter_config`: PEFT `adapter_config.json` parsing, refusals, rank/alpha patterns,
-/// and re-pointing (which must give a config that parses to the same adapter).
+/// `adapter_config`: PEFT `adapter_config.json` parsing, refusals, rank/alpha patterns
+/// (bounded in number and size; a stored config read back without compiling them
+/// resolves ranks and alphas the same), and re-pointing (which must give a config that
+/// parses to the same adapter).
 pub fn adapter_config(data: &[u8]) {
+    let stored = AdapterConfig::parse_stored(data);
     let c = match AdapterConfig::parse(data) {
         Ok(c) => c,
         Err(e) => {
@@ -268,6 +271,13 @@ pub fn adapter_config(data: &[u8]) {
             return;
         }
     };
+    let stored = stored.expect("what parse accepts, parse_stored accepts");
+    assert!(c.rank_pattern.len() <= patchport_core::adapter::MAX_PATTERNS);
+    assert!(c.alpha_pattern.len() <= patchport_core::adapter::MAX_PATTERNS);
+    for m in modules(&c) {
+        assert_eq!(stored.rank_for(&m), c.rank_for(&m));
+        assert_eq!(stored.alpha_for(&m).to_bits(), c.alpha_for(&m).to_bits());
+    }
     let refusals = c.refusals();
     let lora = c.peft_type == "LORA";
     if !lora {

@@ -1,12 +1,31 @@
 //! PEFT `adapter_config.json`, parsed into typed fields, and PEFT's per-module rank and
 //! alpha resolution.
+//!
+//! `rank_pattern` and `alpha_pattern` keys are regexes. Each config compiles them once
+//! (not per module, not per read), and their number and size are bounded
+//! ([`MAX_PATTERNS`], [`MAX_PATTERN_BYTES`], [`MAX_PATTERN_PROGRAM_BYTES`]) so that a
+//! hostile config cannot make every read of it expensive. [`AdapterConfig::parse`]
+//! validates and compiles (a push); [`AdapterConfig::parse_stored`] reads a config that
+//! was validated when it was stored and compiles its patterns only if a rank or alpha is
+//! asked for.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 
 use crate::model_config::ModelConfig;
 use crate::port::{Refusal, RefusalKind};
+
+/// Most keys in `rank_pattern`, and in `alpha_pattern`.
+pub const MAX_PATTERNS: usize = 256;
+
+/// Longest `rank_pattern` / `alpha_pattern` key, in bytes.
+pub const MAX_PATTERN_BYTES: usize = 256;
+
+/// Largest compiled program of one pattern key (the `regex` crate's size limit): keeps
+/// counted repetitions of large classes (`\w{60}`) out.
+pub const MAX_PATTERN_PROGRAM_BYTES: usize = 64 << 10;
 
 /// An `adapter_config.json` that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +67,32 @@ pub enum InitLoraWeights {
     Method(String),
 }
 
+/// The compiled `rank_pattern` and `alpha_pattern` keys of one config, in file order;
+/// compiled at most once, shared by clones.
+#[derive(Clone, Default)]
+struct CompiledPatterns(Arc<OnceLock<(Matchers, Matchers)>>);
+
+/// One compiled regex per key, in file order; `None` (a stored key that no longer
+/// compiles) matches nothing.
+type Matchers = Vec<Option<regex::Regex>>;
+
+impl std::fmt::Debug for CompiledPatterns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "CompiledPatterns(compiled)"
+        } else {
+            "CompiledPatterns(not yet)"
+        })
+    }
+}
+
+impl PartialEq for CompiledPatterns {
+    /// A cache of the keys, which the config compares itself.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// The typed fields of a PEFT adapter config that decide how a patch ports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
@@ -85,6 +130,8 @@ pub struct AdapterConfig {
     pub trainable_token_indices: bool,
     /// The whole config as parsed.
     pub raw: Value,
+    /// `rank_pattern` and `alpha_pattern` compiled.
+    compiled: CompiledPatterns,
 }
 
 fn opt_str(
@@ -135,16 +182,78 @@ fn finite_number(v: &Value, field: &'static str) -> Result<f64, AdapterConfigErr
 }
 
 fn pattern_regex(key: &str, field: &'static str) -> Result<regex::Regex, AdapterConfigError> {
+    check_pattern_len(key, field)?;
     // PEFT: re.match(rf"(.*\.)?({key})$", module_name)
-    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| AdapterConfigError::BadField {
-        field,
-        message: format!("pattern {key:?} is not a supported regex: {e}"),
-    })
+    regex::RegexBuilder::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+        .size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .dfa_size_limit(MAX_PATTERN_PROGRAM_BYTES)
+        .build()
+        .map_err(|e| AdapterConfigError::BadField {
+            field,
+            message: match e {
+                regex::Error::CompiledTooBig(_) => format!(
+                    "pattern {key:?} is too large: its compiled form exceeds the limit of \
+                     {MAX_PATTERN_PROGRAM_BYTES} bytes per key"
+                ),
+                e => format!("pattern {key:?} is not a supported regex: {e}"),
+            },
+        })
+}
+
+/// Checks the length of one pattern key (cheap; compiling is [`pattern_regex`]).
+fn check_pattern_len(key: &str, field: &'static str) -> Result<(), AdapterConfigError> {
+    if key.len() > MAX_PATTERN_BYTES {
+        return Err(AdapterConfigError::BadField {
+            field,
+            message: format!(
+                "pattern of {} bytes; the limit is {MAX_PATTERN_BYTES} bytes per key",
+                key.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks the number of keys of a pattern field.
+fn check_pattern_count(
+    map: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<(), AdapterConfigError> {
+    if map.len() > MAX_PATTERNS {
+        return Err(AdapterConfigError::BadField {
+            field,
+            message: format!("{} patterns; the limit is {MAX_PATTERNS} keys", map.len()),
+        });
+    }
+    Ok(())
+}
+
+fn compile_all<T>(
+    patterns: &[(String, T)],
+    field: &'static str,
+) -> Result<Matchers, AdapterConfigError> {
+    patterns
+        .iter()
+        .map(|(key, _)| pattern_regex(key, field).map(Some))
+        .collect()
 }
 
 impl AdapterConfig {
-    /// Parses `adapter_config.json`.
+    /// Parses and validates `adapter_config.json`, compiling its rank and alpha patterns
+    /// (a bounded amount of work; see the module doc).
     pub fn parse(bytes: &[u8]) -> Result<Self, AdapterConfigError> {
+        let config = Self::parse_stored(bytes)?;
+        let rank = compile_all(&config.rank_pattern, "rank_pattern")?;
+        let alpha = compile_all(&config.alpha_pattern, "alpha_pattern")?;
+        let _ = config.compiled.0.set((rank, alpha));
+        Ok(config)
+    }
+
+    /// Parses a config that [`parse`](Self::parse) accepted when it was stored: the same
+    /// fields and bounds, but the patterns are compiled only when a rank, alpha or scale
+    /// is asked for (listing stored patches never compiles them). A pattern that does not
+    /// compile then matches nothing.
+    pub fn parse_stored(bytes: &[u8]) -> Result<Self, AdapterConfigError> {
         let raw: Value =
             serde_json::from_slice(bytes).map_err(|e| AdapterConfigError::NotJson {
                 message: e.to_string(),
@@ -206,8 +315,9 @@ impl AdapterConfig {
                 field: "rank_pattern",
                 message: format!("expected an object, found {v}"),
             })?;
+            check_pattern_count(map, "rank_pattern")?;
             for (k, v) in map {
-                pattern_regex(k, "rank_pattern")?;
+                check_pattern_len(k, "rank_pattern")?;
                 rank_pattern.push((k.clone(), positive_rank(v, "rank_pattern")?));
             }
         }
@@ -217,8 +327,9 @@ impl AdapterConfig {
                 field: "alpha_pattern",
                 message: format!("expected an object, found {v}"),
             })?;
+            check_pattern_count(map, "alpha_pattern")?;
             for (k, v) in map {
-                pattern_regex(k, "alpha_pattern")?;
+                check_pattern_len(k, "alpha_pattern")?;
                 alpha_pattern.push((k.clone(), finite_number(v, "alpha_pattern")?));
             }
         }
@@ -273,28 +384,48 @@ impl AdapterConfig {
             init_lora_weights,
             trainable_token_indices,
             raw,
+            compiled: CompiledPatterns::default(),
         })
+    }
+
+    /// The compiled patterns (compiled on first use when parsed from storage).
+    fn compiled(&self) -> &(Matchers, Matchers) {
+        fn lenient<T>(patterns: &[(String, T)]) -> Matchers {
+            // Validated when stored; a key that no longer compiles matches nothing
+            // rather than failing a read.
+            patterns
+                .iter()
+                .map(|(key, _)| pattern_regex(key, "pattern").ok())
+                .collect()
+        }
+        self.compiled
+            .0
+            .get_or_init(|| (lenient(&self.rank_pattern), lenient(&self.alpha_pattern)))
     }
 
     /// The first pattern key (in file order) that matches `module` as PEFT matches it:
     /// `re.match(rf"(.*\.)?({key})$", module)`.
-    fn pattern_value<T: Copy>(patterns: &[(String, T)], module: &str) -> Option<T> {
-        patterns.iter().find_map(|(key, value)| {
-            pattern_regex(key, "pattern")
-                .ok()
-                .filter(|re| re.is_match(module))
-                .map(|_| *value)
+    fn pattern_value<T: Copy>(
+        patterns: &[(String, T)],
+        compiled: &[Option<regex::Regex>],
+        module: &str,
+    ) -> Option<T> {
+        patterns.iter().zip(compiled).find_map(|((_, value), re)| {
+            re.as_ref()
+                .is_some_and(|re| re.is_match(module))
+                .then_some(*value)
         })
     }
 
     /// The rank of `module` (a base module name such as `model.layers.0.mlp.down_proj`).
     pub fn rank_for(&self, module: &str) -> u32 {
-        Self::pattern_value(&self.rank_pattern, module).unwrap_or(self.r)
+        Self::pattern_value(&self.rank_pattern, &self.compiled().0, module).unwrap_or(self.r)
     }
 
     /// The alpha of `module`.
     pub fn alpha_for(&self, module: &str) -> f64 {
-        Self::pattern_value(&self.alpha_pattern, module).unwrap_or(self.lora_alpha)
+        Self::pattern_value(&self.alpha_pattern, &self.compiled().1, module)
+            .unwrap_or(self.lora_alpha)
     }
 
     /// The LoRA scale `s` of `module`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -752,10 +883,66 @@ mod tests {
         assert_eq!(c.lora_alpha, 8.888888888888888e83);
     }
 
+    fn with_rank_patterns(keys: &[String]) -> Vec<u8> {
+        let map: serde_json::Map<String, Value> =
+            keys.iter().map(|k| (k.clone(), Value::from(2))).collect();
+        serde_json::to_vec(&serde_json::json!({
+            "peft_type": "LORA", "r": 8, "lora_alpha": 8, "rank_pattern": map
+        }))
+        .unwrap()
+    }
+
+    fn refusal(json: &[u8]) -> (&'static str, String) {
+        match AdapterConfig::parse(json) {
+            Err(AdapterConfigError::BadField { field, message }) => (field, message),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pattern_count_and_size_are_bounded() {
+        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("k{i}")).collect();
+        let (field, message) = refusal(&with_rank_patterns(&many));
+        assert_eq!(field, "rank_pattern");
+        assert!(
+            message.contains("257 patterns; the limit is 256"),
+            "{message}"
+        );
+        let (field, message) = refusal(&with_rank_patterns(&[r"k1x\w{60}".to_owned()]));
+        assert_eq!(field, "rank_pattern");
+        assert!(
+            message.contains("too large") && message.contains("65536"),
+            "{message}"
+        );
+        let (_, message) = refusal(&with_rank_patterns(&["x".repeat(MAX_PATTERN_BYTES + 1)]));
+        assert!(message.contains("the limit is 256 bytes"), "{message}");
+
+        // At the limit: accepted; a stored config compiles nothing until asked.
+        let realistic: Vec<String> = (0..MAX_PATTERNS)
+            .map(|i| format!(r"model\.layers\.{i}\.self_attn\.(q|k|v|o)_proj"))
+            .collect();
+        let json = with_rank_patterns(&realistic);
+        let parsed = AdapterConfig::parse(&json).unwrap();
+        assert!(parsed.compiled.0.get().is_some());
+        let stored = AdapterConfig::parse_stored(&json).unwrap();
+        assert!(
+            stored.compiled.0.get().is_none(),
+            "listing compiles nothing"
+        );
+        assert_eq!(stored.rank_for("model.layers.7.self_attn.k_proj"), 2);
+        assert_eq!(stored.rank_for("model.layers.7.mlp.down_proj"), 8);
+        assert!(
+            stored.compiled.0.get().is_some(),
+            "compiled once, on first use"
+        );
+        assert_eq!(stored, parsed);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(s in "\\PC{0,200}") {
             let _ = AdapterConfig::parse(s.as_bytes());
+            let _ = AdapterConfig::parse_stored(s.as_bytes());
         }
     }
 }

@@ -341,6 +341,12 @@ impl Application {
                     std::time::Duration::from_secs(60),
                 );
                 let mut last_sweep = std::time::Instant::now();
+                // What a registry killed mid-commit or mid-put left behind goes first.
+                match blobs.sweep_at_start(ttl).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(sessions = n, "expired upload sessions removed"),
+                    Err(e) => tracing::error!(error = %e, "sweeping upload leftovers failed"),
+                }
                 loop {
                     tick.tick().await;
                     if last_sweep.elapsed() >= sweep_every {
@@ -419,7 +425,11 @@ impl Application {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
             server = server
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(identity)
+                        .timeout(limits.handshake_timeout),
+                )
                 .map_err(|source| StartError::Tls { source })?;
         }
         let served = server
@@ -456,8 +466,16 @@ impl Application {
             }))
             .serve_with_incoming_shutdown(
                 // No Nagle: small request/response pairs (leases, chunk acks) must not
-                // wait for delayed ACKs.
-                tonic::transport::server::TcpIncoming::from(self.listener).with_nodelay(Some(true)),
+                // wait for delayed ACKs. A connection that does not start HTTP/2 within
+                // the handshake timeout is dropped.
+                {
+                    let timeout = limits.handshake_timeout;
+                    futures::StreamExt::map(
+                        tonic::transport::server::TcpIncoming::from(self.listener)
+                            .with_nodelay(Some(true)),
+                        move |conn| conn.map(|io| HandshakeDeadline::new(io, timeout)),
+                    )
+                },
                 stopping,
             );
         let grace_over = async move {
@@ -480,5 +498,105 @@ impl Application {
         }
         tracing::info!("registry stopped");
         result
+    }
+}
+
+/// The bytes a client sends first on a new connection before the server has anything to
+/// do for it: the HTTP/2 connection preface (or, with TLS, at least as many bytes of its
+/// handshake, which the TLS acceptor's own timeout then bounds).
+const PREFACE_LEN: usize = 24;
+
+pin_project_lite::pin_project! {
+    /// An accepted connection that must deliver its first [`PREFACE_LEN`] bytes within a
+    /// deadline: until they arrived, reads fail with `TimedOut` once the deadline passed,
+    /// so hyper drops a connection that never starts its handshake instead of holding it.
+    struct HandshakeDeadline {
+        #[pin]
+        io: tokio::net::TcpStream,
+        deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+        awaiting: usize,
+    }
+}
+
+impl HandshakeDeadline {
+    fn new(io: tokio::net::TcpStream, timeout: Duration) -> Self {
+        Self {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            awaiting: PREFACE_LEN,
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for HandshakeDeadline {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for HandshakeDeadline {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if let Some(deadline) = this.deadline.as_mut() {
+            if let std::task::Poll::Ready(Ok(())) = &polled {
+                let got = buf.filled().len() - before;
+                *this.awaiting = this.awaiting.saturating_sub(got);
+                if *this.awaiting == 0 || got == 0 {
+                    // Started (or closed by the peer): no deadline from here on.
+                    *this.deadline = None;
+                }
+            } else if polled.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!("dropping a connection that did not start its handshake in time");
+                return std::task::Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "handshake timeout (--handshake-timeout-seconds)",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for HandshakeDeadline {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }

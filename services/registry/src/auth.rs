@@ -5,25 +5,46 @@
 //! A token is `pp_<id>_<secret>`: the id is public (listed, audited), the secret is 32
 //! random bytes shown once; the store keeps only `sha256(secret)`. Token records are
 //! cached for [`CACHE_TTL`], so a revocation reaches every replica within that time (at
-//! once on the replica that revoked it).
+//! once on the replica that revoked it). The cache is bounded: at most
+//! [`TOKEN_CACHE_CAPACITY`] records the store holds and [`MISS_CACHE_CAPACITY`] ids it
+//! does not, least recently used out first, so a flood of made-up token ids costs a
+//! lookup each but no memory that stays.
+//!
+//! A poisoned lock (a panic while one was held) never fails a later request: every lock
+//! here recovers its guard, the caches hold nothing a panic can leave half-written.
 //!
 //! Checks run before any lookup, on the namespace named in the request, so a refusal
 //! never tells whether a private name exists.
 
-use std::collections::HashMap;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use std::collections::{HashMap, HashSet};
+
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hashlink::LruCache;
 use patchport_store::meta::{AuditRecord, MetadataStore, TokenRecord, now_millis};
 use sha2::{Digest as _, Sha256};
 use tonic::metadata::MetadataMap;
 
 use crate::error::{ApiError, ApiResult};
+use crate::limits::{StreamCaps, StreamKind, StreamPermit};
 
 /// How long a token record or the anonymous-namespace list is trusted from cache.
 pub const CACHE_TTL: Duration = Duration::from_secs(5);
+
+/// Most token records (found in the store) cached at once.
+pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
+
+/// Most token ids the store does not hold cached at once (each for [`CACHE_TTL`]).
+pub const MISS_CACHE_CAPACITY: usize = 1_024;
+
+/// Locks `m`, recovering the guard of a lock poisoned by a panic elsewhere: the data
+/// behind these locks are caches whose every write is a single insert or remove.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +204,73 @@ impl Default for AuthConfig {
     }
 }
 
-/// Token records by id, with the time they were read.
-type TokenCache = HashMap<String, (Instant, Option<TokenRecord>)>;
+/// Token records by id with the time they were read: found ones and misses apart, each
+/// bounded, least recently used out first.
+struct TokenCache {
+    found: LruCache<String, (Instant, TokenRecord)>,
+    missing: LruCache<String, Instant>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self {
+            found: LruCache::new(TOKEN_CACHE_CAPACITY),
+            missing: LruCache::new(MISS_CACHE_CAPACITY),
+        }
+    }
+}
+
+impl TokenCache {
+    /// A fresh cached answer for `id`: `Some(None)` is a cached miss.
+    fn get(&mut self, id: &str) -> Option<Option<TokenRecord>> {
+        if let Some((at, rec)) = self.found.get(id) {
+            if at.elapsed() < CACHE_TTL {
+                return Some(Some(rec.clone()));
+            }
+            self.found.remove(id);
+        }
+        if let Some(at) = self.missing.get(id) {
+            if at.elapsed() < CACHE_TTL {
+                return Some(None);
+            }
+            self.missing.remove(id);
+        }
+        None
+    }
+
+    fn insert(&mut self, id: &str, rec: Option<TokenRecord>) {
+        let now = Instant::now();
+        match rec {
+            Some(rec) => {
+                self.missing.remove(id);
+                self.found.insert(id.to_owned(), (now, rec));
+            }
+            None => {
+                self.found.remove(id);
+                self.missing.insert(id.to_owned(), now);
+            }
+        }
+        self.report();
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.found.remove(id);
+        self.missing.remove(id);
+        self.report();
+    }
+
+    fn len(&self) -> (usize, usize) {
+        (self.found.len(), self.missing.len())
+    }
+
+    fn report(&self) {
+        let (found, missing) = self.len();
+        metrics::gauge!(patchport_telemetry::TOKEN_CACHE_ENTRIES, "kind" => "valid")
+            .set(found as f64);
+        metrics::gauge!(patchport_telemetry::TOKEN_CACHE_ENTRIES, "kind" => "miss")
+            .set(missing as f64);
+    }
+}
 
 /// A list of namespaces.
 type Namespaces = Vec<String>;
@@ -200,6 +286,7 @@ pub struct Auth {
     anonymous: Arc<Mutex<Option<(Instant, Namespaces)>>>,
     pushes: Arc<DefaultKeyedRateLimiter<String>>,
     push_rate: u32,
+    streams: StreamCaps,
 }
 
 impl std::fmt::Debug for Auth {
@@ -216,8 +303,16 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// `pp_<id>_<secret>` split into its id and secret.
-fn split_token(token: &str) -> Option<(&str, &str)> {
+/// The token of an `authorization` value `Bearer <token>` (`bearer` too), trimmed.
+pub fn bearer(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+/// `pp_<id>_<secret>` split into its id (16 hex digits) and secret (64 hex digits).
+pub fn split_token(token: &str) -> Option<(&str, &str)> {
     let rest = token.strip_prefix("pp_")?;
     let (id, secret) = rest.split_once('_')?;
     (id.len() == 16
@@ -271,6 +366,7 @@ impl Auth {
             anonymous: Arc::default(),
             pushes: Arc::new(RateLimiter::keyed(Quota::per_minute(rate))),
             push_rate: rate.get(),
+            streams: StreamCaps::default(),
         }
     }
 
@@ -294,19 +390,9 @@ impl Auth {
             // Auth off: a token is accepted and ignored.
             return Ok(Principal::Anonymous);
         }
-        let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::unauthenticated(
-                    "malformed authorization metadata: expected `Bearer <token>`",
-                )
-            })?;
+        let token = value.to_str().ok().and_then(bearer).ok_or_else(|| {
+            ApiError::unauthenticated("malformed authorization metadata: expected `Bearer <token>`")
+        })?;
         let presented = sha256(token.as_bytes());
         if self.bootstrap.as_ref() == Some(&presented) {
             return Ok(Principal::Bootstrap);
@@ -333,37 +419,37 @@ impl Auth {
     }
 
     async fn token_record(&self, id: &str) -> ApiResult<Option<TokenRecord>> {
-        if let Some((at, rec)) = self.tokens.lock().expect("token cache").get(id)
-            && at.elapsed() < CACHE_TTL
-        {
-            return Ok(rec.clone());
+        if let Some(cached) = lock(&self.tokens).get(id) {
+            return Ok(cached);
         }
         let rec = self.meta.get_token(id).await?;
-        self.tokens
-            .lock()
-            .expect("token cache")
-            .insert(id.to_owned(), (Instant::now(), rec.clone()));
+        lock(&self.tokens).insert(id, rec.clone());
         Ok(rec)
+    }
+
+    /// How many token records and misses this replica has cached.
+    pub fn token_cache_len(&self) -> (usize, usize) {
+        lock(&self.tokens).len()
     }
 
     /// Drops a token from this replica's cache (after a revocation).
     pub fn forget(&self, id: &str) {
-        self.tokens.lock().expect("token cache").remove(id);
+        lock(&self.tokens).remove(id);
     }
 
     /// Drops the cached anonymous-read namespaces (after a policy change).
     pub fn forget_policies(&self) {
-        *self.anonymous.lock().expect("policy cache") = None;
+        *lock(&self.anonymous) = None;
     }
 
     async fn anonymous_namespaces(&self) -> ApiResult<Vec<String>> {
-        if let Some((at, list)) = &*self.anonymous.lock().expect("policy cache")
+        if let Some((at, list)) = &*lock(&self.anonymous)
             && at.elapsed() < CACHE_TTL
         {
             return Ok(list.clone());
         }
         let list = self.meta.anonymous_namespaces().await?;
-        *self.anonymous.lock().expect("policy cache") = Some((Instant::now(), list.clone()));
+        *lock(&self.anonymous) = Some((Instant::now(), list.clone()));
         Ok(list)
     }
 
@@ -467,17 +553,159 @@ impl Auth {
         self.check(md, Need::Worker, "*").await
     }
 
-    /// Whether `who` may read a blob: through any version or port that holds it.
-    pub async fn may_read_blob(&self, who: &Principal, digest: &str) -> ApiResult<bool> {
+    /// Of `digests`, the blobs `who` may see: read, stat, skip uploading and reference
+    /// in a version it pushes. A blob is visible through any base or patch version (a
+    /// file or an eval set) or port artifact that holds it in a namespace `who` may read,
+    /// or when a namespace `who`'s token is scoped to uploaded it (proved it holds the
+    /// bytes); callers that read every namespace see every blob. Whether a blob is stored
+    /// is not looked at: an invisible blob is answered as if it were missing.
+    ///
+    /// The one authorisation of blob access by digest: every RPC that reads, stats or
+    /// references blobs goes through this (or [`Self::require_blob_read`]).
+    pub async fn visible_blobs(
+        &self,
+        who: &Principal,
+        digests: &[patchport_core::Digest],
+    ) -> ApiResult<HashSet<patchport_core::Digest>> {
         if !self.enabled || who.may(Need::Read, "*") {
-            return Ok(true);
+            return Ok(digests.iter().copied().collect());
         }
-        for name in self.meta.names_holding_blob(digest).await? {
-            if self.allows(who, Need::Read, namespace_of(&name)).await? {
-                return Ok(true);
+        let by_text: HashMap<String, patchport_core::Digest> =
+            digests.iter().map(|d| (d.to_string(), *d)).collect();
+        let keys: Vec<String> = by_text.keys().cloned().collect();
+        let holders = self.meta.blob_holders(&keys).await?;
+        let mut readable: HashMap<String, bool> = HashMap::new();
+        let mut visible = HashSet::new();
+        for h in holders {
+            let Some(digest) = by_text.get(&h.digest) else {
+                continue;
+            };
+            if visible.contains(digest) {
+                continue;
+            }
+            let sees = if h.uploaded {
+                // Uploads are seen by the uploading namespace's own tokens only, never
+                // through an anonymous-read policy (no version publishes them yet).
+                who.may(Need::Read, &h.holder)
+            } else {
+                let ns = namespace_of(&h.holder).to_owned();
+                match readable.get(&ns) {
+                    Some(r) => *r,
+                    None => {
+                        let r = self.allows(who, Need::Read, &ns).await?;
+                        readable.insert(ns, r);
+                        r
+                    }
+                }
+            };
+            if sees {
+                visible.insert(*digest);
             }
         }
-        Ok(false)
+        Ok(visible)
+    }
+
+    /// Whether `who` may see one blob (see [`Self::visible_blobs`]).
+    pub async fn may_read_blob(
+        &self,
+        who: &Principal,
+        digest: &patchport_core::Digest,
+    ) -> ApiResult<bool> {
+        Ok(self
+            .visible_blobs(who, std::slice::from_ref(digest))
+            .await?
+            .contains(digest))
+    }
+
+    /// Resolves the caller and requires that it may read the blob: ReadBlob and every
+    /// other RPC that streams a blob's bytes by digest. The refusal is the same whether or
+    /// not the blob exists.
+    pub async fn require_blob_read(
+        &self,
+        md: &MetadataMap,
+        digest: &patchport_core::Digest,
+    ) -> ApiResult<Principal> {
+        let who = self.principal(md).await?;
+        if self.may_read_blob(&who, digest).await? {
+            return Ok(who);
+        }
+        Err(Self::blob_refusal(&who, digest))
+    }
+
+    /// The refusal of a blob `who` may not see.
+    pub fn blob_refusal(who: &Principal, digest: &patchport_core::Digest) -> ApiError {
+        match who {
+            Principal::Anonymous => ApiError::unauthenticated(format!(
+                "a token is required to read blob {digest}: set PATCHPORT_TOKEN"
+            )),
+            other => ApiError::denied(format!(
+                "{} may not read blob {digest}: no version it may read holds it",
+                other.actor()
+            )),
+        }
+    }
+
+    /// Whose upload sessions `who` starts and may resume, and which namespace an upload
+    /// it commits proves possession for: its token's namespace; `None` for callers that
+    /// see every blob (auth off, the bootstrap and in-process workers, `*` tokens and the
+    /// worker scope), whose uploads need no proof.
+    pub fn upload_owner(&self, who: &Principal) -> Option<String> {
+        if !self.enabled || who.may(Need::Read, "*") {
+            return None;
+        }
+        Some(match who {
+            Principal::Token { namespace, .. } => namespace.clone(),
+            // Never an uploader with auth on; a key no namespace can have.
+            other => format!("*{}", other.actor()),
+        })
+    }
+
+    /// Records that `who` uploaded the blob (its namespace now sees it); nothing for
+    /// callers that see every blob.
+    pub async fn record_upload(
+        &self,
+        who: &Principal,
+        digest: &patchport_core::Digest,
+    ) -> ApiResult<()> {
+        if let Some(namespace) = self.upload_owner(who) {
+            self.meta
+                .record_blob_owner(&digest.to_string(), &namespace, now_millis())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Takes a place for one more long-lived stream of `who` (per caller: a token, the
+    /// bootstrap admin, an anonymous caller by address, a worker-scope token per
+    /// connection; the in-process workers are not capped), or refuses with
+    /// RESOURCE_EXHAUSTED naming the limit and its flag.
+    pub(crate) fn open_stream(
+        &self,
+        who: &Principal,
+        remote: Option<std::net::SocketAddr>,
+        kind: StreamKind,
+        max: usize,
+    ) -> ApiResult<Option<StreamPermit>> {
+        let caller = match who {
+            Principal::Internal => return Ok(None),
+            Principal::Anonymous => match remote {
+                Some(addr) => format!("anonymous caller {}", addr.ip()),
+                None => "anonymous caller".to_owned(),
+            },
+            Principal::Bootstrap => "the bootstrap admin".to_owned(),
+            // Many worker processes share one worker token (one Secret): each
+            // connection is a caller of its own.
+            Principal::Token {
+                id,
+                scope: Scope::Worker,
+                ..
+            } => match remote {
+                Some(addr) => format!("worker token {id} at {addr}"),
+                None => format!("worker token {id}"),
+            },
+            Principal::Token { id, .. } => format!("token {id}"),
+        };
+        self.streams.open(kind, &caller, max).map(Some)
     }
 
     /// Takes one version push from `who`'s budget (tokens only; auth off has no budget).
@@ -541,6 +769,170 @@ impl Auth {
         };
         if let Err(e) = self.meta.insert_audit(&entry).await {
             tracing::error!(error = %e, action, target, "writing the audit log failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    async fn store() -> (tempfile::TempDir, Arc<dyn MetadataStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("meta.db").display());
+        let meta = patchport_store::meta::connect(&url).await.unwrap();
+        (dir, meta)
+    }
+
+    fn on() -> AuthConfig {
+        AuthConfig {
+            enabled: true,
+            ..AuthConfig::default()
+        }
+    }
+
+    fn bearer_md(token: &str) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md
+    }
+
+    #[tokio::test]
+    async fn token_cache_stays_bounded_under_made_up_ids() {
+        let (_dir, meta) = store().await;
+        let auth = Auth::new(&on(), meta.clone());
+        let (record, secret) = mint_token("acme", Scope::Push, "", "test", None);
+        meta.insert_token(
+            &record,
+            &auth.entry(&Principal::Bootstrap, "CreateToken", "", "*", ""),
+        )
+        .await
+        .unwrap();
+        for i in 0..(MISS_CACHE_CAPACITY * 3) {
+            let fake = format!("pp_{i:016x}_{}", "0".repeat(64));
+            let e = auth.principal(&bearer_md(&fake)).await.unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Unauthenticated);
+        }
+        let (found, missing) = auth.token_cache_len();
+        assert_eq!(found, 0);
+        assert_eq!(missing, MISS_CACHE_CAPACITY, "misses are bounded");
+        // A real token is still found (and cached) after the flood.
+        let who = auth.principal(&bearer_md(&secret)).await.unwrap();
+        assert_eq!(who.actor(), record.id);
+        assert_eq!(auth.token_cache_len().0, 1);
+    }
+
+    #[tokio::test]
+    async fn a_poisoned_cache_lock_fails_no_later_request() {
+        let (_dir, meta) = store().await;
+        let auth = Auth::new(&on(), meta.clone());
+        let (record, secret) = mint_token("acme", Scope::Read, "", "test", None);
+        meta.insert_token(
+            &record,
+            &auth.entry(&Principal::Bootstrap, "CreateToken", "", "*", ""),
+        )
+        .await
+        .unwrap();
+        // A panic while each lock is held poisons it.
+        let (tokens, anonymous) = (auth.tokens.clone(), auth.anonymous.clone());
+        let poisoned = std::thread::spawn(move || {
+            let _t = tokens.lock();
+            let _a = anonymous.lock();
+            panic!("a panic while the auth caches are locked");
+        })
+        .join();
+        assert!(poisoned.is_err());
+        assert!(auth.tokens.is_poisoned() && auth.anonymous.is_poisoned());
+        // Every later request is still answered.
+        let who = auth.principal(&bearer_md(&secret)).await.unwrap();
+        assert!(auth.allows(&who, Need::Read, "acme").await.unwrap());
+        assert!(!auth.allows(&who, Need::Read, "other").await.unwrap());
+        auth.forget(&record.id);
+        auth.forget_policies();
+        auth.principal(&bearer_md(&secret)).await.unwrap();
+    }
+
+    fn scope() -> impl Strategy<Value = Scope> {
+        prop_oneof![
+            Just(Scope::Read),
+            Just(Scope::Push),
+            Just(Scope::Admin),
+            Just(Scope::Worker)
+        ]
+    }
+
+    fn need() -> impl Strategy<Value = Need> {
+        prop_oneof![
+            Just(Need::Read),
+            Just(Need::Push),
+            Just(Need::Admin),
+            Just(Need::Worker)
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn token_parsers_never_panic(s in "\\PC{0,200}") {
+            let _ = bearer(&s);
+            let _ = split_token(&s);
+            let _ = Scope::parse(&s);
+        }
+
+        #[test]
+        fn minted_tokens_split_back(id in "[0-9a-f]{16}", secret in "[0-9a-f]{64}") {
+            let token = format!("pp_{id}_{secret}");
+            prop_assert_eq!(split_token(&token), Some((id.as_str(), secret.as_str())));
+            let header = format!("Bearer {token}");
+            prop_assert_eq!(bearer(&header), Some(token.as_str()));
+        }
+
+        #[test]
+        fn malformed_tokens_do_not_split(
+            id in "[0-9a-fA-F]{0,20}",
+            secret in "[0-9a-fA-F_]{0,70}",
+        ) {
+            let token = format!("pp_{id}_{secret}");
+            let well_formed = id.len() == 16 && secret.len() == 64 && !secret.contains('_');
+            prop_assert_eq!(split_token(&token).is_some(), well_formed);
+        }
+
+        #[test]
+        fn scopes_round_trip(s in scope()) {
+            prop_assert_eq!(Scope::parse(s.as_str()).unwrap(), s);
+        }
+
+        #[test]
+        fn a_token_never_reaches_past_its_namespace(
+            own in "[a-z]{1,3}",
+            other in "[a-z]{1,3}",
+            s in scope(),
+            n in need(),
+        ) {
+            let who = Principal::Token { id: "t".into(), namespace: own.clone(), scope: s };
+            if other != own && n != Need::Worker {
+                // Only reading, and only by the worker scope, crosses namespaces.
+                prop_assert_eq!(
+                    who.may(n, &other),
+                    n == Need::Read && s == Scope::Worker
+                );
+            }
+            // Scopes nest: admin may what push may, push what read may (on its own
+            // namespace).
+            if s != Scope::Worker && n != Need::Worker && who.may(n, &own) {
+                let wider = |w: Scope| Principal::Token {
+                    id: "t".into(),
+                    namespace: own.clone(),
+                    scope: w,
+                };
+                prop_assert!(wider(Scope::Admin).may(n, &own));
+                if s == Scope::Read {
+                    prop_assert!(wider(Scope::Push).may(n, &own));
+                }
+            }
+            // Nobody but a `*` token or the bootstrap is a global admin.
+            prop_assert!(!who.is_global_admin());
+            prop_assert!(!Principal::Anonymous.may(n, &own));
         }
     }
 }

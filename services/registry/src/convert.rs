@@ -42,7 +42,8 @@ pub(crate) fn model_config(json: &str) -> Option<v1::ModelConfig> {
 }
 
 pub(crate) fn adapter_config(json: &str) -> Option<v1::AdapterConfig> {
-    let c = AdapterConfig::parse(json.as_bytes()).ok()?;
+    // Validated at push: no pattern is compiled to list or get a patch.
+    let c = AdapterConfig::parse_stored(json.as_bytes()).ok()?;
     let (target_modules, target_modules_regex) = match &c.target_modules {
         TargetModules::None => (Vec::new(), String::new()),
         TargetModules::List(l) => (l.clone(), String::new()),

@@ -15,6 +15,7 @@ use patchport_core::model_config::ModelConfig;
 use patchport_core::{Digest, Name, Reference, Version, VersionRef};
 use patchport_store::meta::{BlobIndex, NewBaseVersion, NewPatchVersion};
 
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::state::Registry;
 
@@ -25,9 +26,19 @@ pub(crate) const MAX_EVAL_SET: u64 = 64 << 20;
 /// Most files in one version.
 pub(crate) const MAX_FILES: usize = 10_000;
 
+/// The refusal of a file whose blob is not there (for the caller).
+fn not_uploaded(f: &FileRef) -> ApiError {
+    ApiError::precondition(format!(
+        "file {:?}: blob {} has not been uploaded; upload it before pushing the version",
+        f.path, f.digest
+    ))
+}
+
 impl Registry {
-    /// Checks that every file's blob is stored with the declared size.
-    async fn check_blobs(&self, files: &[FileRef]) -> ApiResult<()> {
+    /// Checks that every file's blob is stored with the declared size and that `who` may
+    /// reference it (uploaded it, or may read a version that holds it); a blob it may not
+    /// see is answered as not uploaded, stored or not.
+    async fn check_blobs(&self, who: &Principal, files: &[FileRef]) -> ApiResult<()> {
         if files.len() > MAX_FILES {
             return Err(ApiError::invalid(format!(
                 "{} files in one version; the limit is {MAX_FILES}",
@@ -35,6 +46,10 @@ impl Registry {
             )));
         }
         let digests: Vec<Digest> = files.iter().map(|f| f.digest).collect();
+        let visible = self.auth.visible_blobs(who, &digests).await?;
+        if let Some(f) = files.iter().find(|f| !visible.contains(&f.digest)) {
+            return Err(not_uploaded(f));
+        }
         let blobs = self.blobs.clone();
         let lookups = digests.into_iter().map(move |digest| {
             let blobs = blobs.clone();
@@ -43,12 +58,7 @@ impl Registry {
         let sizes: Vec<_> = futures::stream::iter(lookups).buffered(16).collect().await;
         for (f, size) in files.iter().zip(sizes) {
             match size? {
-                None => {
-                    return Err(ApiError::precondition(format!(
-                        "file {:?}: blob {} has not been uploaded; upload it before pushing the version",
-                        f.path, f.digest
-                    )));
-                }
+                None => return Err(not_uploaded(f)),
                 Some(s) if s != f.size => {
                     return Err(ApiError::invalid(format!(
                         "file {:?}: declared size {} but blob {} has {} bytes",
@@ -263,6 +273,7 @@ impl Registry {
     /// Validates, indexes and records a base version.
     pub(crate) async fn push_base(
         &self,
+        who: &Principal,
         name: Name,
         version: Version,
         parent: Option<VersionRef>,
@@ -272,7 +283,7 @@ impl Registry {
         let files = self
             .check_base_manifest(&name, parent.as_ref(), files)
             .await?;
-        self.check_blobs(&files).await?;
+        self.check_blobs(who, &files).await?;
         let config_file = files
             .iter()
             .find(|f| f.path == MODEL_CONFIG)
@@ -311,8 +322,10 @@ impl Registry {
     }
 
     /// Validates, indexes and records a patch version pinned to a stored base version.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn push_patch(
         &self,
+        who: &Principal,
         push: crate::service::registry::PushPatch,
         audit: &patchport_store::meta::AuditRecord,
     ) -> ApiResult<(patchport_store::meta::PatchVersionRecord, bool)> {
@@ -325,9 +338,9 @@ impl Registry {
             allow_architecture_mismatch,
         } = push;
         let (files, base_rec) = self.check_patch_manifest(&base, files).await?;
-        self.check_blobs(&files).await?;
+        self.check_blobs(who, &files).await?;
         if let Some(d) = &eval_digest
-            && !self.blobs.contains(d).await?
+            && (!self.auth.may_read_blob(who, d).await? || !self.blobs.contains(d).await?)
         {
             return Err(ApiError::precondition(format!(
                 "eval set blob {d} has not been uploaded"
@@ -349,8 +362,12 @@ impl Registry {
             .find(|f| f.path == ADAPTER_CONFIG)
             .ok_or_else(|| ApiError::invalid("missing adapter_config.json"))?;
         let config_bytes = self.read_json(config_file).await?;
-        let adapter =
-            AdapterConfig::parse(&config_bytes).map_err(|e| ApiError::invalid(e.to_string()))?;
+        // Compiling the rank and alpha patterns is bounded but CPU work: off the runtime.
+        let parsing = config_bytes.clone();
+        let adapter = tokio::task::spawn_blocking(move || AdapterConfig::parse(&parsing))
+            .await
+            .map_err(|e| ApiError::internal("parsing adapter_config.json", e))?
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let adapter_json = String::from_utf8(config_bytes.to_vec())
             .map_err(|_| ApiError::invalid("adapter_config.json is not UTF-8"))?;
         let (indexes, tensor_count) = self.index_files(&files).await?;

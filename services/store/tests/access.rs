@@ -203,3 +203,83 @@ async fn every_change_writes_its_audit_row_with_it_and_a_refusal_none() {
         assert!(rows[6].1.ends_with("created false"), "{l}: {:?}", rows[6]);
     }
 }
+
+/// Who holds a blob, by digest, through indexed lookups: the versions holding it as a
+/// file or an eval set, the patch versions whose ports hold it as an artifact (indexed
+/// when the port completes, dropped when a failed port is retried), and the namespaces
+/// that uploaded it.
+#[tokio::test]
+async fn blob_holders_come_from_files_port_artifacts_and_uploads() {
+    use common::{lease_soon, patch as push_patch};
+    use patchport_core::Digest;
+    use patchport_core::layout::{ArtifactFile, BlobRange, FileRef};
+    use patchport_core::port::PortDiagnostics;
+    use patchport_store::meta::{BlobHolder, JobOutcome};
+
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        push_patch(s, "team/qv", "1", "acme/llama", "v1", "qv").await;
+        // Publishing v2 fans out a port of team/qv:1.
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        let leased = lease_soon(s, "w").await;
+        let piece = Digest::of(b"a merged tensor");
+        let adapter = Digest::of(b"a re-pointed config");
+        let outcome = JobOutcome::Succeeded {
+            adapter_files: vec![ArtifactFile {
+                file: FileRef {
+                    path: "adapter_config.json".into(),
+                    digest: adapter,
+                    size: 19,
+                },
+                segments: vec![],
+            }],
+            merged_files: vec![ArtifactFile {
+                file: FileRef {
+                    path: "model.safetensors".into(),
+                    digest: Digest::of(b"composed"),
+                    size: 15,
+                },
+                segments: vec![BlobRange {
+                    digest: piece,
+                    offset: 0,
+                    length: 15,
+                }],
+            }],
+            diagnostics: PortDiagnostics::default(),
+            evaluation: None,
+        };
+        s.complete_job(leased.job.id, leased.job.fencing_token, outcome)
+            .await
+            .unwrap();
+        let base_file = Digest::of("acme/llamav1".as_bytes()).to_string();
+        let unknown = Digest::of(b"nobody has this").to_string();
+        s.record_blob_owner(&unknown, "uploader", 5).await.unwrap();
+        s.record_blob_owner(&unknown, "uploader", 6).await.unwrap();
+        let mut holders = s
+            .blob_holders(&[
+                piece.to_string(),
+                adapter.to_string(),
+                base_file.clone(),
+                unknown.clone(),
+                Digest::of(b"held by none").to_string(),
+            ])
+            .await
+            .unwrap();
+        holders.sort_by(|a, b| (&a.digest, &a.holder).cmp(&(&b.digest, &b.holder)));
+        let held = |d: &str, h: &str, uploaded: bool| BlobHolder {
+            digest: d.to_owned(),
+            holder: h.to_owned(),
+            uploaded,
+        };
+        let mut want = vec![
+            held(&piece.to_string(), "team/qv", false),
+            held(&adapter.to_string(), "team/qv", false),
+            held(&base_file, "acme/llama", false),
+            held(&unknown, "uploader", true),
+        ];
+        want.sort_by(|a, b| (&a.digest, &a.holder).cmp(&(&b.digest, &b.holder)));
+        assert_eq!(holders, want, "{l}");
+    }
+}

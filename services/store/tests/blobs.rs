@@ -761,6 +761,124 @@ async fn multipart_with_several_parts(b: &Backend) {
     );
 }
 
+/// Sessions are per owner: another owner neither resumes, reads, writes nor commits one,
+/// and a caller that may not see a stored blob gets a session (not `Exists`) and must
+/// send the bytes, which commit verifies before answering dedup.
+async fn uploads_of_a_stored_blob_need_the_bytes(b: &Backend) {
+    let store = b.open();
+    let bytes = data(200_000, 31);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    push(&store, &bytes).await.unwrap();
+
+    // One that may not see the blob gets a session of its own, however stored it is.
+    let a = session(
+        store
+            .start_upload_as(digest, size, Some("a"), false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(a.committed, 0);
+    // Committing without the bytes proves nothing.
+    assert_kind(
+        store.commit_upload_as(&a.upload_id, Some("a"), true).await,
+        BlobErrorKind::FailedPrecondition,
+    );
+    // Another owner does not find the session at all.
+    for other in [None, Some("b")] {
+        assert_kind(
+            store.upload_status_as(&a.upload_id, other).await,
+            BlobErrorKind::NotFound,
+        );
+        assert_kind(
+            store.upload_writer_as(&a.upload_id, other).await,
+            BlobErrorKind::NotFound,
+        );
+        assert_kind(
+            store.commit_upload_as(&a.upload_id, other, false).await,
+            BlobErrorKind::NotFound,
+        );
+    }
+    // Nor resumes it: its own start gets another session.
+    let b_session = session(
+        store
+            .start_upload_as(digest, size, Some("b"), false)
+            .await
+            .unwrap(),
+    );
+    assert_ne!(b_session.upload_id, a.upload_id);
+
+    // Wrong bytes of the right length are refused at commit, the blob untouched.
+    let wrong = data(200_000, 32);
+    let mut w = store
+        .upload_writer_as(&b_session.upload_id, Some("b"))
+        .await
+        .unwrap();
+    w.write(0, Bytes::from(wrong)).await.unwrap();
+    w.flush().await.unwrap();
+    assert_kind(
+        store
+            .commit_upload_as(&b_session.upload_id, Some("b"), true)
+            .await,
+        BlobErrorKind::InvalidArgument,
+    );
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+
+    // The right bytes prove possession: dedup, the blob stored once.
+    let mut w = store
+        .upload_writer_as(&a.upload_id, Some("a"))
+        .await
+        .unwrap();
+    w.write(0, Bytes::from(bytes.clone())).await.unwrap();
+    assert_eq!(w.flush().await.unwrap(), size);
+    let out = store
+        .commit_upload_as(&a.upload_id, Some("a"), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.digest, out.size, out.deduplicated),
+        (digest, size, true)
+    );
+    // A caller that sees the blob still gets the shortcut.
+    assert!(matches!(
+        store
+            .start_upload_as(digest, size, Some("a"), true)
+            .await
+            .unwrap(),
+        UploadStart::Exists { .. }
+    ));
+}
+
+/// A stalled writer's buffered bytes are persisted on request, so nothing waits in memory.
+async fn persist_buffered_makes_a_short_segment(b: &Backend) {
+    let store = b.open();
+    let bytes = data(SEGMENT * 2, 33);
+    let digest = Digest::of(&bytes);
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    let mut w = store.upload_writer(&s.upload_id).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&bytes[..1000]))
+        .await
+        .unwrap();
+    assert_eq!(w.buffered(), 1000);
+    assert_eq!(w.persist_buffered().await.unwrap(), 1000);
+    assert_eq!(w.buffered(), 0);
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        1000
+    );
+    w.write(1000, Bytes::copy_from_slice(&bytes[1000..]))
+        .await
+        .unwrap();
+    w.flush().await.unwrap();
+    store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
 macro_rules! conformance {
     ($($case:ident),* $(,)?) => {
         mod memory {
@@ -812,7 +930,64 @@ conformance!(
     bad_upload_ids_are_refused,
     large_blob_without_copy,
     multipart_with_several_parts,
+    uploads_of_a_stored_blob_need_the_bytes,
+    persist_buffered_makes_a_short_segment,
 );
+
+/// Sets a file's modification time `age` into the past.
+fn age_file(path: &std::path::Path, age: Duration) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() - age).unwrap();
+}
+
+/// What a registry SIGKILLed during CommitUpload (or during a segment or blob put)
+/// leaves on a `file://` store: object_store's half-written `<key>#<n>` files, which no
+/// listing shows. The sweep removes those older than the orphan bound and keeps fresh
+/// ones (a commit in flight); the start-up sweep also walks `blobs/`.
+#[tokio::test]
+async fn sweep_removes_staging_files_of_a_killed_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("blobs");
+    let store = BlobStore::from_url(&format!("file://{}", root.display())).unwrap();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let attempt = uuid::Uuid::new_v4().simple().to_string();
+    let write = |rel: &str, len: usize| {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        path
+    };
+    let old = patchport_store::blobs::ORPHAN_AGE + Duration::from_secs(60);
+    let killed_commit = write(&format!("staging/{id}.{attempt}#1"), 1 << 20);
+    age_file(&killed_commit, old);
+    let killed_segment = write(&format!("uploads/{id}/{:020}#1", 0), 4096);
+    age_file(&killed_segment, old);
+    let killed_blob_put = write("blobs/sha256/ab/abcdef#1", 4096);
+    age_file(&killed_blob_put, old);
+    let in_flight = write(&format!("staging/{id}.other#1"), 4096);
+
+    // The session TTL is a day; staging leftovers go after the orphan bound anyway.
+    store
+        .expire_uploads(Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    assert!(
+        !killed_commit.exists(),
+        "the killed commit's staging file is removed"
+    );
+    assert!(!killed_segment.exists(), "a killed segment put is removed");
+    assert!(in_flight.exists(), "a commit in flight keeps its file");
+    assert!(
+        killed_blob_put.exists(),
+        "the periodic sweep does not walk blobs/"
+    );
+    store
+        .sweep_at_start(Duration::from_secs(24 * 3600))
+        .await
+        .unwrap();
+    assert!(!killed_blob_put.exists(), "the start-up sweep removes it");
+    assert!(in_flight.exists());
+}
 
 #[test]
 fn from_url_rejects_bad_urls() {

@@ -62,9 +62,16 @@ pub const EVENT_LAG: &str = "patchport_event_lag_seconds";
 /// Named apart from [`PORT_DURATION`] so that a registry with in-process workers reports
 /// both without mixing them.
 pub const WORKER_PORT_DURATION: &str = "patchport_worker_port_duration_seconds";
+/// Token records held in the registry's token cache (`kind` `valid` or `miss`): bounded,
+/// least recently used first out.
+pub const TOKEN_CACHE_ENTRIES: &str = "patchport_token_cache_entries";
+/// Streams refused by a per-caller cap, by `limit` (`uploads`, `subscriptions`).
+pub const STREAMS_REFUSED: &str = "patchport_streams_refused_total";
+/// Streams ended because the client sent nothing for the idle timeout, by `stream`.
+pub const STREAMS_IDLE_CLOSED: &str = "patchport_streams_idle_closed_total";
 
 /// Every metric name above, for the checks that keep them apart.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 14] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PUSH_BYTES,
@@ -76,6 +83,9 @@ pub const ALL: [&str; 11] = [
     LEASE_EXPIRIES,
     EVENT_LAG,
     WORKER_PORT_DURATION,
+    TOKEN_CACHE_ENTRIES,
+    STREAMS_REFUSED,
+    STREAMS_IDLE_CLOSED,
 ];
 
 /// Histogram buckets for every `*_seconds` metric: milliseconds (RPCs) to ten minutes
@@ -173,6 +183,18 @@ fn describe() {
         WORKER_PORT_DURATION,
         Unit::Seconds,
         "a port attempt in this worker from lease to outcome, by outcome"
+    );
+    describe_gauge!(
+        TOKEN_CACHE_ENTRIES,
+        "token records in the registry's bounded token cache, by kind (valid, miss)"
+    );
+    describe_counter!(
+        STREAMS_REFUSED,
+        "streams refused by a per-caller cap, by limit (uploads, subscriptions)"
+    );
+    describe_counter!(
+        STREAMS_IDLE_CLOSED,
+        "streams ended because the client sent nothing for the idle timeout, by stream"
     );
 }
 

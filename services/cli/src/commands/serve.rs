@@ -67,6 +67,23 @@ pub(crate) struct ServeArgs {
     /// Seconds an unfinished upload session is kept before it is deleted.
     #[arg(long, env = "PATCHPORT_UPLOAD_SESSION_SECONDS", default_value_t = 24 * 3600)]
     upload_session_seconds: u64,
+    /// Most upload streams (UploadChunks) one caller has open at once.
+    #[arg(long, env = "PATCHPORT_MAX_UPLOAD_STREAMS", default_value_t = 16)]
+    max_upload_streams: usize,
+    /// Most event subscriptions (watch) one caller has open at once.
+    #[arg(long, env = "PATCHPORT_MAX_SUBSCRIPTIONS", default_value_t = 64)]
+    max_subscriptions: usize,
+    /// Seconds an upload stream may send nothing, or an event stream's client read
+    /// nothing, before the stream is ended.
+    #[arg(long, env = "PATCHPORT_STREAM_IDLE_SECONDS", default_value_t = 60)]
+    stream_idle_seconds: u64,
+    /// Seconds a new connection has to finish its TLS and HTTP/2 handshakes.
+    #[arg(
+        long,
+        env = "PATCHPORT_HANDSHAKE_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    handshake_timeout_seconds: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -235,6 +252,12 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_tensors: args.max_tensors,
             max_name_len: args.max_name_length,
             upload_session_ttl: std::time::Duration::from_secs(args.upload_session_seconds.max(1)),
+            max_upload_streams: args.max_upload_streams.max(1),
+            max_subscriptions: args.max_subscriptions.max(1),
+            stream_idle: std::time::Duration::from_secs(args.stream_idle_seconds.max(2)),
+            handshake_timeout: std::time::Duration::from_secs(
+                args.handshake_timeout_seconds.max(1),
+            ),
         },
         metrics_listen: args.metrics_listen,
         shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_seconds),

@@ -1,6 +1,18 @@
 //! `patchport.v1.BlobService`.
+//!
+//! A digest is never a read key on its own: every answer about a blob (its bytes, its
+//! size, whether it is stored, whether an upload may skip it) comes from what the caller
+//! may see ([`crate::auth::Auth::visible_blobs`]). A caller that may not see a stored
+//! blob is told it is missing and uploads the bytes itself; that upload is its proof of
+//! possession (its namespace is recorded as an owner of the blob), and the bytes are
+//! still stored once.
+//!
+//! Upload streams are capped per caller (`--max-upload-streams`), persist what arrived
+//! whenever the client pauses (a stalled stream holds no chunk data in memory) and end
+//! after `--stream-idle-seconds` without a chunk.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures::{Stream, StreamExt};
@@ -13,7 +25,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Need, Principal};
 use crate::error::{ApiError, ApiResult};
+use crate::limits::StreamKind;
 use crate::state::Registry;
+
+/// An upload stream that pauses this long has what it sent so far persisted, so a
+/// stalled client pins no chunk data in the registry's memory.
+const UPLOAD_PAUSE: Duration = Duration::from_secs(1);
 
 /// Most digests in one FindMissingBlobs call.
 const MAX_DIGESTS: usize = 10_000;
@@ -163,33 +180,34 @@ impl Blobs {
         self.registry.auth.check_somewhere(md, Need::Push).await
     }
 
-    /// A blob is readable through any version or port that holds it; an uploader may
-    /// also stat blobs (FindMissingBlobs tells it as much).
-    async fn reader(
+    /// The next chunk of an upload stream: when the client pauses for [`UPLOAD_PAUSE`]
+    /// what is buffered is persisted, and after the idle limit without a chunk the
+    /// stream is refused (RESOURCE_EXHAUSTED, naming the flag).
+    async fn next_chunk(
         &self,
-        md: &tonic::metadata::MetadataMap,
-        digest: &Digest,
-        stat: bool,
-    ) -> ApiResult<()> {
-        let auth = &self.registry.auth;
-        let who = auth.principal(md).await?;
-        if auth.may_read_blob(&who, &digest.to_string()).await? {
-            return Ok(());
+        stream: &mut Streaming<v1::UploadChunk>,
+        writer: &mut patchport_store::blobs::UploadWriter,
+    ) -> Result<Option<v1::UploadChunk>, Status> {
+        let idle = self.registry.limits.stream_idle;
+        let recv = stream.message();
+        tokio::pin!(recv);
+        if let Ok(next) = tokio::time::timeout(UPLOAD_PAUSE.min(idle), &mut recv).await {
+            return next;
         }
-        // The caller is resolved once; a stat by an uploader needs no second lookup.
-        if stat && auth.may_somewhere(&who, Need::Push) {
-            return Ok(());
+        if writer.buffered() > 0 {
+            writer
+                .persist_buffered()
+                .await
+                .map_err(|e| Status::from(ApiError::from(e)))?;
         }
-        // The same refusal whether or not the blob exists.
-        Err(match who {
-            Principal::Anonymous => ApiError::unauthenticated(format!(
-                "a token is required to read blob {digest}: set PATCHPORT_TOKEN"
-            )),
-            other => ApiError::denied(format!(
-                "{} may not read blob {digest}: no version it may read holds it",
-                other.actor()
-            )),
-        })
+        match tokio::time::timeout(idle.saturating_sub(UPLOAD_PAUSE), &mut recv).await {
+            Ok(next) => next,
+            Err(_) => {
+                metrics::counter!(patchport_telemetry::STREAMS_IDLE_CLOSED, "stream" => "upload")
+                    .increment(1);
+                Err(idle_refusal("upload stream sent no chunk", idle).into())
+            }
+        }
     }
 }
 
@@ -212,7 +230,7 @@ impl Blobs {
         let (reference, path, merged) =
             match source {
                 FileSource::Blob(digest) => {
-                    self.reader(md, &digest, false).await?;
+                    self.registry.auth.require_blob_read(md, &digest).await?;
                     let size =
                         self.registry.blobs.size(&digest).await?.ok_or_else(|| {
                             ApiError::not_found(format!("blob {digest} not found"))
@@ -368,6 +386,14 @@ fn stream_file(
     })
 }
 
+/// The refusal of a stream idle for `idle`.
+fn idle_refusal(what: &str, idle: Duration) -> ApiError {
+    ApiError::exhausted(format!(
+        "{what} for {} s; the limit is --stream-idle-seconds (PATCHPORT_STREAM_IDLE_SECONDS): resume from the committed offset",
+        idle.as_secs()
+    ))
+}
+
 #[tonic::async_trait]
 impl BlobService for Blobs {
     type ReadFileStream = Pin<Box<dyn Stream<Item = Result<v1::ReadFileChunk, Status>> + Send>>;
@@ -391,17 +417,31 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::FindMissingBlobsRequest>,
     ) -> Result<Response<v1::FindMissingBlobsResponse>, Status> {
-        self.uploader(req.metadata()).await?;
+        let who = self.uploader(req.metadata()).await?;
         let FindMissing(digests) = req.get_ref().try_into().map_err(ApiError::from)?;
-        let missing = self
+        // A blob the caller may not see is missing to it, stored or not.
+        let visible = self.registry.auth.visible_blobs(&who, &digests).await?;
+        let seen: Vec<Digest> = digests
+            .iter()
+            .copied()
+            .filter(|d| visible.contains(d))
+            .collect();
+        let absent: std::collections::HashSet<Digest> = self
             .registry
             .blobs
-            .find_missing(&digests)
+            .find_missing(&seen)
             .await
-            .map_err(ApiError::from)?;
-        Ok(Response::new(v1::FindMissingBlobsResponse {
-            missing: missing.iter().map(Digest::to_string).collect(),
-        }))
+            .map_err(ApiError::from)?
+            .into_iter()
+            .collect();
+        let mut once = std::collections::HashSet::new();
+        let missing = digests
+            .iter()
+            .filter(|d| !visible.contains(d) || absent.contains(d))
+            .filter(|d| once.insert(**d))
+            .map(Digest::to_string)
+            .collect();
+        Ok(Response::new(v1::FindMissingBlobsResponse { missing }))
     }
 
     #[tracing::instrument(skip_all, fields(digest = %req.get_ref().digest, size = req.get_ref().size))]
@@ -409,13 +449,16 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::StartUploadRequest>,
     ) -> Result<Response<v1::StartUploadResponse>, Status> {
-        self.uploader(req.metadata()).await?;
+        let who = self.uploader(req.metadata()).await?;
         let max_chunk = self.registry.limits.max_chunk_bytes;
         let req = StartUpload::try_from(req.get_ref()).map_err(ApiError::from)?;
+        let auth = &self.registry.auth;
+        let sees = auth.may_read_blob(&who, &req.digest).await?;
+        let owner = auth.upload_owner(&who);
         let start = self
             .registry
             .blobs
-            .start_upload(req.digest, req.size)
+            .start_upload_as(req.digest, req.size, owner.as_deref(), sees)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(match start {
@@ -439,22 +482,34 @@ impl BlobService for Blobs {
         &self,
         req: Request<Streaming<v1::UploadChunk>>,
     ) -> Result<Response<v1::UploadChunksResponse>, Status> {
-        self.uploader(req.metadata()).await?;
-        let max_chunk = self.registry.limits.max_chunk_bytes;
+        let who = self.uploader(req.metadata()).await?;
+        let limits = self.registry.limits.clone();
+        let _permit = self.registry.auth.open_stream(
+            &who,
+            req.remote_addr(),
+            StreamKind::Upload,
+            limits.max_upload_streams,
+        )?;
+        let owner = self.registry.auth.upload_owner(&who);
+        let max_chunk = limits.max_chunk_bytes;
         let mut stream = req.into_inner();
         let meter = crate::metrics::PushMeter::start();
-        let Some(first) = stream
-            .message()
-            .await
-            .map_err(|s| transport_limit(s, max_chunk))?
-        else {
+        let first = match tokio::time::timeout(limits.stream_idle, stream.message()).await {
+            Ok(first) => first.map_err(|s| transport_limit(s, max_chunk))?,
+            Err(_) => {
+                metrics::counter!(patchport_telemetry::STREAMS_IDLE_CLOSED, "stream" => "upload")
+                    .increment(1);
+                return Err(idle_refusal("upload stream sent no chunk", limits.stream_idle).into());
+            }
+        };
+        let Some(first) = first else {
             return Err(ApiError::invalid("empty upload stream: send at least one chunk").into());
         };
         let upload_id = first.upload_id.clone();
         let mut writer = self
             .registry
             .blobs
-            .upload_writer(&upload_id)
+            .upload_writer_as(&upload_id, owner.as_deref())
             .await
             .map_err(ApiError::from)?;
         let mut next = Some(first);
@@ -483,7 +538,7 @@ impl BlobService for Blobs {
                 break;
             }
             meter.received(len);
-            match stream.message().await {
+            match self.next_chunk(&mut stream, &mut writer).await {
                 Ok(m) => next = m,
                 Err(status) => {
                     // The client went away (keep what arrived so it can resume), or a
@@ -507,11 +562,12 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::GetUploadRequest>,
     ) -> Result<Response<v1::UploadStatus>, Status> {
-        self.uploader(req.metadata()).await?;
+        let who = self.uploader(req.metadata()).await?;
+        let owner = self.registry.auth.upload_owner(&who);
         let s = self
             .registry
             .blobs
-            .upload_status(&req.into_inner().upload_id)
+            .upload_status_as(&req.into_inner().upload_id, owner.as_deref())
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(v1::UploadStatus {
@@ -527,13 +583,22 @@ impl BlobService for Blobs {
         &self,
         req: Request<v1::CommitUploadRequest>,
     ) -> Result<Response<v1::CommitUploadResponse>, Status> {
-        self.uploader(req.metadata()).await?;
-        let out = self
-            .registry
-            .blobs
-            .commit_upload(&req.into_inner().upload_id)
+        let who = self.uploader(req.metadata()).await?;
+        let auth = &self.registry.auth;
+        let owner = auth.upload_owner(&who);
+        let upload_id = req.into_inner().upload_id;
+        let blobs = &self.registry.blobs;
+        let (digest, _) = blobs
+            .upload_declared(&upload_id, owner.as_deref())
             .await
             .map_err(ApiError::from)?;
+        // A caller that may not see the blob proves it holds the bytes by this upload.
+        let must_prove = !auth.may_read_blob(&who, &digest).await?;
+        let out = blobs
+            .commit_upload_as(&upload_id, owner.as_deref(), must_prove)
+            .await
+            .map_err(ApiError::from)?;
+        auth.record_upload(&who, &out.digest).await?;
         Ok(Response::new(v1::CommitUploadResponse {
             digest: out.digest.to_string(),
             size: out.size,
@@ -549,7 +614,10 @@ impl BlobService for Blobs {
         req: Request<v1::ReadBlobRequest>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
         let range = ReadRange::try_from(req.get_ref()).map_err(ApiError::from)?;
-        self.reader(req.metadata(), &range.digest, false).await?;
+        self.registry
+            .auth
+            .require_blob_read(req.metadata(), &range.digest)
+            .await?;
         let inner = self
             .registry
             .blobs
@@ -609,7 +677,16 @@ impl BlobService for Blobs {
     ) -> Result<Response<v1::StatBlobResponse>, Status> {
         let digest: Digest =
             parse_field("digest", &req.get_ref().digest).map_err(ApiError::from)?;
-        self.reader(req.metadata(), &digest, true).await?;
+        let auth = &self.registry.auth;
+        let who = auth.principal(req.metadata()).await?;
+        if !auth.may_read_blob(&who, &digest).await? {
+            // An uploader may stat any digest, and is told what FindMissingBlobs tells
+            // it: a blob it may not see is not there for it.
+            if auth.may_somewhere(&who, Need::Push) {
+                return Err(ApiError::not_found(format!("blob {digest} not found")).into());
+            }
+            return Err(crate::auth::Auth::blob_refusal(&who, &digest).into());
+        }
         match self
             .registry
             .blobs

@@ -5,6 +5,9 @@
 //! the process's one reader ([`super::hub`]) broadcasts when the store wakes it. A page
 //! that does not continue the stream's cursor, a lagging stream, or a silent hub send
 //! the stream back to reading by its cursor: the outbox stays the only truth.
+//!
+//! Each caller has at most `--max-subscriptions` streams open, and a stream whose client
+//! reads nothing for `--stream-idle-seconds` (its buffer stays full) is ended.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -82,7 +85,7 @@ pub(crate) struct Events {
 }
 
 /// Sends one event if the subscriber wants it and may read it; false when the stream
-/// is over (the client left, or authorisation failed).
+/// is over (the client left, stopped reading for `idle`, or authorisation failed).
 async fn send(
     tx: &tokio::sync::mpsc::Sender<Result<v1::Event, Status>>,
     filter: &Filter,
@@ -90,6 +93,7 @@ async fn send(
     who: &crate::auth::Principal,
     e: EventRecord,
     lag: &metrics::Histogram,
+    idle: Duration,
 ) -> bool {
     if !filter.wants(&e) {
         return true;
@@ -104,8 +108,20 @@ async fn send(
         }
     }
     let created_at = e.created_at;
-    if tx.send(Ok(event_to_proto(e))).await.is_err() {
-        return false;
+    match tx.send_timeout(Ok(event_to_proto(e)), idle).await {
+        Ok(()) => {}
+        Err(tokio::sync::mpsc::error::SendTimeoutError::Timeout(_)) => {
+            // The client has read nothing for `idle`: its buffer is full, so the stream
+            // ends (it resumes from its cursor).
+            metrics::counter!(patchport_telemetry::STREAMS_IDLE_CLOSED, "stream" => "subscribe")
+                .increment(1);
+            tracing::info!(
+                idle_seconds = idle.as_secs(),
+                "event stream ended: the client read nothing (--stream-idle-seconds)"
+            );
+            return false;
+        }
+        Err(tokio::sync::mpsc::error::SendTimeoutError::Closed(_)) => return false,
     }
     let now = patchport_store::meta::now_millis();
     lag.record((now - created_at).max(0) as f64 / 1000.0);
@@ -123,6 +139,14 @@ impl EventService for Events {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let auth = self.registry.auth.clone();
         let who = auth.principal(req.metadata()).await?;
+        let limits = self.registry.limits.clone();
+        let permit = auth.open_stream(
+            &who,
+            req.remote_addr(),
+            crate::limits::StreamKind::Subscribe,
+            limits.max_subscriptions,
+        )?;
+        let idle = limits.stream_idle;
         let Subscription { cursor, filter } =
             Subscription::try_from(req.into_inner()).map_err(ApiError::from)?;
         if !filter.subject.is_empty() {
@@ -146,6 +170,8 @@ impl EventService for Events {
         let draining = self.draining.clone();
         let lag = metrics::histogram!(crate::metrics::EVENT_LAG);
         tokio::spawn(async move {
+            // The stream's place under the per-caller cap, freed when it ends.
+            let _permit = permit;
             let mut batch = Some(first);
             loop {
                 // Read by our own cursor until caught up.
@@ -161,7 +187,7 @@ impl EventService for Events {
                 };
                 let full = events.len() == BATCH as usize;
                 for e in events {
-                    if !send(&tx, &filter, &auth, &who, e, &lag).await {
+                    if !send(&tx, &filter, &auth, &who, e, &lag, idle).await {
                         return;
                     }
                 }
@@ -198,7 +224,7 @@ impl EventService for Events {
                         .iter()
                         .filter(|e| e.cursor.position() > Some(at))
                     {
-                        if !send(&tx, &filter, &auth, &who, e.clone(), &lag).await {
+                        if !send(&tx, &filter, &auth, &who, e.clone(), &lag, idle).await {
                             return;
                         }
                     }

@@ -168,7 +168,7 @@ impl Versions {
         name: &str,
         version: &str,
         also_read: Option<&str>,
-        push: impl AsyncFnOnce(&AuditRecord) -> ApiResult<(R, bool)>,
+        push: impl AsyncFnOnce(&Principal, &AuditRecord) -> ApiResult<(R, bool)>,
     ) -> ApiResult<(R, bool)> {
         let who = self.registry.auth.principal(md).await?;
         let ns = namespace_of(name).to_owned();
@@ -186,7 +186,7 @@ impl Versions {
                 self.registry
                     .auth
                     .entry(&who, action, &format!("{name}:{version}"), &ns, "");
-            push(&entry).await
+            push(&who, &entry).await
         }
         .await;
         let detail = match &out {
@@ -343,10 +343,10 @@ impl RegistryService for Versions {
                 &req.name,
                 &req.version,
                 also_read,
-                async |audit| {
+                async |who, audit| {
                     let push = PushBase::try_from(&req)?;
                     self.registry
-                        .push_base(push.name, push.version, push.parent, push.files, audit)
+                        .push_base(who, push.name, push.version, push.parent, push.files, audit)
                         .await
                 },
             )
@@ -442,9 +442,9 @@ impl RegistryService for Versions {
                 &req.name,
                 &req.version,
                 Some(&req.base),
-                async |audit| {
+                async |who, audit| {
                     let p = PushPatch::try_from(&req)?;
-                    self.registry.push_patch(p, audit).await
+                    self.registry.push_patch(who, p, audit).await
                 },
             )
             .await;

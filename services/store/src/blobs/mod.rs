@@ -56,7 +56,7 @@ use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode,
 use patchport_core::{Digest, Hasher};
 
 pub use error::{BlobError, BlobErrorKind};
-pub use upload::{CommitOutcome, UploadSession, UploadStart, UploadWriter};
+pub use upload::{CommitOutcome, ORPHAN_AGE, UploadSession, UploadStart, UploadWriter};
 
 /// Default size of the segments an upload is persisted in (and of the largest blob that
 /// is verified in memory at commit).
@@ -95,6 +95,10 @@ pub struct BlobStore {
     /// id; the hasher's `len()` is the offset it has seen up to. Only an optimisation:
     /// commit rejects a mismatch early with it, and never trusts it to accept bytes.
     hashers: Arc<Mutex<HashMap<String, Hasher>>>,
+    /// The directory of a `file://` store: its half-written temporary files (a process
+    /// killed mid-put or mid-commit leaves `<key>#<n>`) are invisible to listing, so the
+    /// expiry sweep finds them on disk.
+    local_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -117,6 +121,7 @@ impl BlobStore {
             segment_size: DEFAULT_SEGMENT_SIZE,
             max_copy_size: u64::MAX,
             hashers: Arc::default(),
+            local_root: None,
         }
     }
 
@@ -160,7 +165,9 @@ impl BlobStore {
                     })?
                     .with_automatic_cleanup(true)
                     .with_fsync(true);
-                Ok(Self::new(Arc::new(fs), Path::default()))
+                let mut store = Self::new(Arc::new(fs), Path::default());
+                store.local_root = Some(dir);
+                Ok(store)
             }
             "memory" => {
                 if !rest.trim_matches('/').is_empty() {

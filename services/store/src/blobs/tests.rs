@@ -124,7 +124,9 @@ async fn two_sessions_for_one_blob_both_commit() {
     let digest = Digest::of(&bytes);
     let first = open_session(&store, digest, 5_000).await;
     // Without the index entry (another replica raced us), the next start makes a new session.
-    raw.delete(&store.index_key(&digest, 5_000)).await.unwrap();
+    raw.delete(&store.index_key(&digest, 5_000, None))
+        .await
+        .unwrap();
     let second = open_session(&store, digest, 5_000).await;
     assert_ne!(first.upload_id, second.upload_id);
 

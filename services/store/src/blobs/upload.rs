@@ -29,6 +29,16 @@ const MAX_PARTS: u64 = 9_000;
 /// Running hashes kept in memory at most (about 200 bytes each).
 const MAX_RUNNING_HASHES: usize = 10_000;
 
+/// A staging object or half-written temporary file untouched this long belongs to no
+/// live commit or put (those write continuously and last seconds to minutes), so the
+/// expiry sweep removes it even when the session TTL is longer: what a registry killed
+/// mid-commit leaves behind.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(3_600);
+
+/// The top-level directories whose half-written temporary files the periodic sweep
+/// removes; `blobs` too, at start only (see [`BlobStore::sweep_at_start`]).
+const TEMP_DIRS: [&str; 2] = ["staging", "uploads"];
+
 /// An upload session: what was declared and how many bytes are durably received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UploadSession {
@@ -80,6 +90,10 @@ struct SessionRecord {
     /// commit answers the same instead of NotFound.
     #[serde(default)]
     complete: bool,
+    /// Whose session it is (see [`BlobStore::start_upload_as`]); none for callers that
+    /// see every blob. A session is only ever resumed, written or committed by its owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
 }
 
 /// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes.
@@ -155,14 +169,26 @@ impl UploadWriter {
         Ok(())
     }
 
-    /// Persists what is buffered and returns the durable committed offset. Call it at the
-    /// end of a chunk stream and when the stream breaks, so a cut upload keeps what
-    /// arrived.
-    pub async fn flush(mut self) -> Result<u64, BlobError> {
+    /// Bytes received but not yet persisted (held in memory).
+    pub fn buffered(&self) -> u64 {
+        self.buffered
+    }
+
+    /// Persists what is buffered as a segment now (a short one) and returns the durable
+    /// committed offset: call it when the client pauses, so a stalled stream holds no
+    /// data in memory.
+    pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
         if self.buffered > 0 {
             self.persist(self.buffered).await?;
         }
         Ok(self.committed)
+    }
+
+    /// Persists what is buffered and returns the durable committed offset. Call it at the
+    /// end of a chunk stream and when the stream breaks, so a cut upload keeps what
+    /// arrived.
+    pub async fn flush(mut self) -> Result<u64, BlobError> {
+        self.persist_buffered().await
     }
 
     /// Puts the first `n` buffered bytes as the segment at the committed offset, feeding
@@ -238,7 +264,26 @@ impl BlobStore {
     /// earlier attempt for the same digest and size, with its committed offset, so a
     /// client that lost its upload id resumes; or a new session.
     pub async fn start_upload(&self, digest: Digest, size: u64) -> Result<UploadStart, BlobError> {
-        if let Some(actual) = self.size(&digest).await? {
+        self.start_upload_as(digest, size, None, true).await
+    }
+
+    /// [`start_upload`](Self::start_upload) for an uploader: `owner` names whose session
+    /// it is (a namespace; none for a caller that sees every blob), so sessions are never
+    /// shared, resumed or committed across owners; `sees_blob` says whether the caller may
+    /// learn that the blob is stored. When it may not, a stored blob is not answered as
+    /// [`UploadStart::Exists`] (nor its size compared): the caller gets a session and
+    /// must send the bytes, and [`commit_upload_as`](Self::commit_upload_as) with
+    /// `must_prove` verifies them before answering dedup.
+    pub async fn start_upload_as(
+        &self,
+        digest: Digest,
+        size: u64,
+        owner: Option<&str>,
+        sees_blob: bool,
+    ) -> Result<UploadStart, BlobError> {
+        if !sees_blob {
+            // Nothing below may depend on whether the blob is stored.
+        } else if let Some(actual) = self.size(&digest).await? {
             if actual != size {
                 return Err(BlobError::SizeMismatch {
                     digest,
@@ -248,10 +293,15 @@ impl BlobStore {
             }
             return Ok(UploadStart::Exists { digest, size });
         }
-        let index = self.index_key(&digest, size);
+        let index = self.index_key(&digest, size, owner);
         if let Some(upload_id) = self.read_index(&index).await? {
             match self.load_session(&upload_id).await {
-                Ok(rec) if !rec.complete && rec.digest == digest && rec.size == size => {
+                Ok(rec)
+                    if !rec.complete
+                        && rec.digest == digest
+                        && rec.size == size
+                        && rec.owner.as_deref() == owner =>
+                {
                     let committed = self.committed_offset(&upload_id, rec.size).await?;
                     tracing::debug!(%upload_id, %digest, committed, "resuming upload session");
                     return Ok(UploadStart::Session(UploadSession {
@@ -273,6 +323,7 @@ impl BlobStore {
             size,
             created: unix_now(),
             complete: false,
+            owner: owner.map(str::to_owned),
         };
         self.write_session(&upload_id, &record).await?;
         self.store
@@ -290,8 +341,18 @@ impl BlobStore {
 
     /// The declared digest and size of a session and its committed offset.
     pub async fn upload_status(&self, upload_id: &str) -> Result<UploadSession, BlobError> {
+        self.upload_status_as(upload_id, None).await
+    }
+
+    /// [`upload_status`](Self::upload_status) of `owner`'s session (another owner's is
+    /// NotFound).
+    pub async fn upload_status_as(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+    ) -> Result<UploadSession, BlobError> {
         check_upload_id(upload_id)?;
-        let rec = self.load_session(upload_id).await?;
+        let rec = self.load_owned_session(upload_id, owner).await?;
         let committed = if rec.complete {
             rec.size
         } else {
@@ -307,7 +368,16 @@ impl BlobStore {
 
     /// A writer that appends to the session from its committed offset.
     pub async fn upload_writer(&self, upload_id: &str) -> Result<UploadWriter, BlobError> {
-        let status = self.upload_status(upload_id).await?;
+        self.upload_writer_as(upload_id, None).await
+    }
+
+    /// [`upload_writer`](Self::upload_writer) of `owner`'s session.
+    pub async fn upload_writer_as(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+    ) -> Result<UploadWriter, BlobError> {
+        let status = self.upload_status_as(upload_id, owner).await?;
         Ok(UploadWriter {
             store: self.clone(),
             upload_id: status.upload_id,
@@ -325,8 +395,32 @@ impl BlobStore {
     /// (even if this session did not receive every byte), and committing a committed
     /// session again answers the same.
     pub async fn commit_upload(&self, upload_id: &str) -> Result<CommitOutcome, BlobError> {
+        self.commit_upload_as(upload_id, None, false).await
+    }
+
+    /// The declared digest and size of `owner`'s session (one small read).
+    pub async fn upload_declared(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+    ) -> Result<(Digest, u64), BlobError> {
         check_upload_id(upload_id)?;
-        let rec = self.load_session(upload_id).await?;
+        let rec = self.load_owned_session(upload_id, owner).await?;
+        Ok((rec.digest, rec.size))
+    }
+
+    /// [`commit_upload`](Self::commit_upload) of `owner`'s session. With `must_prove`
+    /// (the caller may not see the blob yet), a blob that is already stored answers dedup
+    /// only after this session's own bytes were read back and hashed to its digest: the
+    /// upload is the caller's proof that it holds the bytes.
+    pub async fn commit_upload_as(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+        must_prove: bool,
+    ) -> Result<CommitOutcome, BlobError> {
+        check_upload_id(upload_id)?;
+        let rec = self.load_owned_session(upload_id, owner).await?;
         let digest = rec.digest;
         let size = rec.size;
         let final_key = self.blob_key(&digest);
@@ -347,6 +441,9 @@ impl BlobStore {
         }
 
         if let Some(existing) = self.head(&final_key).await? {
+            if must_prove {
+                self.prove_session(upload_id, &rec).await?;
+            }
             if existing.size != size {
                 self.delete_session(upload_id, &rec).await;
                 return Err(BlobError::SizeMismatch {
@@ -418,6 +515,56 @@ impl BlobStore {
         Ok(outcome(deduplicated))
     }
 
+    /// Reads a complete session's bytes back and checks they hash to its digest (a
+    /// mismatch deletes the session, as a commit would). Incomplete is FailedPrecondition.
+    async fn prove_session(&self, upload_id: &str, rec: &SessionRecord) -> Result<(), BlobError> {
+        let segments = self.list_segments(upload_id).await?;
+        let committed = contiguous_end(&segments, rec.size);
+        if committed < rec.size {
+            return Err(BlobError::Incomplete {
+                upload_id: upload_id.to_owned(),
+                committed,
+                size: rec.size,
+            });
+        }
+        let plan: Vec<(Path, Range<u64>)> = read_plan(upload_id, &segments, rec.size)?
+            .into_iter()
+            .map(|(offset, range)| (self.segment_key(upload_id, offset), range))
+            .collect();
+        let mut pieces = stream::iter(plan)
+            .map(|(key, range)| async move { self.fetch(upload_id, &key, range).await })
+            .buffered(COMMIT_PREFETCH);
+        let mut hasher = Hasher::new();
+        while let Some(piece) = pieces.next().await {
+            hasher = hash_parts(vec![piece?], hasher).await?;
+        }
+        check_received(upload_id, hasher.len(), rec.size)?;
+        let actual = hasher.finish();
+        if actual != rec.digest {
+            self.delete_session(upload_id, rec).await;
+            return Err(BlobError::DigestMismatch {
+                declared: rec.digest,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// A session of `owner` (another owner's is NotFound, as if it did not exist).
+    async fn load_owned_session(
+        &self,
+        upload_id: &str,
+        owner: Option<&str>,
+    ) -> Result<SessionRecord, BlobError> {
+        let rec = self.load_session(upload_id).await?;
+        if rec.owner.as_deref() != owner {
+            return Err(BlobError::UploadNotFound {
+                upload_id: upload_id.to_owned(),
+            });
+        }
+        Ok(rec)
+    }
+
     /// Deletes upload sessions with no activity for `older_than` (and leftover staging
     /// objects and index entries as old). Returns how many sessions were deleted.
     pub async fn expire_uploads(&self, older_than: Duration) -> Result<usize, BlobError> {
@@ -454,6 +601,9 @@ impl BlobStore {
             expired += 1;
         }
 
+        // Staging objects live only during a commit: any as old as ORPHAN_AGE (or the
+        // session TTL, if shorter) was left by a commit that died.
+        let orphan_age = older_than.min(ORPHAN_AGE);
         let staging = self.prefix.clone().join("staging");
         let leftovers: Vec<ObjectMeta> = self
             .store
@@ -461,9 +611,20 @@ impl BlobStore {
             .try_collect()
             .await
             .map_err(|e| BlobError::storage("list", &staging, e))?;
-        let leftovers = leftovers.into_iter().filter(|m| is_old(m));
+        let leftovers = leftovers.into_iter().filter(|m| {
+            now.duration_since(SystemTime::from(m.last_modified))
+                .unwrap_or_default()
+                >= orphan_age
+        });
         self.delete_many(leftovers.map(|m| m.location).collect())
             .await?;
+        let removed = self.remove_temp_files(&TEMP_DIRS, orphan_age).await?;
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed half-written files of a killed commit or put"
+            );
+        }
 
         let index = self.prefix.clone().join("upload-index");
         let entries: Vec<ObjectMeta> = self
@@ -482,6 +643,72 @@ impl BlobStore {
             }
         }
         Ok(expired)
+    }
+
+    /// The sweep to run once when a registry starts: [`expire_uploads`](Self::expire_uploads)
+    /// and, on a `file://` store, the half-written temporary files of blob puts that a
+    /// killed process left (the periodic sweep does not walk `blobs/`, which holds every
+    /// blob). Returns how many sessions were deleted.
+    pub async fn sweep_at_start(&self, older_than: Duration) -> Result<usize, BlobError> {
+        let expired = self.expire_uploads(older_than).await?;
+        let removed = self
+            .remove_temp_files(&["blobs"], older_than.min(ORPHAN_AGE))
+            .await?;
+        if removed > 0 {
+            tracing::info!(
+                files = removed,
+                "removed half-written blob files of a killed put"
+            );
+        }
+        Ok(expired)
+    }
+
+    /// On a `file://` store, deletes the temporary files object_store writes before a
+    /// rename (`<key>#<n>`, never listed) under `dirs` that were last modified at least
+    /// `older_than` ago. Returns how many were deleted.
+    async fn remove_temp_files(
+        &self,
+        dirs: &[&str],
+        older_than: Duration,
+    ) -> Result<usize, BlobError> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(0);
+        };
+        let dirs: Vec<std::path::PathBuf> = dirs.iter().map(|d| root.join(d)).collect();
+        tokio::task::spawn_blocking(move || {
+            let now = SystemTime::now();
+            let mut removed = 0;
+            let mut stack = dirs;
+            while let Some(dir) = stack.pop() {
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let Ok(kind) = entry.file_type() else {
+                        continue;
+                    };
+                    if kind.is_dir() {
+                        stack.push(entry.path());
+                        continue;
+                    }
+                    let name = entry.file_name();
+                    if !is_temp_file(&name.to_string_lossy()) {
+                        continue;
+                    }
+                    let old = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .map(|t| now.duration_since(t).unwrap_or_default() >= older_than)
+                        .unwrap_or(false);
+                    if old && std::fs::remove_file(entry.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+            removed
+        })
+        .await
+        .map_err(|source| BlobError::Task { source })
     }
 
     /// A blob of at most one segment: read it into memory, verify, put create-only.
@@ -651,6 +878,7 @@ impl BlobStore {
             size: rec.size,
             created: rec.created,
             complete: true,
+            owner: rec.owner.clone(),
         };
         if let Err(e) = self.write_session(upload_id, &done).await {
             tracing::warn!(%upload_id, error = %e, "cannot mark upload session committed");
@@ -675,7 +903,7 @@ impl BlobStore {
 
     /// Removes the index entry for the session's digest and size if it names this session.
     async fn delete_index_entry(&self, upload_id: &str, rec: &SessionRecord) {
-        let index = self.index_key(&rec.digest, rec.size);
+        let index = self.index_key(&rec.digest, rec.size, rec.owner.as_deref());
         let result = async {
             if self.read_index(&index).await?.as_deref() == Some(upload_id) {
                 self.delete_quiet(&index).await?;
@@ -808,11 +1036,12 @@ impl BlobStore {
         self.session_dir(upload_id).join(format!("{offset:020}"))
     }
 
-    pub(super) fn index_key(&self, digest: &Digest, size: u64) -> Path {
-        self.prefix
-            .clone()
-            .join("upload-index")
-            .join(format!("{}.{size}", digest.hex()))
+    pub(super) fn index_key(&self, digest: &Digest, size: u64, owner: Option<&str>) -> Path {
+        let name = match owner {
+            None => format!("{}.{size}", digest.hex()),
+            Some(owner) => format!("{}.{size}.{owner}", digest.hex()),
+        };
+        self.prefix.clone().join("upload-index").join(name.as_str())
     }
 }
 
@@ -831,6 +1060,13 @@ fn check_received(upload_id: &str, received: u64, size: u64) -> Result<(), BlobE
             detail: format!("read {received} bytes, expected {size}"),
         })
     }
+}
+
+/// Whether a file name is one of object_store's temporary files: `<name>#<digits>`.
+fn is_temp_file(name: &str) -> bool {
+    name.rsplit_once('#').is_some_and(|(base, n)| {
+        !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// Upload ids are `uuid::Uuid::simple` strings; anything else never names a session (and
@@ -928,6 +1164,15 @@ mod tests {
         assert_eq!(front.concat(), b"abcde");
         let rest: Vec<u8> = buf.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(rest, b"fgh");
+    }
+
+    #[test]
+    fn temp_files_are_recognised() {
+        assert!(is_temp_file("0123.4567#1"));
+        assert!(is_temp_file("00000000000000000000#12"));
+        for not in ["session.json", "abc#", "#1", "abc#x1", "abc"] {
+            assert!(!is_temp_file(not), "{not}");
+        }
     }
 
     #[test]

@@ -129,10 +129,33 @@ pub trait Access: Send + Sync {
         namespace: Option<&str>,
         limit: u32,
     ) -> Result<Vec<AuditRecord>, StoreError>;
-    /// The names (`namespace/name`) of every base or patch version holding this blob,
-    /// as a file, an eval set, or a port artifact.
-    async fn names_holding_blob(&self, digest: &str) -> Result<Vec<String>, StoreError>;
+    /// For each of `digests`, who holds the blob: the names (`namespace/name`) of the
+    /// base and patch versions holding it as a file or an eval set, of the patch versions
+    /// whose ports hold it as an artifact, and the namespaces that uploaded it (see
+    /// [`Access::record_blob_owner`]). Indexed lookups, any number of digests.
+    async fn blob_holders(&self, digests: &[String]) -> Result<Vec<BlobHolder>, StoreError>;
+    /// Records that `namespace` uploaded the blob (proved it holds the bytes); idempotent.
+    async fn record_blob_owner(
+        &self,
+        digest: &str,
+        namespace: &str,
+        at: i64,
+    ) -> Result<(), StoreError>;
 }
+
+/// One holder of a blob (see [`Access::blob_holders`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobHolder {
+    /// The blob.
+    pub digest: String,
+    /// A version's `namespace/name`, or an uploading namespace.
+    pub holder: String,
+    /// True when the holder is a namespace that uploaded the blob (no version yet).
+    pub uploaded: bool,
+}
+
+/// Digests looked up per statement by [`Access::blob_holders`].
+pub(crate) const HOLDERS_CHUNK: usize = 500;
 
 /// Implements `Access` for a struct with a `pool: sqlx::Pool<$db>` field.
 macro_rules! impl_access {
@@ -320,25 +343,63 @@ macro_rules! impl_access {
                 .await?)
             }
 
-            async fn names_holding_blob(
+            async fn blob_holders(
+                &self,
+                digests: &[String],
+            ) -> Result<Vec<$crate::meta::access::BlobHolder>, $crate::meta::StoreError> {
+                use $crate::meta::access::{BlobHolder, HOLDERS_CHUNK};
+                let mut out = Vec::new();
+                for chunk in digests.chunks(HOLDERS_CHUNK) {
+                    let list = (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    // Every branch is an indexed lookup by digest (migration 0009).
+                    let sql = format!(
+                        "SELECT f.digest AS digest, b.name AS holder, CAST(0 AS BIGINT) AS owner FROM base_files f \
+                         JOIN base_versions b ON b.id = f.version_id WHERE f.digest IN ({list}) \
+                         UNION SELECT f.digest, p.name, CAST(0 AS BIGINT) FROM patch_files f \
+                         JOIN patch_versions p ON p.id = f.version_id WHERE f.digest IN ({list}) \
+                         UNION SELECT p.eval_digest, p.name, CAST(0 AS BIGINT) FROM patch_versions p \
+                         WHERE p.eval_digest IN ({list}) \
+                         UNION SELECT a.digest, p.name, CAST(0 AS BIGINT) FROM port_artifact_blobs a \
+                         JOIN ports o ON o.id = a.port_id JOIN patch_versions p ON p.id = o.patch_id \
+                         WHERE a.digest IN ({list}) \
+                         UNION SELECT w.digest, w.namespace, CAST(1 AS BIGINT) FROM blob_owners w \
+                         WHERE w.digest IN ({list})"
+                    );
+                    let mut query =
+                        sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql));
+                    for d in chunk {
+                        query = query.bind(d);
+                    }
+                    out.extend(query.fetch_all(&self.pool).await?.into_iter().map(
+                        |(digest, holder, owner)| BlobHolder {
+                            digest,
+                            holder,
+                            uploaded: owner != 0,
+                        },
+                    ));
+                }
+                Ok(out)
+            }
+
+            async fn record_blob_owner(
                 &self,
                 digest: &str,
-            ) -> Result<Vec<String>, $crate::meta::StoreError> {
-                // Port artifacts are JSON lists of files and pieces; a digest is 71
-                // characters of `sha256:<hex>`, so a substring match is exact.
-                Ok(sqlx::query_scalar::<_, String>(
-                    "SELECT b.name FROM base_files f JOIN base_versions b ON b.id = f.version_id \
-                     WHERE f.digest = $1 \
-                     UNION SELECT p.name FROM patch_files f JOIN patch_versions p ON p.id = f.version_id \
-                     WHERE f.digest = $1 \
-                     UNION SELECT p.name FROM patch_versions p WHERE p.eval_digest = $1 \
-                     UNION SELECT p.name FROM ports o JOIN patch_versions p ON p.id = o.patch_id \
-                     WHERE o.adapter_files_json LIKE $2 OR o.merged_files_json LIKE $2",
+                namespace: &str,
+                at: i64,
+            ) -> Result<(), $crate::meta::StoreError> {
+                sqlx::query(
+                    "INSERT INTO blob_owners (digest, namespace, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (digest, namespace) DO NOTHING",
                 )
                 .bind(digest)
-                .bind(format!("%{digest}%"))
-                .fetch_all(&self.pool)
-                .await?)
+                .bind(namespace)
+                .bind(at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
             }
         }
     };

@@ -20,7 +20,7 @@ use patchport_core::layout::{ArtifactFile, FileRef, TensorRecord};
 use patchport_core::port::{PortDiagnostics, Refusal};
 use patchport_core::{Digest, Name, Version, VersionRef};
 
-pub use access::{Access, AuditRecord, NamespacePolicyRecord, TokenRecord};
+pub use access::{Access, AuditRecord, BlobHolder, NamespacePolicyRecord, TokenRecord};
 pub use catalogue::Catalogue;
 pub use outbox::{EventCursor, EventRecord, Outbox};
 pub use postgres::PgStore;

@@ -390,6 +390,25 @@ pub(crate) fn to_json<V: serde::Serialize>(v: &V) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
 }
 
+/// Every blob digest a port's artifacts name (whole files and composed files' pieces),
+/// each once: what `port_artifact_blobs` indexes.
+pub(crate) fn artifact_digests(
+    adapter: &[patchport_core::layout::ArtifactFile],
+    merged: &[patchport_core::layout::ArtifactFile],
+) -> Vec<String> {
+    let mut out: Vec<String> = adapter
+        .iter()
+        .chain(merged)
+        .flat_map(|f| {
+            std::iter::once(f.file.digest.to_string())
+                .chain(f.segments.iter().map(|s| s.digest.to_string()))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 pub(crate) const BASE_SELECT: &str = "SELECT b.id, b.name, b.version, b.digest, \
     p.version AS parent_version, p.digest AS parent_digest, b.state, b.yank_reason, \
     b.config_json, b.model_type, b.tensor_count, b.total_size, b.created_at \

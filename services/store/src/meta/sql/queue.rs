@@ -23,6 +23,34 @@ macro_rules! impl_queue {
                 rows.into_iter().map($crate::meta::sql::port_record).collect()
             }
 
+            /// Indexes the blobs of `ports`' artifacts (`port_artifact_blobs`): blob reads
+            /// through a port are authorised by this index.
+            async fn index_port_artifacts(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                ports: &[i64],
+                digests: &[String],
+            ) -> Result<(), $crate::meta::StoreError> {
+                for port in ports {
+                    for chunk in digests.chunks($crate::meta::access::HOLDERS_CHUNK) {
+                        let values = (2..chunk.len() + 2)
+                            .map(|i| format!("(${i})"))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        let sql = format!(
+                            "INSERT INTO port_artifact_blobs (digest, port_id) \
+                             SELECT d.column1, $1 FROM (VALUES {values}) AS d WHERE true \
+                             ON CONFLICT (digest, port_id) DO NOTHING"
+                        );
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(*port);
+                        for d in chunk {
+                            query = query.bind(d);
+                        }
+                        query.execute(&mut *conn).await?;
+                    }
+                }
+                Ok(())
+            }
+
             /// The ids of a job's ports in a state, oldest first.
             async fn job_port_ids(
                 conn: &mut <$db as sqlx::Database>::Connection,
@@ -144,6 +172,10 @@ macro_rules! impl_queue {
                         .bind(id)
                         .execute(&mut *conn)
                         .await?;
+                        sqlx::query("DELETE FROM port_artifact_blobs WHERE port_id = $1")
+                            .bind(id)
+                            .execute(&mut *conn)
+                            .await?;
                         id
                     }
                     None => {
@@ -215,6 +247,17 @@ macro_rules! impl_queue {
                             0
                         };
                         if copied == 1 {
+                            sqlx::query(
+                                "INSERT INTO port_artifact_blobs (digest, port_id) \
+                                 SELECT a.digest, $2 FROM port_artifact_blobs a, ports s \
+                                 WHERE s.id = a.port_id AND s.job_id = $1 AND s.id <> $2 AND s.state = $3 \
+                                 ON CONFLICT (digest, port_id) DO NOTHING",
+                            )
+                            .bind(job_id)
+                            .bind(port_id)
+                            .bind(done)
+                            .execute(&mut *conn)
+                            .await?;
                             let kind = if done == "failed" { EventKind::PortFailed } else { EventKind::PortCompleted };
                             Self::emit_ports(conn, kind, Some(done), &one).await?;
                         } else {
@@ -656,6 +699,10 @@ macro_rules! impl_queue {
                 .bind(evaluation.map(|e| e.json))
                 .execute(&mut *tx)
                 .await?;
+                if let JobOutcome::Succeeded { adapter_files, merged_files, .. } = &outcome {
+                    let digests = $crate::meta::sql::artifact_digests(adapter_files, merged_files);
+                    Self::index_port_artifacts(&mut tx, &running, &digests).await?;
+                }
                 use patchport_core::event::EventKind;
                 let completed =
                     Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
