@@ -9,10 +9,12 @@
 //! position, so this module computes hidden states for all positions of a call and
 //! projects only the rows it is asked for onto the vocabulary.
 //!
-//! Sequences are never padded: one sequence per call (batch 1), so no attention mask
-//! other than the causal one is ever needed. A call takes an optional [`KvCache`] of an
-//! earlier call on the same sequence: a prompt is run once and each continuation reuses
-//! its keys and values (the cache is not modified, so it serves every choice).
+//! Scoring runs items in padded, masked batches ([`TreeBatch`], [`Model::forward_trees`]):
+//! each row is one item's prompt followed by its choices, each choice attending to the
+//! prompt and to itself only, so the prompt is computed once per item and every weight
+//! pass serves many items. [`Model::forward`] runs one unpadded sequence, optionally
+//! after a [`KvCache`] of an earlier call on the same sequence (the cache is not
+//! modified); both go through the same decoder.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -391,11 +393,13 @@ impl Model {
         }
     }
 
-    fn rope_tables(&self, offset: usize, len: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `cos` and `sin` of every position in `positions` (f32, as transformers computes
+    /// them), `[positions.len(), head_dim / 2]` each.
+    fn rope_tables(&self, positions: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for p in offset..offset + len {
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
             for f in &self.inv_freq {
                 let a = p as f32 * f;
                 cos.push(a.cos());
@@ -403,8 +407,8 @@ impl Model {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (len, half), &self.device)?,
-            Tensor::from_vec(sin, (len, half), &self.device)?,
+            Tensor::from_vec(cos, (positions.len(), half), &self.device)?,
+            Tensor::from_vec(sin, (positions.len(), half), &self.device)?,
         ))
     }
 
@@ -421,39 +425,89 @@ impl Model {
         let len = ids.len();
         let offset = past.map_or(0, |c| c.len);
         let total = offset + len;
+        let positions: Vec<usize> = (offset..total).collect();
+        // Causal mask over [len, total]: new position i sees cached and new positions
+        // up to offset + i. Not needed for a single new position.
+        let mask = (len > 1).then(|| {
+            (0..len)
+                .flat_map(|i| (0..total).map(move |j| j <= offset + i))
+                .collect::<Vec<bool>>()
+        });
+        let mut layers = Vec::with_capacity(self.blocks.len());
+        let x = self.run(ids, 1, &positions, mask.as_deref(), past, Some(&mut layers))?;
+        Ok((x, KvCache { layers, len: total }))
+    }
+
+    /// Runs a padded batch of prompt trees (see [`TreeBatch`]) and returns the final-norm
+    /// hidden states of every slot, `[rows · width, hidden]` (slot `s` of row `r` at
+    /// `r · width + s`; padding slots hold values that mean nothing).
+    pub fn forward_trees(&self, batch: &TreeBatch) -> candle_core::Result<Tensor> {
+        self.run(
+            &batch.ids,
+            batch.rows,
+            &batch.positions,
+            Some(batch.visible.as_slice()),
+            None,
+            None,
+        )
+    }
+
+    /// The decoder over `rows` sequences of `ids.len() / rows` slots each, slot `s` of row
+    /// `r` at position `positions[r · width + s]`, after the cached positions of `past`
+    /// (`rows` = 1 then). `visible[(r · width + q) · keys + k]`: whether query slot `q`
+    /// of row `r` attends to key `k` of that row (`keys` = cached + new slots); `None`:
+    /// every key (one new position). Pushes each layer's keys and values onto `layers`
+    /// when given. Returns the final-norm hidden states, `[rows · width, hidden]`.
+    fn run(
+        &self,
+        ids: &[u32],
+        rows: usize,
+        positions: &[usize],
+        visible: Option<&[bool]>,
+        past: Option<&KvCache>,
+        mut layers: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let width = ids.len() / rows;
+        let offset = past.map_or(0, |c| c.len);
+        let keys = offset + width;
         let ids_t = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids_t, 0)?;
         if let Some(pos) = &self.positions {
-            x = (x + pos.narrow(0, offset, len)?)?;
+            let p: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+            x = (x + pos.index_select(&Tensor::new(p.as_slice(), &self.device)?, 0)?)?;
         }
         let rope = match self.cfg.family {
             Family::Gpt2 => None,
-            Family::Llama | Family::Qwen2 => Some(self.rope_tables(offset, len)?),
+            Family::Llama | Family::Qwen2 => {
+                let (cos, sin) = self.rope_tables(positions)?;
+                if rows == 1 {
+                    Some((cos, sin))
+                } else {
+                    let half = self.inv_freq.len();
+                    Some((
+                        cos.reshape((rows, width, half))?,
+                        sin.reshape((rows, width, half))?,
+                    ))
+                }
+            }
         };
-        // Causal mask over [len, total]: new position i sees cached and new positions
-        // up to offset + i. Not needed for a single new position.
-        let mask = if len > 1 {
-            let m: Vec<f32> = (0..len)
-                .flat_map(|i| {
-                    (0..total).map(move |j| {
-                        if j > offset + i {
-                            f32::NEG_INFINITY
-                        } else {
-                            0.0
-                        }
-                    })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (len, total), &self.device)?)
-        } else {
-            None
+        let mask = match visible {
+            Some(v) => {
+                let m: Vec<f32> = v
+                    .iter()
+                    .map(|&see| if see { 0.0 } else { f32::NEG_INFINITY })
+                    .collect();
+                Some(Tensor::from_vec(m, (rows, 1, width, keys), &self.device)?)
+            }
+            None => None,
         };
         let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let mut layers = Vec::with_capacity(self.blocks.len());
         for (i, b) in self.blocks.iter().enumerate() {
             let h = b.ln1.forward(&x)?;
             let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
-                t.reshape((1, len, n, d))?.transpose(1, 2)?.contiguous()
+                t.reshape((rows, width, n, d))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let mut q = heads(b.q.forward(&h)?, nh)?;
             let mut k = heads(b.k.forward(&h)?, nkv)?;
@@ -467,13 +521,15 @@ impl Model {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
-            layers.push((k.clone(), v.clone()));
+            if let Some(l) = layers.as_deref_mut() {
+                l.push((k.clone(), v.clone()));
+            }
             let rep = nh / nkv;
             let (k, v) = if rep > 1 {
                 let expand = |t: &Tensor| {
                     t.unsqueeze(2)?
-                        .expand((1, nkv, rep, total, d))?
-                        .reshape((1, nh, total, d))
+                        .expand((rows, nkv, rep, keys, d))?
+                        .reshape((rows, nh, keys, d))
                 };
                 (expand(&k)?, expand(&v)?)
             } else {
@@ -487,13 +543,12 @@ impl Model {
             let y = att
                 .matmul(&v.contiguous()?)?
                 .transpose(1, 2)?
-                .reshape((len, nh * d))?;
+                .reshape((rows * width, nh * d))?;
             x = (x + b.o.forward(&y)?)?;
             let h = b.ln2.forward(&x)?;
             x = (x + b.mlp.forward(&h)?)?;
         }
-        let x = self.final_norm.forward(&x)?;
-        Ok((x, KvCache { layers, len: total }))
+        self.final_norm.forward(&x)
     }
 
     /// The head applied to every row of `hidden`, each row ready for log-probabilities.
@@ -516,6 +571,116 @@ impl Model {
     pub fn logits(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let (hidden, _) = self.forward(ids, None)?;
         hidden.matmul(&self.head.t()?)?.to_dtype(DType::F32)
+    }
+}
+
+/// Prompts with branches, run as one padded batch: row `r` holds tree `r`'s prompt, then
+/// each of its branches in turn, then padding up to the longest row. A branch continues
+/// its prompt (its first token sits at the position after the prompt's last) and attends
+/// to the prompt and to its own earlier tokens, never to another branch, so each branch
+/// gets the hidden states of an unpadded forward over `prompt ++ branch`: the prompt is
+/// computed once for all its branches, and many items share each weight pass.
+#[derive(Debug, Clone)]
+pub struct TreeBatch {
+    rows: usize,
+    width: usize,
+    ids: Vec<u32>,
+    positions: Vec<usize>,
+    /// `[rows, width, width]`: query slot attends to key slot.
+    visible: Vec<bool>,
+    /// Per tree: the slot of each branch's first token.
+    starts: Vec<Vec<usize>>,
+    /// Per tree: the prompt's length.
+    prompt_lens: Vec<usize>,
+}
+
+impl TreeBatch {
+    /// The slots a tree of `prompt_len` tokens with branches of `branch_lens` tokens
+    /// takes in a row.
+    pub fn width_of(prompt_len: usize, branch_lens: impl IntoIterator<Item = usize>) -> usize {
+        prompt_len + branch_lens.into_iter().sum::<usize>()
+    }
+
+    /// Lays out `trees` (`(prompt, branches)`, every prompt non-empty) in one batch.
+    pub fn new(trees: &[(&[u32], Vec<&[u32]>)]) -> Self {
+        let rows = trees.len();
+        let width = trees
+            .iter()
+            .map(|(p, bs)| Self::width_of(p.len(), bs.iter().map(|b| b.len())))
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![0u32; rows * width];
+        let mut positions = vec![0usize; rows * width];
+        let mut visible = vec![false; rows * width * width];
+        let mut starts = Vec::with_capacity(rows);
+        let mut prompt_lens = Vec::with_capacity(rows);
+        // Which segment each slot of a row belongs to: the prompt, a branch, or padding.
+        const PROMPT: usize = 0;
+        const PAD: usize = usize::MAX;
+        let mut segment = vec![PAD; width];
+        for (r, (prompt, branches)) in trees.iter().enumerate() {
+            let base = r * width;
+            segment.fill(PAD);
+            let p = prompt.len();
+            ids[base..base + p].copy_from_slice(prompt);
+            for (s, pos) in positions[base..base + p].iter_mut().enumerate() {
+                *pos = s;
+            }
+            segment[..p].fill(PROMPT);
+            let mut slot = p;
+            let mut st = Vec::with_capacity(branches.len());
+            for (c, b) in branches.iter().enumerate() {
+                st.push(slot);
+                ids[base + slot..base + slot + b.len()].copy_from_slice(b);
+                for j in 0..b.len() {
+                    positions[base + slot + j] = p + j;
+                }
+                segment[slot..slot + b.len()].fill(c + 1);
+                slot += b.len();
+            }
+            for q in 0..width {
+                let vis = &mut visible[(base + q) * width..(base + q + 1) * width];
+                if segment[q] == PAD {
+                    // A padding slot sees itself only (a row of -inf would be NaN).
+                    vis[q] = true;
+                    continue;
+                }
+                for (k, v) in vis.iter_mut().enumerate().take(q + 1) {
+                    *v = segment[k] == PROMPT || segment[k] == segment[q];
+                }
+            }
+            starts.push(st);
+            prompt_lens.push(p);
+        }
+        Self {
+            rows,
+            width,
+            ids,
+            positions,
+            visible,
+            starts,
+            prompt_lens,
+        }
+    }
+
+    /// Rows (trees).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Slots per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The hidden-state row of tree `tree`'s last prompt token.
+    pub fn prompt_last(&self, tree: usize) -> usize {
+        tree * self.width + self.prompt_lens[tree] - 1
+    }
+
+    /// The hidden-state row of token `j` of branch `branch` of tree `tree`.
+    pub fn branch_token(&self, tree: usize, branch: usize, j: usize) -> usize {
+        tree * self.width + self.starts[tree][branch] + j
     }
 }
 

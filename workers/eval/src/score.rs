@@ -13,8 +13,11 @@
 //!   `−score / len`; the metric is the mean of the items' values (each item weighs the
 //!   same, which is what the paired standard error of the verdict needs).
 //!
-//! Every sequence is run unpadded, one at a time; the prompt is run once and its keys and
-//! values serve every choice.
+//! Items run in padded, masked batches ([`TreeBatch`]): one row per item, its prompt then
+//! its choices, each choice attending to the prompt and to itself only, so the prompt is
+//! computed once per item and a choice's log-probabilities are those of an unpadded
+//! forward over `prompt ++ choice` (equal up to f32 rounding, tested against the
+//! one-sequence-at-a-time path to 1e-5).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,7 +29,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::ArchConfig;
 use crate::error::EvalError;
-use crate::model::{Model, normalize_layout};
+use crate::model::{Model, TreeBatch, normalize_layout};
 use crate::weights::{load_dir, merge_adapter, read};
 
 /// What an arm measures.
@@ -157,6 +160,11 @@ impl ArmResult {
     }
 }
 
+/// Slots (tokens, padding included) per scoring batch: items are added to a batch while
+/// `items × widest row` stays within this. Large enough that the weight matmuls run at
+/// gemm speed, small enough that activations stay in cache-sized blocks.
+pub const BATCH_SLOTS: usize = 1024;
+
 /// A base (+ merged adapter) and its tokenizer, ready to score eval sets.
 #[derive(Debug)]
 pub struct Evaluator {
@@ -248,37 +256,73 @@ impl Evaluator {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// The summed log-probability of each continuation's tokens after the prompt, and
-    /// each continuation's token count.
+    /// The summed log-probability of each continuation's tokens after the prompt (one
+    /// item through the batched path of [`Evaluator::evaluate`]).
     pub fn score_continuations(
         &self,
         prompt: &[u32],
         continuations: &[Vec<u32>],
     ) -> Result<Vec<f64>, EvalError> {
-        let (hidden, cache) = self.model.forward(prompt, None)?;
-        let first = self
-            .model
-            .log_softmax_rows(&Model::last_row(&hidden)?)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| candle_core::Error::Msg("no logits".to_owned()))?;
-        let out_of_vocab =
-            |t: u32| candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"));
-        let mut scores = Vec::with_capacity(continuations.len());
-        for c in continuations {
-            let Some((&c0, rest)) = c.split_first() else {
-                scores.push(0.0);
-                continue;
-            };
-            let mut s = first.logprob(c0).ok_or_else(|| out_of_vocab(c0))?;
-            if !rest.is_empty() {
-                // Positions of c_0 .. c_{L-2} predict c_1 .. c_{L-1}.
-                let (h, _) = self.model.forward(&c[..c.len() - 1], Some(&cache))?;
-                for (row, &t) in self.model.log_softmax_rows(&h)?.iter().zip(rest) {
-                    s += row.logprob(t).ok_or_else(|| out_of_vocab(t))?;
+        if prompt.is_empty() {
+            return Err(
+                candle_core::Error::Msg("an empty prompt predicts nothing".to_owned()).into(),
+            );
+        }
+        let mut out = self.score_batch(&[(prompt.to_vec(), continuations.to_vec())])?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Scores items `(prompt, continuations)` (non-empty prompts) in one padded batch: a
+    /// row per item, its prompt then each continuation but its last token (positions of
+    /// `c_0 .. c_{L−2}` predict `c_1 .. c_{L−1}`; the prompt's last position predicts
+    /// `c_0`). Returns each item's summed log-probability per continuation.
+    fn score_batch(&self, items: &[(Vec<u32>, Vec<Vec<u32>>)]) -> Result<Vec<Vec<f64>>, EvalError> {
+        let trees: Vec<(&[u32], Vec<&[u32]>)> = items
+            .iter()
+            .map(|(p, cs)| {
+                let branches = cs.iter().map(|c| &c[..c.len().saturating_sub(1)]).collect();
+                (p.as_slice(), branches)
+            })
+            .collect();
+        let batch = TreeBatch::new(&trees);
+        // The hidden rows that predict a scored token, in item, continuation, token order.
+        let mut wanted = Vec::new();
+        for (t, (_, cs)) in items.iter().enumerate() {
+            wanted.push(batch.prompt_last(t) as u32);
+            for (c, ids) in cs.iter().enumerate() {
+                for j in 0..ids.len().saturating_sub(1) {
+                    wanted.push(batch.branch_token(t, c, j) as u32);
                 }
             }
-            scores.push(s);
+        }
+        let hidden = self.model.forward_trees(&batch)?;
+        let index = candle_core::Tensor::new(wanted.as_slice(), hidden.device())?;
+        let rows = self
+            .model
+            .log_softmax_rows(&hidden.index_select(&index, 0)?)?;
+        let out_of_vocab =
+            |t: u32| candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"));
+        let mut rows = rows.iter();
+        let mut next = || {
+            rows.next()
+                .ok_or_else(|| candle_core::Error::Msg("fewer logits than tokens".to_owned()))
+        };
+        let mut scores = Vec::with_capacity(items.len());
+        for (_, cs) in items {
+            let first = next()?;
+            let mut item = Vec::with_capacity(cs.len());
+            for c in cs {
+                let Some((&c0, rest)) = c.split_first() else {
+                    item.push(0.0);
+                    continue;
+                };
+                let mut s = first.logprob(c0).ok_or_else(|| out_of_vocab(c0))?;
+                for &t in rest {
+                    s += next()?.logprob(t).ok_or_else(|| out_of_vocab(t))?;
+                }
+                item.push(s);
+            }
+            scores.push(item);
         }
         Ok(scores)
     }
@@ -330,26 +374,49 @@ impl Evaluator {
         Ok((prompt, conts))
     }
 
-    /// Scores every item of `set`.
+    /// Scores every item of `set`: items sorted by their row width (so a batch pads
+    /// little) and run [`BATCH_SLOTS`] slots at a time; results in eval-set order.
     pub fn evaluate(&self, set: &EvalSet) -> Result<ArmResult, EvalError> {
         let t0 = Instant::now();
-        let mut items = Vec::with_capacity(set.len());
+        let mut ids = Vec::with_capacity(set.len());
         for (index, item) in set.items().iter().enumerate() {
-            let (prompt, conts) = self.item_ids(set, index, item)?;
-            let scores = self.score_continuations(&prompt, &conts)?;
+            ids.push(self.item_ids(set, index, item)?);
+        }
+        let width = |(p, cs): &(Vec<u32>, Vec<Vec<u32>>)| {
+            TreeBatch::width_of(p.len(), cs.iter().map(|c| c.len().saturating_sub(1)))
+        };
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| width(&ids[i]));
+        let mut scores: Vec<Vec<f64>> = vec![Vec::new(); ids.len()];
+        let mut start = 0;
+        while start < order.len() {
+            // Sorted by width: the last item of a batch is its widest.
+            let mut end = start + 1;
+            while end < order.len() && (end + 1 - start) * width(&ids[order[end]]) <= BATCH_SLOTS {
+                end += 1;
+            }
+            let batch: Vec<(Vec<u32>, Vec<Vec<u32>>)> =
+                order[start..end].iter().map(|&i| ids[i].clone()).collect();
+            for (&i, s) in order[start..end].iter().zip(self.score_batch(&batch)?) {
+                scores[i] = s;
+            }
+            start = end;
+        }
+        let mut items = Vec::with_capacity(set.len());
+        for ((item, s), (_, conts)) in set.items().iter().zip(scores).zip(&ids) {
             items.push(match item {
                 Item::MultipleChoice { label, .. } => {
-                    let prediction = argmax(&scores);
+                    let prediction = argmax(&s);
                     ItemScore::Choice {
                         correct: prediction == *label,
                         prediction,
-                        logprobs: scores,
+                        logprobs: s,
                     }
                 }
                 Item::Completion { .. } => {
                     let tokens = conts[0].len();
                     ItemScore::Completion {
-                        nll: -scores[0] / tokens as f64,
+                        nll: -s[0] / tokens as f64,
                         tokens,
                     }
                 }

@@ -2,6 +2,8 @@
 //! `rope_parameters`, tied embeddings without `lm_head.weight`, `head_dim` different from
 //! `hidden / heads`, and scores that must not depend on padding or on the KV-cache reuse.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -382,18 +384,82 @@ fn rope_theta_from_rope_parameters_changes_the_scores() {
     assert!(max_diff(&a, &b) > 1e-6, "theta must reach the forward pass");
 }
 
+/// `n` multiple-choice items over [`WORDS`] with prompts of 1-13 words and 2-4 choices
+/// of 1-6 words (deterministic), so that batches hold rows of many widths.
+fn varied_set(n: usize) -> EvalSet {
+    /// xorshift64.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, m: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % m as u64) as usize
+        }
+        fn words(&mut self, k: usize) -> String {
+            (0..k)
+                .map(|_| WORDS[1 + self.below(WORDS.len() - 1)])
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut lines = Vec::with_capacity(n);
+    for _ in 0..n {
+        let plen = 1 + rng.below(13);
+        let prompt = rng.words(plen);
+        let nc = 2 + rng.below(3);
+        let choices: Vec<String> = (0..nc)
+            .map(|_| {
+                let k = 1 + rng.below(6);
+                format!(" {}", rng.words(k))
+            })
+            .collect();
+        lines.push(
+            serde_json::json!({"prompt": prompt, "choices": choices, "label": 0}).to_string(),
+        );
+    }
+    EvalSet::parse(lines.join("\n").as_bytes()).expect("set")
+}
+
+#[test]
+fn batched_scores_equal_the_unbatched_reference() {
+    // 300 items of varied widths: several batches, rows padded by different amounts.
+    let set = varied_set(300);
+    let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
+    let patch = fixtures().join("llama-micro/patches/lora-qv");
+    let gpt2 = with_tokenizer(&fixtures().join("gpt2-micro/v2"));
+    for (name, dir, patch) in [
+        ("llama-micro v2 + lora-qv", v2.path(), Some(patch.as_path())),
+        ("llama-micro v2", v2.path(), None),
+        ("gpt2-micro v2", gpt2.path(), None),
+    ] {
+        let ev = Evaluator::load(dir, patch, &Device::Cpu).expect("load");
+        let batched = choice_scores(&ev.evaluate(&set).expect("evaluate"));
+        let reference = common::unbatched_scores(&ev, &set);
+        let d = common::max_abs_diff(&batched, &reference);
+        eprintln!("{name}: max |batched - unbatched| = {d:.3e}");
+        assert!(d <= 1e-5, "{name}: {d}");
+    }
+}
+
 #[test]
 fn scores_do_not_depend_on_the_other_items() {
-    // No batching, no padding: an item scored alone or among others gives the same bits.
+    // Items are batched with others (padded rows, masked choices): an item scored alone
+    // or among others gives the same scores up to f32 rounding (the matmuls' blocking
+    // depends on the batch shape), and the same set scored twice gives the same bits.
     let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
     let all = mc_set();
-    let arm = evaluate_dir(v2.path(), None, &all, &Device::Cpu).expect("all");
+    let ev = Evaluator::load(v2.path(), None, &Device::Cpu).expect("load");
+    let arm = ev.evaluate(&all).expect("all");
+    assert_eq!(arm.items, ev.evaluate(&all).expect("again").items);
     let one = EvalSet::parse(
         br#"{"prompt": "what is it ?", "choices": [" yes", " no", " maybe it is a dog"], "label": 2}"#,
     )
     .expect("set");
-    let alone = evaluate_dir(v2.path(), None, &one, &Device::Cpu).expect("alone");
-    assert_eq!(alone.items[0], arm.items[1]);
+    let alone = ev.evaluate(&one).expect("alone");
+    let d = max_diff(&choice_scores(&alone), &choice_scores(&arm)[1..2]);
+    assert!(d < 1e-6, "alone vs among others: {d}");
 }
 
 #[test]
@@ -411,7 +477,8 @@ fn completion_items_give_mean_nll() {
     let c = ev.encode(" sat on the mat").expect("encode");
     assert_eq!(c.len(), 4);
     let s = ev.score_continuations(&p, &[c]).expect("score")[0];
-    assert!((per_item[0] - (-s / 4.0)).abs() < 1e-12);
+    // Scored alone vs batched with the other item: equal up to f32 rounding.
+    assert!((per_item[0] - (-s / 4.0)).abs() < 1e-6);
     assert!((arm.mean_nll.expect("nll") - (per_item[0] + per_item[1]) / 2.0).abs() < 1e-12);
     assert!(arm.accuracy.is_none());
 }

@@ -2,12 +2,14 @@
 //! PEFT compute, reproduced; the gate's verdicts for the small and the large drift; and
 //! the drift-risk score ranking them before any evaluation.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use patchport_eval::{
-    ArmResult, Device, EvalSet, ItemScore, Outcome, VerdictPolicy, evaluate_dir, verdict,
+    ArmResult, Device, EvalSet, Evaluator, ItemScore, Outcome, VerdictPolicy, evaluate_dir, verdict,
 };
 
 fn fixture() -> PathBuf {
@@ -94,6 +96,32 @@ fn v2_ported_logprobs_match_peft_within_1e_3() {
     assert_eq!(count, 305);
     eprintln!("max |logprob - PEFT| over 305 x 3 scores: {max_diff:.3e}");
     assert!(max_diff < 1e-3, "max diff {max_diff}");
+}
+
+#[test]
+fn batched_scores_equal_the_unbatched_reference_on_all_305_items() {
+    // The arm's scores come from padded batches of many items (prompt once, choices
+    // masked from each other); the reference runs one item at a time, each choice on the
+    // prompt's KV cache.
+    let set = eval_set();
+    let ev = Evaluator::load(
+        &fixture().join("v2"),
+        Some(&fixture().join("patches/lora-qvo")),
+        &Device::Cpu,
+    )
+    .expect("load");
+    let batched: Vec<Vec<f64>> = arms()["v2+LoRA(v1) ported"]
+        .items
+        .iter()
+        .map(|s| match s {
+            ItemScore::Choice { logprobs, .. } => logprobs.clone(),
+            ItemScore::Completion { .. } => panic!("choice expected"),
+        })
+        .collect();
+    let reference = common::unbatched_scores(&ev, &set);
+    let d = common::max_abs_diff(&batched, &reference);
+    eprintln!("max |batched - unbatched| over 305 x 3 scores: {d:.3e}");
+    assert!(d <= 1e-5, "max diff {d}");
 }
 
 #[test]
