@@ -90,6 +90,8 @@ pub struct PortResult {
     pub engine_seconds: f64,
     /// The quality gate's result (set by the lease loop after a successful port).
     pub evaluation: Option<v1::Evaluation>,
+    /// Small blobs the files name, sent with the completion instead of uploaded.
+    pub inline_blobs: Vec<Bytes>,
 }
 
 impl PortResult {
@@ -105,6 +107,7 @@ impl PortResult {
             merged_files: self.merged_files.iter().map(Into::into).collect(),
             engine_seconds: self.engine_seconds,
             evaluation: self.evaluation,
+            inline_blobs: self.inline_blobs,
         }
     }
 }
@@ -466,52 +469,98 @@ impl ModelSource for RemoteSource {
 
 /// How many merged tensors are uploaded at once while the engine goes on.
 const UPLOADS_IN_FLIGHT: usize = 4;
+/// What a completion may carry inline (the registry's limit).
+const INLINE_BUDGET: usize = 4 << 20;
 
-/// A merged tensor on its way: its name, size and upload.
-type PendingUpload = (
-    String,
-    u64,
-    tokio::task::JoinHandle<Result<Digest, ClientError>>,
-);
-
-/// Uploads each merged tensor as a blob as the engine produces it, a few at a time.
+/// A blob on its way to the registry.
 #[derive(Debug)]
-struct UploadSink {
+enum Outgoing {
+    /// Sent with the completion.
+    Inline(Digest),
+    /// Being uploaded.
+    Upload(tokio::task::JoinHandle<Result<Digest, ClientError>>),
+}
+
+/// Where a port's new blobs go: small ones ride with the completion (up to
+/// [`INLINE_BUDGET`] together), the rest are uploaded, a few at a time while the engine
+/// goes on.
+#[derive(Debug)]
+struct Outbox {
     handle: Handle,
     client: Client,
     slots: Arc<tokio::sync::Semaphore>,
-    pending: Vec<PendingUpload>,
+    inline: Vec<Bytes>,
+    inline_bytes: usize,
+    /// Merged tensors by name, with their sizes.
+    tensors: Vec<(String, u64, Outgoing)>,
 }
 
-impl MergedSink for UploadSink {
-    fn merged_tensor(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let permit = self
-            .handle
-            .block_on(self.slots.clone().acquire_owned())
-            .map_err(io::Error::other)?;
-        let (client, data) = (self.client.clone(), Bytes::copy_from_slice(bytes));
-        let task = self.handle.spawn(async move {
-            let r = client.upload_bytes(data).await;
-            drop(permit);
-            r
-        });
-        self.pending
-            .push((name.to_owned(), bytes.len() as u64, task));
-        Ok(())
+impl Outbox {
+    fn new(client: &Client) -> Self {
+        Self {
+            handle: Handle::current(),
+            client: client.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
+            inline: Vec::new(),
+            inline_bytes: 0,
+            tensors: Vec::new(),
+        }
     }
-}
 
-impl UploadSink {
+    /// Keeps `bytes` inline when they fit the budget.
+    fn try_inline(&mut self, bytes: &[u8]) -> Option<Digest> {
+        if self.inline_bytes + bytes.len() > INLINE_BUDGET {
+            return None;
+        }
+        self.inline_bytes += bytes.len();
+        self.inline.push(Bytes::copy_from_slice(bytes));
+        Some(Digest::of(bytes))
+    }
+
+    /// Stores a small blob from async code: inline, or uploaded now.
+    async fn put(&mut self, bytes: Bytes) -> Result<Digest, ClientError> {
+        match self.try_inline(&bytes) {
+            Some(d) => Ok(d),
+            None => self.client.upload_bytes(bytes).await,
+        }
+    }
+
     /// Waits for every upload: the stored tensors by name.
-    async fn finish(self) -> Result<HashMap<String, (Digest, u64)>, WorkerError> {
+    async fn tensors(&mut self) -> Result<HashMap<String, (Digest, u64)>, WorkerError> {
         let mut stored = HashMap::new();
-        for (name, size, task) in self.pending {
-            let digest = task.await.map_err(|e| WorkerError::Task {
-                message: e.to_string(),
-            })??;
+        for (name, size, out) in self.tensors.drain(..) {
+            let digest = match out {
+                Outgoing::Inline(d) => d,
+                Outgoing::Upload(task) => task.await.map_err(|e| WorkerError::Task {
+                    message: e.to_string(),
+                })??,
+            };
             stored.insert(name, (digest, size));
         }
         Ok(stored)
+    }
+}
+
+impl MergedSink for Outbox {
+    fn merged_tensor(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
+        let out = match self.try_inline(bytes) {
+            Some(d) => Outgoing::Inline(d),
+            None => {
+                let permit = self
+                    .handle
+                    .block_on(self.slots.clone().acquire_owned())
+                    .map_err(io::Error::other)?;
+                let (client, data) = (self.client.clone(), Bytes::copy_from_slice(bytes));
+                Outgoing::Upload(self.handle.spawn(async move {
+                    let r = client.upload_bytes(data).await;
+                    drop(permit);
+                    r
+                }))
+            }
+        };
+        self.tensors
+            .push((name.to_owned(), bytes.len() as u64, out));
+        Ok(())
     }
 }
 
@@ -576,12 +625,7 @@ pub async fn port_job_with(
         new_base_name: Some(format!("{}:{}", target.name, target.version)),
         new_base_revision: Some(target_digest.to_string()),
     };
-    let mut sink = UploadSink {
-        handle: Handle::current(),
-        client: client.clone(),
-        slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
-        pending: Vec::new(),
-    };
+    let mut sink = Outbox::new(client);
     let (outcome, sink) = tokio::task::spawn_blocking(move || {
         let sink_ref = if opts.merged {
             Some(&mut sink as &mut dyn MergedSink)
@@ -595,7 +639,8 @@ pub async fn port_job_with(
     .map_err(|e| WorkerError::Task {
         message: e.to_string(),
     })?;
-    let stored = sink.finish().await?;
+    let mut sink = sink;
+    let stored = sink.tensors().await?;
     let outcome = outcome?;
     let mut result = PortResult {
         refusals: outcome.refusals,
@@ -606,23 +651,18 @@ pub async fn port_job_with(
         return Ok(result);
     };
     result.diagnostics = Some(outcome.diagnostics);
-    // The re-pointed config and the merged files' headers, uploaded together.
+    // The re-pointed config and the merged files' headers.
     let config = Bytes::from(ported.config_json.clone());
+    let config_digest = sink.put(config.clone()).await?;
     let merged = outcome.merged.as_deref().unwrap_or_default();
-    let headers = merged.iter().map(|c| async move {
-        if c.header.is_empty() {
-            Ok(None)
+    let mut headers = Vec::with_capacity(merged.len());
+    for c in merged {
+        headers.push(if c.header.is_empty() {
+            None
         } else {
-            client
-                .upload_bytes(Bytes::from(c.header.clone()))
-                .await
-                .map(Some)
-        }
-    });
-    let (config_digest, headers) = futures::try_join!(
-        client.upload_bytes(config.clone()),
-        futures::future::try_join_all(headers),
-    )?;
+            Some(sink.put(Bytes::from(c.header.clone())).await?)
+        });
+    }
     for mut f in patch_files {
         if f.path == ADAPTER_CONFIG {
             f.digest = config_digest;
@@ -634,6 +674,7 @@ pub async fn port_job_with(
         .iter()
         .map(|f| (f.path.as_str(), f.digest))
         .collect();
+    result.inline_blobs = std::mem::take(&mut sink.inline);
     for (c, header) in merged.iter().zip(headers) {
         let segments = compose_ranges(c, header, |p| base_files.get(p).copied(), &stored)
             .map_err(|message| WorkerError::BadJob { message })?;
