@@ -58,6 +58,15 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$run"; }
 trap cleanup EXIT
 
+echo "== the offline port of the same pair (p0, v1 -> v2, merged)"
+cat "$work"/v1/* "$work"/v2/* > /dev/null
+rm -rf "$run/offline"; sync
+o0="$(date +%s.%N)"
+"$bin" port --old-base "$work/v1" --new-base "$work/v2" --patch "$work/patches/p0" \
+    --out "$run/offline" --merged > /dev/null
+o1="$(date +%s.%N)"
+rm -rf "$run/offline"
+
 "$bin" serve --listen "$reg" --workers 0 --database "sqlite://$run/registry.db" \
     --blobs "file://$run/blobs" --metrics-listen "$reg_metrics" > "$run/serve.out" 2> "$run/serve.log" &
 pids+=($!)
@@ -94,13 +103,6 @@ failed="$(grep '"port.completed"' "$run/events" | grep -vc '"succeeded"' || true
 pulled1="$(metric "$reg_metrics" patchport_pull_bytes_total)"
 port_sum="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_sum 'outcome="succeeded"')"
 port_count="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_count 'outcome="succeeded"')"
-
-echo "== the offline port of the same pair (p0, v1 -> v2, merged)"
-rm -rf "$run/offline"; sync
-o0="$(date +%s.%N)"
-"$bin" port --old-base "$work/v1" --new-base "$work/v2" --patch "$work/patches/p0" \
-    --out "$run/offline" --merged > /dev/null
-o1="$(date +%s.%N)"
 
 awk -v n="$n" -v one="$one_port" -v p0="$pulled0" -v p1="$pulled1" -v t0="$t0" -v t1="$t1" \
     -v ps="$port_sum" -v pc="$port_count" -v o0="$o0" -v o1="$o1" -v failed="$failed" 'BEGIN {
