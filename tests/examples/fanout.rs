@@ -3,10 +3,11 @@
 //! same gRPC loop as `patchport worker`). Also times the engine alone on one such port,
 //! so the scheduling overhead per job can be read off.
 //!
-//!   cargo run --release -p patchport-tests --example fanout -- [N] [WORKERS] [DATABASE_URL]
+//!   cargo run --release -p patchport-tests --example fanout -- [N] [WORKERS] [DATABASE_URL] [CONCURRENCY]
 //!
-//! DATABASE_URL defaults to a fresh SQLite file; for Postgres give a server URL and a
-//! fresh database is created on it.
+//! DATABASE_URL defaults to a fresh SQLite file (`sqlite` names it explicitly); for
+//! Postgres give a server URL and a fresh database is created on it. CONCURRENCY (default
+//! 1) is each worker's `--concurrency`.
 
 use std::time::{Duration, Instant};
 
@@ -25,11 +26,12 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map_or(Ok(1000), |s| s.parse())?;
     let workers: usize = args.get(2).map_or(Ok(2), |s| s.parse())?;
+    let concurrency: usize = args.get(4).map_or(Ok(1), |s| s.parse())?;
     let dir = tempfile::tempdir()?;
-    let database = match args.get(3) {
+    let database = match args.get(3).map(String::as_str) {
         Some(url) if url.starts_with("postgres") => fresh_postgres_db(url).await?,
-        Some(url) => url.clone(),
-        None => format!("sqlite://{}/registry.db", dir.path().display()),
+        None | Some("sqlite") => format!("sqlite://{}/registry.db", dir.path().display()),
+        Some(url) => url.to_owned(),
     };
     let backend = if database.starts_with("postgres") {
         "postgres"
@@ -53,11 +55,14 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..workers {
         let client = client.clone();
         let stop = stop.clone();
+        let cache_dir = dir.path().join(format!("cache-{i}"));
         tokio::spawn(async move {
-            let config = patchport_worker::WorkerConfig::new(
+            let mut config = patchport_worker::WorkerConfig::new(
                 format!("bench-{i}"),
                 patchport_engine::Device::Cpu,
             );
+            config.cache_dir = cache_dir;
+            config.concurrency = concurrency;
             let _ = patchport_worker::run(client, config, stop).await;
         });
     }
@@ -137,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
     let engine = t.elapsed().as_secs_f64() / f64::from(reps);
     let per_job = total * workers as f64 / n as f64;
     println!(
-        "backend {backend}, {n} patches, {workers} in-process workers, {} cores",
+        "backend {backend}, {n} patches, {workers} in-process workers (concurrency {concurrency}), {} cores",
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
     println!("pushing {n} patches: {push_s:.1} s");

@@ -80,6 +80,12 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     .unwrap();
     assert!(result.refusals.is_empty());
     assert_eq!(result.diagnostics.as_ref().unwrap().modules.len(), 4);
+    // Small blobs ride with the completion (the registry stores them before verifying);
+    // without a CompleteJob here, store them as it would.
+    assert!(!result.inline_blobs.is_empty());
+    for b in &result.inline_blobs {
+        client.upload_bytes(b.clone()).await.unwrap();
+    }
 
     let offline = tempfile::tempdir().unwrap();
     let opts = patchport_engine::PortOptions {

@@ -2,14 +2,13 @@
 //! health NOT_SERVING, closes the listener, lets in-flight streams finish and exits 0;
 //! an in-process worker releases its lease; `/metrics` counts what happened.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use patchport_proto::v1;
 use patchport_tests::fixtures;
-use patchport_tests::process::{Proc, Serve, cli, path_arg as s};
+use patchport_tests::process::{Proc, Serve, cli, http_get, path_arg as s};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -75,30 +74,6 @@ fn publish_lineage(url: &str) {
         "--parent",
         "v1",
     ]);
-}
-
-/// A plain HTTP/1.1 GET; returns the status code and the body.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read response");
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no header end in {response:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    (status, body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

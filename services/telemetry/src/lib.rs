@@ -19,6 +19,8 @@
 //! | `patchport_lease_expiries_total` | counter | | registry |
 //! | `patchport_event_lag_seconds` | histogram | | registry |
 //! | `patchport_worker_port_duration_seconds` | histogram | `outcome` | worker |
+//! | `patchport_worker_cache_hits_total` / `patchport_worker_cache_misses_total` | counter | | worker |
+//! | `patchport_worker_cache_fetched_bytes_total` / `patchport_worker_cache_evicted_bytes_total` | counter | | worker |
 //!
 //! Architecture invariant: only metrics plumbing: no gRPC, no storage, no tensor math, and
 //! nothing that links a model runtime, so every service can depend on it.
@@ -70,8 +72,17 @@ pub const STREAMS_REFUSED: &str = "patchport_streams_refused_total";
 /// Streams ended because the client sent nothing for the idle timeout, by `stream`.
 pub const STREAMS_IDLE_CLOSED: &str = "patchport_streams_idle_closed_total";
 
+/// Base tensor reads a worker served from its local cache.
+pub const WORKER_CACHE_HITS: &str = "patchport_worker_cache_hits_total";
+/// Base tensor reads that filled the worker's cache from the registry.
+pub const WORKER_CACHE_MISSES: &str = "patchport_worker_cache_misses_total";
+/// Bytes a worker's cache fetched from the registry.
+pub const WORKER_CACHE_FETCHED_BYTES: &str = "patchport_worker_cache_fetched_bytes_total";
+/// Bytes a worker's cache evicted to stay within its bound.
+pub const WORKER_CACHE_EVICTED_BYTES: &str = "patchport_worker_cache_evicted_bytes_total";
+
 /// Every metric name above, for the checks that keep them apart.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 18] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PUSH_BYTES,
@@ -86,6 +97,10 @@ pub const ALL: [&str; 14] = [
     TOKEN_CACHE_ENTRIES,
     STREAMS_REFUSED,
     STREAMS_IDLE_CLOSED,
+    WORKER_CACHE_HITS,
+    WORKER_CACHE_MISSES,
+    WORKER_CACHE_FETCHED_BYTES,
+    WORKER_CACHE_EVICTED_BYTES,
 ];
 
 /// Histogram buckets for every `*_seconds` metric: milliseconds (RPCs) to ten minutes
@@ -195,6 +210,24 @@ fn describe() {
     describe_counter!(
         STREAMS_IDLE_CLOSED,
         "streams ended because the client sent nothing for the idle timeout, by stream"
+    );
+    describe_counter!(
+        WORKER_CACHE_HITS,
+        "base tensor reads served from the worker's cache"
+    );
+    describe_counter!(
+        WORKER_CACHE_MISSES,
+        "base tensor reads that filled the worker's cache from the registry"
+    );
+    describe_counter!(
+        WORKER_CACHE_FETCHED_BYTES,
+        Unit::Bytes,
+        "bytes the worker's cache fetched from the registry"
+    );
+    describe_counter!(
+        WORKER_CACHE_EVICTED_BYTES,
+        Unit::Bytes,
+        "bytes the worker's cache evicted to stay within its bound"
     );
 }
 

@@ -7,11 +7,13 @@
 //! lease loop (LeaseJob, Heartbeat, CompleteJob) drives [`port_job`]; this crate never
 //! decides what to port, only how.
 
+pub mod cache;
 pub mod gate;
 mod run;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -25,7 +27,7 @@ use patchport_proto::convert::{WireError, parse_field, try_list};
 use patchport_proto::v1;
 use tokio::runtime::Handle;
 
-pub use run::{WorkerConfig, run};
+pub use run::{DEFAULT_CACHE_BYTES, WorkerConfig, run};
 
 /// A port attempt in this worker from its lease to its outcome; the name and its
 /// description are `patchport-telemetry`'s, so a registry with in-process workers reports
@@ -88,6 +90,8 @@ pub struct PortResult {
     pub engine_seconds: f64,
     /// The quality gate's result (set by the lease loop after a successful port).
     pub evaluation: Option<v1::Evaluation>,
+    /// Small blobs the files name, sent with the completion instead of uploaded.
+    pub inline_blobs: Vec<Bytes>,
 }
 
 impl PortResult {
@@ -103,19 +107,193 @@ impl PortResult {
             merged_files: self.merged_files.iter().map(Into::into).collect(),
             engine_seconds: self.engine_seconds,
             evaluation: self.evaluation,
+            inline_blobs: self.inline_blobs,
             ..Default::default()
         }
     }
 }
 
-/// A version in the registry, read with ranged `ReadBlob` calls from a blocking thread.
+/// What a worker keeps across its jobs: the tensor cache, the tensor indexes of the base
+/// versions it has ported against and the leading bytes (headers, small files) of base
+/// blobs. Everything here is keyed by digest, so nothing in it goes stale.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    cache: Option<cache::TensorCache>,
+    indexes: Mutex<HashMap<Digest, Arc<TensorIndex>>>,
+    prefixes: Mutex<Prefixes>,
+}
+
+/// A base version's tensor digests, by tensor and by byte range.
+#[derive(Debug, Default)]
+struct TensorIndex {
+    by_name: HashMap<(String, String), Digest>,
+    by_range: HashMap<(String, u64, u64), Digest>,
+}
+
+/// The leading bytes of base blobs read so far (safetensors headers, configs), bounded.
+#[derive(Debug, Default)]
+struct Prefixes {
+    map: HashMap<Digest, Bytes>,
+    bytes: usize,
+}
+
+/// The longest leading read of a base blob that is kept in memory.
+const MAX_PREFIX: u64 = 16 << 20;
+/// What all kept leading reads may take together.
+const MAX_PREFIXES: usize = 256 << 20;
+/// A patch file up to this size is read whole with one call, then sliced.
+const MAX_WHOLE_PATCH_FILE: u64 = 512 << 20;
+
+impl WorkerState {
+    /// A state with the tensor cache at `dir` holding at most `max_bytes` (no cache
+    /// when `max_bytes` is 0).
+    pub fn with_cache(dir: &std::path::Path, max_bytes: u64) -> io::Result<Self> {
+        let cache = if max_bytes == 0 {
+            None
+        } else {
+            Some(cache::TensorCache::open(dir, max_bytes)?)
+        };
+        Ok(Self {
+            cache,
+            ..Self::default()
+        })
+    }
+
+    /// The cache, when there is one.
+    pub fn cache(&self) -> Option<&cache::TensorCache> {
+        self.cache.as_ref()
+    }
+
+    /// The base versions this worker holds, most cached tensors first: what a lease
+    /// request names so that the queue prefers jobs on them.
+    pub fn held_versions(&self) -> Vec<String> {
+        let Some(cache) = &self.cache else {
+            return Vec::new();
+        };
+        let indexes = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: Vec<(usize, Digest)> = indexes
+            .iter()
+            .map(|(v, i)| (i.by_name.values().filter(|d| cache.contains(d)).count(), *v))
+            .filter(|(n, _)| *n > 0)
+            .collect();
+        held.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.hex().cmp(&b.1.hex())));
+        held.into_iter()
+            .take(16)
+            .map(|(_, d)| d.to_string())
+            .collect()
+    }
+
+    /// A base version's tensor index, read once.
+    async fn index(
+        &self,
+        client: &Client,
+        name: &str,
+        digest: Digest,
+    ) -> Result<Arc<TensorIndex>, WorkerError> {
+        if let Some(i) = self
+            .indexes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+        {
+            return Ok(i.clone());
+        }
+        let index = client
+            .registry()
+            .get_tensor_index(v1::GetVersionRequest {
+                reference: format!("{name}@{digest}"),
+            })
+            .await
+            .map_err(ClientError::from)?
+            .into_inner();
+        let mut out = TensorIndex::default();
+        for (i, t) in index.tensors.into_iter().enumerate() {
+            let d = parse_field(&format!("tensors[{i}].digest"), &t.digest)?;
+            out.by_range.insert((t.file.clone(), t.begin, t.end), d);
+            out.by_name.insert((t.file, t.name), d);
+        }
+        let out = Arc::new(out);
+        self.indexes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, out.clone());
+        Ok(out)
+    }
+
+    fn prefix(&self, blob: &Digest, end: u64) -> Option<Bytes> {
+        let p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        p.map
+            .get(blob)
+            .filter(|b| b.len() as u64 >= end)
+            .map(|b| b.slice(..end as usize))
+    }
+
+    fn keep_prefix(&self, blob: Digest, bytes: Bytes) {
+        let mut p = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        if p.bytes + bytes.len() > MAX_PREFIXES {
+            p.map.clear();
+            p.bytes = 0;
+        }
+        p.bytes += bytes.len();
+        if let Some(old) = p.map.insert(blob, bytes) {
+            p.bytes -= old.len();
+        }
+    }
+}
+
+/// Reads bytes `[begin, end)` of a blob with one `ReadBlob` call.
+async fn read_blob_range(
+    client: &Client,
+    digest: Digest,
+    begin: u64,
+    end: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    buf.clear();
+    if end <= begin {
+        return Ok(());
+    }
+    buf.reserve((end - begin) as usize);
+    let mut stream = client
+        .blobs()
+        .read_blob(v1::ReadBlobRequest {
+            digest: digest.to_string(),
+            offset: begin,
+            length: end - begin,
+        })
+        .await
+        .map_err(io::Error::other)?
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.map_err(io::Error::other)?.data);
+    }
+    if buf.len() as u64 != end - begin {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short read of blob {digest}"),
+        ));
+    }
+    Ok(())
+}
+
+/// What a source is: a base (tensors through the cache, headers kept) or a patch (small
+/// files read whole).
+#[derive(Debug)]
+enum SourceKind {
+    Base(Arc<TensorIndex>),
+    Patch(Mutex<HashMap<String, Bytes>>),
+}
+
+/// A version in the registry, read from a blocking thread: base tensors through the
+/// worker's cache, anything else with ranged `ReadBlob` calls.
 #[derive(Debug)]
 struct RemoteSource {
     name: String,
     handle: Handle,
     client: Client,
     files: BTreeMap<String, (Digest, u64)>,
-    tensor_digests: HashMap<(String, String), Digest>,
+    kind: SourceKind,
+    state: Arc<WorkerState>,
 }
 
 /// The manifest digest and the files of one of a job's versions (`field`: `patch`,
@@ -131,37 +309,57 @@ fn version_files(
 }
 
 impl RemoteSource {
-    async fn new(
+    /// A base version (its tensor index is read once per worker).
+    async fn base(
         client: &Client,
+        state: &Arc<WorkerState>,
         name: &str,
         version: &str,
         digest: Digest,
         files: &[FileRef],
     ) -> Result<Self, WorkerError> {
-        let index = client
-            .registry()
-            .get_tensor_index(v1::GetVersionRequest {
-                reference: format!("{name}@{digest}"),
-            })
-            .await
-            .map_err(ClientError::from)?
-            .into_inner();
-        let mut tensor_digests = HashMap::new();
-        for (i, t) in index.tensors.into_iter().enumerate() {
-            let digest = parse_field(&format!("tensors[{i}].digest"), &t.digest)?;
-            tensor_digests.insert((t.file, t.name), digest);
-        }
-        let map = files
-            .iter()
-            .map(|f| (f.path.clone(), (f.digest, f.size)))
-            .collect();
-        Ok(Self {
+        let index = state.index(client, name, digest).await?;
+        Ok(Self::new(
+            client,
+            state,
+            name,
+            version,
+            files,
+            SourceKind::Base(index),
+        ))
+    }
+
+    /// A patch version (the engine needs no tensor digests of a patch).
+    fn patch(
+        client: &Client,
+        state: &Arc<WorkerState>,
+        name: &str,
+        version: &str,
+        files: &[FileRef],
+    ) -> Self {
+        let kind = SourceKind::Patch(Mutex::default());
+        Self::new(client, state, name, version, files, kind)
+    }
+
+    fn new(
+        client: &Client,
+        state: &Arc<WorkerState>,
+        name: &str,
+        version: &str,
+        files: &[FileRef],
+        kind: SourceKind,
+    ) -> Self {
+        Self {
             name: format!("{name}:{version}"),
             handle: Handle::current(),
             client: client.clone(),
-            files: map,
-            tensor_digests,
-        })
+            files: files
+                .iter()
+                .map(|f| (f.path.clone(), (f.digest, f.size)))
+                .collect(),
+            kind,
+            state: state.clone(),
+        }
     }
 
     fn file(&self, path: &str) -> io::Result<(Digest, u64)> {
@@ -171,6 +369,11 @@ impl RemoteSource {
                 format!("{}: no file {path}", self.name),
             )
         })
+    }
+
+    fn remote(&self, digest: Digest, begin: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.handle
+            .block_on(read_blob_range(&self.client, digest, begin, end, buf))
     }
 }
 
@@ -188,61 +391,176 @@ impl ModelSource for RemoteSource {
     }
 
     fn read_range(&self, path: &str, begin: u64, end: u64, buf: &mut Vec<u8>) -> io::Result<()> {
-        let (digest, _) = self.file(path)?;
+        let (digest, size) = self.file(path)?;
         buf.clear();
         if end <= begin {
             return Ok(());
         }
-        buf.reserve((end - begin) as usize);
-        self.handle.block_on(async {
-            let mut stream = self
-                .client
-                .blobs()
-                .read_blob(v1::ReadBlobRequest {
-                    digest: digest.to_string(),
-                    offset: begin,
-                    length: end - begin,
-                })
-                .await
-                .map_err(io::Error::other)?
-                .into_inner();
-            while let Some(chunk) = stream.next().await {
-                buf.extend_from_slice(&chunk.map_err(io::Error::other)?.data);
-            }
-            Ok::<(), io::Error>(())
-        })?;
-        if buf.len() as u64 != end - begin {
+        if end > size {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("{}: short read of {path}", self.name),
+                format!("{}: {path} has {size} bytes, {end} asked", self.name),
             ));
         }
-        Ok(())
+        match &self.kind {
+            SourceKind::Patch(whole) if size <= MAX_WHOLE_PATCH_FILE => {
+                let held = whole
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(path)
+                    .cloned();
+                let bytes = match held {
+                    Some(b) => b,
+                    None => {
+                        let mut all = Vec::new();
+                        self.remote(digest, 0, size, &mut all)?;
+                        let all = Bytes::from(all);
+                        whole
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(path.to_owned(), all.clone());
+                        all
+                    }
+                };
+                buf.extend_from_slice(&bytes[begin as usize..end as usize]);
+                Ok(())
+            }
+            SourceKind::Patch(_) => self.remote(digest, begin, end, buf),
+            SourceKind::Base(index) => {
+                if let (Some(cache), Some(tensor)) = (
+                    &self.state.cache,
+                    index.by_range.get(&(path.to_owned(), begin, end)),
+                ) {
+                    let from = cache::BlobRange {
+                        blob: digest,
+                        begin,
+                        end,
+                    };
+                    if self
+                        .handle
+                        .block_on(cache.read(&self.client, *tensor, from, buf))?
+                    {
+                        return Ok(());
+                    }
+                }
+                if begin == 0 && end <= MAX_PREFIX {
+                    if let Some(b) = self.state.prefix(&digest, end) {
+                        buf.extend_from_slice(&b);
+                        return Ok(());
+                    }
+                    self.remote(digest, begin, end, buf)?;
+                    self.state.keep_prefix(digest, Bytes::copy_from_slice(buf));
+                    return Ok(());
+                }
+                self.remote(digest, begin, end, buf)
+            }
+        }
     }
 
     fn tensor_digest(&self, path: &str, tensor: &str) -> Option<Digest> {
-        self.tensor_digests
-            .get(&(path.to_owned(), tensor.to_owned()))
-            .copied()
+        match &self.kind {
+            SourceKind::Base(index) => index
+                .by_name
+                .get(&(path.to_owned(), tensor.to_owned()))
+                .copied(),
+            SourceKind::Patch(_) => None,
+        }
     }
 }
 
-/// Uploads each merged tensor as a blob as the engine produces it.
+/// How many merged tensors are uploaded at once while the engine goes on.
+const UPLOADS_IN_FLIGHT: usize = 4;
+/// What a completion may carry inline (the registry's limit).
+const INLINE_BUDGET: usize = 4 << 20;
+
+/// A blob on its way to the registry.
 #[derive(Debug)]
-struct UploadSink {
-    handle: Handle,
-    client: Client,
-    stored: HashMap<String, (Digest, u64)>,
+enum Outgoing {
+    /// Sent with the completion.
+    Inline(Digest),
+    /// Being uploaded.
+    Upload(tokio::task::JoinHandle<Result<Digest, ClientError>>),
 }
 
-impl MergedSink for UploadSink {
+/// Where a port's new blobs go: small ones ride with the completion (up to
+/// [`INLINE_BUDGET`] together), the rest are uploaded, a few at a time while the engine
+/// goes on.
+#[derive(Debug)]
+struct Outbox {
+    handle: Handle,
+    client: Client,
+    slots: Arc<tokio::sync::Semaphore>,
+    inline: Vec<Bytes>,
+    inline_bytes: usize,
+    /// Merged tensors by name, with their sizes.
+    tensors: Vec<(String, u64, Outgoing)>,
+}
+
+impl Outbox {
+    fn new(client: &Client) -> Self {
+        Self {
+            handle: Handle::current(),
+            client: client.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(UPLOADS_IN_FLIGHT)),
+            inline: Vec::new(),
+            inline_bytes: 0,
+            tensors: Vec::new(),
+        }
+    }
+
+    /// Keeps `bytes` inline when they fit the budget.
+    fn try_inline(&mut self, bytes: &[u8]) -> Option<Digest> {
+        if self.inline_bytes + bytes.len() > INLINE_BUDGET {
+            return None;
+        }
+        self.inline_bytes += bytes.len();
+        self.inline.push(Bytes::copy_from_slice(bytes));
+        Some(Digest::of(bytes))
+    }
+
+    /// Stores a small blob from async code: inline, or uploaded now.
+    async fn put(&mut self, bytes: Bytes) -> Result<Digest, ClientError> {
+        match self.try_inline(&bytes) {
+            Some(d) => Ok(d),
+            None => self.client.upload_bytes(bytes).await,
+        }
+    }
+
+    /// Waits for every upload: the stored tensors by name.
+    async fn tensors(&mut self) -> Result<HashMap<String, (Digest, u64)>, WorkerError> {
+        let mut stored = HashMap::new();
+        for (name, size, out) in self.tensors.drain(..) {
+            let digest = match out {
+                Outgoing::Inline(d) => d,
+                Outgoing::Upload(task) => task.await.map_err(|e| WorkerError::Task {
+                    message: e.to_string(),
+                })??,
+            };
+            stored.insert(name, (digest, size));
+        }
+        Ok(stored)
+    }
+}
+
+impl MergedSink for Outbox {
     fn merged_tensor(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let digest = self
-            .handle
-            .block_on(self.client.upload_bytes(Bytes::copy_from_slice(bytes)))
-            .map_err(io::Error::other)?;
-        self.stored
-            .insert(name.to_owned(), (digest, bytes.len() as u64));
+        let out = match self.try_inline(bytes) {
+            Some(d) => Outgoing::Inline(d),
+            None => {
+                let permit = self
+                    .handle
+                    .block_on(self.slots.clone().acquire_owned())
+                    .map_err(io::Error::other)?;
+                let (client, data) = (self.client.clone(), Bytes::copy_from_slice(bytes));
+                Outgoing::Upload(self.handle.spawn(async move {
+                    let r = client.upload_bytes(data).await;
+                    drop(permit);
+                    r
+                }))
+            }
+        };
+        self.tensors
+            .push((name.to_owned(), bytes.len() as u64, out));
         Ok(())
     }
 }
@@ -254,6 +572,17 @@ pub async fn port_job(
     client: &Client,
     job: &v1::Job,
     device: Device,
+) -> Result<PortResult, WorkerError> {
+    port_job_with(client, job, device, &Arc::new(WorkerState::default())).await
+}
+
+/// [`port_job`] with what the worker keeps across jobs (its tensor cache, indexes and
+/// headers).
+pub async fn port_job_with(
+    client: &Client,
+    job: &v1::Job,
+    device: Device,
+    state: &Arc<WorkerState>,
 ) -> Result<PortResult, WorkerError> {
     let missing = |what: &str| WorkerError::BadJob {
         message: format!("job {} has no {what}", job.job_id),
@@ -271,42 +600,33 @@ pub async fn port_job(
         version_files("source_base", &source.digest, &source.files)?;
     let (target_digest, target_files) =
         version_files("target_base", &target.digest, &target.files)?;
-    let (patch_digest, patch_files) = version_files("patch", &patch.digest, &patch.files)?;
-    let old = RemoteSource::new(
-        client,
-        &source.name,
-        &source.version,
-        source_digest,
-        &source_files,
-    )
-    .await?;
-    let new = RemoteSource::new(
-        client,
-        &target.name,
-        &target.version,
-        target_digest,
-        &target_files,
-    )
-    .await?;
-    let adapter = RemoteSource::new(
-        client,
-        &patch.name,
-        &patch.version,
-        patch_digest,
-        &patch_files,
-    )
-    .await?;
+    let (_, patch_files) = version_files("patch", &patch.digest, &patch.files)?;
+    let (old, new) = futures::try_join!(
+        RemoteSource::base(
+            client,
+            state,
+            &source.name,
+            &source.version,
+            source_digest,
+            &source_files,
+        ),
+        RemoteSource::base(
+            client,
+            state,
+            &target.name,
+            &target.version,
+            target_digest,
+            &target_files,
+        ),
+    )?;
+    let adapter = RemoteSource::patch(client, state, &patch.name, &patch.version, &patch_files);
     let opts = PortOptions {
         merged: job.merged,
         device,
         new_base_name: Some(format!("{}:{}", target.name, target.version)),
         new_base_revision: Some(target_digest.to_string()),
     };
-    let mut sink = UploadSink {
-        handle: Handle::current(),
-        client: client.clone(),
-        stored: HashMap::new(),
-    };
+    let mut sink = Outbox::new(client);
     let (outcome, sink) = tokio::task::spawn_blocking(move || {
         let sink_ref = if opts.merged {
             Some(&mut sink as &mut dyn MergedSink)
@@ -320,6 +640,8 @@ pub async fn port_job(
     .map_err(|e| WorkerError::Task {
         message: e.to_string(),
     })?;
+    let mut sink = sink;
+    let stored = sink.tensors().await?;
     let outcome = outcome?;
     let mut result = PortResult {
         refusals: outcome.refusals,
@@ -330,8 +652,18 @@ pub async fn port_job(
         return Ok(result);
     };
     result.diagnostics = Some(outcome.diagnostics);
+    // The re-pointed config and the merged files' headers.
     let config = Bytes::from(ported.config_json.clone());
-    let config_digest = client.upload_bytes(config.clone()).await?;
+    let config_digest = sink.put(config.clone()).await?;
+    let merged = outcome.merged.as_deref().unwrap_or_default();
+    let mut headers = Vec::with_capacity(merged.len());
+    for c in merged {
+        headers.push(if c.header.is_empty() {
+            None
+        } else {
+            Some(sink.put(Bytes::from(c.header.clone())).await?)
+        });
+    }
     for mut f in patch_files {
         if f.path == ADAPTER_CONFIG {
             f.digest = config_digest;
@@ -343,13 +675,9 @@ pub async fn port_job(
         .iter()
         .map(|f| (f.path.as_str(), f.digest))
         .collect();
-    for c in outcome.merged.iter().flatten() {
-        let header = if c.header.is_empty() {
-            None
-        } else {
-            Some(client.upload_bytes(Bytes::from(c.header.clone())).await?)
-        };
-        let segments = compose_ranges(c, header, |p| base_files.get(p).copied(), &sink.stored)
+    result.inline_blobs = std::mem::take(&mut sink.inline);
+    for (c, header) in merged.iter().zip(headers) {
+        let segments = compose_ranges(c, header, |p| base_files.get(p).copied(), &stored)
             .map_err(|message| WorkerError::BadJob { message })?;
         // A file that is one whole base blob is that blob; anything else is composed.
         let whole = match segments.as_slice() {

@@ -2,6 +2,7 @@
 //! lease alive with heartbeats, port, and complete or fail the job with its fencing
 //! token. On shutdown the current lease is released, not left to expire.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use patchport_client::{Client, ClientError};
@@ -9,7 +10,7 @@ use patchport_engine::Device;
 use patchport_proto::v1;
 use tokio_util::sync::CancellationToken;
 
-use crate::{WorkerError, port_job};
+use crate::{WorkerError, WorkerState, port_job_with};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -24,20 +25,37 @@ pub struct WorkerConfig {
     pub heartbeat_every: Duration,
     /// The quality gate after each successful port (None: ports only).
     pub gate: Option<crate::gate::GateConfig>,
+    /// Where base tensors are cached (a directory; a second worker on it uses `DIR-N`).
+    pub cache_dir: std::path::PathBuf,
+    /// The cache's bound in bytes (0: no cache).
+    pub cache_bytes: u64,
+    /// Jobs ported at once (each its own lease loop; they share the cache).
+    pub concurrency: usize,
 }
+
+/// The cache's default bound.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 30;
 
 impl WorkerConfig {
     /// Defaults for `worker_id` on `device`.
     pub fn new(worker_id: String, device: Device) -> Self {
+        let cache_bytes = std::env::var("PATCHPORT_CACHE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_CACHE_BYTES);
+        let gate = crate::gate::GateConfig::new(match device {
+            Device::Cpu => "cpu".to_owned(),
+            Device::Cuda(n) => format!("cuda:{n}"),
+        });
         Self {
+            cache_dir: gate.cache_dir.join("tensors"),
+            cache_bytes,
+            concurrency: 1,
             worker_id,
             device,
             lease_wait: Duration::from_secs(10),
             heartbeat_every: Duration::from_secs(5),
-            gate: Some(crate::gate::GateConfig::new(match device {
-                Device::Cpu => "cpu".to_owned(),
-                Device::Cuda(n) => format!("cuda:{n}"),
-            })),
+            gate: Some(gate),
         }
     }
 }
@@ -47,8 +65,9 @@ async fn port_and_evaluate(
     client: &Client,
     job: &v1::Job,
     config: &WorkerConfig,
+    state: &Arc<WorkerState>,
 ) -> Result<crate::PortResult, WorkerError> {
-    let mut r = port_job(client, job, config.device).await?;
+    let mut r = port_job_with(client, job, config.device, state).await?;
     if r.refusals.is_empty()
         && let Some(gate) = &config.gate
     {
@@ -60,19 +79,74 @@ async fn port_and_evaluate(
     Ok(r)
 }
 
-/// Leases and ports jobs until `shutdown` is cancelled.
+/// Leases and ports jobs until `shutdown` is cancelled: `config.concurrency` lease loops
+/// sharing one tensor cache.
 pub async fn run(
     client: Client,
     config: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let state = {
+        let (dir, bytes) = (config.cache_dir.clone(), config.cache_bytes);
+        tokio::task::spawn_blocking(move || WorkerState::with_cache(&dir, bytes))
+            .await
+            .map_err(|e| WorkerError::Task {
+                message: e.to_string(),
+            })?
+            .unwrap_or_else(|e| {
+                // Ports still work without it, reading every base tensor remotely.
+                tracing::warn!(dir = %config.cache_dir.display(), error = %e, "no tensor cache");
+                WorkerState::default()
+            })
+    };
+    let state = Arc::new(state);
+    let config = Arc::new(config);
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..config.concurrency.max(1) {
+        let (client, config, state, shutdown) = (
+            client.clone(),
+            config.clone(),
+            state.clone(),
+            shutdown.clone(),
+        );
+        loops.spawn(async move { lease_loop(client, &config, &state, shutdown).await });
+    }
+    let mut result = Ok(());
+    while let Some(r) = loops.join_next().await {
+        let r = r.map_err(|e| WorkerError::Task {
+            message: e.to_string(),
+        });
+        if let Err(e) | Ok(Err(e)) = r
+            && result.is_ok()
+        {
+            // One loop failing stops the others: the worker exits with its error.
+            shutdown.cancel();
+            result = Err(e);
+        }
+    }
+    result
+}
+
+/// One lease loop.
+async fn lease_loop(
+    client: Client,
+    config: &WorkerConfig,
+    state: &Arc<WorkerState>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let mut loaded: Vec<String> = Vec::new();
     let mut failures = 0u32;
     let mut workers = client.workers();
     while !shutdown.is_cancelled() {
+        // The bases whose tensors the cache holds; without a cache, the last target.
+        let held = state.held_versions();
         let call = workers.lease_job(v1::LeaseJobRequest {
             worker_id: config.worker_id.clone(),
-            loaded_base_digests: loaded.clone(),
+            loaded_base_digests: if state.cache().is_some() {
+                held
+            } else {
+                loaded.clone()
+            },
             wait_seconds: config.lease_wait.as_secs() as u32,
             device: config.device.to_string(),
         });
@@ -118,7 +192,7 @@ pub async fn run(
             .map(|b| b.digest.clone())
             .unwrap_or_default();
         tracing::info!(job_id = %job.job_id, attempt = job.attempt, "job leased");
-        run_one(&client, &config, &job, &shutdown).await?;
+        run_one(&client, config, state, &job, &shutdown).await?;
         loaded = vec![target];
     }
     Ok(())
@@ -152,6 +226,7 @@ fn record(leased: Instant, outcome: &'static str) {
 async fn run_one(
     client: &Client,
     config: &WorkerConfig,
+    state: &Arc<WorkerState>,
     job: &v1::Job,
     shutdown: &CancellationToken,
 ) -> Result<(), WorkerError> {
@@ -229,7 +304,7 @@ async fn run_one(
         })
     };
     let outcome = tokio::select! {
-        r = port_and_evaluate(client, job, config) => Some(r),
+        r = port_and_evaluate(client, job, config, state) => Some(r),
         () = lost.cancelled() => None,
         () = shutdown.cancelled() => {
             heartbeat.abort();

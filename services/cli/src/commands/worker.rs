@@ -19,10 +19,18 @@ pub(crate) struct WorkerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
     #[arg(long, env = "PATCHPORT_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Where the quality gate keeps downloaded versions and cached reference arms
+    /// The worker's cache: base tensors under DIR/tensors (read from the registry once,
+    /// verified by digest), and the quality gate's downloaded versions and reference arms
     /// (default: <tmp>/patchport-worker-cache).
     #[arg(long, env = "PATCHPORT_CACHE_DIR")]
     cache_dir: Option<std::path::PathBuf>,
+    /// The most bytes of base tensors the cache keeps (least recently used go first);
+    /// 0 turns the tensor cache off.
+    #[arg(long, env = "PATCHPORT_CACHE_BYTES", default_value_t = patchport_worker::DEFAULT_CACHE_BYTES)]
+    cache_bytes: u64,
+    /// Jobs ported at once (they share the cache; one fills a tensor, others wait).
+    #[arg(long, env = "PATCHPORT_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    concurrency: u16,
     /// Port only: skip the quality gate even for patches with an eval set.
     #[arg(long, env = "PATCHPORT_NO_EVAL")]
     no_eval: bool,
@@ -71,10 +79,16 @@ pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
     });
     tracing::info!(worker = %id, %device, registry, "worker started");
     let mut config = patchport_worker::WorkerConfig::new(id, device);
+    config.cache_bytes = a.cache_bytes;
+    config.concurrency = usize::from(a.concurrency);
+    if let Some(dir) = a.cache_dir {
+        config.cache_dir = dir.join("tensors");
+        if let Some(gate) = config.gate.as_mut() {
+            gate.cache_dir = dir;
+        }
+    }
     if a.no_eval {
         config.gate = None;
-    } else if let (Some(gate), Some(dir)) = (config.gate.as_mut(), a.cache_dir) {
-        gate.cache_dir = dir;
     }
     patchport_worker::run(client, config, shutdown.clone())
         .await

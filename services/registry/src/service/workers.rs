@@ -21,6 +21,8 @@ use crate::state::Registry;
 
 /// The longest a LeaseJob call waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
+/// The most bytes a CompleteJob request may carry in `inline_blobs`.
+pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -120,6 +122,8 @@ struct Completion {
     engine_seconds: f64,
     /// The device the worker ran on (for the signed provenance).
     device: String,
+    /// Small blobs the files name, to store before verifying them.
+    inline_blobs: Vec<bytes::Bytes>,
 }
 
 /// What a worker reports: refusals make a port incompatible; without them it succeeded.
@@ -158,11 +162,21 @@ impl TryFrom<&v1::CompleteJobRequest> for Completion {
                 refusals: try_list("refusals", &req.refusals)?,
             }
         };
+        let inline: usize = req.inline_blobs.iter().map(|b| b.len()).sum();
+        if inline > MAX_INLINE_BLOBS {
+            return Err(WireError::invalid(
+                "inline_blobs",
+                format!(
+                    "{inline} bytes; at most {MAX_INLINE_BLOBS} may come inline, upload the rest"
+                ),
+            ));
+        }
         Ok(Completion {
             attempt,
             outcome,
             engine_seconds: req.engine_seconds,
             device: req.device.chars().take(200).collect(),
+            inline_blobs: req.inline_blobs.clone(),
         })
     }
 }
@@ -258,6 +272,19 @@ impl Workers {
             target_base: Some(base_to_proto(&target)),
             merged: true,
         })
+    }
+
+    /// Stores the blobs a completion carries inline (content-addressed, create-only: a
+    /// completion refused by its fence leaves only unreferenced blobs, as its uploads
+    /// would).
+    async fn store_inline(&self, blobs: Vec<bytes::Bytes>) -> ApiResult<()> {
+        futures::future::try_join_all(
+            blobs
+                .into_iter()
+                .map(|b| async move { self.registry.blobs.put_bytes(b).await }),
+        )
+        .await?;
+        Ok(())
     }
 
     /// Checks a worker's artifact files: every blob exists; composed files are hashed
@@ -388,7 +415,11 @@ impl WorkerService for Workers {
             outcome,
             engine_seconds,
             device,
+            inline_blobs,
         } = Completion::try_from(req.get_ref()).map_err(ApiError::from)?;
+        if matches!(outcome, Reported::Succeeded { .. }) {
+            self.store_inline(inline_blobs).await?;
+        }
         let leased_at = self.leased_at(attempt.job_id).await;
         let worker = self.signing_worker(attempt.job_id, device).await;
         let outcome = match outcome {
@@ -554,6 +585,12 @@ mod tests {
             "{}",
             s.message()
         );
+
+        let mut req = request();
+        req.inline_blobs = vec![bytes::Bytes::from(vec![0u8; MAX_INLINE_BLOBS + 1])];
+        let s = status(&req);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().starts_with("inline_blobs: "), "{}", s.message());
 
         let mut req = request();
         req.diagnostics = None;

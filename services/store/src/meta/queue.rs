@@ -185,8 +185,8 @@ pub trait Queue: Send + Sync {
     ) -> Result<Paged<PortRecord>, StoreError>;
     /// Sets a job's priority (higher is leased first).
     async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
-    /// Leases the next ready job: jobs whose target base is in `loaded_base_digests`
-    /// first, then by priority (higher first), then oldest. Marks it and its ports
+    /// Leases the next ready job: by priority (higher first), then jobs whose bases are
+    /// in `loaded_base_digests` (both, then the target, then the source), then oldest. Marks it and its ports
     /// running, bumps attempts and the fencing token.
     async fn lease_job(
         &self,

@@ -549,11 +549,16 @@ macro_rules! impl_queue {
                 let affinity = if loaded_base_digests.is_empty() {
                     String::new()
                 } else {
-                    let marks: Vec<String> =
-                        (0..loaded_base_digests.len()).map(|i| format!("${}", i + 2)).collect();
+                    let n = loaded_base_digests.len();
+                    let marks = |from: usize| -> String {
+                        (0..n).map(|i| format!("${}", from + i)).collect::<Vec<_>>().join(", ")
+                    };
+                    // Both bases held first, then the target, then the source.
                     format!(
-                        "CASE WHEN target_base_digest IN ({}) THEN 0 ELSE 1 END, ",
-                        marks.join(", ")
+                        "CASE WHEN target_base_digest IN ({}) THEN 0 ELSE 2 END + \
+                         CASE WHEN source_base_digest IN ({}) THEN 0 ELSE 1 END, ",
+                        marks(2),
+                        marks(2 + n)
                     )
                 };
                 // Priority first (requests, then catch-up, then fan-out), then the bases
@@ -564,7 +569,7 @@ macro_rules! impl_queue {
                     Self::SKIP_LOCKED
                 );
                 let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
-                for d in loaded_base_digests {
+                for d in loaded_base_digests.iter().chain(loaded_base_digests) {
                     q = q.bind(d.to_string());
                 }
                 let Some(job_id) = q.fetch_optional(&mut *tx).await? else {

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# N distinct rank-16 q/k/v/o patches on a ~1.4 GB bf16 Llama-shaped base (the
+# port-vs-peft models), ported onto v2 by ONE remote `patchport worker` when v2 is
+# published. Reports what the registry served (patchport_pull_bytes_total) against the
+# bytes ONE port reads, and the worker's mean port time against the offline
+# `patchport port --merged` of the same pair in the same run. A measurement, not a test.
+#
+#   bench/worker-cache/run.sh
+#
+# Environment:
+#   PATCHPORT_BIN  the patchport binary (default $CARGO_TARGET_DIR/release/patchport)
+#   BENCH_WORK     models and patches (default /tmp/patchport-bench, shared with
+#                  bench/port-vs-peft); the registry of each run lives in $BENCH_WORK/run-*
+#   BENCH_VENV     a Python venv with torch and safetensors (default: the CI venv
+#                  ~/.cache/patchport-py/venv when it has them, else created at
+#                  ~/.cache/patchport-bench/venv)
+#   BENCH_PATCHES  how many patches (default 8)
+#   BENCH_PORT     first of three local TCP ports used (default 47311)
+#   WORKER_ARGS    extra `patchport worker` arguments (e.g. --concurrency 2)
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+target="${CARGO_TARGET_DIR:-$repo/target}"
+bin="${PATCHPORT_BIN:-$target/release/patchport}"
+work="${BENCH_WORK:-/tmp/patchport-bench}"
+n="${BENCH_PATCHES:-8}"
+port="${BENCH_PORT:-47311}"
+[ -x "$bin" ] || { echo "no patchport binary at $bin (cargo build --release -p patchport)" >&2; exit 1; }
+
+venv="${BENCH_VENV:-}"
+if [ -z "$venv" ]; then
+    if "$HOME/.cache/patchport-py/venv/bin/python" -c "import torch, safetensors" 2>/dev/null; then
+        venv="$HOME/.cache/patchport-py/venv"
+    else
+        venv="$HOME/.cache/patchport-bench/venv"
+    fi
+fi
+if ! "$venv/bin/python" -c "import torch, safetensors" 2>/dev/null; then
+    echo "== creating the Python venv at $venv (torch, safetensors)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet torch safetensors
+fi
+py="$venv/bin/python"
+
+mkdir -p "$work"
+if [ ! -f "$work/lora/adapter_config.json" ]; then
+    echo "== generating the models in $work"
+    "$py" "$repo/bench/port-vs-peft/gen.py" "$work"
+fi
+one_port="$("$py" "$here/variants.py" "$work" "$n")"
+
+run="$work/run-$$"
+rm -rf "$run"; mkdir -p "$run/blobs"
+reg="127.0.0.1:$port"; reg_metrics="127.0.0.1:$((port + 1))"; worker_metrics="127.0.0.1:$((port + 2))"
+export PATCHPORT_REGISTRY="http://$reg"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$run"; }
+trap cleanup EXIT
+
+echo "== the offline port of the same pair (p0, v1 -> v2, merged)"
+cat "$work"/v1/* "$work"/v2/* > /dev/null
+rm -rf "$run/offline"; sync
+o0="$(date +%s.%N)"
+"$bin" port --old-base "$work/v1" --new-base "$work/v2" --patch "$work/patches/p0" \
+    --out "$run/offline" --merged > /dev/null
+o1="$(date +%s.%N)"
+rm -rf "$run/offline"
+
+"$bin" serve --listen "$reg" --workers 0 --database "sqlite://$run/registry.db" \
+    --blobs "file://$run/blobs" --metrics-listen "$reg_metrics" > "$run/serve.out" 2> "$run/serve.log" &
+pids+=($!)
+for _ in $(seq 1 100); do grep -q "listening" "$run/serve.out" 2>/dev/null && break; sleep 0.1; done
+
+metric() { # metric ADDR NAME [LABEL-FILTER]: the sum of its samples
+    curl -s "http://$1/metrics" | awk -v m="$2" -v f="${3:-}" '
+        $0 !~ /^#/ && (index($1, m "{") == 1 || $1 == m) && index($0, f) { s += $NF } END { printf "%.6f\n", s + 0 }'
+}
+
+echo "== pushing v1 and $n patches"
+"$bin" base push "$work/v1" --name bench/llama --version v1 > /dev/null
+for i in $(seq 0 $((n - 1))); do
+    "$bin" patch push "$work/patches/p$i" --name "bench/p$i" --version 1 --base bench/llama:v1 > /dev/null
+done
+
+"$bin" worker --id bench-worker --no-eval --cache-dir "$run/cache" --metrics-listen "$worker_metrics" \
+    ${WORKER_ARGS:-} 2> "$run/worker.log" &
+pids+=($!)
+"$bin" watch --json --type port.completed > "$run/events" 2>/dev/null &
+pids+=($!)
+sleep 1
+
+pulled0="$(metric "$reg_metrics" patchport_pull_bytes_total)"
+echo "== publishing v2 (parent v1): $n port jobs"
+t0="$(date +%s.%N)"
+"$bin" base push "$work/v2" --name bench/llama --version v2 --parent v1 > /dev/null
+while [ "$(grep -c '"port.completed"' "$run/events" || true)" -lt "$n" ]; do
+    sleep 0.2
+    if ! kill -0 "${pids[1]}" 2>/dev/null; then echo "the worker exited:" >&2; tail -20 "$run/worker.log" >&2; exit 1; fi
+done
+t1="$(date +%s.%N)"
+failed="$(grep '"port.completed"' "$run/events" | grep -vc '"succeeded"' || true)"
+pulled1="$(metric "$reg_metrics" patchport_pull_bytes_total)"
+port_sum="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_sum 'outcome="succeeded"')"
+port_count="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_count 'outcome="succeeded"')"
+
+awk -v n="$n" -v one="$one_port" -v p0="$pulled0" -v p1="$pulled1" -v t0="$t0" -v t1="$t1" \
+    -v ps="$port_sum" -v pc="$port_count" -v o0="$o0" -v o1="$o1" -v failed="$failed" 'BEGIN {
+    pulled = p1 - p0; wall = t1 - t0; off = o1 - o0
+    mean = (pc > 0) ? ps / pc : wall / n
+    printf "ports: %d (not succeeded: %d)\n", n, failed
+    printf "bytes ONE port reads (q/k/v/o of both bases + the patch): %.1f MB\n", one / 1e6
+    printf "registry served (patchport_pull_bytes_total): %.1f MB = %.2fx one port (goal <= 1.5x)\n", pulled / 1e6, pulled / one
+    printf "publish -> %dth port.completed: %.1f s\n", n, wall
+    printf "worker port time, mean of %d: %.2f s; offline port --merged: %.2f s; ratio %.2fx (goal <= 2x)\n", pc, mean, off, mean / off
+}'
