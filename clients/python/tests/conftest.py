@@ -181,8 +181,16 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+#: What ``pull`` writes beside the pulled files: the registry's OpenSSF Model Signing
+#: bundle and, for a port, its signed provenance.
+SIGNATURE_FILES = ("model.sig", "provenance.json")
+
+
 def files_of(path: Path) -> List[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    """The files under ``path`` (relative, sorted), without the signature files."""
+    return sorted(
+        str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name not in SIGNATURE_FILES
+    )
 
 
 def publish(client: "object", fixtures: Path, patches: "tuple[str, ...]" = ("lora-qv",)) -> None:

@@ -85,3 +85,30 @@ def test_request_port_queues_a_pair_outside_the_lineage(
         client.request_port("acme/qv:1", "acme/absent:1")
     with pytest.raises(patchport.InvalidArgument):
         client.request_port("acme/qv:1", "acme/llama-micro:f16", priority=5000)
+
+
+def test_a_pulled_port_carries_the_registrys_signature_and_verifies_offline(
+    client: patchport.Client, server: "object", fixtures: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    publish(client, fixtures)
+    client.wait_port("acme/lora-qv:1", V2, timeout=120)
+    pulled = client.pull(f"acme/lora-qv:1@{V2}", tmp_path / "port")
+    assert (pulled / "model.sig").is_file() and (pulled / "provenance.json").is_file()
+    binary = str(server.binary)  # type: ignore[attr-defined]
+    url = client.url
+    key = subprocess.run(
+        [binary, "signing-key", "--registry", url], check=True, capture_output=True, text=True
+    ).stdout
+    (tmp_path / "key.pem").write_text(key)
+    verify = [binary, "verify", str(pulled), "--public-key", str(tmp_path / "key.pem")]
+    ok = subprocess.run(verify, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    # One flipped byte in the weights and the signature no longer holds.
+    weights = pulled / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    bad = subprocess.run(verify, capture_output=True, text=True)
+    assert bad.returncode != 0, bad.stdout

@@ -68,7 +68,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancelled: _Optional[bool] = ...) -> None: ...
 
 class CompleteJobRequest(_message.Message):
-    __slots__ = ("job_id", "fencing_token", "refusals", "diagnostics", "adapter_files", "merged_files", "engine_seconds", "evaluation", "device")
+    __slots__ = ("job_id", "fencing_token", "refusals", "diagnostics", "adapter_files", "merged_files", "engine_seconds", "evaluation", "device", "inline_blobs")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     REFUSALS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class CompleteJobRequest(_message.Message):
     ENGINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVALUATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    INLINE_BLOBS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     fencing_token: int
     refusals: _containers.RepeatedCompositeFieldContainer[_ports_pb2.Refusal]
@@ -87,7 +88,8 @@ class CompleteJobRequest(_message.Message):
     engine_seconds: float
     evaluation: _ports_pb2.Evaluation
     device: str
-    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[_ports_pb2.Refusal, _Mapping]]] = ..., diagnostics: _Optional[_Union[_ports_pb2.PortDiagnostics, _Mapping]] = ..., adapter_files: _Optional[_Iterable[_Union[_common_pb2.FileEntry, _Mapping]]] = ..., merged_files: _Optional[_Iterable[_Union[_common_pb2.FileEntry, _Mapping]]] = ..., engine_seconds: _Optional[float] = ..., evaluation: _Optional[_Union[_ports_pb2.Evaluation, _Mapping]] = ..., device: _Optional[str] = ...) -> None: ...
+    inline_blobs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., refusals: _Optional[_Iterable[_Union[_ports_pb2.Refusal, _Mapping]]] = ..., diagnostics: _Optional[_Union[_ports_pb2.PortDiagnostics, _Mapping]] = ..., adapter_files: _Optional[_Iterable[_Union[_common_pb2.FileEntry, _Mapping]]] = ..., merged_files: _Optional[_Iterable[_Union[_common_pb2.FileEntry, _Mapping]]] = ..., engine_seconds: _Optional[float] = ..., evaluation: _Optional[_Union[_ports_pb2.Evaluation, _Mapping]] = ..., device: _Optional[str] = ..., inline_blobs: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CompleteJobResponse(_message.Message):
     __slots__ = ()
