@@ -801,6 +801,53 @@ pub fn cli(bin: impl AsRef<Path>, url: impl AsRef<OsStr>) -> Cli {
     Cli::new(bin).env("PATCHPORT_REGISTRY", url)
 }
 
+/// The lineage most process tests start from, pushed with `patchport` at `url`:
+/// `acme/llama` v1 (llama-micro), the lora-qv patch on it as `acme/qv:1`, then v2 with
+/// `--parent v1`, which queues the port of the patch onto v2.
+pub fn publish_lineage(bin: impl AsRef<Path>, url: &str) {
+    let f = crate::fixtures().join("llama-micro");
+    let (v1, qv, v2) = (
+        path_arg(f.join("v1")),
+        path_arg(f.join("patches/lora-qv")),
+        path_arg(f.join("v2")),
+    );
+    for args in [
+        &[
+            "base",
+            "push",
+            &v1,
+            "--name",
+            "acme/llama",
+            "--version",
+            "v1",
+        ][..],
+        &[
+            "patch",
+            "push",
+            &qv,
+            "--name",
+            "acme/qv",
+            "--version",
+            "1",
+            "--base",
+            "acme/llama:v1",
+        ][..],
+        &[
+            "base",
+            "push",
+            &v2,
+            "--name",
+            "acme/llama",
+            "--version",
+            "v2",
+            "--parent",
+            "v1",
+        ][..],
+    ] {
+        cli(bin.as_ref(), url).args(args).ok();
+    }
+}
+
 /// `patchport watch --json --from CURSOR` against `url`: its events as they come, on a
 /// channel that closes when it exits.
 pub fn watch(

@@ -275,47 +275,7 @@ fn the_same_scenario_runs_in_one_process_on_sqlite() {
 /// been leased (`port.started`).
 fn publish_one(url: &str) -> (Proc, mpsc::Receiver<serde_json::Value>) {
     let (watch_proc, rx) = watch(url, "origin");
-    let f = fixtures().join("llama-micro");
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v1")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v1",
-        ],
-    );
-    ok(
-        url,
-        &[
-            "patch",
-            "push",
-            &s(f.join("patches/lora-qv")),
-            "--name",
-            "acme/qv",
-            "--version",
-            "1",
-            "--base",
-            "acme/llama:v1",
-        ],
-    );
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v2")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v2",
-            "--parent",
-            "v1",
-        ],
-    );
+    patchport_tests::process::publish_lineage(BIN, url);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let e = rx

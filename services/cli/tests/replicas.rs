@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use patchport_core::Hasher;
 use patchport_proto::v1;
-use patchport_tests::fixtures;
 use patchport_tests::process::{
     Database, Proc, Serve, Server, Worker, block_on, cli, path_arg as s, watch,
 };
@@ -73,47 +72,7 @@ fn ok(url: &str, args: &[&str]) -> String {
 /// Pushes llama-micro v1 and the lora-qv patch through `url`, then publishes v2 with
 /// `--parent v1` (which queues the port of the patch).
 fn publish(url: &str) {
-    let f = fixtures().join("llama-micro");
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v1")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v1",
-        ],
-    );
-    ok(
-        url,
-        &[
-            "patch",
-            "push",
-            &s(f.join("patches/lora-qv")),
-            "--name",
-            "acme/qv",
-            "--version",
-            "1",
-            "--base",
-            "acme/llama:v1",
-        ],
-    );
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v2")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v2",
-            "--parent",
-            "v1",
-        ],
-    );
+    patchport_tests::process::publish_lineage(BIN, url);
 }
 
 /// The next event of `kind` for `subject`, within two minutes; every event read on the

@@ -7,8 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use patchport_proto::v1;
-use patchport_tests::fixtures;
-use patchport_tests::process::{Proc, Serve, cli, http_get, path_arg as s};
+use patchport_tests::process::{Proc, Serve, cli, http_get};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -41,39 +40,7 @@ fn wait_for(rx: &mpsc::Receiver<serde_json::Value>, kind: &str) -> Vec<serde_jso
 
 /// v1, one patch on it, and v2 with `--parent v1` (which queues the port).
 fn publish_lineage(url: &str) {
-    let f = fixtures().join("llama-micro");
-    let push = |args: &[&str]| ok(url, args);
-    push(&[
-        "base",
-        "push",
-        &s(f.join("v1")),
-        "--name",
-        "acme/llama",
-        "--version",
-        "v1",
-    ]);
-    push(&[
-        "patch",
-        "push",
-        &s(f.join("patches/lora-qv")),
-        "--name",
-        "acme/qv",
-        "--version",
-        "1",
-        "--base",
-        "acme/llama:v1",
-    ]);
-    push(&[
-        "base",
-        "push",
-        &s(f.join("v2")),
-        "--name",
-        "acme/llama",
-        "--version",
-        "v2",
-        "--parent",
-        "v1",
-    ]);
+    patchport_tests::process::publish_lineage(BIN, url);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,34 +36,7 @@ fn wait_completed(rx: &mpsc::Receiver<serde_json::Value>, seen: &mut usize, n: u
 
 /// v1, the fixture LoRA on it as `acme/qv:1`, and v2 with `--parent v1` (one port job).
 fn publish_lineage(url: &str) {
-    let f = fixtures().join("llama-micro");
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v1")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v1",
-        ],
-    );
-    push_patch(url, &f.join("patches/lora-qv"), "acme/qv");
-    ok(
-        url,
-        &[
-            "base",
-            "push",
-            &s(f.join("v2")),
-            "--name",
-            "acme/llama",
-            "--version",
-            "v2",
-            "--parent",
-            "v1",
-        ],
-    );
+    patchport_tests::process::publish_lineage(BIN, url);
 }
 
 fn push_patch(url: &str, dir: &Path, name: &str) {
