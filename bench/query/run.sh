@@ -40,13 +40,14 @@ trap cleanup EXIT
 # start BIN DB WORKERS: starts `patchport serve` on a free port; sets $server and $url.
 start() {
   local bin="$1" db="$2" workers="$3" port=$((20000 + RANDOM % 20000))
+  local log="$work/$db-$port.log"
   "$bin" serve --listen "127.0.0.1:$port" --workers "$workers" \
     --database "postgres://$PGUSER@$PGHOST:$PGPORT/$db" \
-    --blobs "file://$work/$db" >> "$work/$db.log" 2>&1 &
+    --blobs "file://$work/$db" > "$log" 2>&1 &
   server=$!
   url="http://127.0.0.1:$port"
-  for _ in $(seq 1 300); do grep -q listening "$work/$db.log" && return 0; sleep 0.1; done
-  cat "$work/$db.log" >&2
+  for _ in $(seq 1 300); do grep -q listening "$log" && return 0; sleep 0.1; done
+  cat "$log" >&2
   exit 1
 }
 
@@ -89,19 +90,25 @@ ANALYZE;
 SQL
   local digest
   start "$bin" "$db" 0
-  digest="$("$bin" status bench/llama:v2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"]["digest"])')"
+  digest="$("$bin" status bench/llama:v2 --registry "$url" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["version"]["digest"])')"
   echo
   echo "## $label: $bin ($patches patch versions and ports seeded in $((SECONDS - t0)) s)"
   echo
   "$query" --registry "$url" --clients "$clients" --seconds "$seconds" \
-    --patches $((patches - 1)) --base bench/llama:v2 --base-digest "$digest"
+    --patches $((patches - 1)) --base bench/llama:v2 --base-digest "$digest" ||
+    failed="$failed $label"
   stop
 }
 
 rm -rf "$work"
 mkdir -p "$work"
 echo "query bench: $patches patch versions, $clients clients, ${seconds}s per binary, Postgres $PGHOST:$PGPORT"
+failed=""
 if [ -n "${BEFORE_BIN:-}" ]; then
   measure before "$BEFORE_BIN"
 fi
 measure after "$target/release/patchport"
+if [ -n "$failed" ]; then
+  echo "queries failed:$failed" >&2
+  exit 1
+fi
