@@ -1,5 +1,5 @@
 """Push, pull and errors against a real registry: dedupe, resume, layout checks before
-any upload, byte-identical pulls, stitched merged files, and typed errors that carry the
+any upload, byte-identical pulls, refused mismatching downloads, and typed errors that carry the
 server's message while nothing stored is damaged."""
 
 import hashlib
@@ -127,15 +127,19 @@ def test_a_download_that_does_not_match_its_digest_is_refused_and_leaves_nothing
     v1 = client.push_base(fixtures / "llama-micro/v1", "acme/llama", "v1")
     entry = next(f for f in v1.files if f.path == "config.json")
     other = next(f for f in v1.files if f.path == "model.safetensors")
-    # A composed file whose segment points at the wrong bytes.
-    tampered = common_pb2.FileEntry(
+    # An entry whose digest names other bytes than its size says.
+    tampered = common_pb2.FileEntry(path=entry.path, digest=other.digest, size=entry.size)
+    with pytest.raises(patchport.DigestMismatch, match="config.json"):
+        client.download([tampered], tmp_path / "out")
+    # A composed entry is no single blob: it needs the port it belongs to.
+    composed = common_pb2.FileEntry(
         path=entry.path,
         digest=entry.digest,
         size=entry.size,
         segments=[common_pb2.Segment(blob=common_pb2.BlobRange(digest=other.digest, offset=0, length=entry.size))],
     )
-    with pytest.raises(patchport.DigestMismatch, match="config.json"):
-        client.download([tampered], tmp_path / "out")
+    with pytest.raises(patchport.InvalidArgument, match="reference="):
+        client.download([composed], tmp_path / "out")
     assert files_of(tmp_path / "out") == []
 
 

@@ -1,5 +1,5 @@
 """Ports from Python: wait, compat, resolve (native, ported, refused), request, and the
-merged model stitched from its segments."""
+merged model composed by the registry."""
 
 import json
 from pathlib import Path
@@ -51,7 +51,7 @@ def test_ported_and_refused_ports(client: patchport.Client, fixtures: Path, tmp_
     )["base_model_name_or_path"]
 
 
-def test_a_sharded_merged_model_is_stitched_from_its_segments(
+def test_a_sharded_merged_model_pulls_whole_files_the_registry_composes(
     client: patchport.Client, fixtures: Path, tmp_path: Path
 ) -> None:
     client.push_base(fixtures / "llama-micro/v1", "acme/llama-micro", "v1")

@@ -499,7 +499,7 @@ class Client:
             if merged:
                 raise errors.InvalidArgument("merged applies to port references (patch@base)")
             files = self._lookup(reference)
-        out = self.download(files, dest)
+        out = self.download(files, dest, reference=reference, merged=merged)
         self._write_signature(reference, merged, out)
         return out
 
@@ -533,21 +533,35 @@ class Client:
                 raise errors.NotFound(f"no base or patch version {reference}", e.code()) from None
             raise from_rpc_error(e) from None
 
-    def download(self, files: Iterable[common_pb2.FileEntry], dest: PathLike) -> Path:
+    def download(
+        self,
+        files: Iterable[common_pb2.FileEntry],
+        dest: PathLike,
+        reference: Optional[str] = None,
+        merged: bool = False,
+    ) -> Path:
         """Downloads files (of a version, a port or a :class:`Resolution`) into ``dest``.
 
-        A file stored whole is read as one blob; a composed file (a merged model's
-        safetensors file) is stitched from its segments (inline bytes and ranges of
-        blobs). Each file is written to a temporary name, its sha256 and size checked
-        against the entry, and only then renamed into place.
+        Each file is one ``ReadFile`` stream: by ``reference`` and path when given (the
+        version or port the files belong to; ``merged`` for a port's merged model, whose
+        composed files the registry puts together), else by the file's blob digest.
+        Each file is written to a temporary name, its sha256 and size checked against the
+        entry (and the stream's announced digest and size), and only then renamed into
+        place.
+
+        Raises:
+            InvalidArgument: a composed file (a merged model's safetensors file) without
+                ``reference``: it is no single blob.
+            DigestMismatch: downloaded bytes that do not match the entry (nothing is left
+                under the file's name).
         """
         out = Path(dest)
         out.mkdir(parents=True, exist_ok=True)
         for f in files:
-            self._download_file(f, out)
+            self._download_file(f, out, reference, merged)
         return out
 
-    def _download_file(self, f: common_pb2.FileEntry, out: Path) -> Path:
+    def _download_file(self, f: common_pb2.FileEntry, out: Path, reference: Optional[str], merged: bool) -> Path:
         import hashlib
 
         parts = f.path.split("/")
@@ -558,46 +572,37 @@ class Client:
             or any(p in ("", ".", "..") for p in parts)
         ):
             raise errors.InvalidArgument(f"the registry sent a bad path: {f.path!r}")
+        if reference:
+            req = blobs_pb2.ReadFileRequest(reference=reference, path=f.path, merged=merged)
+        elif f.segments:
+            raise errors.InvalidArgument(
+                f"{f.path} is composed from segments (a merged model's file): download it with "
+                "reference= the port it belongs to"
+            )
+        else:
+            req = blobs_pb2.ReadFileRequest(digest=f.digest)
         dest = out.joinpath(*parts)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.partial")
         h = hashlib.sha256()
         size = 0
+        announced: Optional[common_pb2.FileEntry] = None
         bar = _Bar(f.path, f.size)
         try:
             with open(tmp, "wb") as w:
-                if not f.segments:
-                    ranges: List[Tuple[str, int, int, Optional[bytes]]] = [(f.digest, 0, 0, None)]
-                else:
-                    ranges = []
-                    for s in f.segments:
-                        which = s.WhichOneof("source")
-                        if which == "inline":
-                            ranges.append(("", 0, 0, s.inline))
-                        elif which == "blob":
-                            ranges.append((s.blob.digest, s.blob.offset, s.blob.length, None))
-                        else:
-                            ranges.append(("", 0, 0, b""))
-                for digest, offset, length, inline in ranges:
-                    if inline is not None:
-                        h.update(inline)
-                        w.write(inline)
-                        size += len(inline)
-                        bar.advance(len(inline))
-                        continue
-                    try:
-                        for chunk in self.blobs.ReadBlob(
-                            blobs_pb2.ReadBlobRequest(digest=digest, offset=offset, length=length),
-                            metadata=self._metadata,
-                        ):
-                            h.update(chunk.data)
-                            w.write(chunk.data)
-                            size += len(chunk.data)
-                            bar.advance(len(chunk.data))
-                    except grpc.RpcError as e:
-                        raise from_rpc_error(e) from None
+                try:
+                    for chunk in self.blobs.ReadFile(req, metadata=self._metadata):
+                        if chunk.HasField("file"):
+                            announced = chunk.file
+                        h.update(chunk.data)
+                        w.write(chunk.data)
+                        size += len(chunk.data)
+                        bar.advance(len(chunk.data))
+                except grpc.RpcError as e:
+                    raise from_rpc_error(e) from None
             actual = "sha256:" + h.hexdigest()
-            if actual != f.digest or size != f.size:
+            as_announced = announced is not None and announced.digest == f.digest and announced.size == f.size
+            if not as_announced or actual != f.digest or size != f.size:
                 raise errors.DigestMismatch(
                     f"{f.path}: downloaded bytes hash to {actual} ({size} bytes), expected "
                     f"{f.digest} ({f.size} bytes)"
