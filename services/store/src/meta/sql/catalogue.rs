@@ -110,6 +110,45 @@ macro_rules! impl_catalogue {
                 Ok($crate::meta::sql::group_files(rows))
             }
 
+            /// The rows of a version listing (`select` aliased `alias`, see
+            /// [`listing`](crate::meta::sql::listing)): the filter's base digest is
+            /// resolved to its version ids first, so the statement filters by known ids.
+            /// Planned with its values every time (not a cached generic plan): versions
+            /// are spread very unevenly over bases and namespaces, and a plan made for an
+            /// average value walks every row to find the few of a rare one.
+            async fn listing_rows<R>(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                select: &str,
+                alias: &str,
+                filter: &$crate::meta::ListFilter,
+            ) -> Result<Vec<R>, $crate::meta::StoreError>
+            where
+                R: for<'r> sqlx::FromRow<'r, <$db as sqlx::Database>::Row> + Send + Unpin,
+            {
+                let base_ids = match &filter.on_base {
+                    None => None,
+                    Some(digest) => {
+                        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM base_versions WHERE digest = $1 ORDER BY id")
+                            .bind(digest.to_string())
+                            .fetch_all(&mut *conn)
+                            .await?;
+                        if ids.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        Some(ids)
+                    }
+                };
+                let (tail, args) = $crate::meta::sql::listing(alias, filter, base_ids.as_deref());
+                let mut q = sqlx::query_as::<_, R>(sqlx::AssertSqlSafe(format!("{select}{tail}"))).persistent(false);
+                for a in args {
+                    q = match a {
+                        $crate::meta::sql::Arg::Text(t) => q.bind(t),
+                        $crate::meta::sql::Arg::Int(i) => q.bind(i),
+                    };
+                }
+                Ok(q.fetch_all(&mut *conn).await?)
+            }
+
             async fn try_insert_base(
                 &self,
                 new: &$crate::meta::NewBaseVersion,
@@ -368,15 +407,7 @@ macro_rules! impl_catalogue {
             ) -> Result<$crate::meta::Paged<$crate::meta::BaseVersionRecord>, $crate::meta::StoreError> {
                 use $crate::meta::sql::{BaseRow, BASE_SELECT};
                 let mut conn = self.pool.acquire().await?;
-                let (tail, args) = $crate::meta::sql::listing("b", filter);
-                let mut q = sqlx::query_as::<_, BaseRow>(sqlx::AssertSqlSafe(format!("{BASE_SELECT}{tail}")));
-                for a in args {
-                    q = match a {
-                        $crate::meta::sql::Arg::Text(t) => q.bind(t),
-                        $crate::meta::sql::Arg::Int(i) => q.bind(i),
-                    };
-                }
-                let rows = q.fetch_all(&mut *conn).await?;
+                let rows: Vec<BaseRow> = Self::listing_rows(&mut conn, BASE_SELECT, "b", filter).await?;
                 let mut files = Self::files_of(&mut conn, "base_files", rows.iter().map(|r| r.id)).await?;
                 $crate::meta::Paged::cut(rows, &filter.page, |r| (r.name.clone(), r.id), |row| {
                     let f = files.remove(&row.id).unwrap_or_default();
@@ -446,15 +477,7 @@ macro_rules! impl_catalogue {
             ) -> Result<$crate::meta::Paged<$crate::meta::PatchVersionRecord>, $crate::meta::StoreError> {
                 use $crate::meta::sql::{PatchRow, PATCH_SELECT};
                 let mut conn = self.pool.acquire().await?;
-                let (tail, args) = $crate::meta::sql::listing("v", filter);
-                let mut q = sqlx::query_as::<_, PatchRow>(sqlx::AssertSqlSafe(format!("{PATCH_SELECT}{tail}")));
-                for a in args {
-                    q = match a {
-                        $crate::meta::sql::Arg::Text(t) => q.bind(t),
-                        $crate::meta::sql::Arg::Int(i) => q.bind(i),
-                    };
-                }
-                let rows = q.fetch_all(&mut *conn).await?;
+                let rows: Vec<PatchRow> = Self::listing_rows(&mut conn, PATCH_SELECT, "v", filter).await?;
                 let mut files = Self::files_of(&mut conn, "patch_files", rows.iter().map(|r| r.id)).await?;
                 $crate::meta::Paged::cut(rows, &filter.page, |r| (r.name.clone(), r.id), |row| {
                     let f = files.remove(&row.id).unwrap_or_default();

@@ -69,8 +69,13 @@ pub(crate) enum Arg {
 }
 
 /// The `WHERE`, `ORDER BY` and `LIMIT` of a version listing (`alias` `b` or `v`), with
-/// its arguments in placeholder order.
-pub(crate) fn listing(alias: &str, filter: &super::ListFilter) -> (String, Vec<Arg>) {
+/// its arguments in placeholder order. `base_ids`: the ids of the base versions whose
+/// digest is the filter's `on_base` (resolved by the caller; ignored without `on_base`).
+pub(crate) fn listing(
+    alias: &str,
+    filter: &super::ListFilter,
+    base_ids: Option<&[i64]>,
+) -> (String, Vec<Arg>) {
     let mut conds = Vec::new();
     let mut args = Vec::new();
     let mut arg = |a: Arg| {
@@ -93,11 +98,19 @@ pub(crate) fn listing(alias: &str, filter: &super::ListFilter) -> (String, Vec<A
         conds.push(format!("{alias}.state = 'published'"));
     }
     let page = &filter.page;
-    let order = if let Some(base) = &filter.on_base {
-        conds.push(format!(
-            "{alias}.base_id IN (SELECT id FROM base_versions WHERE digest = {})",
-            arg(Arg::Text(base.to_string()))
-        ));
+    let order = if filter.on_base.is_some() {
+        // By known ids, so the planner reads the (base_id, id) index for a base that
+        // holds few versions instead of walking every version in id order.
+        let ids: Vec<String> = base_ids
+            .unwrap_or_default()
+            .iter()
+            .map(|id| arg(Arg::Int(*id)))
+            .collect();
+        conds.push(if ids.is_empty() {
+            "1 = 0".to_owned()
+        } else {
+            format!("{alias}.base_id IN ({})", ids.join(", "))
+        });
         if page.after_id > 0 {
             conds.push(format!("{alias}.id > {}", arg(Arg::Int(page.after_id))));
         }
