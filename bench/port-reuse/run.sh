@@ -18,6 +18,8 @@
 #   BENCH_PATCHES  how many patches (default 8)
 #   BENCH_PORT     first of three local TCP ports used (default 47411)
 #   BENCH_LAYERS, BENCH_HIDDEN  the base's shape (default 8 and 1024; a smoke run: 2, 128)
+#   BENCH_NO_EARLIER  set: publish v3 alone (parent v1), so its ports have nothing to
+#                  reuse: the same ports' cost without reuse, with the same binary
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -98,8 +100,14 @@ publish() {
     }'
 }
 
-echo "== publishing v2 (parent v1; every target tensor drifted) and v3 (parent v2; one changed)"
-publish v2 v1
-publish v3 v2
+if [ -n "${BENCH_NO_EARLIER:-}" ]; then
+    # The same v3 ports with no earlier port to reuse from: the work without reuse.
+    echo "== publishing v3 alone (parent v1): no earlier port to reuse from"
+    publish v3 v1
+else
+    echo "== publishing v2 (parent v1; every target tensor drifted) and v3 (parent v2; one changed)"
+    publish v2 v1
+    publish v3 v2
+fi
 failed="$(grep '"port.completed"' "$run/events" | grep -vc '"succeeded"' || true)"
 echo "ports not succeeded: $failed"
