@@ -13,7 +13,9 @@ use std::str::FromStr;
 
 use patchport_core::event::UnknownEventKind;
 use patchport_core::layout::{self, ArtifactFile, BlobRange, DeclaredFile, FileRef, LayoutError};
-use patchport_core::port::{ModuleDiagnostics, PortDiagnostics, Refusal, UnknownRefusalKind};
+use patchport_core::port::{
+    DeltaStats, ModuleDiagnostics, PortDiagnostics, Refusal, ReusedTensor, UnknownRefusalKind,
+};
 use patchport_core::{DigestError, NameError};
 
 use crate::v1;
@@ -396,6 +398,12 @@ impl From<&ModuleDiagnostics> for v1::ModuleDiagnostics {
             drift_to_patch: d.drift_to_patch,
             cosine: d.cosine,
             unchanged: d.unchanged,
+            sums: d.sums.as_ref().map(|s| v1::DeltaStats {
+                delta_sq: s.delta_sq,
+                drift_sq: s.drift_sq,
+                old_sq: s.old_sq,
+                dot: s.dot,
+            }),
         }
     }
 }
@@ -409,7 +417,44 @@ impl From<&v1::ModuleDiagnostics> for ModuleDiagnostics {
             drift_to_patch: d.drift_to_patch,
             cosine: d.cosine,
             unchanged: d.unchanged,
+            sums: d.sums.as_ref().map(|s| DeltaStats {
+                delta_sq: s.delta_sq,
+                drift_sq: s.drift_sq,
+                old_sq: s.old_sq,
+                dot: s.dot,
+            }),
         }
+    }
+}
+
+impl From<&ReusedTensor> for v1::ReusedTensor {
+    fn from(r: &ReusedTensor) -> Self {
+        v1::ReusedTensor {
+            tensor: r.tensor.clone(),
+            digest: r.digest.to_string(),
+            size: r.size,
+            diagnostics: Some((&r.diagnostics).into()),
+        }
+    }
+}
+
+/// A reused tensor must carry its module's diagnostics with their sums: without them the
+/// port's total could not be the one a full port computes.
+impl TryFrom<&v1::ReusedTensor> for ReusedTensor {
+    type Error = WireError;
+
+    fn try_from(r: &v1::ReusedTensor) -> Result<Self, WireError> {
+        let diagnostics: ModuleDiagnostics =
+            required("diagnostics", r.diagnostics.as_ref())?.into();
+        if diagnostics.sums.is_none() {
+            return Err(WireError::missing("diagnostics.sums"));
+        }
+        Ok(ReusedTensor {
+            tensor: r.tensor.clone(),
+            digest: parse_field("digest", &r.digest)?,
+            size: r.size,
+            diagnostics,
+        })
     }
 }
 
@@ -520,6 +565,12 @@ mod tests {
             drift_to_patch: 0.5,
             cosine: -0.25,
             unchanged: x == 0.0,
+            sums: (x > 0.0).then_some(DeltaStats {
+                delta_sq: 4.0 * x,
+                drift_sq: x,
+                old_sq: 1.0,
+                dot: -x,
+            }),
         };
         let d = PortDiagnostics {
             modules: vec![module("a.q_proj", 0.1), module("a.v_proj", 0.0)],
@@ -532,6 +583,31 @@ mod tests {
         assert_eq!(
             PortDiagnostics::from(&v1::PortDiagnostics::default()),
             PortDiagnostics::default()
+        );
+    }
+
+    #[test]
+    fn a_reused_tensor_round_trips_and_needs_its_sums() {
+        let r = ReusedTensor {
+            tensor: "m.q_proj.weight".to_owned(),
+            digest: Digest::of(b"merged"),
+            size: 6,
+            diagnostics: ModuleDiagnostics {
+                module: "m.q_proj".to_owned(),
+                sums: Some(DeltaStats {
+                    delta_sq: 1.0,
+                    ..DeltaStats::default()
+                }),
+                ..ModuleDiagnostics::default()
+            },
+        };
+        let wire = v1::ReusedTensor::from(&r);
+        assert_eq!(ReusedTensor::try_from(&wire), Ok(r));
+        let mut bare = wire.clone();
+        bare.diagnostics.as_mut().unwrap().sums = None;
+        assert_eq!(
+            ReusedTensor::try_from(&bare).unwrap_err().field(),
+            "diagnostics.sums"
         );
     }
 

@@ -174,6 +174,51 @@ pub struct ModuleDiagnostics {
     pub cosine: f64,
     /// Same tensor digest in both bases (nothing read).
     pub unchanged: bool,
+    /// The sums the numbers above are made of (absent on diagnostics stored before they
+    /// were kept): a later port that reuses this module's merged tensor adds these same
+    /// sums into its total instead of computing them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sums: Option<DeltaStats>,
+}
+
+/// The sums behind a module's diagnostics, over its elements, in f64.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeltaStats {
+    /// `Σ d²` over the delta `d = s·B·A`.
+    pub delta_sq: f64,
+    /// `Σ (w_new − w_old)²`.
+    pub drift_sq: f64,
+    /// `Σ w_old²`.
+    pub old_sq: f64,
+    /// `Σ d·(w_new − w_old)`.
+    pub dot: f64,
+}
+
+impl DeltaStats {
+    /// Adds another set of sums.
+    pub fn add(&mut self, o: &DeltaStats) {
+        self.delta_sq += o.delta_sq;
+        self.drift_sq += o.drift_sq;
+        self.old_sq += o.old_sq;
+        self.dot += o.dot;
+    }
+}
+
+/// A merged tensor that an earlier port of the same patch version already stored and a
+/// new port reuses as it is, with no compute and no upload: the tensor's bytes (digest,
+/// dtype, shape) are the same in the earlier port's new base and in this one, the old
+/// base and the method are the same, so `W_new + s·B·A` is the same bytes and its
+/// diagnostics the same numbers (`diagnostics.sums` is what the new port's total adds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReusedTensor {
+    /// The base tensor (`<module>.weight`).
+    pub tensor: String,
+    /// The stored merged tensor's blob.
+    pub digest: crate::Digest,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The earlier port's diagnostics of the module, with their sums.
+    pub diagnostics: ModuleDiagnostics,
 }
 
 /// Diagnostics of a whole port.
@@ -240,6 +285,7 @@ mod tests {
                 drift_to_patch: base_drift / patch_size,
                 cosine: 0.0,
                 unchanged: false,
+                sums: None,
             },
         }
     }

@@ -80,9 +80,14 @@ pub const WORKER_CACHE_MISSES: &str = "patchport_worker_cache_misses_total";
 pub const WORKER_CACHE_FETCHED_BYTES: &str = "patchport_worker_cache_fetched_bytes_total";
 /// Bytes a worker's cache evicted to stay within its bound.
 pub const WORKER_CACHE_EVICTED_BYTES: &str = "patchport_worker_cache_evicted_bytes_total";
+/// Merged tensors a worker computed and stored (uploaded or sent inline).
+pub const WORKER_TENSORS_MERGED: &str = "patchport_worker_tensors_merged_total";
+/// Merged tensors a worker took from an earlier port of the same patch: not read, not
+/// computed, not uploaded.
+pub const WORKER_TENSORS_REUSED: &str = "patchport_worker_tensors_reused_total";
 
 /// Every metric name above, for the checks that keep them apart.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 20] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PUSH_BYTES,
@@ -101,6 +106,8 @@ pub const ALL: [&str; 18] = [
     WORKER_CACHE_MISSES,
     WORKER_CACHE_FETCHED_BYTES,
     WORKER_CACHE_EVICTED_BYTES,
+    WORKER_TENSORS_MERGED,
+    WORKER_TENSORS_REUSED,
 ];
 
 /// Histogram buckets for every `*_seconds` metric: milliseconds (RPCs) to ten minutes
@@ -228,6 +235,14 @@ fn describe() {
         WORKER_CACHE_EVICTED_BYTES,
         Unit::Bytes,
         "bytes the worker's cache evicted to stay within its bound"
+    );
+    describe_counter!(
+        WORKER_TENSORS_MERGED,
+        "merged tensors the worker computed and stored"
+    );
+    describe_counter!(
+        WORKER_TENSORS_REUSED,
+        "merged tensors the worker took from an earlier port: not read, computed or uploaded"
     );
 }
 

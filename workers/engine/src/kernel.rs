@@ -144,28 +144,9 @@ impl LowRankDelta {
     }
 }
 
-/// Sums over the elements of one merged tensor, for the diagnostics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct DeltaStats {
-    /// `Σ d²` over the delta `d = s·B·A`.
-    pub delta_sq: f64,
-    /// `Σ (w_new − w_old)²`.
-    pub drift_sq: f64,
-    /// `Σ w_old²`.
-    pub old_sq: f64,
-    /// `Σ d·(w_new − w_old)`.
-    pub dot: f64,
-}
-
-impl DeltaStats {
-    /// Adds another set of sums.
-    pub fn add(&mut self, o: &DeltaStats) {
-        self.delta_sq += o.delta_sq;
-        self.drift_sq += o.drift_sq;
-        self.old_sq += o.old_sq;
-        self.dot += o.dot;
-    }
-}
+/// Sums over the elements of one merged tensor, for the diagnostics (core's type: they
+/// are stored with a port's diagnostics, so a later port can reuse them).
+pub use patchport_core::port::DeltaStats;
 
 /// Adds `delta` to a weight stored as little-endian `dtype` bytes, in place: each element
 /// becomes `round(w + s·Σ_k L[i][k]·R[k][j])` with the sum in f64 and one rounding.

@@ -1,12 +1,13 @@
 //! The offline port: local directories in, a ported adapter (and a merged model) out.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use patchport_core::layout::ADAPTER_CONFIG;
-use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal};
+use patchport_core::port::{METHOD_VERSION, PortDiagnostics, Refusal, ReusedTensor};
 use serde::{Deserialize, Serialize};
 
 use crate::device::Device;
@@ -16,7 +17,7 @@ use crate::port::{MergedSink, Timings, port_planned};
 use crate::source::{DirSource, ModelSource};
 
 /// How to port.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PortOptions {
     /// Also produce the merged model (`out/merged/` for [`port_dirs`]).
     pub merged: bool,
@@ -27,6 +28,11 @@ pub struct PortOptions {
     pub new_base_name: Option<String>,
     /// `revision` of the ported adapter (`null` when not given).
     pub new_base_revision: Option<String>,
+    /// Merged tensors an earlier port already stored, by base tensor name: [`crate::port`]
+    /// neither reads, merges nor hands them to the sink, and takes their diagnostics as
+    /// they are (see [`ReusedTensor`]). [`port_dirs`] computes every tensor (it has no
+    /// store to take them from) and ignores this.
+    pub reuse: BTreeMap<String, ReusedTensor>,
 }
 
 /// The verdict of a port.
@@ -110,12 +116,16 @@ pub fn port_dirs(
     let mut writer = opts
         .merged
         .then(|| ComposedWriter::new(&new, merged_dir.clone(), pre.merged_files.clone()));
+    let opts = PortOptions {
+        reuse: BTreeMap::new(),
+        ..opts.clone()
+    };
     let outcome = port_planned(
         &pre,
         &old,
         &new,
         &patch_src,
-        opts,
+        &opts,
         writer.as_mut().map(|w| w as &mut dyn MergedSink),
     )?;
     let mut timings = outcome.timings;

@@ -59,6 +59,9 @@ pub struct PortOutcome {
     pub adapter: Option<PortedAdapter>,
     /// The merged model's files, when a sink was given and the port was not refused.
     pub merged: Option<Vec<ComposedFile>>,
+    /// The base tensors taken from [`PortOptions::reuse`], in plan order: not read, not
+    /// merged and not handed to the sink (their merged bytes are already stored).
+    pub reused: Vec<String>,
     /// Timings.
     pub timings: Timings,
 }
@@ -91,7 +94,10 @@ pub fn port(
 /// NaN/Inf (refusal `non_finite`, before anything is produced), builds the ported adapter,
 /// and for each target module reads its weight in both bases, computes the diagnostics
 /// and, when `sink` is given, hands the merged tensor to it. The merged model is produced
-/// when a sink is given (`opts.merged` is read by [`crate::port_dirs`] only).
+/// when a sink is given (`opts.merged` is read by [`crate::port_dirs`] only). A module
+/// whose base tensor is in `opts.reuse` (with the module's name, the planned size and
+/// the sums) is neither read nor merged nor handed to the sink: its diagnostics are made
+/// from the earlier port's sums, which the total adds in plan order as a full port would.
 pub fn port_planned(
     pre: &Preflight,
     old: &dyn ModelSource,
@@ -107,6 +113,7 @@ pub fn port_planned(
         diagnostics: PortDiagnostics::default(),
         adapter: None,
         merged: None,
+        reused: Vec::new(),
         timings: Timings {
             total_s: t0.elapsed().as_secs_f64(),
             ..Timings::default()
@@ -133,25 +140,39 @@ pub fn port_planned(
     let mut total = DeltaStats::default();
     let mut all_unchanged = !pre.modules.is_empty();
     let mut write_s = 0.0;
+    let mut reused = Vec::new();
     for plan in &pre.modules {
-        let (stats, unchanged) = merge_module(
-            plan,
-            old,
-            new,
-            patch,
-            opts.device,
-            sink.is_some(),
-            &mut bufs,
-        )?;
-        if let Some(sink) = sink.as_deref_mut() {
-            let t = Instant::now();
-            sink.merged_tensor(&plan.base_tensor, &bufs.new)
-                .map_err(|source| EngineError::Sink {
-                    tensor: plan.base_tensor.clone(),
-                    source,
-                })?;
-            write_s += t.elapsed().as_secs_f64();
-        }
+        let earlier = opts
+            .reuse
+            .get(&plan.base_tensor)
+            .filter(|r| {
+                r.diagnostics.module == plan.module && r.size == plan.new_range.1 - plan.new_range.0
+            })
+            .and_then(|r| r.diagnostics.sums.map(|s| (s, r.diagnostics.unchanged)));
+        let (stats, unchanged) = if let Some(earlier) = earlier {
+            reused.push(plan.base_tensor.clone());
+            earlier
+        } else {
+            let (stats, unchanged) = merge_module(
+                plan,
+                old,
+                new,
+                patch,
+                opts.device,
+                sink.is_some(),
+                &mut bufs,
+            )?;
+            if let Some(sink) = sink.as_deref_mut() {
+                let t = Instant::now();
+                sink.merged_tensor(&plan.base_tensor, &bufs.new)
+                    .map_err(|source| EngineError::Sink {
+                        tensor: plan.base_tensor.clone(),
+                        source,
+                    })?;
+                write_s += t.elapsed().as_secs_f64();
+            }
+            (stats, unchanged)
+        };
         tracing::debug!(module = %plan.module, unchanged, "merged");
         total.add(&stats);
         all_unchanged &= unchanged;
@@ -167,6 +188,7 @@ pub fn port_planned(
         },
         adapter: Some(adapter),
         merged: sink.is_some().then(|| pre.merged_files.clone()),
+        reused,
         timings: Timings {
             preflight_s: 0.0,
             merge_s: total_s - write_s,
@@ -326,5 +348,6 @@ fn diagnostics(module: &str, s: &DeltaStats, unchanged: bool) -> ModuleDiagnosti
         },
         cosine: if denom > 0.0 { s.dot / denom } else { 0.0 },
         unchanged,
+        sums: Some(*s),
     }
 }

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use common::{copy_dir, fixtures, read_tensors};
-use patchport_core::port::RefusalKind;
+use patchport_core::Digest;
+use patchport_core::port::{RefusalKind, ReusedTensor};
 use patchport_engine::{
     DirSource, MergedSink, ModelSource, Piece, PortOptions, Verdict, port, port_dirs, preflight,
 };
@@ -307,6 +308,49 @@ impl MergedSink for Blobs {
         self.0.insert(name.to_owned(), bytes.to_vec());
         Ok(())
     }
+}
+
+#[test]
+fn reused_tensors_are_not_handed_to_the_sink_and_the_diagnostics_stay_exact() {
+    let (old, new, patch) = (
+        DirSource::new(&llama("v1")).unwrap(),
+        DirSource::new(&llama("v2")).unwrap(),
+        DirSource::new(&llama("patches/lora-all-rslora")).unwrap(),
+    );
+    let mut full = Blobs::default();
+    let first = port(&old, &new, &patch, &PortOptions::default(), Some(&mut full)).unwrap();
+    assert!(first.reused.is_empty());
+    // Every other module's merged tensor taken from the first port.
+    let mut opts = PortOptions::default();
+    for (plan, d) in first
+        .modules
+        .iter()
+        .zip(&first.diagnostics.modules)
+        .step_by(2)
+    {
+        opts.reuse.insert(
+            plan.base_tensor.clone(),
+            ReusedTensor {
+                tensor: plan.base_tensor.clone(),
+                digest: Digest::of(&full.0[&plan.base_tensor]),
+                size: full.0[&plan.base_tensor].len() as u64,
+                diagnostics: d.clone(),
+            },
+        );
+    }
+    let mut rest = Blobs::default();
+    let second = port(&old, &new, &patch, &opts, Some(&mut rest)).unwrap();
+    let reused: Vec<&String> = opts.reuse.keys().collect();
+    let mut got: Vec<&String> = second.reused.iter().collect();
+    got.sort();
+    assert_eq!(got, reused);
+    assert_eq!(rest.1.len() + second.reused.len(), full.1.len());
+    assert!(rest.1.iter().all(|t| !opts.reuse.contains_key(t)));
+    for (t, bytes) in &rest.0 {
+        assert!(bytes == &full.0[t], "{t}");
+    }
+    assert_eq!(second.diagnostics, first.diagnostics);
+    assert_eq!(second.diagnostics.risk(), first.diagnostics.risk());
 }
 
 #[test]

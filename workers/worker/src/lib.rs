@@ -20,7 +20,7 @@ use futures::StreamExt;
 use patchport_client::{Client, ClientError};
 use patchport_core::Digest;
 use patchport_core::layout::{ADAPTER_CONFIG, DeclaredFile, FileRef};
-use patchport_core::port::{PortDiagnostics, Refusal};
+use patchport_core::port::{PortDiagnostics, Refusal, ReusedTensor};
 use patchport_engine::artifact::compose_ranges;
 use patchport_engine::{Device, MergedSink, ModelSource, PortOptions};
 use patchport_proto::convert::{WireError, parse_field, try_list};
@@ -620,12 +620,21 @@ pub async fn port_job_with(
         ),
     )?;
     let adapter = RemoteSource::patch(client, state, &patch.name, &patch.version, &patch_files);
+    // Merged tensors an earlier port of this patch already stored (only a merged port
+    // can name them in its files).
+    let reuse: Vec<ReusedTensor> = try_list("reused_tensors", &job.reused_tensors)?;
     let opts = PortOptions {
         merged: job.merged,
         device,
         new_base_name: Some(format!("{}:{}", target.name, target.version)),
         new_base_revision: Some(target_digest.to_string()),
+        reuse: if job.merged {
+            reuse.into_iter().map(|r| (r.tensor.clone(), r)).collect()
+        } else {
+            BTreeMap::new()
+        },
     };
+    let reuse = opts.reuse.clone();
     let mut sink = Outbox::new(client);
     let (outcome, sink) = tokio::task::spawn_blocking(move || {
         let sink_ref = if opts.merged {
@@ -641,8 +650,27 @@ pub async fn port_job_with(
         message: e.to_string(),
     })?;
     let mut sink = sink;
-    let stored = sink.tensors().await?;
+    let mut stored = sink.tensors().await?;
     let outcome = outcome?;
+    let computed = stored.len();
+    metrics::counter!(patchport_telemetry::WORKER_TENSORS_MERGED).increment(computed as u64);
+    if !outcome.reused.is_empty() {
+        let mut bytes = 0;
+        for t in &outcome.reused {
+            let r = &reuse[t];
+            bytes += r.size;
+            stored.insert(t.clone(), (r.digest, r.size));
+        }
+        metrics::counter!(patchport_telemetry::WORKER_TENSORS_REUSED)
+            .increment(outcome.reused.len() as u64);
+        tracing::info!(
+            job_id = %job.job_id,
+            reused = outcome.reused.len(),
+            computed,
+            bytes,
+            "merged tensors reused from an earlier port"
+        );
+    }
     let mut result = PortResult {
         refusals: outcome.refusals,
         engine_seconds: outcome.timings.total_s,

@@ -50,6 +50,7 @@ pub(crate) async fn run(a: PortArgs) -> anyhow::Result<()> {
         device,
         new_base_name: None,
         new_base_revision: None,
+        ..PortOptions::default()
     };
     let (old, new, patch, out) = (
         a.old_base.clone(),

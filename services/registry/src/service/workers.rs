@@ -2,16 +2,22 @@
 //! attempt is checked against its fencing token by the store; a stale token changes
 //! nothing and answers FailedPrecondition.
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use patchport_core::layout::{ArtifactFile, BlobRange, DeclaredFile, FileRef};
-use patchport_core::port::{PortDiagnostics, Refusal};
+use patchport_core::layout::{
+    ArtifactFile, BlobRange, DeclaredFile, FileRef, TensorRecord, is_safetensors,
+};
+use patchport_core::port::{PortDiagnostics, Refusal, ReusedTensor};
 use patchport_core::{Digest, VersionRef};
 use patchport_proto::convert::{WireError, parse_list, required, try_list};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
-use patchport_store::meta::{EvaluationRecord, JobOutcome, LeasedJob};
+use patchport_store::meta::{
+    BaseVersionRecord, BlobIndex, EvaluationRecord, JobOutcome, JobRecord, LeasedJob, PortRecord,
+    PortState,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -23,6 +29,9 @@ use crate::state::Registry;
 const MAX_WAIT: Duration = Duration::from_secs(30);
 /// The most bytes a CompleteJob request may carry in `inline_blobs`.
 pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
+/// How many earlier ports of a patch (newest first) a lease looks at for merged tensors
+/// to reuse.
+const REUSE_FROM: usize = 4;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -181,6 +190,31 @@ impl TryFrom<&v1::CompleteJobRequest> for Completion {
     }
 }
 
+/// The merged tensors of an earlier port's merged file, with their blobs: a merged file
+/// keeps its base file's layout (its header blob, then the base's ranges and the merged
+/// tensors' own blobs), so a segment that starts a blob other than the base file's, at
+/// the place and with the length of one of its tensors, is that tensor merged.
+fn merged_tensor_blobs<'a>(
+    merged: &'a ArtifactFile,
+    base_blob: Digest,
+    index: &'a BlobIndex,
+) -> Vec<(&'a TensorRecord, &'a BlobRange)> {
+    let by_begin: HashMap<u64, &TensorRecord> =
+        index.tensors.iter().map(|t| (t.begin, t)).collect();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for s in &merged.segments {
+        if s.digest != base_blob
+            && s.offset == 0
+            && let Some(t) = by_begin.get(&at).filter(|t| t.end - t.begin == s.length)
+        {
+            out.push((*t, s));
+        }
+        at += s.length;
+    }
+    out
+}
+
 /// Records a port attempt's time from its lease to its outcome.
 fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
     if let Some(at) = leased_at {
@@ -261,6 +295,21 @@ impl Workers {
             )
             .await?
             .ok_or_else(|| ApiError::internal("leasing a job", "target base vanished"))?;
+        // Reuse only saves work: a failure to find what is reusable ports everything.
+        let reused = match self.reused_tensors(&leased.job, port, &target).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, job_id = leased.job.id, "finding merged tensors to reuse failed");
+                Vec::new()
+            }
+        };
+        if !reused.is_empty() {
+            tracing::info!(
+                job_id = leased.job.id,
+                reused = reused.len(),
+                "merged tensors reused from earlier ports"
+            );
+        }
         Ok(v1::Job {
             job_id: leased.job.id.to_string(),
             fencing_token: leased.job.fencing_token,
@@ -271,7 +320,93 @@ impl Workers {
             source_base: Some(base_to_proto(&source)),
             target_base: Some(base_to_proto(&target)),
             merged: true,
+            reused_tensors: reused.iter().map(Into::into).collect(),
         })
+    }
+
+    /// The merged tensors a job can take from earlier merged ports of its patch version
+    /// (the same old base and method; newest first, at most [`REUSE_FROM`] of them): a
+    /// target tensor with the same digest, dtype and shape in that port's new base and in
+    /// the job's has the same merged bytes `W_new + s·B·A` and the same diagnostics. A
+    /// module whose stored diagnostics have no sums (a port stored before they were kept)
+    /// is not offered, so the new port's total is always the sum a full port computes.
+    async fn reused_tensors(
+        &self,
+        job: &JobRecord,
+        port: &PortRecord,
+        target: &BaseVersionRecord,
+    ) -> ApiResult<Vec<ReusedTensor>> {
+        let meta = &self.registry.meta;
+        let mut earlier: Vec<PortRecord> = meta
+            .list_ports_of(&port.patch_name, &VersionRef::Digest(port.patch_digest))
+            .await?
+            .into_iter()
+            .filter(|p| {
+                p.state == PortState::Succeeded
+                    && p.method_version == job.method_version
+                    && p.source_base_digest == job.source_base_digest
+                    && p.base_digest != job.target_base_digest
+                    && p.diagnostics.is_some()
+                    && !p.merged_files.is_empty()
+            })
+            .collect();
+        if earlier.is_empty() {
+            return Ok(Vec::new());
+        }
+        earlier.sort_by_key(|p| std::cmp::Reverse((p.finished_at, p.id)));
+        let mut wanted: HashMap<String, TensorRecord> = HashMap::new();
+        for f in target.files.iter().filter(|f| is_safetensors(&f.path)) {
+            for t in self.registry.blob_index(f).await?.tensors {
+                wanted.insert(t.name.clone(), t);
+            }
+        }
+        let mut out: BTreeMap<String, ReusedTensor> = BTreeMap::new();
+        for p in earlier.iter().take(REUSE_FROM) {
+            let Some(base) = meta
+                .get_base_version(&p.base_name, &VersionRef::Digest(p.base_digest))
+                .await?
+            else {
+                continue;
+            };
+            let modules: HashMap<&str, _> = p
+                .diagnostics
+                .iter()
+                .flat_map(|d| &d.modules)
+                .filter(|m| m.sums.is_some())
+                .map(|m| (m.module.as_str(), m))
+                .collect();
+            for merged in &p.merged_files {
+                let Some(file) = base.files.iter().find(|f| {
+                    f.path == merged.file.path
+                        && f.size == merged.file.size
+                        && is_safetensors(&f.path)
+                }) else {
+                    continue;
+                };
+                if merged.segments.is_empty() {
+                    continue;
+                }
+                let index = self.registry.blob_index(file).await?;
+                for (t, blob) in merged_tensor_blobs(merged, file.digest, &index) {
+                    let same = wanted.get(&t.name).is_some_and(|w| {
+                        w.digest == t.digest && w.dtype == t.dtype && w.shape == t.shape
+                    });
+                    let module = t.name.strip_suffix(".weight").and_then(|m| modules.get(m));
+                    if let (true, Some(module), false) = (same, module, out.contains_key(&t.name)) {
+                        out.insert(
+                            t.name.clone(),
+                            ReusedTensor {
+                                tensor: t.name.clone(),
+                                digest: blob.digest,
+                                size: blob.length,
+                                diagnostics: (*module).clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Ok(out.into_values().collect())
     }
 
     /// Stores the blobs a completion carries inline (content-addressed, create-only: a
@@ -598,5 +733,46 @@ mod tests {
         let mut req = request();
         req.job_id = "seven".to_owned();
         assert!(status(&req).message().starts_with("job_id: "));
+    }
+
+    #[test]
+    fn merged_tensor_blobs_are_the_segments_at_a_tensors_place() {
+        let (base, header, merged) = (Digest::of(b"base"), Digest::of(b"h"), Digest::of(b"m"));
+        let tensor = |name: &str, begin: u64, end: u64| TensorRecord {
+            name: name.to_owned(),
+            dtype: "F32".to_owned(),
+            shape: vec![(end - begin) / 4],
+            begin,
+            end,
+            digest: Digest::of(name.as_bytes()),
+            non_finite: 0,
+        };
+        let index = BlobIndex {
+            json_len: 8,
+            tensors: vec![tensor("a.weight", 16, 32), tensor("b.weight", 32, 48)],
+        };
+        let range = |digest, offset, length| BlobRange {
+            digest,
+            offset,
+            length,
+        };
+        // header, a as the base's bytes, b merged.
+        let file = ArtifactFile {
+            file: FileRef {
+                path: "model.safetensors".to_owned(),
+                digest: Digest::of(b"file"),
+                size: 48,
+            },
+            segments: vec![
+                range(header, 0, 16),
+                range(base, 16, 16),
+                range(merged, 0, 16),
+            ],
+        };
+        let found: Vec<_> = merged_tensor_blobs(&file, base, &index)
+            .into_iter()
+            .map(|(t, r)| (t.name.as_str(), r.digest))
+            .collect();
+        assert_eq!(found, vec![("b.weight", merged)]);
     }
 }

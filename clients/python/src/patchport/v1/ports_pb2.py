@@ -26,45 +26,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from patchport.v1 import common_pb2 as patchport_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18patchport/v1/ports.proto\x12\x0cpatchport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19patchport/v1/common.proto\"9\n\x07Refusal\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\x86\x01\n\x11ModuleDiagnostics\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x12\n\nbase_drift\x18\x02 \x01(\x01\x12\x12\n\npatch_size\x18\x03 \x01(\x01\x12\x16\n\x0e\x64rift_to_patch\x18\x04 \x01(\x01\x12\x0e\n\x06\x63osine\x18\x05 \x01(\x01\x12\x11\n\tunchanged\x18\x06 \x01(\x08\"\x94\x01\n\x0fPortDiagnostics\x12\x30\n\x07modules\x18\x01 \x03(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\x12\x0c\n\x04risk\x18\x03 \x01(\x01\x12\x11\n\thigh_risk\x18\x04 \x01(\x08\"\xed\x04\n\x04Port\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x14\n\x0cpatch_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x04 \x01(\t\x12\x1a\n\x12source_base_digest\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.patchport.v1.PortState\x12\'\n\x08refusals\x18\x07 \x03(\x0b\x32\x15.patchport.v1.Refusal\x12\x32\n\x0b\x64iagnostics\x18\x08 \x01(\x0b\x32\x1d.patchport.v1.PortDiagnostics\x12.\n\radapter_files\x18\t \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12-\n\x0cmerged_files\x18\n \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x16\n\x0emethod_version\x18\r \x01(\t\x12-\n\tqueued_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x11 \x01(\t\x12,\n\nevaluation\x18\x12 \x01(\x0b\x32\x18.patchport.v1.Evaluation\x12\x16\n\x0equeue_position\x18\x13 \x01(\r\"9\n\tArmResult\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\r\n\x05items\x18\x03 \x01(\r\"\xcc\x02\n\nEvaluation\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12*\n\treference\x18\x04 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12+\n\nbase_alone\x18\x05 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12\'\n\x06ported\x18\x06 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x16\n\x0estandard_error\x18\x08 \x01(\x01\x12\x11\n\tthreshold\x18\t \x01(\x01\x12\x16\n\x0egain_over_base\x18\n \x01(\x01\x12\x13\n\x0b\x65val_digest\x18\x0b \x01(\t\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\x12\x13\n\x0breport_json\x18\r \x01(\t\"3\n\x08Refusals\x12\'\n\x08refusals\x18\x01 \x03(\x0b\x32\x15.patchport.v1.Refusal\"#\n\x0eGetPortRequest\x12\x11\n\treference\x18\x01 \x01(\t\"g\n\x12QueryCompatRequest\x12\x0f\n\x05patch\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x62\x61se\x18\x02 \x01(\tH\x00\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\tB\t\n\x07subject\"\x9f\x01\n\x0b\x43ompatEntry\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x14\n\x0cpatch_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x04 \x01(\t\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.patchport.v1.CompatKind\x12 \n\x04port\x18\x06 \x01(\x0b\x32\x12.patchport.v1.Port\"Z\n\x13QueryCompatResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.patchport.v1.CompatEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x0eResolveRequest\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\t\x12\x14\n\x0crequire_pass\x18\x03 \x01(\x08\x12\x16\n\x0erequire_signed\x18\x04 \x01(\x08\"\x86\x01\n\x0fResolveResponse\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.patchport.v1.CompatKind\x12\r\n\x05patch\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12.\n\radapter_files\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\"C\n\x12RequestPortRequest\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05*\xbe\x01\n\tPortState\x12\x1a\n\x16PORT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11PORT_STATE_QUEUED\x10\x01\x12\x16\n\x12PORT_STATE_RUNNING\x10\x02\x12\x18\n\x14PORT_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17PORT_STATE_INCOMPATIBLE\x10\x04\x12\x15\n\x11PORT_STATE_FAILED\x10\x05\x12\x18\n\x14PORT_STATE_CANCELLED\x10\x06*\xdb\x01\n\nCompatKind\x12\x1b\n\x17\x43OMPAT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPAT_KIND_NATIVE\x10\x01\x12\x16\n\x12\x43OMPAT_KIND_PORTED\x10\x02\x12\x16\n\x12\x43OMPAT_KIND_QUEUED\x10\x03\x12\x17\n\x13\x43OMPAT_KIND_RUNNING\x10\x04\x12\x1c\n\x18\x43OMPAT_KIND_INCOMPATIBLE\x10\x05\x12\x16\n\x12\x43OMPAT_KIND_FAILED\x10\x06\x12\x19\n\x15\x43OMPAT_KIND_CANCELLED\x10\x07\x32\xeb\x02\n\x0bPortService\x12;\n\x07GetPort\x12\x1c.patchport.v1.GetPortRequest\x1a\x12.patchport.v1.Port\x12R\n\x0bQueryCompat\x12 .patchport.v1.QueryCompatRequest\x1a!.patchport.v1.QueryCompatResponse\x12\x46\n\x07Resolve\x12\x1c.patchport.v1.ResolveRequest\x1a\x1d.patchport.v1.ResolveResponse\x12\x43\n\x0bRequestPort\x12 .patchport.v1.RequestPortRequest\x1a\x12.patchport.v1.Port\x12>\n\nCancelPort\x12\x1c.patchport.v1.GetPortRequest\x1a\x12.patchport.v1.Portb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18patchport/v1/ports.proto\x12\x0cpatchport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19patchport/v1/common.proto\"9\n\x07Refusal\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07subject\x18\x03 \x01(\t\"\xae\x01\n\x11ModuleDiagnostics\x12\x0e\n\x06module\x18\x01 \x01(\t\x12\x12\n\nbase_drift\x18\x02 \x01(\x01\x12\x12\n\npatch_size\x18\x03 \x01(\x01\x12\x16\n\x0e\x64rift_to_patch\x18\x04 \x01(\x01\x12\x0e\n\x06\x63osine\x18\x05 \x01(\x01\x12\x11\n\tunchanged\x18\x06 \x01(\x08\x12&\n\x04sums\x18\x07 \x01(\x0b\x32\x18.patchport.v1.DeltaStats\"M\n\nDeltaStats\x12\x10\n\x08\x64\x65lta_sq\x18\x01 \x01(\x01\x12\x10\n\x08\x64rift_sq\x18\x02 \x01(\x01\x12\x0e\n\x06old_sq\x18\x03 \x01(\x01\x12\x0b\n\x03\x64ot\x18\x04 \x01(\x01\"\x94\x01\n\x0fPortDiagnostics\x12\x30\n\x07modules\x18\x01 \x03(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\x12.\n\x05total\x18\x02 \x01(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\x12\x0c\n\x04risk\x18\x03 \x01(\x01\x12\x11\n\thigh_risk\x18\x04 \x01(\x08\"\xed\x04\n\x04Port\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x14\n\x0cpatch_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x04 \x01(\t\x12\x1a\n\x12source_base_digest\x18\x05 \x01(\t\x12&\n\x05state\x18\x06 \x01(\x0e\x32\x17.patchport.v1.PortState\x12\'\n\x08refusals\x18\x07 \x03(\x0b\x32\x15.patchport.v1.Refusal\x12\x32\n\x0b\x64iagnostics\x18\x08 \x01(\x0b\x32\x1d.patchport.v1.PortDiagnostics\x12.\n\radapter_files\x18\t \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12-\n\x0cmerged_files\x18\n \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x16\n\x0emethod_version\x18\r \x01(\t\x12-\n\tqueued_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x11 \x01(\t\x12,\n\nevaluation\x18\x12 \x01(\x0b\x32\x18.patchport.v1.Evaluation\x12\x16\n\x0equeue_position\x18\x13 \x01(\r\"9\n\tArmResult\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\r\n\x05items\x18\x03 \x01(\r\"\xcc\x02\n\nEvaluation\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07verdict\x18\x03 \x01(\t\x12*\n\treference\x18\x04 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12+\n\nbase_alone\x18\x05 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12\'\n\x06ported\x18\x06 \x01(\x0b\x32\x17.patchport.v1.ArmResult\x12\r\n\x05\x64\x65lta\x18\x07 \x01(\x01\x12\x16\n\x0estandard_error\x18\x08 \x01(\x01\x12\x11\n\tthreshold\x18\t \x01(\x01\x12\x16\n\x0egain_over_base\x18\n \x01(\x01\x12\x13\n\x0b\x65val_digest\x18\x0b \x01(\t\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\x12\x13\n\x0breport_json\x18\r \x01(\t\"3\n\x08Refusals\x12\'\n\x08refusals\x18\x01 \x03(\x0b\x32\x15.patchport.v1.Refusal\"#\n\x0eGetPortRequest\x12\x11\n\treference\x18\x01 \x01(\t\"g\n\x12QueryCompatRequest\x12\x0f\n\x05patch\x18\x01 \x01(\tH\x00\x12\x0e\n\x04\x62\x61se\x18\x02 \x01(\tH\x00\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\tB\t\n\x07subject\"\x9f\x01\n\x0b\x43ompatEntry\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x14\n\x0cpatch_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x04 \x01(\t\x12&\n\x04kind\x18\x05 \x01(\x0e\x32\x18.patchport.v1.CompatKind\x12 \n\x04port\x18\x06 \x01(\x0b\x32\x12.patchport.v1.Port\"Z\n\x13QueryCompatResponse\x12*\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x19.patchport.v1.CompatEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"b\n\x0eResolveRequest\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\t\x12\x14\n\x0crequire_pass\x18\x03 \x01(\x08\x12\x16\n\x0erequire_signed\x18\x04 \x01(\x08\"\x86\x01\n\x0fResolveResponse\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.patchport.v1.CompatKind\x12\r\n\x05patch\x18\x02 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x03 \x01(\t\x12.\n\radapter_files\x18\x04 \x03(\x0b\x32\x17.patchport.v1.FileEntry\"C\n\x12RequestPortRequest\x12\r\n\x05patch\x18\x01 \x01(\t\x12\x0c\n\x04\x62\x61se\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\x05*\xbe\x01\n\tPortState\x12\x1a\n\x16PORT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11PORT_STATE_QUEUED\x10\x01\x12\x16\n\x12PORT_STATE_RUNNING\x10\x02\x12\x18\n\x14PORT_STATE_SUCCEEDED\x10\x03\x12\x1b\n\x17PORT_STATE_INCOMPATIBLE\x10\x04\x12\x15\n\x11PORT_STATE_FAILED\x10\x05\x12\x18\n\x14PORT_STATE_CANCELLED\x10\x06*\xdb\x01\n\nCompatKind\x12\x1b\n\x17\x43OMPAT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43OMPAT_KIND_NATIVE\x10\x01\x12\x16\n\x12\x43OMPAT_KIND_PORTED\x10\x02\x12\x16\n\x12\x43OMPAT_KIND_QUEUED\x10\x03\x12\x17\n\x13\x43OMPAT_KIND_RUNNING\x10\x04\x12\x1c\n\x18\x43OMPAT_KIND_INCOMPATIBLE\x10\x05\x12\x16\n\x12\x43OMPAT_KIND_FAILED\x10\x06\x12\x19\n\x15\x43OMPAT_KIND_CANCELLED\x10\x07\x32\xeb\x02\n\x0bPortService\x12;\n\x07GetPort\x12\x1c.patchport.v1.GetPortRequest\x1a\x12.patchport.v1.Port\x12R\n\x0bQueryCompat\x12 .patchport.v1.QueryCompatRequest\x1a!.patchport.v1.QueryCompatResponse\x12\x46\n\x07Resolve\x12\x1c.patchport.v1.ResolveRequest\x1a\x1d.patchport.v1.ResolveResponse\x12\x43\n\x0bRequestPort\x12 .patchport.v1.RequestPortRequest\x1a\x12.patchport.v1.Port\x12>\n\nCancelPort\x12\x1c.patchport.v1.GetPortRequest\x1a\x12.patchport.v1.Portb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'patchport.v1.ports_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PORTSTATE']._serialized_start=2223
-  _globals['_PORTSTATE']._serialized_end=2413
-  _globals['_COMPATKIND']._serialized_start=2416
-  _globals['_COMPATKIND']._serialized_end=2635
+  _globals['_PORTSTATE']._serialized_start=2342
+  _globals['_PORTSTATE']._serialized_end=2532
+  _globals['_COMPATKIND']._serialized_start=2535
+  _globals['_COMPATKIND']._serialized_end=2754
   _globals['_REFUSAL']._serialized_start=102
   _globals['_REFUSAL']._serialized_end=159
   _globals['_MODULEDIAGNOSTICS']._serialized_start=162
-  _globals['_MODULEDIAGNOSTICS']._serialized_end=296
-  _globals['_PORTDIAGNOSTICS']._serialized_start=299
-  _globals['_PORTDIAGNOSTICS']._serialized_end=447
-  _globals['_PORT']._serialized_start=450
-  _globals['_PORT']._serialized_end=1071
-  _globals['_ARMRESULT']._serialized_start=1073
-  _globals['_ARMRESULT']._serialized_end=1130
-  _globals['_EVALUATION']._serialized_start=1133
-  _globals['_EVALUATION']._serialized_end=1465
-  _globals['_REFUSALS']._serialized_start=1467
-  _globals['_REFUSALS']._serialized_end=1518
-  _globals['_GETPORTREQUEST']._serialized_start=1520
-  _globals['_GETPORTREQUEST']._serialized_end=1555
-  _globals['_QUERYCOMPATREQUEST']._serialized_start=1557
-  _globals['_QUERYCOMPATREQUEST']._serialized_end=1660
-  _globals['_COMPATENTRY']._serialized_start=1663
-  _globals['_COMPATENTRY']._serialized_end=1822
-  _globals['_QUERYCOMPATRESPONSE']._serialized_start=1824
-  _globals['_QUERYCOMPATRESPONSE']._serialized_end=1914
-  _globals['_RESOLVEREQUEST']._serialized_start=1916
-  _globals['_RESOLVEREQUEST']._serialized_end=2014
-  _globals['_RESOLVERESPONSE']._serialized_start=2017
-  _globals['_RESOLVERESPONSE']._serialized_end=2151
-  _globals['_REQUESTPORTREQUEST']._serialized_start=2153
-  _globals['_REQUESTPORTREQUEST']._serialized_end=2220
-  _globals['_PORTSERVICE']._serialized_start=2638
-  _globals['_PORTSERVICE']._serialized_end=3001
+  _globals['_MODULEDIAGNOSTICS']._serialized_end=336
+  _globals['_DELTASTATS']._serialized_start=338
+  _globals['_DELTASTATS']._serialized_end=415
+  _globals['_PORTDIAGNOSTICS']._serialized_start=418
+  _globals['_PORTDIAGNOSTICS']._serialized_end=566
+  _globals['_PORT']._serialized_start=569
+  _globals['_PORT']._serialized_end=1190
+  _globals['_ARMRESULT']._serialized_start=1192
+  _globals['_ARMRESULT']._serialized_end=1249
+  _globals['_EVALUATION']._serialized_start=1252
+  _globals['_EVALUATION']._serialized_end=1584
+  _globals['_REFUSALS']._serialized_start=1586
+  _globals['_REFUSALS']._serialized_end=1637
+  _globals['_GETPORTREQUEST']._serialized_start=1639
+  _globals['_GETPORTREQUEST']._serialized_end=1674
+  _globals['_QUERYCOMPATREQUEST']._serialized_start=1676
+  _globals['_QUERYCOMPATREQUEST']._serialized_end=1779
+  _globals['_COMPATENTRY']._serialized_start=1782
+  _globals['_COMPATENTRY']._serialized_end=1941
+  _globals['_QUERYCOMPATRESPONSE']._serialized_start=1943
+  _globals['_QUERYCOMPATRESPONSE']._serialized_end=2033
+  _globals['_RESOLVEREQUEST']._serialized_start=2035
+  _globals['_RESOLVEREQUEST']._serialized_end=2133
+  _globals['_RESOLVERESPONSE']._serialized_start=2136
+  _globals['_RESOLVERESPONSE']._serialized_end=2270
+  _globals['_REQUESTPORTREQUEST']._serialized_start=2272
+  _globals['_REQUESTPORTREQUEST']._serialized_end=2339
+  _globals['_PORTSERVICE']._serialized_start=2757
+  _globals['_PORTSERVICE']._serialized_end=3120
 # @@protoc_insertion_point(module_scope)

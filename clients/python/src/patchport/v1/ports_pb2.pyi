@@ -58,20 +58,34 @@ class Refusal(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class ModuleDiagnostics(_message.Message):
-    __slots__ = ("module", "base_drift", "patch_size", "drift_to_patch", "cosine", "unchanged")
+    __slots__ = ("module", "base_drift", "patch_size", "drift_to_patch", "cosine", "unchanged", "sums")
     MODULE_FIELD_NUMBER: _ClassVar[int]
     BASE_DRIFT_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRIFT_TO_PATCH_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    SUMS_FIELD_NUMBER: _ClassVar[int]
     module: str
     base_drift: float
     patch_size: float
     drift_to_patch: float
     cosine: float
     unchanged: bool
-    def __init__(self, module: _Optional[str] = ..., base_drift: _Optional[float] = ..., patch_size: _Optional[float] = ..., drift_to_patch: _Optional[float] = ..., cosine: _Optional[float] = ..., unchanged: _Optional[bool] = ...) -> None: ...
+    sums: DeltaStats
+    def __init__(self, module: _Optional[str] = ..., base_drift: _Optional[float] = ..., patch_size: _Optional[float] = ..., drift_to_patch: _Optional[float] = ..., cosine: _Optional[float] = ..., unchanged: _Optional[bool] = ..., sums: _Optional[_Union[DeltaStats, _Mapping]] = ...) -> None: ...
+
+class DeltaStats(_message.Message):
+    __slots__ = ("delta_sq", "drift_sq", "old_sq", "dot")
+    DELTA_SQ_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_SQ_FIELD_NUMBER: _ClassVar[int]
+    OLD_SQ_FIELD_NUMBER: _ClassVar[int]
+    DOT_FIELD_NUMBER: _ClassVar[int]
+    delta_sq: float
+    drift_sq: float
+    old_sq: float
+    dot: float
+    def __init__(self, delta_sq: _Optional[float] = ..., drift_sq: _Optional[float] = ..., old_sq: _Optional[float] = ..., dot: _Optional[float] = ...) -> None: ...
 
 class PortDiagnostics(_message.Message):
     __slots__ = ("modules", "total", "risk", "high_risk")

@@ -24,7 +24,7 @@ class LeaseJobRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., loaded_base_digests: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "fencing_token", "lease_expires_at", "attempt", "method_version", "patch", "source_base", "target_base", "merged")
+    __slots__ = ("job_id", "fencing_token", "lease_expires_at", "attempt", "method_version", "patch", "source_base", "target_base", "merged", "reused_tensors")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Job(_message.Message):
     SOURCE_BASE_FIELD_NUMBER: _ClassVar[int]
     TARGET_BASE_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
+    REUSED_TENSORS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     fencing_token: int
     lease_expires_at: _timestamp_pb2.Timestamp
@@ -43,7 +44,20 @@ class Job(_message.Message):
     source_base: _common_pb2.BaseVersion
     target_base: _common_pb2.BaseVersion
     merged: bool
-    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., method_version: _Optional[str] = ..., patch: _Optional[_Union[_common_pb2.PatchVersion, _Mapping]] = ..., source_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., target_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., merged: _Optional[bool] = ...) -> None: ...
+    reused_tensors: _containers.RepeatedCompositeFieldContainer[ReusedTensor]
+    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., method_version: _Optional[str] = ..., patch: _Optional[_Union[_common_pb2.PatchVersion, _Mapping]] = ..., source_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., target_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., merged: _Optional[bool] = ..., reused_tensors: _Optional[_Iterable[_Union[ReusedTensor, _Mapping]]] = ...) -> None: ...
+
+class ReusedTensor(_message.Message):
+    __slots__ = ("tensor", "digest", "size", "diagnostics")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIAGNOSTICS_FIELD_NUMBER: _ClassVar[int]
+    tensor: str
+    digest: str
+    size: int
+    diagnostics: _ports_pb2.ModuleDiagnostics
+    def __init__(self, tensor: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., diagnostics: _Optional[_Union[_ports_pb2.ModuleDiagnostics, _Mapping]] = ...) -> None: ...
 
 class LeaseJobResponse(_message.Message):
     __slots__ = ("job",)

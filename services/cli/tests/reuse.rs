@@ -1,0 +1,255 @@
+//! Nothing computed twice (issue #15): a patch ported onto v2 and then onto a v3 whose
+//! target tensors are mostly byte-identical to v2's. The v3 port reuses the v2 port's
+//! merged tensors for those (the same blobs, not read, merged or uploaded again), computes
+//! only the changed one, and is still byte for byte and number for number the port an
+//! offline `patchport port --merged` makes. A real `patchport serve` with its in-process
+//! worker (the production loop), on SQLite and on Postgres.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use patchport_proto::v1;
+use patchport_tests::process::{
+    Database, Proc, Serve, Server, block_on, cli, http_get, metric_sum, path_arg as s,
+};
+use patchport_tests::{copy_dir, fixtures};
+
+const BIN: &str = env!("CARGO_BIN_EXE_patchport");
+
+/// The target tensor v3 changes; the patch's three other targets stay as in v2.
+const CHANGED: &str = "model.layers.1.self_attn.q_proj.weight";
+/// lora-qv's targets on llama-micro: q_proj and v_proj of two layers.
+const TARGETS: usize = 4;
+
+fn ok(url: &str, args: &[&str]) -> String {
+    cli(BIN, url).args(args).ok()
+}
+
+/// Waits for the `n`-th `port.completed` event (counting from the stream's start); the
+/// port must have succeeded.
+fn wait_completed(rx: &mpsc::Receiver<serde_json::Value>, seen: &mut usize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while *seen < n {
+        let e = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no port.completed #{n} in time"));
+        if e["type"] == "port.completed" {
+            assert_eq!(e["payload"]["state"], "succeeded", "{e}");
+            *seen += 1;
+        }
+    }
+}
+
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, body) = http_get(server.metrics_addr().expect("metrics"), "/metrics");
+    assert_eq!(status, 200, "{body}");
+    metric_sum(&body, name) as u64
+}
+
+/// llama-micro v2 with the first byte of `tensor`'s data flipped in its lowest bit (the
+/// lowest mantissa bits of its first element): the other tensors are byte-identical.
+fn v2_with_changed(dir: &Path, tensor: &str) -> PathBuf {
+    let out = dir.join("v3");
+    copy_dir(&fixtures().join("llama-micro/v2"), &out).expect("copy v2");
+    let path = out.join("model.safetensors");
+    let mut st = std::fs::read(&path).expect("read");
+    let n = u64::from_le_bytes(st[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + n]).expect("header");
+    let begin = header[tensor]["data_offsets"][0].as_u64().expect("offsets") as usize;
+    st[8 + n + begin] ^= 1;
+    std::fs::write(&path, &st).expect("write");
+    out
+}
+
+fn get_port(url: &str, reference: &str) -> v1::Port {
+    block_on(async {
+        let mut ports = v1::port_service_client::PortServiceClient::connect(url.to_owned())
+            .await
+            .expect("connect");
+        ports
+            .get_port(v1::GetPortRequest {
+                reference: reference.to_owned(),
+            })
+            .await
+            .expect("get port")
+            .into_inner()
+    })
+}
+
+/// The merged tensors' blobs of a port's `model.safetensors`: every segment after the
+/// header that starts a blob other than the base file's.
+fn merged_blobs(port: &v1::Port, base_blob: &str) -> BTreeSet<String> {
+    let file = port
+        .merged_files
+        .iter()
+        .find(|f| f.path == "model.safetensors")
+        .expect("a merged model.safetensors");
+    file.segments
+        .iter()
+        .skip(1)
+        .filter_map(|seg| match &seg.source {
+            Some(v1::segment::Source::Blob(b)) if b.offset == 0 && b.digest != base_blob => {
+                Some(b.digest.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The blob of a base version's `model.safetensors`.
+fn base_blob(url: &str, reference: &str) -> String {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(url, &["status", reference, "--json"])).expect("json");
+    v["version"]["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "model.safetensors")
+        .and_then(|f| f["digest"].as_str())
+        .expect("model.safetensors")
+        .to_owned()
+}
+
+/// The numbers of one module's diagnostics, as the offline report and the wire give them.
+fn numbers(d: &serde_json::Value) -> [f64; 4] {
+    ["base_drift", "patch_size", "drift_to_patch", "cosine"].map(|k| d[k].as_f64().expect(k))
+}
+
+fn wire_numbers(d: &v1::ModuleDiagnostics) -> [f64; 4] {
+    [d.base_drift, d.patch_size, d.drift_to_patch, d.cosine]
+}
+
+fn scenario(database: &Database) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Serve::builder(BIN)
+        .workers(1)
+        .database(database.url())
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let url = server.url();
+    let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
+    patchport_tests::process::publish_lineage(BIN, &url);
+    let mut seen = 0;
+    wait_completed(&rx, &mut seen, 1);
+    assert_eq!(
+        metric(&server, patchport_telemetry::WORKER_TENSORS_MERGED),
+        TARGETS as u64
+    );
+    assert_eq!(
+        metric(&server, patchport_telemetry::WORKER_TENSORS_REUSED),
+        0
+    );
+
+    // v3: v2 with one target tensor changed; publishing it ports acme/qv:1 onto it.
+    let v3 = v2_with_changed(tmp.path(), CHANGED);
+    ok(
+        &url,
+        &[
+            "base",
+            "push",
+            &s(&v3),
+            "--name",
+            "acme/llama",
+            "--version",
+            "v3",
+            "--parent",
+            "v2",
+        ],
+    );
+    wait_completed(&rx, &mut seen, 2);
+
+    // The worker computed and stored the changed tensor only.
+    assert_eq!(
+        metric(&server, patchport_telemetry::WORKER_TENSORS_MERGED),
+        TARGETS as u64 + 1,
+        "the v3 port computed more than the changed tensor"
+    );
+    assert_eq!(
+        metric(&server, patchport_telemetry::WORKER_TENSORS_REUSED),
+        TARGETS as u64 - 1
+    );
+
+    // The reused tensors are the v2 port's blobs; the changed one is new.
+    let p2 = get_port(&url, "acme/qv:1@acme/llama:v2");
+    let p3 = get_port(&url, "acme/qv:1@acme/llama:v3");
+    let b2 = merged_blobs(&p2, &base_blob(&url, "acme/llama:v2"));
+    let b3 = merged_blobs(&p3, &base_blob(&url, "acme/llama:v3"));
+    assert_eq!(b2.len(), TARGETS, "{b2:?}");
+    assert_eq!(b3.len(), TARGETS, "{b3:?}");
+    assert_eq!(b3.intersection(&b2).count(), TARGETS - 1);
+
+    // The merged model pulled equals the offline port of the same pair, byte for byte.
+    let f = fixtures().join("llama-micro");
+    let offline = tmp.path().join("offline");
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &url,
+        &[
+            "port",
+            "--old-base",
+            &s(f.join("v1")),
+            "--new-base",
+            &s(&v3),
+            "--patch",
+            &s(f.join("patches/lora-qv")),
+            "--out",
+            &s(&offline),
+            "--merged",
+            "--json",
+        ],
+    ))
+    .expect("report json");
+    let pulled = tmp.path().join("pulled");
+    ok(
+        &url,
+        &[
+            "pull",
+            "acme/qv:1@acme/llama:v3",
+            "--out",
+            &s(&pulled),
+            "--merged",
+        ],
+    );
+    for name in ["model.safetensors", "config.json"] {
+        assert!(
+            std::fs::read(pulled.join(name)).expect("pulled")
+                == std::fs::read(offline.join("merged").join(name)).expect("offline"),
+            "{name} differs"
+        );
+    }
+
+    // Fidelity: the diagnostics (the reused modules' included) and the total, hence the
+    // risk, are the offline port's numbers exactly.
+    let d3 = p3.diagnostics.as_ref().expect("diagnostics");
+    let modules = report["diagnostics"]["modules"]
+        .as_array()
+        .expect("modules");
+    assert_eq!(d3.modules.len(), modules.len());
+    for (wire, offline) in d3.modules.iter().zip(modules) {
+        assert_eq!(wire.module, offline["module"].as_str().expect("module"));
+        assert_eq!(wire_numbers(wire), numbers(offline), "{}", wire.module);
+        assert_eq!(
+            wire.unchanged,
+            offline["unchanged"].as_bool().expect("unchanged")
+        );
+    }
+    let total = d3.total.as_ref().expect("total");
+    assert_eq!(
+        wire_numbers(total),
+        numbers(&report["diagnostics"]["total"])
+    );
+    assert_eq!(d3.risk, report["risk"].as_f64().expect("risk"));
+}
+
+#[test]
+fn a_port_onto_v3_reuses_the_v2_ports_merged_tensors_on_sqlite() {
+    scenario(&Database::sqlite());
+}
+
+#[test]
+fn a_port_onto_v3_reuses_the_v2_ports_merged_tensors_on_postgres() {
+    if let Some(db) = Database::postgres("postgres variant") {
+        scenario(&db);
+    }
+}
