@@ -12,6 +12,7 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
 use patchport_core::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
 
+use super::local;
 use super::{BlobError, BlobStore, hash_parts};
 
 /// Segments fetched ahead while a commit streams them.
@@ -96,11 +97,12 @@ struct SessionRecord {
     owner: Option<String>,
 }
 
-/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes.
+/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes (or, on
+/// `file://`, a record of `len` durable bytes of the data file at `offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Segment {
-    offset: u64,
-    len: u64,
+pub(super) struct Segment {
+    pub(super) offset: u64,
+    pub(super) len: u64,
 }
 
 /// Receives the chunks of one upload session, in order, and persists them in segments.
@@ -116,6 +118,9 @@ pub struct UploadWriter {
     committed: u64,
     buffered: u64,
     buffer: VecDeque<Bytes>,
+    /// On `file://`: the session directory (its data file takes the bytes) and the hash
+    /// state at `committed`.
+    local: Option<(std::path::PathBuf, Hasher)>,
 }
 
 impl std::fmt::Debug for UploadWriter {
@@ -196,6 +201,30 @@ impl UploadWriter {
     async fn persist(&mut self, n: u64) -> Result<(), BlobError> {
         let parts = take_front(&mut self.buffer, n);
         let start = self.committed;
+        if let Some((dir, hasher)) = self.local.clone() {
+            let result = tokio::task::spawn_blocking(move || {
+                let result = local::append(&dir, start, &parts, hasher);
+                (parts, result)
+            })
+            .await
+            .map_err(|source| BlobError::Task { source })?;
+            return match result {
+                (_, Ok(hasher)) => {
+                    self.committed += n;
+                    self.buffered -= n;
+                    if let Some(local) = self.local.as_mut() {
+                        local.1 = hasher;
+                    }
+                    Ok(())
+                }
+                (parts, Err(e)) => {
+                    for part in parts.into_iter().rev() {
+                        self.buffer.push_front(part);
+                    }
+                    Err(e.into_blob(&self.upload_id, self.digest, self.size))
+                }
+            };
+        }
         let key = self.store.segment_key(&self.upload_id, start);
         let prior = if start == 0 {
             Some(Hasher::new())
@@ -377,15 +406,37 @@ impl BlobStore {
         upload_id: &str,
         owner: Option<&str>,
     ) -> Result<UploadWriter, BlobError> {
-        let status = self.upload_status_as(upload_id, owner).await?;
+        check_upload_id(upload_id)?;
+        let rec = self.load_owned_session(upload_id, owner).await?;
+        let dir = match rec.complete {
+            false => self.data_file_session(upload_id).await?,
+            true => None,
+        };
+        let (committed, local) = match dir {
+            Some(dir) => {
+                let (size, digest) = (rec.size, rec.digest);
+                let (committed, hasher) = blocking({
+                    let dir = dir.clone();
+                    move || local::resume_point(&dir, size)
+                })
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size))?;
+                (committed, Some((dir, hasher)))
+            }
+            None => (
+                self.upload_status_as(upload_id, owner).await?.committed,
+                None,
+            ),
+        };
         Ok(UploadWriter {
             store: self.clone(),
-            upload_id: status.upload_id,
-            digest: status.digest,
-            size: status.size,
-            committed: status.committed,
+            upload_id: upload_id.to_owned(),
+            digest: rec.digest,
+            size: rec.size,
+            committed,
             buffered: 0,
             buffer: VecDeque::new(),
+            local,
         })
     }
 
@@ -456,6 +507,17 @@ impl BlobStore {
             return Ok(outcome(true));
         }
 
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            let blob = self.local_path(&final_key);
+            let result = blocking(move || local::commit(&dir, size, digest, &blob))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size));
+            return self
+                .committed(upload_id, &rec, &final_key, result)
+                .await
+                .map(outcome);
+        }
+
         let segments = self.list_segments(upload_id).await?;
         let committed = contiguous_end(&segments, size);
         if committed < size {
@@ -493,16 +555,32 @@ impl BlobStore {
         } else {
             self.commit_large(upload_id, &rec, &plan, &final_key).await
         };
+        self.committed(upload_id, &rec, &final_key, result)
+            .await
+            .map(outcome)
+    }
+
+    /// Settles a promotion attempt: a digest mismatch deletes the session; another
+    /// failure is dedup if a concurrent commit promoted the blob meanwhile; success
+    /// finishes the session. Returns whether the blob was deduplicated.
+    async fn committed(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        final_key: &Path,
+        result: Result<bool, BlobError>,
+    ) -> Result<bool, BlobError> {
         let deduplicated = match result {
             Ok(deduplicated) => deduplicated,
             Err(e @ BlobError::DigestMismatch { .. }) => {
-                self.delete_session(upload_id, &rec).await;
+                self.delete_session(upload_id, rec).await;
                 return Err(e);
             }
+            Err(e @ BlobError::Incomplete { .. }) => return Err(e),
             Err(e) => {
                 // A concurrent commit of the same session may have promoted the blob
                 // and removed the segments under us.
-                if self.head(&final_key).await?.is_some() {
+                if self.head(final_key).await?.is_some() {
                     tracing::debug!(%upload_id, error = %e, "upload promoted concurrently");
                     true
                 } else {
@@ -510,14 +588,52 @@ impl BlobStore {
                 }
             }
         };
-        self.finish_session(upload_id, &rec).await;
-        tracing::info!(%upload_id, %digest, size, deduplicated, "upload committed");
-        Ok(outcome(deduplicated))
+        self.finish_session(upload_id, rec).await;
+        tracing::info!(%upload_id, digest = %rec.digest, size = rec.size, deduplicated, "upload committed");
+        Ok(deduplicated)
+    }
+
+    /// On `file://`, the directory of a session written to one data file (every session
+    /// there, except one holding segment objects from an older registry); `None` elsewhere.
+    async fn data_file_session(
+        &self,
+        upload_id: &str,
+    ) -> Result<Option<std::path::PathBuf>, BlobError> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        let dir = root.join(self.session_dir(upload_id).as_ref());
+        let scan = blocking({
+            let dir = dir.clone();
+            move || local::scan(&dir)
+        })
+        .await?
+        .map_err(|e| e.into_blob(upload_id, Digest::of(b""), 0))?;
+        Ok((!scan.segments).then_some(dir))
+    }
+
+    /// The file of a key on a `file://` store.
+    fn local_path(&self, key: &Path) -> std::path::PathBuf {
+        self.local_root
+            .clone()
+            .unwrap_or_default()
+            .join(key.as_ref())
     }
 
     /// Reads a complete session's bytes back and checks they hash to its digest (a
     /// mismatch deletes the session, as a commit would). Incomplete is FailedPrecondition.
     async fn prove_session(&self, upload_id: &str, rec: &SessionRecord) -> Result<(), BlobError> {
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            // The recorded hash state covers exactly the bytes this session received.
+            let (size, digest) = (rec.size, rec.digest);
+            let proved = blocking(move || local::verified(&dir, size, digest))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size));
+            if let Err(BlobError::DigestMismatch { .. }) = &proved {
+                self.delete_session(upload_id, rec).await;
+            }
+            return proved;
+        }
         let segments = self.list_segments(upload_id).await?;
         let committed = contiguous_end(&segments, rec.size);
         if committed < rec.size {
@@ -916,12 +1032,19 @@ impl BlobStore {
         }
     }
 
+    /// Deletes a session's bytes: every object of it but its record (segments; on
+    /// `file://` the data file and its hash records).
     async fn delete_segments(&self, upload_id: &str) -> Result<(), BlobError> {
-        let keys = self
-            .list_segments(upload_id)
-            .await?
+        let dir = self.session_dir(upload_id);
+        let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
+            self.store.list(Some(&dir)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::storage("list", &dir, e))?;
+        let keys = objects
             .into_iter()
-            .map(|segment| self.segment_key(upload_id, segment.offset))
+            .map(|meta| meta.location)
+            .filter(|key| key.filename() != Some("session.json"))
             .collect();
         self.delete_many(keys).await
     }
@@ -951,6 +1074,12 @@ impl BlobStore {
     }
 
     async fn committed_offset(&self, upload_id: &str, size: u64) -> Result<u64, BlobError> {
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            let scan = blocking(move || local::scan(&dir))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, Digest::of(b""), size))?;
+            return Ok(contiguous_end(&scan.records, size));
+        }
         Ok(contiguous_end(&self.list_segments(upload_id).await?, size))
     }
 
@@ -1087,7 +1216,7 @@ fn check_upload_id(upload_id: &str) -> Result<(), BlobError> {
 
 /// The end of the run of bytes covered from offset 0 by `segments` (sorted by offset),
 /// capped at `size`. Segments may overlap when two writers shared a session.
-fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
+pub(super) fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
     let mut end = 0u64;
     for s in segments {
         if s.offset > end {
@@ -1127,6 +1256,15 @@ fn read_plan(
         });
     }
     Ok(plan)
+}
+
+/// Runs blocking filesystem work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| BlobError::Task { source })
 }
 
 fn unix_now() -> u64 {
