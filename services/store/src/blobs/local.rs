@@ -294,8 +294,32 @@ pub(super) fn commit(dir: &FsPath, size: u64, digest: Digest, blob: &FsPath) -> 
             Ok(false)
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(true),
+        Err(e) if e.kind() == ErrorKind::CrossesDevices => copy_then_link(&file, blob),
         Err(e) => Err(Fail::io("link", blob)(e)),
     }
+}
+
+/// `uploads/` and `blobs/` on different filesystems: copy the verified bytes to a
+/// temporary file beside the blob (`<blob>#1`, which the sweep at start knows), fsync,
+/// and link that create-only.
+fn copy_then_link(mut data: &File, blob: &FsPath) -> Result<bool, Fail> {
+    let parent = blob.parent().unwrap_or(FsPath::new("/"));
+    let mut tmp_name = blob.as_os_str().to_owned();
+    tmp_name.push("#1");
+    let tmp = PathBuf::from(tmp_name);
+    let copied = (|| {
+        let mut out = File::create(&tmp).map_err(Fail::io("create", &tmp))?;
+        std::io::Seek::rewind(&mut data).map_err(Fail::io("read", &tmp))?;
+        std::io::copy(&mut data, &mut out).map_err(Fail::io("copy", &tmp))?;
+        out.sync_all().map_err(Fail::io("fsync", &tmp))?;
+        match fs::hard_link(&tmp, blob) {
+            Ok(()) => sync_dir(parent).map(|()| false),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(true),
+            Err(e) => Err(Fail::io("link", blob)(e)),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    copied
 }
 
 #[cfg(test)]

@@ -418,9 +418,11 @@ async fn file_upload_refuses_other_bytes_where_bytes_are_durable() {
         .write(0, Bytes::copy_from_slice(&bytes[..1_000]))
         .await
         .unwrap();
+    assert_eq!(first.persist_buffered().await.unwrap(), 1_000);
     let mut other = bytes[..1_000].to_vec();
     other[500] ^= 1;
-    let e = second.write(0, Bytes::from(other)).await.unwrap_err();
+    second.write(0, Bytes::from(other)).await.unwrap();
+    let e = second.persist_buffered().await.unwrap_err();
     assert_eq!(e.kind(), BlobErrorKind::FailedPrecondition, "{e}");
     // The same bytes again are fine, and the rest continues from there.
     same.write(0, Bytes::copy_from_slice(&bytes)).await.unwrap();
@@ -429,10 +431,11 @@ async fn file_upload_refuses_other_bytes_where_bytes_are_durable() {
     assert!(!out.deduplicated);
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
     // A writer left over from before the commit can never write into the blob.
-    let e = first
+    first
         .write(1_000, Bytes::copy_from_slice(&bytes[1_000..]))
         .await
-        .unwrap_err();
+        .unwrap();
+    let e = first.flush().await.unwrap_err();
     assert_eq!(e.kind(), BlobErrorKind::FailedPrecondition, "{e}");
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
 }

@@ -107,9 +107,11 @@ pub(super) struct Segment {
 
 /// Receives the chunks of one upload session, in order, and persists them in segments.
 ///
-/// Holds at most one segment of data in memory. Chunks that were written but not yet
-/// persisted are lost if the writer is dropped without [`UploadWriter::flush`]; the
-/// client then resumes from the session's committed offset.
+/// Holds at most one segment of data in memory (two on `file://`, where one segment is
+/// written and hashed in the background while the next arrives; an error of that write
+/// shows at the next write or flush, with its bytes buffered again). Chunks that were
+/// written but not yet persisted are lost if the writer is dropped without
+/// [`UploadWriter::flush`]; the client then resumes from the session's committed offset.
 pub struct UploadWriter {
     store: BlobStore,
     upload_id: String,
@@ -121,7 +123,13 @@ pub struct UploadWriter {
     /// On `file://`: the session directory (its data file takes the bytes) and the hash
     /// state at `committed`.
     local: Option<(std::path::PathBuf, Hasher)>,
+    /// On `file://`: the segment being written in the background (its `in_flight` bytes
+    /// are the first of `buffered`), giving back its parts and the hash state after them.
+    pending: Option<PendingWrite>,
+    in_flight: u64,
 }
+
+type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
 
 impl std::fmt::Debug for UploadWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,7 +176,7 @@ impl UploadWriter {
         self.buffered = end - self.committed;
         self.buffer.push_back(data);
         let segment = self.store.segment_size as u64;
-        while self.buffered >= segment {
+        while self.buffered - self.in_flight >= segment {
             self.persist(segment).await?;
         }
         Ok(())
@@ -183,10 +191,47 @@ impl UploadWriter {
     /// committed offset: call it when the client pauses, so a stalled stream holds no
     /// data in memory.
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
-        if self.buffered > 0 {
-            self.persist(self.buffered).await?;
+        let rest = self.buffered - self.in_flight;
+        if rest > 0 {
+            self.persist(rest).await?;
         }
+        self.settle().await?;
         Ok(self.committed)
+    }
+
+    /// Waits for the segment being written in the background: its bytes become
+    /// committed, or, on an error, buffered again in front.
+    async fn settle(&mut self) -> Result<(), BlobError> {
+        let Some(task) = self.pending.take() else {
+            return Ok(());
+        };
+        let n = std::mem::take(&mut self.in_flight);
+        let (parts, result) = match task.await {
+            Ok(done) => done,
+            Err(source) => {
+                // The bytes are gone with the task: the client resends from `committed`
+                // (what is buffered after them cannot follow them).
+                self.buffer.clear();
+                self.buffered = 0;
+                return Err(BlobError::Task { source });
+            }
+        };
+        match result {
+            Ok(hasher) => {
+                self.committed += n;
+                self.buffered -= n;
+                if let Some(local) = self.local.as_mut() {
+                    local.1 = hasher;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for part in parts.into_iter().rev() {
+                    self.buffer.push_front(part);
+                }
+                Err(e.into_blob(&self.upload_id, self.digest, self.size))
+            }
+        }
     }
 
     /// Persists what is buffered and returns the durable committed offset. Call it at the
@@ -199,32 +244,23 @@ impl UploadWriter {
     /// Puts the first `n` buffered bytes as the segment at the committed offset, feeding
     /// them to the session's running hash at the same time.
     async fn persist(&mut self, n: u64) -> Result<(), BlobError> {
-        let parts = take_front(&mut self.buffer, n);
-        let start = self.committed;
-        if let Some((dir, hasher)) = self.local.clone() {
-            let result = tokio::task::spawn_blocking(move || {
+        if self.local.is_some() {
+            // One segment at a time: the next continues the hash state this one ends with.
+            self.settle().await?;
+            let parts = take_front(&mut self.buffer, n);
+            let start = self.committed;
+            let Some((dir, hasher)) = self.local.clone() else {
+                return Ok(());
+            };
+            self.pending = Some(tokio::task::spawn_blocking(move || {
                 let result = local::append(&dir, start, &parts, hasher);
                 (parts, result)
-            })
-            .await
-            .map_err(|source| BlobError::Task { source })?;
-            return match result {
-                (_, Ok(hasher)) => {
-                    self.committed += n;
-                    self.buffered -= n;
-                    if let Some(local) = self.local.as_mut() {
-                        local.1 = hasher;
-                    }
-                    Ok(())
-                }
-                (parts, Err(e)) => {
-                    for part in parts.into_iter().rev() {
-                        self.buffer.push_front(part);
-                    }
-                    Err(e.into_blob(&self.upload_id, self.digest, self.size))
-                }
-            };
+            }));
+            self.in_flight = n;
+            return Ok(());
         }
+        let parts = take_front(&mut self.buffer, n);
+        let start = self.committed;
         let key = self.store.segment_key(&self.upload_id, start);
         let prior = if start == 0 {
             Some(Hasher::new())
@@ -437,6 +473,8 @@ impl BlobStore {
             buffered: 0,
             buffer: VecDeque::new(),
             local,
+            pending: None,
+            in_flight: 0,
         })
     }
 
