@@ -66,7 +66,7 @@ stop_s3() {
   if [ -f "$tools_dir/moto-$s3_port.pid" ]; then
     kill "$(cat "$tools_dir/moto-$s3_port.pid")" 2>/dev/null || true
     for _ in $(seq 1 50); do
-      kill -0 "$(cat "$tools_dir/moto-$s3_port.pid")" 2>/dev/null || break
+      kill -0 "$(cat "$tools_dir/moto-$s3_port.pid" 2>/dev/null)" 2>/dev/null || break
       sleep 0.1
     done
     rm -f "$tools_dir/moto-$s3_port.pid"
