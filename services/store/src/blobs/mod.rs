@@ -66,7 +66,9 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{
+    GetOptions, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+};
 use patchport_core::{Digest, Hasher};
 
 pub use error::{BlobError, BlobErrorKind};
@@ -437,9 +439,48 @@ async fn open_range(
 ) -> object_store::Result<BoxStream<'static, object_store::Result<Bytes>>> {
     retry_read("get", key, || async {
         let options = GetOptions::new().with_range(Some(start..end));
-        Ok(store.get_opts(key, options).await?.into_stream())
+        let result = store.get_opts(key, options).await?;
+        let range = result.range.clone();
+        Ok(match result.payload {
+            // object_store streams a local file in 8 KiB reads; read it in whole chunks.
+            GetResultPayload::File(file, _) => file_chunks(file, range),
+            GetResultPayload::Stream(stream) => stream,
+        })
     })
     .await
+}
+
+/// `range` of an open local file as a stream of [`READ_CHUNK_SIZE`] reads on the blocking
+/// pool. A failed read is a transient error (the caller may reopen and resume).
+fn file_chunks(
+    file: std::fs::File,
+    range: std::ops::Range<u64>,
+) -> BoxStream<'static, object_store::Result<Bytes>> {
+    use std::os::unix::fs::FileExt as _;
+    let file = Arc::new(file);
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: e,
+    };
+    stream::try_unfold(range.start, move |pos| {
+        let file = file.clone();
+        let end = range.end;
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = usize::try_from((end - pos).min(READ_CHUNK_SIZE as u64)).unwrap_or(0);
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| fail(e.into()))?
+            .map_err(|e| fail(e.into()))?;
+            Ok(Some((chunk, pos + len as u64)))
+        }
+    })
+    .boxed()
 }
 
 /// Passes `first` (the stream of `[start, end)` of `key`) through; when it breaks off
