@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
 # Push and pull throughput of one large safetensors file over loopback gRPC, against
-# `sha256sum` of the same file (a ratio, from one run). A measurement, not a test.
+# `sha256sum` of the same file (a ratio, from one run), on file:// and on S3 (a local
+# moto server). A measurement, not a test.
 #
 #   bench/transfer/run.sh [SIZE_MIB]        # default 2048 (2 GiB)
 #
 # Uses the release binary ($PATCHPORT_BIN, default $CARGO_TARGET_DIR/release/patchport,
-# built if missing), a registry on 127.0.0.1 with SQLite + file:// under $BENCH_WORK
-# (default /tmp/patchport-transfer-bench), and a fresh random file each run.
+# built if missing); with $PATCHPORT_BEFORE_BIN set, that binary is measured too, on the
+# same file, and each row is shown before and after. $BENCH_BACKENDS picks the stores
+# (default "file s3"); S3 is moto started by scripts/s3-server.sh on port
+# $BENCH_S3_PORT (default 9150), stopped and started again between runs so each starts
+# empty. A registry on 127.0.0.1 with SQLite, everything under $BENCH_WORK (default
+# /tmp/patchport-transfer-bench), and a fresh random file each run.
+#
+# Where a push's time goes is read from the registry's JSON log: until the upload
+# session of the big file starts (the client hashing the files), until that upload is
+# committed (sending, storing, verifying), until the version is published (the registry
+# reading and indexing the safetensors file), and the rest.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size_mib="${1:-2048}"
 work="${BENCH_WORK:-/tmp/patchport-transfer-bench}"
 target="${CARGO_TARGET_DIR:-target}"
 bin="${PATCHPORT_BIN:-$target/release/patchport}"
+before_bin="${PATCHPORT_BEFORE_BIN:-}"
+backends="${BENCH_BACKENDS:-file s3}"
+s3_port="${BENCH_S3_PORT:-9150}"
+tools_dir="${PATCHPORT_TOOLS_DIR:-$HOME/.cache/patchport-tools}"
 if [ ! -x "$bin" ]; then
   cargo build --release -p patchport >&2
 fi
@@ -43,29 +57,118 @@ bytes=$(stat -c %s "$work/model/model.safetensors")
 
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
-rate() { python3 -c "print(f'{$1 / ($2) / 2**20:.0f} MiB/s')"; }
 
 cat "$work/model/model.safetensors" > /dev/null   # warm the page cache
 t0=$(now); sha256sum "$work/model/model.safetensors" > /dev/null; t1=$(now)
 sha=$(secs "$t0" "$t1")
 
-port=$((20000 + RANDOM % 20000))
-"$bin" serve --listen "127.0.0.1:$port" --database "sqlite://$work/data/registry.db" \
-  --blobs "file://$work/data/blobs" > "$work/serve.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do grep -q listening "$work/serve.log" && break; sleep 0.1; done
-export PATCHPORT_REGISTRY="http://127.0.0.1:$port"
+stop_s3() {
+  if [ -f "$tools_dir/moto-$s3_port.pid" ]; then
+    kill "$(cat "$tools_dir/moto-$s3_port.pid")" 2>/dev/null || true
+    for _ in $(seq 1 50); do
+      kill -0 "$(cat "$tools_dir/moto-$s3_port.pid" 2>/dev/null)" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -f "$tools_dir/moto-$s3_port.pid"
+  fi
+}
 
-t0=$(now); "$bin" base push "$work/model" --name bench/big --version v1 > /dev/null; t1=$(now)
-push=$(secs "$t0" "$t1")
-sync "$work/data" 2>/dev/null || true
-t0=$(now); "$bin" pull bench/big:v1 --out "$work/pulled" > /dev/null; t1=$(now)
-pull=$(secs "$t0" "$t1")
-cmp "$work/model/model.safetensors" "$work/pulled/model.safetensors"
+server=
+cleanup() {
+  [ -n "$server" ] && kill "$server" 2>/dev/null || true
+  stop_s3
+}
+trap cleanup EXIT
 
-echo "file: $bytes bytes ($size_mib MiB), $(nproc) cores"
-echo "sha256sum:        ${sha} s  ($(rate "$bytes" "$sha"))"
-echo "patchport push:   ${push} s  ($(rate "$bytes" "$push"))  = $(python3 -c "print(f'{$push/$sha:.1f}')")x sha256sum"
-echo "patchport pull:   ${pull} s  ($(rate "$bytes" "$pull"))  = $(python3 -c "print(f'{$pull/$sha:.1f}')")x sha256sum"
-echo "pulled file identical: yes"
+# The phases of the push in a registry log, as "hash upload index rest" seconds.
+phases() {
+  python3 - "$1" "$2" "$3" "$bytes" <<'PY'
+import datetime, json, sys
+log, start, end, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+def ts(line):
+    t = line["timestamp"].replace("Z", "+00:00")
+    return datetime.datetime.fromisoformat(t).timestamp()
+session = committed = published = None
+for raw in open(log):
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        continue
+    f = line.get("fields", {})
+    msg, size_field = f.get("message"), str(f.get("size", ""))
+    if msg == "upload session started" and size_field == size and session is None:
+        session = ts(line)
+    elif msg == "upload committed" and size_field == size:
+        committed = ts(line)
+    elif msg == "base version published":
+        published = ts(line)
+if None in (session, committed, published):
+    print("? ? ? ?")
+else:
+    print(f"{session - start:.1f} {committed - session:.1f} {published - committed:.1f} {end - published:.1f}")
+PY
+}
+
+# One push and pull with binary $1 on backend $2; prints "push pull phases...".
+measure() {
+  local b="$1" backend="$2" run="$3" blobs
+  local dir="$work/$run"
+  mkdir -p "$dir"
+  case "$backend" in
+    file) blobs="file://$dir/blobs" ;;
+    s3)
+      stop_s3
+      eval "$(PATCHPORT_TEST_S3_BUCKET=patchport-bench scripts/s3-server.sh "$s3_port" 2>"$dir/s3-server.log")"
+      blobs="s3://patchport-bench/$run"
+      ;;
+  esac
+  local port=$((20000 + RANDOM % 20000))
+  PATCHPORT_LOG_FORMAT=json PATCHPORT_LOG="info,patchport_store=debug" \
+    "$b" serve --listen "127.0.0.1:$port" --database "sqlite://$dir/registry.db" \
+    --blobs "$blobs" > "$dir/serve.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 100); do grep -q listening "$dir/serve.log" && break; sleep 0.1; done
+  local url="http://127.0.0.1:$port"
+  local t0 t1 t2 t3
+  t0=$(now)
+  PATCHPORT_REGISTRY="$url" "$b" base push "$work/model" --name bench/big --version v1 > /dev/null
+  t1=$(now)
+  sync
+  t2=$(now)
+  PATCHPORT_REGISTRY="$url" "$b" pull bench/big:v1 --out "$dir/pulled" > /dev/null
+  t3=$(now)
+  cmp "$work/model/model.safetensors" "$dir/pulled/model.safetensors"
+  kill "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+  server=
+  echo "$(secs "$t0" "$t1") $(secs "$t2" "$t3") $(phases "$dir/serve.log" "$t0" "$t1")"
+  rm -rf "$dir/pulled" "$dir/blobs"
+  [ "$backend" = s3 ] && stop_s3
+  return 0
+}
+
+rows=()
+for backend in $backends; do
+  for which in before after; do
+    if [ "$which" = before ]; then b="$before_bin"; else b="$bin"; fi
+    [ -n "$b" ] || continue
+    read -r push pull hash upload index rest < <(measure "$b" "$backend" "$backend-$which")
+    rows+=("$backend $which $push $pull $hash $upload $index $rest")
+  done
+done
+
+echo "file: $bytes bytes ($size_mib MiB), $(nproc) cores; sha256sum ${sha} s"
+python3 - "$bytes" "$sha" "${rows[@]}" <<'PY'
+import sys
+size, sha = int(sys.argv[1]), float(sys.argv[2])
+print("| store | binary | push | push vs sha256sum | pull | pull vs sha256sum | push: client hash | upload + commit | index | rest |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for row in sys.argv[3:]:
+    store, which, push, pull, *ph = row.split()
+    push, pull = float(push), float(pull)
+    rate = lambda t: f"{size / t / 2**20:.0f} MiB/s"
+    speed = lambda t: f"{sha / t:.2f}x speed"
+    ph = " | ".join(f"{p} s" for p in ph)
+    print(f"| {store} | {which} | {push:.1f} s ({rate(push)}) | {speed(push)} | {pull:.1f} s ({rate(pull)}) | {speed(pull)} | {ph} |")
+PY
+echo "pulled files identical: yes"

@@ -112,7 +112,8 @@ fn big_model(dir: &Path, size: usize) -> PathBuf {
     path
 }
 
-/// Upload segments persisted so far (`uploads/<id>/<20-digit offset>` under the blobs).
+/// Upload segments persisted so far under the blobs: on `file://` the records of durable
+/// stretches of a session's data file (`uploads/<id>/<20-digit offset>.<len>.state`).
 fn persisted_segments(data: &Path) -> usize {
     let Ok(sessions) = std::fs::read_dir(data.join("blobs/uploads")) else {
         return 0;
@@ -125,7 +126,10 @@ fn persisted_segments(data: &Path) -> usize {
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            name.len() == 20 && name.bytes().all(|b| b.is_ascii_digit())
+            let offset = name.strip_suffix(".state").and_then(|n| n.split_once('.'));
+            offset.is_some_and(|(offset, _)| {
+                offset.len() == 20 && offset.bytes().all(|b| b.is_ascii_digit())
+            })
         })
         .count()
 }

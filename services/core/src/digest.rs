@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest as _, Sha256};
 
 /// A sha256 content digest, displayed as `sha256:<64 lowercase hex>`.
@@ -126,7 +127,37 @@ impl Hasher {
     pub fn finish(self) -> Digest {
         Digest(self.inner.finalize().into())
     }
+
+    /// The hasher's state (the sha256 midstate, the unprocessed tail of the last block,
+    /// and the byte count; never the bytes fed), to continue later with
+    /// [`from_state`](Self::from_state), possibly in another process.
+    pub fn to_state(&self) -> Vec<u8> {
+        let inner = self.inner.serialize();
+        let mut out = Vec::with_capacity(STATE_MAGIC.len() + 8 + inner.len());
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&inner);
+        out
+    }
+
+    /// A hasher continued from [`to_state`](Self::to_state); `None` when `state` is not
+    /// one (wrong length, tag or contents).
+    pub fn from_state(state: &[u8]) -> Option<Self> {
+        let rest = state.strip_prefix(STATE_MAGIC)?;
+        let (len, inner) = rest.split_at_checked(8)?;
+        let len = u64::from_le_bytes(len.try_into().ok()?);
+        let inner = Sha256::deserialize(inner.try_into().ok()?).ok()?;
+        // sha2's state is the midstate (32 bytes), the blocks processed (u64 LE), then
+        // the buffered tail's length (one byte) and bytes: they must add up to `len`.
+        let serialized = inner.serialize();
+        let blocks = u64::from_le_bytes(serialized.get(32..40)?.try_into().ok()?);
+        let tail = u64::from(*serialized.get(40)?);
+        (blocks.checked_mul(64)?.checked_add(tail)? == len).then_some(Self { inner, len })
+    }
 }
+
+/// The tag that starts a serialized [`Hasher`] state (format version 1).
+const STATE_MAGIC: &[u8] = b"pp-sha256-state-v1\0";
 
 #[cfg(test)]
 mod tests {
@@ -156,7 +187,46 @@ mod tests {
         }
     }
 
+    #[test]
+    fn state_round_trips_and_continues() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for split in [0, 1, 63, 64, 65, 999, 1000] {
+            let mut h = Hasher::new();
+            h.update(&bytes[..split]);
+            let state = h.to_state();
+            let mut resumed = Hasher::from_state(&state).expect("valid state");
+            assert_eq!(resumed.len(), split as u64);
+            resumed.update(&bytes[split..]);
+            assert_eq!(resumed.len(), 1000);
+            assert_eq!(resumed.finish(), Digest::of(&bytes), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn bad_states_are_refused() {
+        let mut h = Hasher::new();
+        h.update(b"hello");
+        let state = h.to_state();
+        assert!(Hasher::from_state(&[]).is_none());
+        assert!(Hasher::from_state(&state[..state.len() - 1]).is_none());
+        let mut longer = state.clone();
+        longer.push(0);
+        assert!(Hasher::from_state(&longer).is_none());
+        let mut tag = state.clone();
+        tag[0] ^= 1;
+        assert!(Hasher::from_state(&tag).is_none());
+        // A changed byte count no longer matches the state's own block count.
+        let mut count = state.clone();
+        count[STATE_MAGIC.len()] = 200;
+        assert!(Hasher::from_state(&count).is_none());
+    }
+
     proptest::proptest! {
+        #[test]
+        fn state_parse_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = Hasher::from_state(&bytes);
+        }
+
         #[test]
         fn parse_never_panics(s in ".{0,80}") {
             let _ = s.parse::<Digest>();

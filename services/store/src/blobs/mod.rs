@@ -7,18 +7,31 @@
 //! blobs/sha256/<ab>/<64 hex>              a verified blob; its existence is what counts
 //! uploads/<id>/session.json               an upload session: digest, size, created, complete
 //! uploads/<id>/<offset, 20 digits>        the bytes received so far, one object per segment
+//!                                         (memory://, s3://)
+//! uploads/<id>/data                       file:// only: the bytes received, at their offsets
+//! uploads/<id>/<offset, 20 digits>.<len>.state
+//!                                         file:// only: bytes offset..offset+len of `data`
+//!                                         are durable; the sha256 state after them
 //! upload-index/<64 hex>.<size>            the id of the open session for a digest and size
 //! staging/<id>.<attempt>                  verified bytes on their way to blobs/
 //! ```
 //!
 //! Every piece of upload state lives in the object store, so an upload survives a
 //! registry restart and can continue on another replica. A blob key only ever appears
-//! after the bytes were hashed and matched the declared digest and size: commit streams
-//! the segments into a staging object while hashing them, completes it only when the hash
-//! matches, then promotes it create-only (`copy_if_not_exists`; `AlreadyExists` is dedup).
-//! Blobs that fit one segment are verified in memory and put create-only directly. On S3
-//! a blob larger than CopyObject's 5 GiB limit is written by a multipart upload to its
-//! final key that is completed only after the hash matched.
+//! after the bytes were hashed and matched the declared digest and size.
+//!
+//! On `file://` every byte is written once: the session's data file takes the bytes, each
+//! durable stretch is recorded with the hash state after it (the bytes fsynced first), and
+//! commit checks the last recorded state against the digest, then hard-links the data file
+//! to its blob key (create-only: an existing blob is dedup). No byte is read back. The
+//! rules that keep the recorded state true to the file's bytes are in `local.rs`.
+//!
+//! Elsewhere an upload is kept as segment objects, and commit streams them into a staging
+//! object while hashing them, completes it only when the hash matches, then promotes it
+//! create-only (`copy_if_not_exists`; `AlreadyExists` is dedup). Blobs that fit one
+//! segment are verified in memory and put create-only directly. On S3 a blob larger than
+//! CopyObject's 5 GiB limit is written by a multipart upload to its final key that is
+//! completed only after the hash matched.
 //!
 //! Failures of the backend, and what is retried where:
 //!
@@ -36,6 +49,7 @@
 //! Must never know: gRPC, the metadata database, tensor formats.
 
 mod error;
+mod local;
 mod upload;
 
 #[cfg(test)]
@@ -52,7 +66,9 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{GetOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload};
+use object_store::{
+    GetOptions, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+};
 use patchport_core::{Digest, Hasher};
 
 pub use error::{BlobError, BlobErrorKind};
@@ -91,11 +107,12 @@ pub struct BlobStore {
     prefix: Path,
     segment_size: usize,
     max_copy_size: u64,
-    /// Running hashes of upload sessions written through this instance, keyed by upload
-    /// id; the hasher's `len()` is the offset it has seen up to. Only an optimisation:
+    /// Running hashes of segment-object upload sessions written through this instance,
+    /// keyed by upload id (a `file://` session records its hash state instead); the hasher's `len()` is the offset it has seen up to. Only an optimisation:
     /// commit rejects a mismatch early with it, and never trusts it to accept bytes.
     hashers: Arc<Mutex<HashMap<String, Hasher>>>,
-    /// The directory of a `file://` store: its half-written temporary files (a process
+    /// The directory of a `file://` store: uploads write their session's data file there
+    /// directly (see the module doc), and its half-written temporary files (a process
     /// killed mid-put or mid-commit leaves `<key>#<n>`) are invisible to listing, so the
     /// expiry sweep finds them on disk.
     local_root: Option<PathBuf>,
@@ -422,9 +439,48 @@ async fn open_range(
 ) -> object_store::Result<BoxStream<'static, object_store::Result<Bytes>>> {
     retry_read("get", key, || async {
         let options = GetOptions::new().with_range(Some(start..end));
-        Ok(store.get_opts(key, options).await?.into_stream())
+        let result = store.get_opts(key, options).await?;
+        let range = result.range.clone();
+        Ok(match result.payload {
+            // object_store streams a local file in 8 KiB reads; read it in whole chunks.
+            GetResultPayload::File(file, _) => file_chunks(file, range),
+            GetResultPayload::Stream(stream) => stream,
+        })
     })
     .await
+}
+
+/// `range` of an open local file as a stream of [`READ_CHUNK_SIZE`] reads on the blocking
+/// pool. A failed read is a transient error (the caller may reopen and resume).
+fn file_chunks(
+    file: std::fs::File,
+    range: std::ops::Range<u64>,
+) -> BoxStream<'static, object_store::Result<Bytes>> {
+    use std::os::unix::fs::FileExt as _;
+    let file = Arc::new(file);
+    let fail = |e: Box<dyn std::error::Error + Send + Sync>| object_store::Error::Generic {
+        store: "LocalFileSystem",
+        source: e,
+    };
+    stream::try_unfold(range.start, move |pos| {
+        let file = file.clone();
+        let end = range.end;
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            let len = usize::try_from((end - pos).min(READ_CHUNK_SIZE as u64)).unwrap_or(0);
+            let chunk = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0; len];
+                file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
+            })
+            .await
+            .map_err(|e| fail(e.into()))?
+            .map_err(|e| fail(e.into()))?;
+            Ok(Some((chunk, pos + len as u64)))
+        }
+    })
+    .boxed()
 }
 
 /// Passes `first` (the stream of `[start, end)` of `key`) through; when it breaks off

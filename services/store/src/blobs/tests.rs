@@ -231,3 +231,267 @@ fn rechunk_reports_a_short_read() {
     let out = rechunked(vec![vec![1; 10]], 11);
     assert!(matches!(out.last(), Some(Err(BlobError::Storage { .. }))));
 }
+
+// ---- file:// uploads: one data file, recorded hash states, commit by hard link ----
+
+/// A `file://` store with 1,000-byte segments in a temporary directory.
+fn file_store(dir: &tempfile::TempDir) -> BlobStore {
+    BlobStore::from_url(&format!("file://{}", dir.path().display()))
+        .unwrap()
+        .with_segment_size(1_000)
+}
+
+/// The names in a directory, sorted (none if it is missing).
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn inode(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+#[tokio::test]
+async fn file_upload_is_written_once_and_linked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir);
+    let bytes = data(2_500, 11);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 2_500).await;
+    send_all(&store, &s.upload_id, &bytes, 700).await;
+    let session_dir = dir.path().join("uploads").join(&s.upload_id);
+    assert_eq!(
+        names(&session_dir),
+        vec![
+            "00000000000000000000.1000.state",
+            "00000000000000001000.1000.state",
+            "00000000000000002000.500.state",
+            "data",
+            "session.json",
+        ]
+    );
+    let data_inode = inode(&session_dir.join("data"));
+    // Segment objects are for the other backends; no running hash is kept in memory.
+    assert!(store.hashers().is_empty());
+
+    let out = store.commit_upload(&s.upload_id).await.unwrap();
+    assert!(!out.deduplicated);
+    let hex = digest.hex();
+    let blob = dir.path().join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    // The blob is the session's data file itself: no staging object, no second copy.
+    assert_eq!(inode(&blob), data_inode);
+    assert_eq!(names(&dir.path().join("staging")), Vec::<String>::new());
+    assert_eq!(names(&session_dir), vec!["session.json"]);
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    // A retried commit answers the same.
+    assert!(
+        store
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+}
+
+#[tokio::test]
+async fn file_upload_resumes_after_restart_and_commits_from_the_recorded_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = data(3_700, 12);
+    let digest = Digest::of(&bytes);
+    let upload_id = {
+        let store = file_store(&dir);
+        let s = open_session(&store, digest, 3_700).await;
+        let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+        writer
+            .write(0, Bytes::copy_from_slice(&bytes[..1_234]))
+            .await
+            .unwrap();
+        assert_eq!(writer.flush().await.unwrap(), 1_234);
+        s.upload_id
+    };
+    // A restarted registry continues from the recorded offset and hash state.
+    let store = file_store(&dir);
+    assert_eq!(
+        store.upload_status(&upload_id).await.unwrap().committed,
+        1_234
+    );
+    send_all(&store, &upload_id, &bytes, 999).await;
+    let data_file = dir.path().join("uploads").join(&upload_id).join("data");
+    let data_inode = inode(&data_file);
+    // And another instance commits without reading the bytes back: the blob is the data
+    // file, linked.
+    let out = file_store(&dir).commit_upload(&upload_id).await.unwrap();
+    assert!(!out.deduplicated);
+    let hex = digest.hex();
+    let blob = dir.path().join(format!("blobs/sha256/{}/{hex}", &hex[..2]));
+    assert_eq!(inode(&blob), data_inode);
+    assert_eq!(names(&dir.path().join("staging")), Vec::<String>::new());
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn file_upload_with_a_wrong_digest_is_refused_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = data(2_345, 13);
+    let declared = Digest::of(b"something else");
+    let upload_id = {
+        let store = file_store(&dir);
+        let s = open_session(&store, declared, 2_345).await;
+        send_all(&store, &s.upload_id, &bytes, 1_000).await;
+        s.upload_id
+    };
+    let store = file_store(&dir);
+    let e = store.commit_upload(&upload_id).await.unwrap_err();
+    assert!(
+        matches!(e, BlobError::DigestMismatch { actual, .. } if actual == Digest::of(&bytes)),
+        "{e}"
+    );
+    assert!(!store.contains(&declared).await.unwrap());
+    assert_eq!(names(&dir.path().join("uploads")), Vec::<String>::new());
+    assert_eq!(names(&dir.path().join("blobs")), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn file_upload_overwrites_a_torn_tail() {
+    use std::os::unix::fs::FileExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir);
+    let bytes = data(3_000, 14);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 3_000).await;
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    writer
+        .write(0, Bytes::copy_from_slice(&bytes[..1_500]))
+        .await
+        .unwrap();
+    assert_eq!(writer.flush().await.unwrap(), 1_500);
+    // A registry killed mid-write: bytes past the durable offset, no record for them.
+    let data_file = dir.path().join("uploads").join(&s.upload_id).join("data");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data_file)
+        .unwrap()
+        .write_all_at(&[0xee; 1_200], 1_500)
+        .unwrap();
+
+    let store = file_store(&dir);
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        1_500
+    );
+    // The resumed upload writes less than the torn tail before it pauses, then the rest.
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    writer
+        .write(1_500, Bytes::copy_from_slice(&bytes[1_500..1_700]))
+        .await
+        .unwrap();
+    assert_eq!(writer.persist_buffered().await.unwrap(), 1_700);
+    writer
+        .write(1_700, Bytes::copy_from_slice(&bytes[1_700..]))
+        .await
+        .unwrap();
+    assert_eq!(writer.flush().await.unwrap(), 3_000);
+    store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn file_upload_refuses_other_bytes_where_bytes_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir);
+    let bytes = data(2_000, 15);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 2_000).await;
+    // Two writers of one session, both at offset 0.
+    let mut first = store.upload_writer(&s.upload_id).await.unwrap();
+    let mut second = store.upload_writer(&s.upload_id).await.unwrap();
+    let mut same = store.upload_writer(&s.upload_id).await.unwrap();
+    first
+        .write(0, Bytes::copy_from_slice(&bytes[..1_000]))
+        .await
+        .unwrap();
+    assert_eq!(first.persist_buffered().await.unwrap(), 1_000);
+    let mut other = bytes[..1_000].to_vec();
+    other[500] ^= 1;
+    second.write(0, Bytes::from(other)).await.unwrap();
+    let e = second.persist_buffered().await.unwrap_err();
+    assert_eq!(e.kind(), BlobErrorKind::FailedPrecondition, "{e}");
+    // The same bytes again are fine, and the rest continues from there.
+    same.write(0, Bytes::copy_from_slice(&bytes)).await.unwrap();
+    assert_eq!(same.flush().await.unwrap(), 2_000);
+    let out = store.commit_upload(&s.upload_id).await.unwrap();
+    assert!(!out.deduplicated);
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    // A writer left over from before the commit can never write into the blob.
+    first
+        .write(1_000, Bytes::copy_from_slice(&bytes[1_000..]))
+        .await
+        .unwrap();
+    let e = first.flush().await.unwrap_err();
+    assert_eq!(e.kind(), BlobErrorKind::FailedPrecondition, "{e}");
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn file_upload_of_a_stored_blob_is_dedup_and_leaves_it_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = file_store(&dir);
+    let bytes = data(2_500, 16);
+    let digest = Digest::of(&bytes);
+    let first = open_session(&store, digest, 2_500).await;
+    // Another replica raced us to a second session.
+    std::fs::remove_file(
+        dir.path()
+            .join(store.index_key(&digest, 2_500, None).as_ref()),
+    )
+    .unwrap();
+    let second = open_session(&store, digest, 2_500).await;
+    assert_ne!(first.upload_id, second.upload_id);
+    send_all(&store, &first.upload_id, &bytes, 600).await;
+    send_all(&store, &second.upload_id, &bytes, 900).await;
+    let replica = file_store(&dir);
+    let (c1, c2) = tokio::join!(
+        store.commit_upload(&first.upload_id),
+        replica.commit_upload(&second.upload_id)
+    );
+    let (c1, c2) = (c1.unwrap(), c2.unwrap());
+    // Create-only: exactly one links its data file, the other is dedup.
+    assert_eq!(u8::from(c1.deduplicated) + u8::from(c2.deduplicated), 1);
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    for s in [&first, &second] {
+        assert_eq!(
+            names(&dir.path().join("uploads").join(&s.upload_id)),
+            vec!["session.json"]
+        );
+    }
+
+    // An uploader that may not see the blob proves its bytes by its recorded hash.
+    let third = match store
+        .start_upload_as(digest, 2_500, Some("t"), false)
+        .await
+        .unwrap()
+    {
+        UploadStart::Session(s) => s,
+        other => panic!("expected a session, got {other:?}"),
+    };
+    let mut w = store
+        .upload_writer_as(&third.upload_id, Some("t"))
+        .await
+        .unwrap();
+    w.write(0, Bytes::from(data(2_500, 17))).await.unwrap();
+    w.flush().await.unwrap();
+    let e = store
+        .commit_upload_as(&third.upload_id, Some("t"), true)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), BlobErrorKind::InvalidArgument, "{e}");
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}

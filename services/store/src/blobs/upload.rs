@@ -12,6 +12,7 @@ use object_store::{ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
 use patchport_core::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
 
+use super::local;
 use super::{BlobError, BlobStore, hash_parts};
 
 /// Segments fetched ahead while a commit streams them.
@@ -96,18 +97,21 @@ struct SessionRecord {
     owner: Option<String>,
 }
 
-/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes.
+/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes (or, on
+/// `file://`, a record of `len` durable bytes of the data file at `offset`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Segment {
-    offset: u64,
-    len: u64,
+pub(super) struct Segment {
+    pub(super) offset: u64,
+    pub(super) len: u64,
 }
 
 /// Receives the chunks of one upload session, in order, and persists them in segments.
 ///
-/// Holds at most one segment of data in memory. Chunks that were written but not yet
-/// persisted are lost if the writer is dropped without [`UploadWriter::flush`]; the
-/// client then resumes from the session's committed offset.
+/// Holds at most one segment of data in memory (two on `file://`, where one segment is
+/// written and hashed in the background while the next arrives; an error of that write
+/// shows at the next write or flush, with its bytes buffered again). Chunks that were
+/// written but not yet persisted are lost if the writer is dropped without
+/// [`UploadWriter::flush`]; the client then resumes from the session's committed offset.
 pub struct UploadWriter {
     store: BlobStore,
     upload_id: String,
@@ -116,7 +120,16 @@ pub struct UploadWriter {
     committed: u64,
     buffered: u64,
     buffer: VecDeque<Bytes>,
+    /// On `file://`: the session directory (its data file takes the bytes) and the hash
+    /// state at `committed`.
+    local: Option<(std::path::PathBuf, Hasher)>,
+    /// On `file://`: the segment being written in the background (its `in_flight` bytes
+    /// are the first of `buffered`), giving back its parts and the hash state after them.
+    pending: Option<PendingWrite>,
+    in_flight: u64,
 }
+
+type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
 
 impl std::fmt::Debug for UploadWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,7 +176,7 @@ impl UploadWriter {
         self.buffered = end - self.committed;
         self.buffer.push_back(data);
         let segment = self.store.segment_size as u64;
-        while self.buffered >= segment {
+        while self.buffered - self.in_flight >= segment {
             self.persist(segment).await?;
         }
         Ok(())
@@ -178,10 +191,47 @@ impl UploadWriter {
     /// committed offset: call it when the client pauses, so a stalled stream holds no
     /// data in memory.
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
-        if self.buffered > 0 {
-            self.persist(self.buffered).await?;
+        let rest = self.buffered - self.in_flight;
+        if rest > 0 {
+            self.persist(rest).await?;
         }
+        self.settle().await?;
         Ok(self.committed)
+    }
+
+    /// Waits for the segment being written in the background: its bytes become
+    /// committed, or, on an error, buffered again in front.
+    async fn settle(&mut self) -> Result<(), BlobError> {
+        let Some(task) = self.pending.take() else {
+            return Ok(());
+        };
+        let n = std::mem::take(&mut self.in_flight);
+        let (parts, result) = match task.await {
+            Ok(done) => done,
+            Err(source) => {
+                // The bytes are gone with the task: the client resends from `committed`
+                // (what is buffered after them cannot follow them).
+                self.buffer.clear();
+                self.buffered = 0;
+                return Err(BlobError::Task { source });
+            }
+        };
+        match result {
+            Ok(hasher) => {
+                self.committed += n;
+                self.buffered -= n;
+                if let Some(local) = self.local.as_mut() {
+                    local.1 = hasher;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for part in parts.into_iter().rev() {
+                    self.buffer.push_front(part);
+                }
+                Err(e.into_blob(&self.upload_id, self.digest, self.size))
+            }
+        }
     }
 
     /// Persists what is buffered and returns the durable committed offset. Call it at the
@@ -194,6 +244,21 @@ impl UploadWriter {
     /// Puts the first `n` buffered bytes as the segment at the committed offset, feeding
     /// them to the session's running hash at the same time.
     async fn persist(&mut self, n: u64) -> Result<(), BlobError> {
+        if self.local.is_some() {
+            // One segment at a time: the next continues the hash state this one ends with.
+            self.settle().await?;
+            let parts = take_front(&mut self.buffer, n);
+            let start = self.committed;
+            let Some((dir, hasher)) = self.local.clone() else {
+                return Ok(());
+            };
+            self.pending = Some(tokio::task::spawn_blocking(move || {
+                let result = local::append(&dir, start, &parts, hasher);
+                (parts, result)
+            }));
+            self.in_flight = n;
+            return Ok(());
+        }
         let parts = take_front(&mut self.buffer, n);
         let start = self.committed;
         let key = self.store.segment_key(&self.upload_id, start);
@@ -377,15 +442,39 @@ impl BlobStore {
         upload_id: &str,
         owner: Option<&str>,
     ) -> Result<UploadWriter, BlobError> {
-        let status = self.upload_status_as(upload_id, owner).await?;
+        check_upload_id(upload_id)?;
+        let rec = self.load_owned_session(upload_id, owner).await?;
+        let dir = match rec.complete {
+            false => self.data_file_session(upload_id).await?,
+            true => None,
+        };
+        let (committed, local) = match dir {
+            Some(dir) => {
+                let (size, digest) = (rec.size, rec.digest);
+                let (committed, hasher) = blocking({
+                    let dir = dir.clone();
+                    move || local::resume_point(&dir, size)
+                })
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size))?;
+                (committed, Some((dir, hasher)))
+            }
+            None => (
+                self.upload_status_as(upload_id, owner).await?.committed,
+                None,
+            ),
+        };
         Ok(UploadWriter {
             store: self.clone(),
-            upload_id: status.upload_id,
-            digest: status.digest,
-            size: status.size,
-            committed: status.committed,
+            upload_id: upload_id.to_owned(),
+            digest: rec.digest,
+            size: rec.size,
+            committed,
             buffered: 0,
             buffer: VecDeque::new(),
+            local,
+            pending: None,
+            in_flight: 0,
         })
     }
 
@@ -456,6 +545,17 @@ impl BlobStore {
             return Ok(outcome(true));
         }
 
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            let blob = self.local_path(&final_key);
+            let result = blocking(move || local::commit(&dir, size, digest, &blob))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size));
+            return self
+                .committed(upload_id, &rec, &final_key, result)
+                .await
+                .map(outcome);
+        }
+
         let segments = self.list_segments(upload_id).await?;
         let committed = contiguous_end(&segments, size);
         if committed < size {
@@ -493,16 +593,32 @@ impl BlobStore {
         } else {
             self.commit_large(upload_id, &rec, &plan, &final_key).await
         };
+        self.committed(upload_id, &rec, &final_key, result)
+            .await
+            .map(outcome)
+    }
+
+    /// Settles a promotion attempt: a digest mismatch deletes the session; another
+    /// failure is dedup if a concurrent commit promoted the blob meanwhile; success
+    /// finishes the session. Returns whether the blob was deduplicated.
+    async fn committed(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        final_key: &Path,
+        result: Result<bool, BlobError>,
+    ) -> Result<bool, BlobError> {
         let deduplicated = match result {
             Ok(deduplicated) => deduplicated,
             Err(e @ BlobError::DigestMismatch { .. }) => {
-                self.delete_session(upload_id, &rec).await;
+                self.delete_session(upload_id, rec).await;
                 return Err(e);
             }
+            Err(e @ BlobError::Incomplete { .. }) => return Err(e),
             Err(e) => {
                 // A concurrent commit of the same session may have promoted the blob
                 // and removed the segments under us.
-                if self.head(&final_key).await?.is_some() {
+                if self.head(final_key).await?.is_some() {
                     tracing::debug!(%upload_id, error = %e, "upload promoted concurrently");
                     true
                 } else {
@@ -510,14 +626,52 @@ impl BlobStore {
                 }
             }
         };
-        self.finish_session(upload_id, &rec).await;
-        tracing::info!(%upload_id, %digest, size, deduplicated, "upload committed");
-        Ok(outcome(deduplicated))
+        self.finish_session(upload_id, rec).await;
+        tracing::info!(%upload_id, digest = %rec.digest, size = rec.size, deduplicated, "upload committed");
+        Ok(deduplicated)
+    }
+
+    /// On `file://`, the directory of a session written to one data file (every session
+    /// there, except one holding segment objects from an older registry); `None` elsewhere.
+    async fn data_file_session(
+        &self,
+        upload_id: &str,
+    ) -> Result<Option<std::path::PathBuf>, BlobError> {
+        let Some(root) = &self.local_root else {
+            return Ok(None);
+        };
+        let dir = root.join(self.session_dir(upload_id).as_ref());
+        let scan = blocking({
+            let dir = dir.clone();
+            move || local::scan(&dir)
+        })
+        .await?
+        .map_err(|e| e.into_blob(upload_id, Digest::of(b""), 0))?;
+        Ok((!scan.segments).then_some(dir))
+    }
+
+    /// The file of a key on a `file://` store.
+    fn local_path(&self, key: &Path) -> std::path::PathBuf {
+        self.local_root
+            .clone()
+            .unwrap_or_default()
+            .join(key.as_ref())
     }
 
     /// Reads a complete session's bytes back and checks they hash to its digest (a
     /// mismatch deletes the session, as a commit would). Incomplete is FailedPrecondition.
     async fn prove_session(&self, upload_id: &str, rec: &SessionRecord) -> Result<(), BlobError> {
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            // The recorded hash state covers exactly the bytes this session received.
+            let (size, digest) = (rec.size, rec.digest);
+            let proved = blocking(move || local::verified(&dir, size, digest))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, digest, size));
+            if let Err(BlobError::DigestMismatch { .. }) = &proved {
+                self.delete_session(upload_id, rec).await;
+            }
+            return proved;
+        }
         let segments = self.list_segments(upload_id).await?;
         let committed = contiguous_end(&segments, rec.size);
         if committed < rec.size {
@@ -916,12 +1070,19 @@ impl BlobStore {
         }
     }
 
+    /// Deletes a session's bytes: every object of it but its record (segments; on
+    /// `file://` the data file and its hash records).
     async fn delete_segments(&self, upload_id: &str) -> Result<(), BlobError> {
-        let keys = self
-            .list_segments(upload_id)
-            .await?
+        let dir = self.session_dir(upload_id);
+        let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
+            self.store.list(Some(&dir)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::storage("list", &dir, e))?;
+        let keys = objects
             .into_iter()
-            .map(|segment| self.segment_key(upload_id, segment.offset))
+            .map(|meta| meta.location)
+            .filter(|key| key.filename() != Some("session.json"))
             .collect();
         self.delete_many(keys).await
     }
@@ -951,6 +1112,12 @@ impl BlobStore {
     }
 
     async fn committed_offset(&self, upload_id: &str, size: u64) -> Result<u64, BlobError> {
+        if let Some(dir) = self.data_file_session(upload_id).await? {
+            let scan = blocking(move || local::scan(&dir))
+                .await?
+                .map_err(|e| e.into_blob(upload_id, Digest::of(b""), size))?;
+            return Ok(contiguous_end(&scan.records, size));
+        }
         Ok(contiguous_end(&self.list_segments(upload_id).await?, size))
     }
 
@@ -1087,7 +1254,7 @@ fn check_upload_id(upload_id: &str) -> Result<(), BlobError> {
 
 /// The end of the run of bytes covered from offset 0 by `segments` (sorted by offset),
 /// capped at `size`. Segments may overlap when two writers shared a session.
-fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
+pub(super) fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
     let mut end = 0u64;
     for s in segments {
         if s.offset > end {
@@ -1127,6 +1294,15 @@ fn read_plan(
         });
     }
     Ok(plan)
+}
+
+/// Runs blocking filesystem work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| BlobError::Task { source })
 }
 
 fn unix_now() -> u64 {
