@@ -182,7 +182,8 @@ pub(crate) fn compat_native(p: &PatchVersionRecord) -> v1::CompatEntry {
     }
 }
 
-/// A port, as a compat entry.
+/// A port, as a compat entry: without its file lists (`GetPort` and pulls have them), so
+/// a page of compat entries stays small.
 pub(crate) fn compat_port(port: &PortRecord) -> v1::CompatEntry {
     let kind = match port.state {
         PortState::Queued => v1::CompatKind::Queued,
@@ -198,7 +199,11 @@ pub(crate) fn compat_port(port: &PortRecord) -> v1::CompatEntry {
         base: format!("{}:{}", port.base_name, port.base_version),
         base_digest: port.base_digest.to_string(),
         kind: kind as i32,
-        port: Some(port_to_proto(port)),
+        port: Some(v1::Port {
+            adapter_files: Vec::new(),
+            merged_files: Vec::new(),
+            ..port_to_proto(port)
+        }),
     }
 }
 

@@ -176,7 +176,8 @@ pub trait Queue: Send + Sync {
         patch_version: &VersionRef,
     ) -> Result<Vec<PortRecord>, StoreError>;
     /// Ports onto a base version, by id (its fan-out, among others), one page of them
-    /// (keyed by id).
+    /// (keyed by id), without their file lists (`adapter_files` and `merged_files` empty:
+    /// what a compat answer shows; [`get_port`](Self::get_port) has them).
     async fn list_ports_onto(
         &self,
         base_name: &Name,

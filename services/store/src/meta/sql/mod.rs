@@ -203,11 +203,18 @@ pub(crate) struct PortRow {
     pub(crate) queue_position: Option<i64>,
 }
 
-const PORT_COLUMNS: &str = "t.id, p.name AS patch_name, p.version AS patch_version, \
+const PORT_COLUMNS_HEAD: &str = "t.id, p.name AS patch_name, p.version AS patch_version, \
     p.digest AS patch_digest, b.name AS base_name, b.version AS base_version, \
     b.digest AS base_digest, s.digest AS source_base_digest, t.method_version, t.state, \
-    t.refusals_json, t.diagnostics_json, t.adapter_files_json, t.merged_files_json, \
-    t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json";
+    t.refusals_json, t.diagnostics_json";
+
+const PORT_COLUMNS_TAIL: &str =
+    "t.attempts, t.error, t.queued_at, t.started_at, t.finished_at, t.job_id, t.evaluation_json";
+
+const PORT_FILES: &str = "t.adapter_files_json, t.merged_files_json";
+
+/// The file lists left out: empty lists in their place.
+const PORT_NO_FILES: &str = "'[]' AS adapter_files_json, '[]' AS merged_files_json";
 
 const PORT_JOINS: &str = "ports t JOIN patch_versions p ON p.id = t.patch_id \
     JOIN base_versions b ON b.id = t.base_id JOIN base_versions s ON s.id = t.source_base_id";
@@ -225,17 +232,27 @@ pub(crate) enum Places {
 
 /// `SELECT` every port column `FROM` the ports and their versions (alias `t` for ports).
 pub(crate) fn port_select(places: Places) -> String {
+    select_ports(places, PORT_FILES)
+}
+
+/// [`port_select`] with the file lists left out (empty): a compat answer's ports, a
+/// fraction of each row to read and decode (`GetPort` and pulls read the files).
+pub(crate) fn port_summary_select(places: Places) -> String {
+    select_ports(places, PORT_NO_FILES)
+}
+
+fn select_ports(places: Places, files: &str) -> String {
     match places {
         Places::With => format!(
-            "SELECT {PORT_COLUMNS}, CASE WHEN t.state = 'queued' THEN q.position END AS queue_position \
+            "SELECT {PORT_COLUMNS_HEAD}, {files}, {PORT_COLUMNS_TAIL}, \
+             CASE WHEN t.state = 'queued' THEN q.position END AS queue_position \
              FROM {PORT_JOINS} LEFT JOIN (SELECT id AS job, ROW_NUMBER() OVER (ORDER BY priority DESC, id) \
              AS position FROM jobs WHERE state = 'queued') q ON q.job = t.job_id"
         ),
-        Places::Without => {
-            format!(
-                "SELECT {PORT_COLUMNS}, CAST(NULL AS BIGINT) AS queue_position FROM {PORT_JOINS}"
-            )
-        }
+        Places::Without => format!(
+            "SELECT {PORT_COLUMNS_HEAD}, {files}, {PORT_COLUMNS_TAIL}, \
+             CAST(NULL AS BIGINT) AS queue_position FROM {PORT_JOINS}"
+        ),
     }
 }
 

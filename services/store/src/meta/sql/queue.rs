@@ -495,7 +495,7 @@ macro_rules! impl_queue {
                 let limit = page.limit.map_or(String::new(), |l| format!(" LIMIT {}", i64::from(l) + 1));
                 let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
                     "{} WHERE t.base_id = $1 AND t.id > $2 ORDER BY t.id{limit}",
-                    $crate::meta::sql::port_select($crate::meta::sql::Places::With)
+                    $crate::meta::sql::port_summary_select($crate::meta::sql::Places::With)
                 )))
                 .bind(base.id)
                 .bind(page.after_id)
