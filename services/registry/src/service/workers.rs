@@ -16,7 +16,6 @@ use patchport_proto::convert::{WireError, parse_list, required, try_list};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
 use patchport_store::meta::{
     BaseVersionRecord, BlobIndex, EvaluationRecord, JobOutcome, JobRecord, LeasedJob, PortRecord,
-    PortState,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -31,7 +30,7 @@ const MAX_WAIT: Duration = Duration::from_secs(30);
 pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
 /// How many earlier ports of a patch (newest first) a lease looks at for merged tensors
 /// to reuse.
-const REUSE_FROM: usize = 4;
+const REUSE_FROM: u32 = 4;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -337,23 +336,21 @@ impl Workers {
         target: &BaseVersionRecord,
     ) -> ApiResult<Vec<ReusedTensor>> {
         let meta = &self.registry.meta;
-        let mut earlier: Vec<PortRecord> = meta
-            .list_ports_of(&port.patch_name, &VersionRef::Digest(port.patch_digest))
+        let earlier: Vec<PortRecord> = meta
+            .merged_ports_of(
+                &port.patch_name,
+                &port.patch_digest,
+                &job.source_base_digest,
+                &job.method_version,
+                REUSE_FROM,
+            )
             .await?
             .into_iter()
-            .filter(|p| {
-                p.state == PortState::Succeeded
-                    && p.method_version == job.method_version
-                    && p.source_base_digest == job.source_base_digest
-                    && p.base_digest != job.target_base_digest
-                    && p.diagnostics.is_some()
-                    && !p.merged_files.is_empty()
-            })
+            .filter(|p| p.base_digest != job.target_base_digest && p.diagnostics.is_some())
             .collect();
         if earlier.is_empty() {
             return Ok(Vec::new());
         }
-        earlier.sort_by_key(|p| std::cmp::Reverse((p.finished_at, p.id)));
         let mut wanted: HashMap<String, TensorRecord> = HashMap::new();
         for f in target.files.iter().filter(|f| is_safetensors(&f.path)) {
             for t in self.registry.blob_index(f).await?.tensors {
@@ -361,7 +358,7 @@ impl Workers {
             }
         }
         let mut out: BTreeMap<String, ReusedTensor> = BTreeMap::new();
-        for p in earlier.iter().take(REUSE_FROM) {
+        for p in &earlier {
             let Some(base) = meta
                 .get_base_version(&p.base_name, &VersionRef::Digest(p.base_digest))
                 .await?

@@ -169,6 +169,18 @@ pub trait Queue: Send + Sync {
     async fn get_job(&self, job_id: i64) -> Result<Option<JobRecord>, StoreError>;
     /// The port rows of a job, by id.
     async fn job_ports(&self, job_id: i64) -> Result<Vec<PortRecord>, StoreError>;
+    /// The succeeded merged ports of a patch version (by name and digest) from the old
+    /// base `source_base_digest` with `method_version`, newest first, at most `limit`:
+    /// where a lease looks for merged tensors to reuse. One indexed read without queue
+    /// places (a lease is the queue's own read, on every job).
+    async fn merged_ports_of(
+        &self,
+        patch_name: &Name,
+        patch_digest: &patchport_core::Digest,
+        source_base_digest: &patchport_core::Digest,
+        method_version: &str,
+        limit: u32,
+    ) -> Result<Vec<PortRecord>, StoreError>;
     /// Every port of a patch version, oldest first.
     async fn list_ports_of(
         &self,

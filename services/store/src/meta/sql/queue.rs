@@ -504,6 +504,30 @@ macro_rules! impl_queue {
                 $crate::meta::Paged::cut(rows, page, |r| (String::new(), r.id), $crate::meta::sql::port_record)
             }
 
+            async fn merged_ports_of(
+                &self,
+                patch_name: &patchport_core::Name,
+                patch_digest: &patchport_core::Digest,
+                source_base_digest: &patchport_core::Digest,
+                method_version: &str,
+                limit: u32,
+            ) -> Result<Vec<$crate::meta::PortRecord>, $crate::meta::StoreError> {
+                let rows = sqlx::query_as::<_, $crate::meta::sql::PortRow>(sqlx::AssertSqlSafe(format!(
+                    "{} WHERE p.name = $1 AND p.digest = $2 AND s.digest = $3 AND t.method_version = $4 \
+                     AND t.state = 'succeeded' AND t.merged_files_json <> '[]' \
+                     ORDER BY t.finished_at DESC, t.id DESC LIMIT $5",
+                    $crate::meta::sql::port_select($crate::meta::sql::Places::Without)
+                )))
+                .bind(patch_name.as_str())
+                .bind(patch_digest.to_string())
+                .bind(source_base_digest.to_string())
+                .bind(method_version)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map($crate::meta::sql::port_record).collect()
+            }
+
             async fn list_ports_of(
                 &self,
                 patch_name: &patchport_core::Name,
