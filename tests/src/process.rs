@@ -801,6 +801,22 @@ pub fn cli(bin: impl AsRef<Path>, url: impl AsRef<OsStr>) -> Cli {
     Cli::new(bin).env("PATCHPORT_REGISTRY", url)
 }
 
+/// Waits for the `n`-th `port.completed` event of a `patchport watch --json` stream
+/// (`seen` counts them from the stream's start, across calls); each port must have
+/// succeeded. Panics after 120 s.
+pub fn wait_port_completed(rx: &mpsc::Receiver<serde_json::Value>, seen: &mut usize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while *seen < n {
+        let e = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no port.completed #{n} in time"));
+        if e["type"] == "port.completed" {
+            assert_eq!(e["payload"]["state"], "succeeded", "{e}");
+            *seen += 1;
+        }
+    }
+}
+
 /// The lineage most process tests start from, pushed with `patchport` at `url`:
 /// `acme/llama` v1 (llama-micro), the lora-qv patch on it as `acme/qv:1`, then v2 with
 /// `--parent v1`, which queues the port of the patch onto v2.

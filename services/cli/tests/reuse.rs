@@ -7,12 +7,11 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use patchport_proto::v1;
 use patchport_tests::process::{
     Database, Proc, Serve, Server, block_on, cli, http_get, metric_sum, path_arg as s,
+    wait_port_completed,
 };
 use patchport_tests::{copy_dir, fixtures};
 
@@ -25,21 +24,6 @@ const TARGETS: usize = 4;
 
 fn ok(url: &str, args: &[&str]) -> String {
     cli(BIN, url).args(args).ok()
-}
-
-/// Waits for the `n`-th `port.completed` event (counting from the stream's start); the
-/// port must have succeeded.
-fn wait_completed(rx: &mpsc::Receiver<serde_json::Value>, seen: &mut usize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while *seen < n {
-        let e = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no port.completed #{n} in time"));
-        if e["type"] == "port.completed" {
-            assert_eq!(e["payload"]["state"], "succeeded", "{e}");
-            *seen += 1;
-        }
-    }
 }
 
 fn metric(server: &Server, name: &str) -> u64 {
@@ -132,7 +116,7 @@ fn scenario(database: &Database) {
     let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
     patchport_tests::process::publish_lineage(BIN, &url);
     let mut seen = 0;
-    wait_completed(&rx, &mut seen, 1);
+    wait_port_completed(&rx, &mut seen, 1);
     assert_eq!(
         metric(&server, patchport_telemetry::WORKER_TENSORS_MERGED),
         TARGETS as u64
@@ -158,7 +142,7 @@ fn scenario(database: &Database) {
             "v2",
         ],
     );
-    wait_completed(&rx, &mut seen, 2);
+    wait_port_completed(&rx, &mut seen, 2);
 
     // The worker computed and stored the changed tensor only.
     assert_eq!(

@@ -4,34 +4,18 @@
 //! the middle of a fill leaves nothing servable behind, and the cache keeps its bound.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use patchport_core::Digest;
 use patchport_tests::fixtures;
 use patchport_tests::process::{
-    Proc, Serve, Server, Worker, cli, http_get, metric_sum, path_arg as s,
+    Proc, Serve, Server, Worker, cli, http_get, metric_sum, path_arg as s, wait_port_completed,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
 fn ok(url: &str, args: &[&str]) {
     cli(BIN, url).args(args).ok();
-}
-
-/// Waits for the `n`-th `port.completed` event (counting from the stream's start); the
-/// port must have succeeded.
-fn wait_completed(rx: &mpsc::Receiver<serde_json::Value>, seen: &mut usize, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while *seen < n {
-        let e = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no port.completed #{n} in time"));
-        if e["type"] == "port.completed" {
-            assert_eq!(e["payload"]["state"], "succeeded", "{e}");
-            *seen += 1;
-        }
-    }
 }
 
 /// v1, the fixture LoRA on it as `acme/qv:1`, and v2 with `--parent v1` (one port job).
@@ -117,7 +101,7 @@ fn a_second_port_on_the_same_bases_reads_no_base_bytes() {
     publish_lineage(&url);
     let _worker = worker(&url, &cache, &[]).start();
     let mut seen = 0;
-    wait_completed(&rx, &mut seen, 1);
+    wait_port_completed(&rx, &mut seen, 1);
     let first = pulled(&server);
     let held = entries(&cache.join("tensors"));
     assert!(!held.is_empty(), "the first port filled the cache");
@@ -127,7 +111,7 @@ fn a_second_port_on_the_same_bases_reads_no_base_bytes() {
     // it the patch's files and nothing of either base.
     let (dir, patch_bytes) = variant(tmp.path());
     push_patch(&url, &dir, "acme/qv2");
-    wait_completed(&rx, &mut seen, 2);
+    wait_port_completed(&rx, &mut seen, 2);
     let second = pulled(&server) - first;
     assert_eq!(
         second, patch_bytes,
@@ -166,7 +150,7 @@ fn a_worker_killed_mid_fill_leaves_no_servable_entry() {
     // the dead worker's lease expires).
     let _worker = worker(&url, &cache, &[]).start();
     let mut seen = 0;
-    wait_completed(&rx, &mut seen, 1);
+    wait_port_completed(&rx, &mut seen, 1);
     assert!(!partial.exists(), "the leftover fill was removed");
     assert!(!entries(&cache.join("tensors")).is_empty());
     assert_verified(&cache.join("tensors"));
@@ -185,10 +169,10 @@ fn the_cache_stays_within_its_bound() {
     let bound = 40_000u64;
     let _worker = worker(&url, &cache, &["--cache-bytes", &bound.to_string()]).start();
     let mut seen = 0;
-    wait_completed(&rx, &mut seen, 1);
+    wait_port_completed(&rx, &mut seen, 1);
     let (dir, _) = variant(tmp.path());
     push_patch(&url, &dir, "acme/qv2");
-    wait_completed(&rx, &mut seen, 2);
+    wait_port_completed(&rx, &mut seen, 2);
     let held = entries(&cache.join("tensors"));
     let total: u64 = held
         .iter()
