@@ -50,13 +50,9 @@ if [ ! -f "$work/lora/adapter_config.json" ]; then
 fi
 one_port="$("$py" "$here/variants.py" "$work" "$n")"
 
-run="$work/run-$$"
-rm -rf "$run"; mkdir -p "$run/blobs"
-reg="127.0.0.1:$port"; reg_metrics="127.0.0.1:$((port + 1))"; worker_metrics="127.0.0.1:$((port + 2))"
-export PATCHPORT_REGISTRY="http://$reg"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$run"; }
-trap cleanup EXIT
+# shellcheck source=bench/remote-worker.sh
+source "$here/../remote-worker.sh"
+remote_run_dir
 
 echo "== the offline port of the same pair (p0, v1 -> v2, merged)"
 cat "$work"/v1/* "$work"/v2/* > /dev/null
@@ -67,28 +63,7 @@ o0="$(date +%s.%N)"
 o1="$(date +%s.%N)"
 rm -rf "$run/offline"
 
-"$bin" serve --listen "$reg" --workers 0 --database "sqlite://$run/registry.db" \
-    --blobs "file://$run/blobs" --metrics-listen "$reg_metrics" > "$run/serve.out" 2> "$run/serve.log" &
-pids+=($!)
-for _ in $(seq 1 100); do grep -q "listening" "$run/serve.out" 2>/dev/null && break; sleep 0.1; done
-
-metric() { # metric ADDR NAME [LABEL-FILTER]: the sum of its samples
-    curl -s "http://$1/metrics" | awk -v m="$2" -v f="${3:-}" '
-        $0 !~ /^#/ && (index($1, m "{") == 1 || $1 == m) && index($0, f) { s += $NF } END { printf "%.6f\n", s + 0 }'
-}
-
-echo "== pushing v1 and $n patches"
-"$bin" base push "$work/v1" --name bench/llama --version v1 > /dev/null
-for i in $(seq 0 $((n - 1))); do
-    "$bin" patch push "$work/patches/p$i" --name "bench/p$i" --version 1 --base bench/llama:v1 > /dev/null
-done
-
-"$bin" worker --id bench-worker --no-eval --cache-dir "$run/cache" --metrics-listen "$worker_metrics" \
-    ${WORKER_ARGS:-} 2> "$run/worker.log" &
-pids+=($!)
-"$bin" watch --json --type port.completed > "$run/events" 2>/dev/null &
-pids+=($!)
-sleep 1
+remote_start
 
 pulled0="$(metric "$reg_metrics" patchport_pull_bytes_total)"
 echo "== publishing v2 (parent v1): $n port jobs"
