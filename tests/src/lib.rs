@@ -23,6 +23,18 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
+/// Asserts that each of `names` holds the same bytes under `left` and under `right` (a
+/// pulled merged model and the offline `port --merged` of the same pair, say).
+pub fn assert_same_files(left: &Path, right: &Path, names: &[&str]) {
+    for name in names {
+        let read = |dir: &Path| {
+            std::fs::read(dir.join(name))
+                .unwrap_or_else(|e| panic!("reading {}: {e}", dir.join(name).display()))
+        };
+        assert!(read(left) == read(right), "{name} differs");
+    }
+}
+
 /// Copies every file of the directory `src` (a fixture, say) into `dst`, created if
 /// missing, to change a copy in a temporary directory.
 pub fn copy_dir(src: &Path, dst: &Path) -> std::io::Result<()> {

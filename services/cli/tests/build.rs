@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use patchport_tests::fixtures;
 use patchport_tests::process::{Database, Proc, Serve, Server, Worker, cli, path_arg as s};
+use patchport_tests::{assert_same_files, fixtures};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
@@ -244,13 +244,11 @@ fn scenario(url: &str, data: &Path) {
             "--merged",
         ],
     );
-    for name in ["model.safetensors", "config.json"] {
-        assert!(
-            std::fs::read(pulled.join(name)).expect("pulled")
-                == std::fs::read(offline.join("merged").join(name)).expect("offline"),
-            "{name} differs"
-        );
-    }
+    assert_same_files(
+        &pulled,
+        &offline.join("merged"),
+        &["model.safetensors", "config.json"],
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@ use patchport_tests::process::{
     Database, Proc, Serve, Server, block_on, cli, http_get, metric_sum, path_arg as s,
     wait_port_completed,
 };
-use patchport_tests::{copy_dir, fixtures};
+use patchport_tests::{assert_same_files, copy_dir, fixtures};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
@@ -195,13 +195,11 @@ fn scenario(database: &Database) {
             "--merged",
         ],
     );
-    for name in ["model.safetensors", "config.json"] {
-        assert!(
-            std::fs::read(pulled.join(name)).expect("pulled")
-                == std::fs::read(offline.join("merged").join(name)).expect("offline"),
-            "{name} differs"
-        );
-    }
+    assert_same_files(
+        &pulled,
+        &offline.join("merged"),
+        &["model.safetensors", "config.json"],
+    );
 
     // Fidelity: the diagnostics (the reused modules' included) and the total, hence the
     // risk, are the offline port's numbers exactly.
