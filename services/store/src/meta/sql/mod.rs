@@ -70,7 +70,8 @@ pub(crate) enum Arg {
 
 /// The `WHERE`, `ORDER BY` and `LIMIT` of a version listing (`alias` `b` or `v`), with
 /// its arguments in placeholder order. `base_ids`: the ids of the base versions whose
-/// digest is the filter's `on_base` (resolved by the caller; ignored without `on_base`).
+/// digest is the filter's `on_base`, resolved by the caller (`None` without `on_base`);
+/// the listing is then those bases' versions by id.
 pub(crate) fn listing(
     alias: &str,
     filter: &super::ListFilter,
@@ -98,14 +99,10 @@ pub(crate) fn listing(
         conds.push(format!("{alias}.state = 'published'"));
     }
     let page = &filter.page;
-    let order = if filter.on_base.is_some() {
+    let order = if let Some(base_ids) = base_ids {
         // By known ids, so the planner reads the (base_id, id) index for a base that
         // holds few versions instead of walking every version in id order.
-        let ids: Vec<String> = base_ids
-            .unwrap_or_default()
-            .iter()
-            .map(|id| arg(Arg::Int(*id)))
-            .collect();
+        let ids: Vec<String> = base_ids.iter().map(|id| arg(Arg::Int(*id))).collect();
         conds.push(if ids.is_empty() {
             "1 = 0".to_owned()
         } else {
