@@ -108,40 +108,16 @@ impl Registry {
                 )));
             }
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
         let size = f.size;
-        let worker = tokio::task::spawn_blocking(move || {
+        let stream = self.blobs.read(&f.digest, 0, None).await?;
+        let indexed = crate::service::blobs::consume_blocking(stream, move |chunks| {
             let mut ix = TensorIndexer::new(size);
-            let mut result = Ok(());
-            while let Some(chunk) = rx.blocking_recv() {
-                if result.is_ok() {
-                    result = ix.feed(&chunk);
-                }
+            for chunk in chunks {
+                ix.feed(&chunk)?;
             }
-            result.and_then(|()| ix.finish())
-        });
-        let mut stream = self.blobs.read(&f.digest, 0, None).await?;
-        let mut read_error = None;
-        while let Some(chunk) = stream.next().await {
-            match chunk {
-                Ok(c) => {
-                    if tx.send(c).await.is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    read_error = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(tx);
-        let indexed = worker
-            .await
-            .map_err(|e| ApiError::internal("indexing a safetensors file", e))?;
-        if let Some(e) = read_error {
-            return Err(ApiError::from(e));
-        }
+            ix.finish()
+        })
+        .await?;
         let (header, tensors) =
             indexed.map_err(|e| ApiError::invalid(format!("{}: {e}", f.path)))?;
         if tensors.len() > limits.max_tensors {

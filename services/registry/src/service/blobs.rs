@@ -330,6 +330,47 @@ impl Registry {
     }
 }
 
+/// Feeds a byte stream to `consume` on a blocking thread while the next chunks are read
+/// (up to four ahead), so reading and the CPU-bound work on the bytes (hashing,
+/// indexing) overlap. `consume` gets the chunks in order; when it returns early, reading
+/// stops. A read error is returned in place of what `consume` made of the bytes before
+/// it.
+pub(crate) async fn consume_blocking<E, T>(
+    mut stream: impl Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    consume: impl FnOnce(&mut dyn Iterator<Item = bytes::Bytes>) -> T + Send + 'static,
+) -> ApiResult<T>
+where
+    ApiError: From<E>,
+    T: Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+    let worker = tokio::task::spawn_blocking(move || {
+        consume(&mut std::iter::from_fn(|| rx.blocking_recv()))
+    });
+    let mut read_error = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => {
+                if tx.send(c).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                read_error = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let done = worker
+        .await
+        .map_err(|e| ApiError::internal("a blocking task over a blob's bytes", e))?;
+    match read_error {
+        Some(e) => Err(ApiError::from(e)),
+        None => Ok(done),
+    }
+}
+
 /// Streams `file`'s bytes (`segments`, in order) in messages of at most [`READ_CHUNK`];
 /// the first names the file.
 fn stream_file(

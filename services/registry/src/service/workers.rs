@@ -5,8 +5,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use futures::StreamExt;
-
 use patchport_core::layout::{
     ArtifactFile, BlobRange, DeclaredFile, FileRef, TensorRecord, is_safetensors,
 };
@@ -225,13 +223,16 @@ fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
 impl Workers {
     /// Hashes the bytes a composed file's segments produce.
     async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
-        let mut hasher = patchport_core::Hasher::new();
-        let mut stream = std::pin::pin!(self.registry.compose(segments.to_vec()));
-        while let Some(chunk) = stream.next().await {
-            hasher.update(&chunk?);
-        }
-        let size = hasher.len();
-        Ok((hasher.finish(), size))
+        let stream = Box::pin(self.registry.compose(segments.to_vec()));
+        super::blobs::consume_blocking(stream, |chunks| {
+            let mut hasher = patchport_core::Hasher::new();
+            for chunk in chunks {
+                hasher.update(&chunk);
+            }
+            let size = hasher.len();
+            (hasher.finish(), size)
+        })
+        .await
     }
 
     /// When the running attempt of a job was leased (its ports' start), for the port
