@@ -18,23 +18,8 @@ See ``clients/python/README.md``; :mod:`patchport.peft` loads a port with PEFT a
 
 from ._client import DEFAULT_REGISTRY, Client, Event, PushStats, Resolution, compat_kind, port_state
 from ._files import base_digest, manifest_digest, patch_digest, scan_dir
-from .errors import (
-    AlreadyExists,
-    DigestMismatch,
-    FailedPrecondition,
-    InvalidArgument,
-    LayoutError,
-    NotFound,
-    OutOfRange,
-    PatchportError,
-    PermissionDenied,
-    PortFailed,
-    Refused,
-    ResourceExhausted,
-    Timeout,
-    Unauthenticated,
-    Unavailable,
-)
+from . import errors
+from .errors import *  # noqa: F403 - the error classes, listed once in errors.__all__
 
 __version__ = "0.1.0"
 
@@ -50,19 +35,5 @@ __all__ = [
     "scan_dir",
     "port_state",
     "compat_kind",
-    "PatchportError",
-    "InvalidArgument",
-    "LayoutError",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "Unauthenticated",
-    "FailedPrecondition",
-    "Refused",
-    "PortFailed",
-    "ResourceExhausted",
-    "OutOfRange",
-    "Unavailable",
-    "DigestMismatch",
-    "Timeout",
+    *(name for name in errors.__all__ if name != "from_rpc_error"),
 ]
