@@ -178,6 +178,48 @@ async fn a_segment_write_that_fails_once_is_resent_by_the_resumable_upload() {
     assert_every_blob_verified(files.path());
 }
 
+/// A safetensors blob uploaded whole in one stream is indexed as its bytes arrive: the
+/// push that names it reads none of them back (every blob read, a ranged get, of that
+/// blob fails here), and its tensor index is the one its bytes give.
+#[tokio::test]
+async fn a_push_reads_back_no_safetensors_blob_that_arrived_in_one_stream() {
+    let (reg, faults, files) = faulty_registry().await;
+    let client = reg.client().await.unwrap();
+    let bytes = std::fs::read(v1_dir().join("model.safetensors")).unwrap();
+    let hex = Digest::of(&bytes).hex();
+    faults.fail_matching(Op::GetRange, &hex, None);
+    let out = client
+        .push_dir(&v1_dir(), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .expect("the push needs no read of the uploaded model file");
+    assert!(out.created);
+    assert_eq!(faults.injected(), 0, "the model file was read back");
+    faults.clear();
+
+    let mut indexer = patchport_core::layout::TensorIndexer::new(bytes.len() as u64);
+    indexer.feed(&bytes).unwrap();
+    let (_, expected) = indexer.finish().unwrap();
+    let stored = client
+        .registry()
+        .get_tensor_index(v1::GetVersionRequest {
+            reference: "acme/llama:v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tensors;
+    let stored: BTreeMap<_, _> = stored.into_iter().map(|t| (t.name, t.digest)).collect();
+    let expected: BTreeMap<_, _> = expected
+        .into_iter()
+        .map(|t| (t.name, t.digest.to_string()))
+        .collect();
+    assert_eq!(stored, expected);
+    pull_matches(&client, "acme/llama:v1", &v1_dir())
+        .await
+        .unwrap();
+    assert_every_blob_verified(files.path());
+}
+
 #[tokio::test]
 async fn reads_that_fail_once_are_retried_and_reads_that_keep_failing_fail_cleanly() {
     let (reg, faults, _files) = faulty_registry().await;

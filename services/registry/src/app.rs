@@ -244,6 +244,7 @@ impl Application {
                 blobs,
                 limits: std::sync::Arc::new(config.limits),
                 signing: config.signing,
+                upload_indexes: Default::default(),
             },
             lease: config.lease,
             tls: config.tls,

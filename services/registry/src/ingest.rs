@@ -9,14 +9,17 @@ use futures::StreamExt;
 use patchport_core::adapter::AdapterConfig;
 use patchport_core::layout::{
     self, ADAPTER_CONFIG, ADAPTER_WEIGHTS, FileRef, MODEL_CONFIG, SHARD_INDEX, ShardIndex,
-    TensorIndexer,
+    TensorIndexer, TensorRecord,
 };
 use patchport_core::model_config::ModelConfig;
+use patchport_core::safetensors::{Header, SafetensorsError};
 use patchport_core::{Digest, Name, Reference, Version, VersionRef};
 use patchport_store::meta::{BlobIndex, NewBaseVersion, NewPatchVersion};
 
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
+use crate::limits::Limits;
+use crate::service::blobs::BlockingSink;
 use crate::state::Registry;
 
 /// Largest JSON file (config, adapter config, shard index) read into memory.
@@ -25,6 +28,120 @@ pub(crate) const MAX_JSON_FILE: u64 = 16 << 20;
 pub(crate) const MAX_EVAL_SET: u64 = 64 << 20;
 /// Most files in one version.
 pub(crate) const MAX_FILES: usize = 10_000;
+
+/// The tensor index of a safetensors file of `size` bytes, given in order: the one
+/// indexing path of a read-back ([`Registry::blob_index`]) and of an upload stream
+/// ([`StreamIndexer`]).
+fn index_bytes(
+    size: u64,
+    chunks: &mut dyn Iterator<Item = Bytes>,
+) -> Result<(Header, Vec<TensorRecord>), SafetensorsError> {
+    let mut ix = TensorIndexer::new(size);
+    for chunk in chunks {
+        ix.feed(&chunk)?;
+    }
+    ix.finish()
+}
+
+/// Indexes an upload stream's bytes while they arrive, so that the push that names the
+/// blob finds its tensor index stored and reads nothing back. Only a stream that starts
+/// the upload (offset 0) and carries it to its end yields an index, and only one within
+/// the limits; anything else (a resumed upload, a file that is not safetensors, a
+/// header over `--max-header-bytes`) yields none, and the push indexes the blob itself,
+/// with its errors.
+pub(crate) struct StreamIndexer {
+    sink: BlockingSink<Result<(Header, Vec<TensorRecord>), SafetensorsError>>,
+    size: u64,
+    fed: u64,
+}
+
+impl StreamIndexer {
+    /// An indexer for an upload of `size` bytes whose stream starts with `first` at
+    /// `offset` while `committed` bytes are already stored; `None` when it cannot
+    /// index the whole file from here.
+    pub(crate) fn start(
+        first: &[u8],
+        offset: u64,
+        committed: u64,
+        size: u64,
+        limits: &Limits,
+    ) -> Option<Self> {
+        if offset != 0 || committed != 0 {
+            return None;
+        }
+        let declared = u64::from_le_bytes(first.get(..8)?.try_into().ok()?);
+        if declared > limits.max_header_bytes || declared > size.saturating_sub(8) {
+            return None;
+        }
+        let sink = BlockingSink::spawn(move |chunks| index_bytes(size, chunks));
+        Some(Self { sink, size, fed: 0 })
+    }
+
+    /// Feeds the chunk the upload stored at `offset`; false when this stream can no
+    /// longer be indexed (not contiguous, or not a safetensors file).
+    pub(crate) async fn feed(&mut self, offset: u64, chunk: Bytes) -> bool {
+        if offset != self.fed {
+            return false;
+        }
+        self.fed += chunk.len() as u64;
+        self.sink.send(chunk).await
+    }
+
+    /// The index, when the stream carried every byte and they are a safetensors file
+    /// within the limits.
+    pub(crate) async fn finish(self, limits: &Limits) -> Option<BlobIndex> {
+        if self.fed != self.size {
+            return None;
+        }
+        let (header, tensors) = self.sink.finish().await.ok()?.ok()?;
+        (tensors.len() <= limits.max_tensors).then_some(BlobIndex {
+            json_len: header.json_len,
+            tensors,
+        })
+    }
+}
+
+/// Indexes made by [`StreamIndexer`] for uploads not yet committed, by upload id; the
+/// commit that verifies the digest stores its index. Bounded in entries and in tensors
+/// (uncommitted uploads must not pin memory): the oldest is dropped, and its push
+/// indexes the blob by reading it back.
+#[derive(Debug, Default)]
+pub(crate) struct UploadIndexes {
+    pending: std::sync::Mutex<std::collections::VecDeque<(String, Digest, BlobIndex)>>,
+}
+
+/// Most indexes held for uncommitted uploads.
+const MAX_PENDING_INDEXES: usize = 64;
+/// Most tensor records in all of them together.
+const MAX_PENDING_TENSORS: usize = 200_000;
+
+impl UploadIndexes {
+    /// Keeps the index of upload `upload_id` (of declared `digest`) until its commit.
+    pub(crate) fn insert(&self, upload_id: String, digest: Digest, index: BlobIndex) {
+        if index.tensors.len() > MAX_PENDING_TENSORS {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.retain(|(id, _, _)| *id != upload_id);
+        let mut tensors: usize = pending.iter().map(|(_, _, ix)| ix.tensors.len()).sum();
+        while pending.len() >= MAX_PENDING_INDEXES
+            || tensors + index.tensors.len() > MAX_PENDING_TENSORS
+        {
+            let Some((_, _, dropped)) = pending.pop_front() else {
+                break;
+            };
+            tensors -= dropped.tensors.len();
+        }
+        pending.push_back((upload_id, digest, index));
+    }
+
+    /// Takes the index of upload `upload_id`, with the digest it was declared for.
+    pub(crate) fn take(&self, upload_id: &str) -> Option<(Digest, BlobIndex)> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let at = pending.iter().position(|(id, _, _)| id == upload_id)?;
+        pending.remove(at).map(|(_, digest, index)| (digest, index))
+    }
+}
 
 /// The refusal of a file whose blob is not there (for the caller).
 fn not_uploaded(f: &FileRef) -> ApiError {
@@ -111,11 +228,7 @@ impl Registry {
         let size = f.size;
         let stream = self.blobs.read(&f.digest, 0, None).await?;
         let indexed = crate::service::blobs::consume_blocking(stream, move |chunks| {
-            let mut ix = TensorIndexer::new(size);
-            for chunk in chunks {
-                ix.feed(&chunk)?;
-            }
-            ix.finish()
+            index_bytes(size, chunks)
         })
         .await?;
         let (header, tensors) =
@@ -376,5 +489,46 @@ impl Registry {
             eval_digest,
         };
         Ok(self.meta.insert_patch_version(new, audit).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn index(tensors: usize) -> BlobIndex {
+        let record = TensorRecord {
+            name: "w".into(),
+            dtype: "F32".into(),
+            shape: vec![1],
+            begin: 0,
+            end: 4,
+            digest: Digest::of(b"w"),
+            non_finite: 0,
+        };
+        BlobIndex {
+            json_len: 8,
+            tensors: vec![record; tensors],
+        }
+    }
+
+    #[test]
+    fn pending_upload_indexes_are_bounded_and_taken_once() {
+        let pending = UploadIndexes::default();
+        let digest = Digest::of(b"blob");
+        for i in 0..MAX_PENDING_INDEXES + 6 {
+            pending.insert(format!("u{i}"), digest, index(1));
+        }
+        assert!(pending.take("u0").is_none(), "the oldest was dropped");
+        let (d, ix) = pending.take("u6").expect("kept");
+        assert_eq!((d, ix.tensors.len()), (digest, 1));
+        assert!(pending.take("u6").is_none(), "taken once");
+
+        // Tensors are bounded too: a big index pushes the older ones out.
+        pending.insert("big".into(), digest, index(MAX_PENDING_TENSORS - 1));
+        assert!(pending.take("u7").is_none());
+        assert!(pending.take("big").is_some());
+        pending.insert("huge".into(), digest, index(MAX_PENDING_TENSORS + 1));
+        assert!(pending.take("huge").is_none(), "over the bound alone: not kept");
     }
 }

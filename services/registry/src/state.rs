@@ -22,4 +22,6 @@ pub struct Registry {
     pub limits: Arc<Limits>,
     /// The key that signs versions and ports (`None`: nothing is signed).
     pub signing: crate::signing::Keys,
+    /// Tensor indexes of uploads indexed as they arrived, until their commit.
+    pub(crate) upload_indexes: Arc<crate::ingest::UploadIndexes>,
 }

@@ -330,11 +330,45 @@ impl Registry {
     }
 }
 
-/// Feeds a byte stream to `consume` on a blocking thread while the next chunks are read
-/// (up to four ahead), so reading and the CPU-bound work on the bytes (hashing,
-/// indexing) overlap. `consume` gets the chunks in order; when it returns early, reading
-/// stops. A read error is returned in place of what `consume` made of the bytes before
-/// it.
+/// CPU-bound work over a sequence of chunks (hashing, indexing) on a blocking thread,
+/// fed from async code: up to four chunks wait in between, so producing the bytes (a
+/// read, an upload) and consuming them overlap.
+pub(crate) struct BlockingSink<T> {
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    worker: tokio::task::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> BlockingSink<T> {
+    /// Starts `consume`, which gets the chunks in order until [`finish`](Self::finish)
+    /// (or returns early: then [`send`](Self::send) says so).
+    pub(crate) fn spawn(
+        consume: impl FnOnce(&mut dyn Iterator<Item = bytes::Bytes>) -> T + Send + 'static,
+    ) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let worker = tokio::task::spawn_blocking(move || {
+            consume(&mut std::iter::from_fn(|| rx.blocking_recv()))
+        });
+        Self { tx, worker }
+    }
+
+    /// Hands `chunk` on, waiting while four are queued; false when `consume` has
+    /// returned (it takes no more).
+    pub(crate) async fn send(&self, chunk: bytes::Bytes) -> bool {
+        self.tx.send(chunk).await.is_ok()
+    }
+
+    /// Ends the input and returns what `consume` made of it.
+    pub(crate) async fn finish(self) -> ApiResult<T> {
+        drop(self.tx);
+        self.worker
+            .await
+            .map_err(|e| ApiError::internal("a blocking task over a blob's bytes", e))
+    }
+}
+
+/// Feeds a byte stream to `consume` through a [`BlockingSink`], so reading and the work
+/// on the bytes overlap. When `consume` returns early, reading stops. A read error is
+/// returned in place of what `consume` made of the bytes before it.
 pub(crate) async fn consume_blocking<E, T>(
     mut stream: impl Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     consume: impl FnOnce(&mut dyn Iterator<Item = bytes::Bytes>) -> T + Send + 'static,
@@ -343,15 +377,12 @@ where
     ApiError: From<E>,
     T: Send + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
-    let worker = tokio::task::spawn_blocking(move || {
-        consume(&mut std::iter::from_fn(|| rx.blocking_recv()))
-    });
+    let sink = BlockingSink::spawn(consume);
     let mut read_error = None;
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(c) => {
-                if tx.send(c).await.is_err() {
+                if !sink.send(c).await {
                     break;
                 }
             }
@@ -361,10 +392,7 @@ where
             }
         }
     }
-    drop(tx);
-    let done = worker
-        .await
-        .map_err(|e| ApiError::internal("a blocking task over a blob's bytes", e))?;
+    let done = sink.finish().await?;
     match read_error {
         Some(e) => Err(ApiError::from(e)),
         None => Ok(done),
@@ -553,6 +581,13 @@ impl BlobService for Blobs {
             .upload_writer_as(&upload_id, owner.as_deref())
             .await
             .map_err(ApiError::from)?;
+        let mut indexer = crate::ingest::StreamIndexer::start(
+            &first.data,
+            first.offset,
+            writer.committed(),
+            writer.size(),
+            &limits,
+        );
         let mut next = Some(first);
         let mut failure: Option<Status> = None;
         while let Some(chunk) = next.take() {
@@ -574,9 +609,15 @@ impl BlobService for Blobs {
                 break;
             }
             let len = chunk.data.len();
+            let kept = indexer.as_ref().map(|_| chunk.data.clone());
             if let Err(e) = writer.write(chunk.offset, chunk.data).await {
                 failure = Some(ApiError::from(e).into());
                 break;
+            }
+            if let (Some(ix), Some(data)) = (indexer.as_mut(), kept)
+                && !ix.feed(chunk.offset, data).await
+            {
+                indexer = None;
             }
             meter.received(len);
             match self.next_chunk(&mut stream, &mut writer).await {
@@ -589,9 +630,17 @@ impl BlobService for Blobs {
                 }
             }
         }
+        let digest = *writer.digest();
         let committed = writer.flush().await.map_err(ApiError::from)?;
         if let Some(status) = failure {
             return Err(status);
+        }
+        if let Some(ix) = indexer
+            && let Some(index) = ix.finish(&limits).await
+        {
+            self.registry
+                .upload_indexes
+                .insert(upload_id, digest, index);
         }
         Ok(Response::new(v1::UploadChunksResponse {
             committed_offset: committed,
@@ -635,10 +684,17 @@ impl BlobService for Blobs {
             .map_err(ApiError::from)?;
         // A caller that may not see the blob proves it holds the bytes by this upload.
         let must_prove = !auth.may_read_blob(&who, &digest).await?;
+        let indexed = self.registry.upload_indexes.take(&upload_id);
         let out = blobs
             .commit_upload_as(&upload_id, owner.as_deref(), must_prove)
             .await
             .map_err(ApiError::from)?;
+        // The bytes the stream indexed are the verified blob: its push reads none back.
+        if let Some((_, index)) = indexed.filter(|(d, _)| *d == out.digest)
+            && let Err(e) = self.registry.meta.put_blob_index(&out.digest, &index).await
+        {
+            tracing::warn!(digest = %out.digest, error = %e, "storing an upload's tensor index (its push will index it)");
+        }
         auth.record_upload(&who, &out.digest).await?;
         Ok(Response::new(v1::CommitUploadResponse {
             digest: out.digest.to_string(),

@@ -144,6 +144,16 @@ impl std::fmt::Debug for UploadWriter {
 }
 
 impl UploadWriter {
+    /// The declared digest of the upload.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The declared size of the upload.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Bytes durably persisted from offset 0 (buffered bytes not included).
     pub fn committed(&self) -> u64 {
         self.committed
