@@ -270,3 +270,18 @@ impl ObjectStore for FaultyStore {
         self.inner.copy_opts(from, to, options).await
     }
 }
+
+/// A registry over a fault-injecting store on local files. Segments of 64 KiB, so the
+/// fixture's model file (517 KiB) takes the large-blob path (staging, multipart, copy).
+pub async fn faulty_registry() -> (crate::TestRegistry, Arc<Faults>, tempfile::TempDir) {
+    let files = tempfile::tempdir().unwrap();
+    let local = object_store::local::LocalFileSystem::new_with_prefix(files.path()).unwrap();
+    let (faulty, faults) = FaultyStore::new(Arc::new(local));
+    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
+    let blobs = patchport_store::blobs::BlobStore::new(store, object_store::path::Path::default())
+        .with_segment_size(64 << 10);
+    let reg = crate::TestRegistry::start_with_blobs(crate::Backend::Embedded, blobs)
+        .await
+        .unwrap();
+    (reg, faults, files)
+}

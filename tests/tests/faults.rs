@@ -13,32 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use patchport_client::{Client, ClientError, NoProgress};
 use patchport_core::Digest;
 use patchport_proto::v1;
 use patchport_registry::Config;
-use patchport_store::blobs::BlobStore;
-use patchport_tests::faults::{Faults, FaultyStore, Op};
+use patchport_tests::faults::{Op, faulty_registry};
 use patchport_tests::postgres::PrivatePostgres;
-use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, query_i64s, read_tree};
+use patchport_tests::{TestRegistry, base, fixtures, patch, query_i64s, read_tree};
 use tonic::Code;
-
-/// A registry over a fault-injecting store on local files. Segments of 64 KiB, so the
-/// fixture's model file (517 KiB) takes the large-blob path (staging, multipart, copy).
-async fn faulty_registry() -> (TestRegistry, Arc<Faults>, tempfile::TempDir) {
-    let files = tempfile::tempdir().unwrap();
-    let local = LocalFileSystem::new_with_prefix(files.path()).unwrap();
-    let (faulty, faults) = FaultyStore::new(Arc::new(local));
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-    let blobs =
-        BlobStore::new(store, object_store::path::Path::default()).with_segment_size(64 << 10);
-    let reg = TestRegistry::start_with_blobs(Backend::Embedded, blobs)
-        .await
-        .unwrap();
-    (reg, faults, files)
-}
 
 fn v1_dir() -> std::path::PathBuf {
     fixtures().join("llama-micro/v1")

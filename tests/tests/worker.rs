@@ -177,3 +177,82 @@ async fn a_remote_port_composes_into_the_offline_bytes() {
     assert_eq!(refused.refusals[0].kind, RefusalKind::Dora);
     assert!(refused.adapter_files.is_empty() && refused.merged_files.is_empty());
 }
+
+/// A small patch's files ride with its lease (`Job.patch_file_bytes`): a worker that holds
+/// them reads nothing of the patch from the registry (every read of the patch's blobs
+/// fails here), and bytes that do not match their file's digest are not used (the worker
+/// reads that file instead, which fails here).
+#[tokio::test]
+async fn a_port_uses_the_patch_bytes_of_its_lease_and_only_verified_ones() {
+    let (reg, faults, _files) = patchport_tests::faults::faulty_registry().await;
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    let patch_dir = f.join("patches/lora-qv");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &patch_dir,
+            &patch("acme/lora-qv", "1", "acme/llama:v1"),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    // Publishing v2 queues the port; its lease carries the patch's files, in order.
+    client
+        .push_dir(
+            &f.join("v2-sharded"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let mut job = client
+        .workers()
+        .lease_job(v1::LeaseJobRequest {
+            worker_id: "w1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .expect("the port of acme/lora-qv:1 onto v2 is queued");
+    let files = job.patch.as_ref().unwrap().files.clone();
+    let on_disk: Vec<bytes::Bytes> = files
+        .iter()
+        .map(|e| bytes::Bytes::from(std::fs::read(patch_dir.join(&e.path)).unwrap()))
+        .collect();
+    assert_eq!(job.patch_file_bytes, on_disk);
+    for e in &files {
+        let hex = e.digest.parse::<Digest>().unwrap().hex();
+        faults.fail_matching(patchport_tests::faults::Op::Get, &hex, None);
+        faults.fail_matching(patchport_tests::faults::Op::GetRange, &hex, None);
+    }
+
+    let result = patchport_worker::port_job(&client, &job, Device::Cpu)
+        .await
+        .expect("the patch came with the lease");
+    assert!(result.refusals.is_empty());
+    assert_eq!(result.diagnostics.as_ref().unwrap().modules.len(), 4);
+    assert_eq!(faults.injected(), 0, "the worker read the patch's blobs");
+
+    let weights = files
+        .iter()
+        .position(|e| e.path.ends_with(".safetensors"))
+        .unwrap();
+    let len = job.patch_file_bytes[weights].len();
+    job.patch_file_bytes[weights] = bytes::Bytes::from(vec![0u8; len]);
+    assert!(
+        patchport_worker::port_job(&client, &job, Device::Cpu)
+            .await
+            .is_err(),
+        "bytes that do not match their digest were used"
+    );
+    assert!(
+        faults.injected() > 0,
+        "the worker did not read the file itself"
+    );
+}

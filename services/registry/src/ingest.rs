@@ -529,6 +529,9 @@ mod tests {
         assert!(pending.take("u7").is_none());
         assert!(pending.take("big").is_some());
         pending.insert("huge".into(), digest, index(MAX_PENDING_TENSORS + 1));
-        assert!(pending.take("huge").is_none(), "over the bound alone: not kept");
+        assert!(
+            pending.take("huge").is_none(),
+            "over the bound alone: not kept"
+        );
     }
 }

@@ -362,6 +362,26 @@ impl RemoteSource {
         }
     }
 
+    /// Holds the patch files' bytes that came with the lease (in the order of `files`),
+    /// each only when its digest and size are its file's: those files are then read
+    /// without a ReadBlob call. Anything else is read from the registry as usual.
+    fn hold_patch_bytes(&self, files: &[FileRef], bytes: &[Bytes]) {
+        let SourceKind::Patch(whole) = &self.kind else {
+            return;
+        };
+        if bytes.len() != files.len() {
+            return;
+        }
+        let mut whole = whole.lock().unwrap_or_else(|e| e.into_inner());
+        for (f, b) in files.iter().zip(bytes) {
+            if b.len() as u64 == f.size && Digest::of(b) == f.digest {
+                whole.insert(f.path.clone(), b.clone());
+            } else {
+                tracing::warn!(path = %f.path, "a patch file that came with the lease does not match its digest; reading it");
+            }
+        }
+    }
+
     fn file(&self, path: &str) -> io::Result<(Digest, u64)> {
         self.files.get(path).copied().ok_or_else(|| {
             io::Error::new(
@@ -620,6 +640,7 @@ pub async fn port_job_with(
         ),
     )?;
     let adapter = RemoteSource::patch(client, state, &patch.name, &patch.version, &patch_files);
+    adapter.hold_patch_bytes(&patch_files, &job.patch_file_bytes);
     // Merged tensors an earlier port of this patch already stored (only a merged port
     // can name them in its files).
     let reuse: Vec<ReusedTensor> = try_list("reused_tensors", &job.reused_tensors)?;

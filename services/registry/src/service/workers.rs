@@ -29,6 +29,8 @@ pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
 /// How many earlier ports of a patch (newest first) a lease looks at for merged tensors
 /// to reuse.
 const REUSE_FROM: u32 = 4;
+/// A patch whose files together are at most this many bytes comes whole with its lease.
+const INLINE_PATCH_BYTES: u64 = 1 << 20;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -310,6 +312,7 @@ impl Workers {
                 "merged tensors reused from earlier ports"
             );
         }
+        let patch_file_bytes = self.small_patch_bytes(&patch.files).await;
         Ok(v1::Job {
             job_id: leased.job.id.to_string(),
             fencing_token: leased.job.fencing_token,
@@ -321,7 +324,27 @@ impl Workers {
             target_base: Some(base_to_proto(&target)),
             merged: true,
             reused_tensors: reused.iter().map(Into::into).collect(),
+            patch_file_bytes,
         })
+    }
+
+    /// The bytes of a small patch's files (all of them together at most
+    /// [`INLINE_PATCH_BYTES`]), in order, to ride with its lease; empty for a larger
+    /// patch, or when a read fails (the worker then reads them itself).
+    async fn small_patch_bytes(&self, files: &[FileRef]) -> Vec<bytes::Bytes> {
+        if files.iter().map(|f| f.size).sum::<u64>() > INLINE_PATCH_BYTES {
+            return Vec::new();
+        }
+        let reads = files
+            .iter()
+            .map(|f| async move { self.registry.blobs.read_all(&f.digest).await });
+        match futures::future::try_join_all(reads).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading a small patch's files for its lease (the worker will read them)");
+                Vec::new()
+            }
+        }
     }
 
     /// The merged tensors a job can take from earlier merged ports of its patch version

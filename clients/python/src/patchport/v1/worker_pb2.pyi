@@ -24,7 +24,7 @@ class LeaseJobRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., loaded_base_digests: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "fencing_token", "lease_expires_at", "attempt", "method_version", "patch", "source_base", "target_base", "merged", "reused_tensors")
+    __slots__ = ("job_id", "fencing_token", "lease_expires_at", "attempt", "method_version", "patch", "source_base", "target_base", "merged", "reused_tensors", "patch_file_bytes")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class Job(_message.Message):
     TARGET_BASE_FIELD_NUMBER: _ClassVar[int]
     MERGED_FIELD_NUMBER: _ClassVar[int]
     REUSED_TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PATCH_FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     fencing_token: int
     lease_expires_at: _timestamp_pb2.Timestamp
@@ -45,7 +46,8 @@ class Job(_message.Message):
     target_base: _common_pb2.BaseVersion
     merged: bool
     reused_tensors: _containers.RepeatedCompositeFieldContainer[ReusedTensor]
-    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., method_version: _Optional[str] = ..., patch: _Optional[_Union[_common_pb2.PatchVersion, _Mapping]] = ..., source_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., target_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., merged: _Optional[bool] = ..., reused_tensors: _Optional[_Iterable[_Union[ReusedTensor, _Mapping]]] = ...) -> None: ...
+    patch_file_bytes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., method_version: _Optional[str] = ..., patch: _Optional[_Union[_common_pb2.PatchVersion, _Mapping]] = ..., source_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., target_base: _Optional[_Union[_common_pb2.BaseVersion, _Mapping]] = ..., merged: _Optional[bool] = ..., reused_tensors: _Optional[_Iterable[_Union[ReusedTensor, _Mapping]]] = ..., patch_file_bytes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class ReusedTensor(_message.Message):
     __slots__ = ("tensor", "digest", "size", "diagnostics")
