@@ -29,7 +29,7 @@ use rayon::prelude::*;
 
 use crate::config::{Activation, ArchConfig, Family};
 use crate::error::EvalError;
-use crate::ops::{self, Attention};
+use crate::ops::{self, Attention, Heads};
 use crate::tree::PrefixTree;
 
 /// Keys and values of every layer for the positions seen so far, `[1, kv_heads, T, d]`.
@@ -69,6 +69,18 @@ impl Norm {
         match self {
             Norm::Rms { weight, eps } => candle_nn::ops::rms_norm(x, weight, *eps),
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(x, weight, bias, *eps),
+        }
+    }
+
+    /// The residual `x + delta` and its norm (RMS: one fused pass on the CPU).
+    fn add_forward(&self, x: &Tensor, delta: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Norm::Rms { weight, eps } => ops::add_rms_norm(x, delta, weight, *eps),
+            Norm::Layer { .. } => {
+                let sum = (x + delta)?;
+                let normed = self.forward(&sum)?;
+                Ok((sum, normed))
+            }
         }
     }
 }
@@ -489,36 +501,37 @@ impl Model {
         let attend_rows = Attention::new(tree.ancestry(rows), dev, masked)?;
         let rows_u32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let rows_t = Tensor::new(rows_u32.as_slice(), dev)?;
-        let (nh, nkv, d) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let last = self.blocks.len().saturating_sub(1);
-        if self.blocks.is_empty() {
-            x = x.index_select(&rows_t, 0)?;
-        }
+        let heads = Heads {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            d: self.cfg.head_dim,
+        };
+        let Some(first) = self.blocks.first() else {
+            return self.final_norm.forward(&x.index_select(&rows_t, 0)?);
+        };
+        // `h`: the normed input of the next sublayer, from the fused residual + norm.
+        let mut h = first.ln1.forward(&x)?;
         for (i, b) in self.blocks.iter().enumerate() {
-            let h = b.ln1.forward(&x)?;
-            let qkv = b.qkv.forward(&h)?;
-            let part = |at: usize, heads: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(1, at * d, heads * d)?.reshape((n, heads, d))
-            };
-            let (mut q, mut k, v) = (part(0, nh)?, part(nh, nkv)?, part(nh + nkv, nkv)?);
+            let mut qkv = b.qkv.forward(&h)?;
             if let Some((cos, sin)) = &rope {
-                let rot = |t: &Tensor| -> candle_core::Result<Tensor> {
-                    candle_nn::rotary_emb::rope_thd(&t.unsqueeze(0)?, cos, sin)?.squeeze(0)
-                };
-                q = rot(&q)?;
-                k = rot(&k)?;
+                qkv = ops::rope_qkv(&qkv, cos, sin, heads)?;
             }
-            let y = if i == last {
-                x = x.index_select(&rows_t, 0)?;
-                attend_rows.forward(&q.index_select(&rows_t, 0)?, &k, &v, b.attn_scale)?
-            } else {
-                attend_all.forward(&q, &k, &v, b.attn_scale)?
+            let next_norm = match self.blocks.get(i + 1) {
+                Some(next) => &next.ln1,
+                None => &self.final_norm,
             };
-            x = (x + b.o.forward(&y)?)?;
-            let h = b.ln2.forward(&x)?;
-            x = (x + b.mlp.forward(&h)?)?;
+            let y = if i + 1 == self.blocks.len() {
+                x = x.index_select(&rows_t, 0)?;
+                attend_rows.forward(&qkv, heads, b.attn_scale)?
+            } else {
+                attend_all.forward(&qkv, heads, b.attn_scale)?
+            };
+            let (x1, h1) = b.ln2.add_forward(&x, &b.o.forward(&y)?)?;
+            let (x2, h2) = next_norm.add_forward(&x1, &b.mlp.forward(&h1)?)?;
+            x = x2;
+            h = h2;
         }
-        self.final_norm.forward(&x)
+        Ok(h)
     }
 
     /// The decoder over `rows` sequences of `ids.len() / rows` slots each, slot `s` of row

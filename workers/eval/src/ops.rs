@@ -30,22 +30,50 @@ fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// `Σ a_i b_i`, products and sum in f64 (eight lanes, so it vectorises).
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
+/// `Σ a_i b_i` in eight f32 lanes (so it vectorises without reassociation flags).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f64 = ca
+    let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += f64::from(x[l]) * f64::from(y[l]);
+            acc[l] += x[l] * y[l];
         }
     }
-    acc.iter().sum::<f64>() + tail
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The head layout of a fused `[nodes, (heads + 2 · kv_heads) · d]` q/k/v projection: q
+/// heads, then k heads, then v heads, `d` columns each. Grouped-query: q head `h` reads
+/// kv head `h / (heads / kv_heads)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads {
+    pub(crate) heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) d: usize,
+}
+
+impl Heads {
+    fn width(self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.d
+    }
+
+    fn check(self, qkv: &Tensor) -> Result<usize> {
+        let (nodes, w) = qkv.dims2()?;
+        if w != self.width()
+            || self.d == 0
+            || self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
+            bail!("q/k/v of width {w} do not fit {self:?}")
+        }
+        Ok(nodes)
+    }
 }
 
 /// How a batch's queries attend: over ancestor chains (CPU) or with a dense mask.
@@ -53,8 +81,9 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 pub(crate) enum Attention {
     /// The CPU kernel over each query's ancestors.
     Tree(Arc<Ancestry>),
-    /// `[queries, nodes]` additive mask (0 or `-inf`), for the matmul path.
-    Masked(Tensor),
+    /// For the matmul path: the `[queries, nodes]` additive mask (0 or `-inf`) and the
+    /// query nodes (u32).
+    Masked { mask: Tensor, queries: Tensor },
 }
 
 impl Attention {
@@ -64,82 +93,177 @@ impl Attention {
             return Ok(Self::Tree(Arc::new(ancestry)));
         }
         let shape = (ancestry.queries(), ancestry.nodes());
-        Ok(Self::Masked(Tensor::from_vec(
-            ancestry.mask(),
-            shape,
-            device,
-        )?))
+        let queries: Vec<u32> = ancestry.query_nodes().map(|q| q as u32).collect();
+        Ok(Self::Masked {
+            mask: Tensor::from_vec(ancestry.mask(), shape, device)?,
+            queries: Tensor::new(queries.as_slice(), device)?,
+        })
     }
 
-    /// Softmax attention of `q` (`[queries, heads, d]`) over `k` and `v` (`[nodes,
-    /// kv_heads, d]`, grouped-query: head `h` reads kv head `h / (heads / kv_heads)`),
-    /// scores scaled by `scale`. Returns `[queries, heads · d]`.
-    pub(crate) fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let (nq, heads, d) = q.dims3()?;
-        let (nodes, kv_heads, dk) = k.dims3()?;
-        if dk != d || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 {
-            bail!(
-                "attention shapes: q {:?}, k {:?}, v {:?}",
-                q.dims(),
-                k.dims(),
-                v.dims()
-            )
-        }
+    /// Softmax attention of the query nodes over their ancestors, from a fused q/k/v
+    /// projection (`[nodes, width]`, see [`Heads`]; rope already applied), scores scaled by
+    /// `scale`. Returns `[queries, heads · d]`.
+    pub(crate) fn forward(&self, qkv: &Tensor, heads: Heads, scale: f64) -> Result<Tensor> {
+        let nodes = heads.check(qkv)?;
+        let Heads {
+            heads: h,
+            kv_heads: g,
+            d,
+        } = heads;
         match self {
             Self::Tree(ancestry) => {
-                if ancestry.queries() != nq || ancestry.nodes() != nodes {
+                if ancestry.nodes() != nodes {
                     bail!(
-                        "attention: {nq} queries over {nodes} nodes, the tree has {} over {}",
-                        ancestry.queries(),
+                        "attention over {nodes} nodes, the tree has {}",
                         ancestry.nodes()
                     )
                 }
                 let op = TreeAttention {
                     ancestry: Arc::clone(ancestry),
                     heads,
-                    kv_heads,
-                    d,
-                    scale,
+                    scale: scale as f32,
                 };
-                q.contiguous()?
-                    .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+                qkv.contiguous()?.apply_op1_no_bwd(&op)
             }
-            Self::Masked(mask) => {
-                let rep = heads / kv_heads;
-                let q = q.transpose(0, 1)?.contiguous()?;
-                let expand = |t: &Tensor| -> Result<Tensor> {
-                    let t = t.transpose(0, 1)?;
+            Self::Masked { mask, queries } => {
+                let nq = queries.dim(0)?;
+                let rep = h / g;
+                let q = qkv
+                    .contiguous()?
+                    .index_select(queries, 0)?
+                    .narrow(1, 0, h * d)?
+                    .reshape((nq, h, d))?
+                    .transpose(0, 1)?
+                    .contiguous()?;
+                let expand = |at: usize| -> Result<Tensor> {
+                    let t = qkv
+                        .narrow(1, at * d, g * d)?
+                        .reshape((nodes, g, d))?
+                        .transpose(0, 1)?;
                     if rep == 1 {
                         return t.contiguous();
                     }
                     t.unsqueeze(1)?
-                        .expand((kv_heads, rep, nodes, d))?
-                        .reshape((heads, nodes, d))
+                        .expand((g, rep, nodes, d))?
+                        .reshape((h, nodes, d))
                 };
-                let (k, v) = (expand(k)?, expand(v)?);
+                let (k, v) = (expand(h)?, expand(h + g)?);
                 let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                att.matmul(&v)?.transpose(0, 1)?.reshape((nq, heads * d))
+                att.matmul(&v)?.transpose(0, 1)?.reshape((nq, h * d))
             }
         }
     }
 }
 
 /// The CPU kernel of [`Attention::Tree`]: per query (rayon), per head, the scores over
-/// the ancestor chain, their max-shifted exponentials, their sum and the weighted sum of
-/// the values, all in f64 (one rounding to f32 at the end; the chains are short, so this
-/// costs little next to the projections).
+/// the ancestor chain in f32 (scaled like candle's `(q·k) · scale`), their max-shifted
+/// exponentials summed in f64, and the weighted sum of the values divided by that sum
+/// once at the end. Reads q, k and v in place from the fused projection.
 struct TreeAttention {
     ancestry: Arc<Ancestry>,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
-    scale: f64,
+    heads: Heads,
+    scale: f32,
 }
 
-impl CustomOp3 for TreeAttention {
+impl CustomOp1 for TreeAttention {
     fn name(&self) -> &'static str {
         "tree-attention"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = f32s(s, l, "qkv")?;
+        let Heads {
+            heads: h,
+            kv_heads: g,
+            d,
+        } = self.heads;
+        let w = self.heads.width();
+        let nq = self.ancestry.queries();
+        if qkv.len() != self.ancestry.nodes() * w {
+            bail!("tree-attention: q/k/v size does not match the tree")
+        }
+        let rep = h / g;
+        // The `d` values of head `head` (a column offset) of node `node`; the nodes of an
+        // ancestry are below `nodes`, checked above.
+        let at = |node: usize, head: usize| -> &[f32] {
+            let start = node * w + head * d;
+            qkv.get(start..start + d).unwrap_or(&[])
+        };
+        let mut out = vec![0f32; nq * h * d];
+        out.par_chunks_mut(h * d).enumerate().for_each(|(i, out)| {
+            let keys = self.ancestry.of(i);
+            let Some(&node) = keys.last() else {
+                return;
+            };
+            let mut w = vec![0f32; keys.len()];
+            for (head, out) in out.chunks_exact_mut(d).enumerate() {
+                let q = at(node, head);
+                let kv = head / rep;
+                let mut max = f32::NEG_INFINITY;
+                for (w, &j) in w.iter_mut().zip(keys) {
+                    *w = dot(q, at(j, h + kv)) * self.scale;
+                    max = max.max(*w);
+                }
+                let mut sum = 0f64;
+                for (w, &j) in w.iter().zip(keys) {
+                    let e = (w - max).exp();
+                    sum += f64::from(e);
+                    for (o, &x) in out.iter_mut().zip(at(j, h + g + kv)) {
+                        *o += e * x;
+                    }
+                }
+                let inv = (1.0 / sum) as f32;
+                for o in out.iter_mut() {
+                    *o *= inv;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((nq, h * d))))
+    }
+}
+
+/// Rotary embeddings on the q and k heads of a fused q/k/v projection (`[nodes,
+/// width]`, see [`Heads`]), node `i` at the angles of row `i` of `cos` and `sin`
+/// (`[nodes, d / 2]`); v is copied. The same arithmetic as candle's `rope`.
+pub(crate) fn rope_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, heads: Heads) -> Result<Tensor> {
+    let nodes = heads.check(qkv)?;
+    if cos.dims() != [nodes, heads.d / 2] || sin.dims() != cos.dims() || !heads.d.is_multiple_of(2)
+    {
+        bail!(
+            "rope tables {:?} for {nodes} nodes of {heads:?}",
+            cos.dims()
+        )
+    }
+    if qkv.device().is_cpu() {
+        return qkv.contiguous()?.apply_op3_no_bwd(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            &RopeQkv { heads },
+        );
+    }
+    let Heads {
+        heads: h,
+        kv_heads: g,
+        d,
+    } = heads;
+    let rot = |at: usize, n: usize| -> Result<Tensor> {
+        let t = qkv.narrow(1, at * d, n * d)?.reshape((1, nodes, n, d))?;
+        candle_nn::rotary_emb::rope_thd(&t, cos, sin)?.reshape((nodes, n * d))
+    };
+    Tensor::cat(
+        &[rot(0, h)?, rot(h, g)?, qkv.narrow(1, (h + g) * d, g * d)?],
+        1,
+    )
+}
+
+struct RopeQkv {
+    heads: Heads,
+}
+
+impl CustomOp3 for RopeQkv {
+    fn name(&self) -> &'static str {
+        "rope-qkv"
     }
 
     fn cpu_fwd(
@@ -151,46 +275,113 @@ impl CustomOp3 for TreeAttention {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32s(s1, l1, "q")?, f32s(s2, l2, "k")?, f32s(s3, l3, "v")?);
-        let (h, g, d) = (self.heads, self.kv_heads, self.d);
-        let (nq, nodes) = (self.ancestry.queries(), self.ancestry.nodes());
-        if q.len() != nq * h * d || k.len() != nodes * g * d || v.len() != k.len() {
-            bail!("tree-attention: buffer sizes do not match the tree")
+        let (x, cos, sin) = (
+            f32s(s1, l1, "qkv")?,
+            f32s(s2, l2, "cos")?,
+            f32s(s3, l3, "sin")?,
+        );
+        let Heads {
+            heads: h,
+            kv_heads: g,
+            d,
+        } = self.heads;
+        let (w, half) = (self.heads.width(), d / 2);
+        let nodes = l1.shape().dims2()?.0;
+        if x.len() != nodes * w || cos.len() != nodes * half || sin.len() != cos.len() {
+            bail!("rope-qkv: sizes do not match")
         }
-        let rep = h / g;
-        let mut out = vec![0f32; nq * h * d];
-        out.par_chunks_mut(h * d)
-            .zip(q.par_chunks(h * d))
-            .enumerate()
-            .for_each(|(i, (out, q))| {
-                let keys = self.ancestry.of(i);
-                let mut w = vec![0f64; keys.len()];
-                let mut acc = vec![0f64; d];
-                for ((head, out), q) in out.chunks_exact_mut(d).enumerate().zip(q.chunks_exact(d)) {
-                    let kv = head / rep;
-                    fn row(t: &[f32], at: usize, d: usize) -> &[f32] {
-                        t.get(at..at + d).unwrap_or(&[])
-                    }
-                    let mut max = f64::NEG_INFINITY;
-                    for (w, &j) in w.iter_mut().zip(keys) {
-                        *w = dot(q, row(k, (j * g + kv) * d, d)) * self.scale;
-                        max = max.max(*w);
-                    }
-                    acc.fill(0.0);
-                    let mut sum = 0f64;
-                    for (w, &j) in w.iter().zip(keys) {
-                        let e = (w - max).exp();
-                        sum += e;
-                        for (a, &x) in acc.iter_mut().zip(row(v, (j * g + kv) * d, d)) {
-                            *a += e * f64::from(x);
-                        }
-                    }
-                    for (o, a) in out.iter_mut().zip(&acc) {
-                        *o = (a / sum) as f32;
+        let mut out = x.to_vec();
+        out.par_chunks_mut(w)
+            .zip(cos.par_chunks(half))
+            .zip(sin.par_chunks(half))
+            .for_each(|((row, cos), sin)| {
+                for head in row[..(h + g) * d].chunks_exact_mut(d) {
+                    let (a, b) = head.split_at_mut(half);
+                    for (((x1, x2), &c), &s) in a.iter_mut().zip(b).zip(cos).zip(sin) {
+                        let (v1, v2) = (*x1, *x2);
+                        *x1 = v1 * c - v2 * s;
+                        *x2 = v1 * s + v2 * c;
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), Shape::from((nq, h * d))))
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// `x + delta` and its RMS norm (`weight`, `eps`), in one pass on the CPU: the residual
+/// stream and the next sublayer's input. The same arithmetic as candle's add and
+/// candle-nn's `rms_norm`.
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    let (_, hidden) = x.dims2()?;
+    if delta.dims() != x.dims() || weight.dims() != [hidden] {
+        bail!(
+            "add_rms_norm: x {:?}, delta {:?}, weight {:?}",
+            x.dims(),
+            delta.dims(),
+            weight.dims()
+        )
+    }
+    if !x.device().is_cpu() {
+        let sum = (x + delta)?;
+        let normed = candle_nn::ops::rms_norm(&sum, weight, eps)?;
+        return Ok((sum, normed));
+    }
+    let both = x.contiguous()?.apply_op3_no_bwd(
+        &delta.contiguous()?,
+        &weight.contiguous()?,
+        &AddRmsNorm { eps },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, delta, alpha) = (
+            f32s(s1, l1, "x")?,
+            f32s(s2, l2, "delta")?,
+            f32s(s3, l3, "weight")?,
+        );
+        let (rows, n) = l1.shape().dims2()?;
+        if n == 0 || x.len() != rows * n || delta.len() != x.len() || alpha.len() != n {
+            bail!("add-rms-norm: sizes do not match")
+        }
+        let mut out = vec![0f32; 2 * rows * n];
+        let (sums, normed) = out.split_at_mut(rows * n);
+        sums.par_chunks_mut(n)
+            .zip(normed.par_chunks_mut(n))
+            .zip(x.par_chunks(n).zip(delta.par_chunks(n)))
+            .for_each(|((sum, normed), (x, delta))| {
+                for ((s, &a), &b) in sum.iter_mut().zip(x).zip(delta) {
+                    *s = a + b;
+                }
+                let sum2 = sum.iter().map(|&v| v * v).sum::<f32>();
+                let m = (sum2 / n as f32 + self.eps).sqrt();
+                for ((o, &s), &a) in normed.iter_mut().zip(sum.iter()).zip(alpha) {
+                    *o = s / m * a;
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((2, rows, n))))
     }
 }
 
@@ -198,7 +389,7 @@ impl CustomOp3 for TreeAttention {
 /// `[rows, inter]`, in f32 as candle computes `silu` then the product.
 pub(crate) fn silu_mul(gate_up: &Tensor) -> Result<Tensor> {
     let (_, two) = gate_up.dims2()?;
-    if two % 2 != 0 {
+    if !two.is_multiple_of(2) {
         bail!("silu_mul: odd width {two}")
     }
     let inter = two / 2;
@@ -255,6 +446,16 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let a: Vec<f32> = a.flatten_all().expect("a").to_vec1().expect("a");
+        let b: Vec<f32> = b.flatten_all().expect("b").to_vec1().expect("b");
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn tree_kernel_equals_the_masked_product() {
         let mut t = PrefixTree::new();
@@ -264,26 +465,73 @@ mod tests {
         t.extend(Some(p[1]), &[8, 9, 10]);
         t.extend(None, &[11, 12]);
         let n = t.len();
-        let (heads, kv, d) = (6, 2, 12);
-        let (k, v) = (rand((n, kv, d), 2), rand((n, kv, d), 3));
-        for queries in [(0..n).collect::<Vec<_>>(), vec![n - 1, 5, 2]] {
-            let q = rand((queries.len(), heads, d), 1);
-            let out = |masked: bool| -> Vec<Vec<f32>> {
-                let a = Attention::new(t.ancestry(&queries), &Device::Cpu, masked).expect("new");
-                a.forward(&q, &k, &v, 0.3)
-                    .expect("forward")
-                    .to_vec2()
-                    .expect("vec")
-            };
-            let (tree, dense) = (out(false), out(true));
-            let diff = tree
-                .iter()
-                .flatten()
-                .zip(dense.iter().flatten())
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-6, "tree vs masked: {diff}");
+        for heads in [
+            Heads {
+                heads: 6,
+                kv_heads: 2,
+                d: 12,
+            },
+            Heads {
+                heads: 3,
+                kv_heads: 3,
+                d: 5,
+            },
+        ] {
+            let qkv = rand((n, heads.width(), 1), 7)
+                .reshape((n, heads.width()))
+                .expect("qkv");
+            for queries in [(0..n).collect::<Vec<_>>(), vec![n - 1, 5, 2]] {
+                let out = |masked: bool| -> Tensor {
+                    let a =
+                        Attention::new(t.ancestry(&queries), &Device::Cpu, masked).expect("new");
+                    a.forward(&qkv, heads, 0.3).expect("forward")
+                };
+                let (tree, dense) = (out(false), out(true));
+                assert_eq!(tree.dims(), [queries.len(), heads.heads * heads.d]);
+                let diff = max_diff(&tree, &dense);
+                assert!(diff < 1e-6, "tree vs masked: {diff}");
+            }
         }
+    }
+
+    #[test]
+    fn rope_and_add_norm_equal_candle_ops() {
+        let heads = Heads {
+            heads: 4,
+            kv_heads: 2,
+            d: 6,
+        };
+        let n = 40;
+        let qkv = rand((n, heads.width(), 1), 3)
+            .reshape((n, heads.width()))
+            .expect("qkv");
+        let cos = rand((n, 3, 1), 4).reshape((n, 3)).expect("cos");
+        let sin = rand((n, 3, 1), 5).reshape((n, 3)).expect("sin");
+        let got = rope_qkv(&qkv, &cos, &sin, heads).expect("rope");
+        let rot = |at: usize, k: usize| {
+            let t = qkv
+                .narrow(1, at * 6, k * 6)
+                .and_then(|t| t.reshape((1, n, k, 6)))
+                .expect("narrow");
+            candle_nn::rotary_emb::rope_thd(&t, &cos, &sin)
+                .and_then(|t| t.reshape((n, k * 6)))
+                .expect("rope_thd")
+        };
+        let want = Tensor::cat(
+            &[rot(0, 4), rot(4, 2), qkv.narrow(1, 36, 12).expect("v")],
+            1,
+        )
+        .expect("cat");
+        assert_eq!(max_diff(&got, &want), 0.0);
+
+        let x = rand((n, 16, 1), 6).reshape((n, 16)).expect("x");
+        let delta = rand((n, 16, 1), 7).reshape((n, 16)).expect("delta");
+        let w = rand((16, 1, 1), 8).reshape(16).expect("w");
+        let (sum, normed) = add_rms_norm(&x, &delta, &w, 1e-5).expect("add_rms_norm");
+        let want_sum = (&x + &delta).expect("sum");
+        let want = candle_nn::ops::rms_norm(&want_sum, &w, 1e-5).expect("rms");
+        assert_eq!(max_diff(&sum, &want_sum), 0.0);
+        assert_eq!(max_diff(&normed, &want), 0.0);
     }
 
     #[test]
@@ -303,9 +551,25 @@ mod tests {
         let mut t = PrefixTree::new();
         t.extend(None, &[1, 2]);
         let a = Attention::new(t.ancestry(&[0, 1]), &Device::Cpu, false).expect("new");
-        let k = rand((2, 2, 4), 1);
-        assert!(a.forward(&rand((3, 2, 4), 2), &k, &k, 1.0).is_err());
-        assert!(a.forward(&rand((2, 3, 4), 2), &k, &k, 1.0).is_err());
+        let heads = Heads {
+            heads: 2,
+            kv_heads: 1,
+            d: 4,
+        };
+        let qkv = |n: usize, w: usize| rand((n, w, 1), 1).reshape((n, w)).expect("qkv");
+        assert!(a.forward(&qkv(2, 16), heads, 1.0).is_ok());
+        assert!(a.forward(&qkv(3, 16), heads, 1.0).is_err());
+        assert!(a.forward(&qkv(2, 15), heads, 1.0).is_err());
+        let odd = Heads {
+            heads: 3,
+            kv_heads: 2,
+            d: 4,
+        };
+        assert!(a.forward(&qkv(2, 28), odd, 1.0).is_err());
+        let cs = qkv(2, 2);
+        assert!(rope_qkv(&qkv(2, 16), &cs, &cs, heads).is_ok());
+        assert!(rope_qkv(&qkv(2, 16), &qkv(3, 2), &qkv(3, 2), heads).is_err());
+        assert!(add_rms_norm(&qkv(2, 4), &qkv(2, 3), &rand((4, 1, 1), 1), 1e-5).is_err());
         assert!(silu_mul(&rand((2, 1, 3), 1).reshape((2, 3)).expect("r")).is_err());
     }
 }

@@ -119,6 +119,11 @@ impl Ancestry {
         self.nodes
     }
 
+    /// The query nodes (the last node of each chain).
+    pub fn query_nodes(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.queries()).filter_map(|i| self.of(i).last().copied())
+    }
+
     /// The nodes query `i` attends to, root first (empty past the last query).
     pub fn of(&self, i: usize) -> &[usize] {
         match (self.offsets.get(i), self.offsets.get(i + 1)) {
