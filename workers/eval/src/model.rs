@@ -668,7 +668,20 @@ pub struct LogSoftmaxRow {
 impl LogSoftmaxRow {
     fn new(logits: Vec<f32>) -> Self {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+        // Eight partial sums (so the loop vectorises), added at the end.
+        let mut lanes = [0f64; 8];
+        let chunks = logits.chunks_exact(8);
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&v| ops::exp_f64(f64::from(v - max)))
+            .sum();
+        for c in chunks {
+            for (l, &v) in lanes.iter_mut().zip(c) {
+                *l += ops::exp_f64(f64::from(v - max));
+            }
+        }
+        let sum = lanes.iter().sum::<f64>() + tail;
         Self {
             logits,
             max,

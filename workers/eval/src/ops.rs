@@ -61,7 +61,8 @@ fn exp_f32(x: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer (|x / ln 2| < 2^22).
     const ROUND: f32 = 12_582_912.0;
     let c = x.clamp(-87.3, 88.3);
-    let n = (c * LOG2E + ROUND) - ROUND;
+    let shifted = c * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -69,7 +70,55 @@ fn exp_f32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `n` sits in the low mantissa bits of `shifted` (integer ops only, so it vectorises):
+    // 2^n has the biased exponent n + 127, in [1, 254] here.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
+    if x.is_nan() { x } else { p * scale }
+}
+
+/// `e^x` in f64 without a libm call (vectorises): [`exp_f32`]'s method with an f64
+/// two-step reduction and the degree-13 Taylor polynomial (truncation < 1e-17 relative).
+/// Within 2 ulp for `x` in `[-708, 709]` (tested); below, `e^-708` (≈ 3e-308) instead
+/// of a subnormal or 0, above, `e^709`; NaN stays NaN.
+#[inline(always)]
+pub(crate) fn exp_f64(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    const ROUND: f64 = 6_755_399_441_055_744.0;
+    const C: [f64; 14] = [
+        1.0,
+        1.0,
+        1.0 / 2.0,
+        1.0 / 6.0,
+        1.0 / 24.0,
+        1.0 / 120.0,
+        1.0 / 720.0,
+        1.0 / 5_040.0,
+        1.0 / 40_320.0,
+        1.0 / 362_880.0,
+        1.0 / 3_628_800.0,
+        1.0 / 39_916_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 6_227_020_800.0,
+    ];
+    let c = x.clamp(-708.0, 709.0);
+    let shifted = c * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = (c - n * LN2_HI) - n * LN2_LO;
+    let mut p = C[13];
+    for k in (0..13).rev() {
+        p = p * r + C[k];
+    }
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(1023);
+    let scale = f64::from_bits(biased << 52);
     if x.is_nan() { x } else { p * scale }
 }
 
@@ -221,26 +270,42 @@ impl CustomOp1 for TreeAttention {
             let Some(&node) = keys.last() else {
                 return;
             };
-            let mut w = vec![0f32; keys.len()];
-            for (head, out) in out.chunks_exact_mut(d).enumerate() {
-                let q = at(node, head);
-                let kv = head / rep;
-                let mut max = f32::NEG_INFINITY;
-                for (w, &j) in w.iter_mut().zip(keys) {
-                    *w = dot(q, at(j, h + kv)) * self.scale;
-                    max = max.max(*w);
-                }
-                let mut sum = 0f64;
-                for (w, &j) in w.iter().zip(keys) {
-                    let e = exp_f32(w - max);
-                    sum += f64::from(e);
-                    for (o, &x) in out.iter_mut().zip(at(j, h + g + kv)) {
-                        *o += e * x;
+            // Per kv head, the `rep` q heads that read it together: each key and value
+            // row is loaded once for all of them.
+            let mut w = vec![0f32; rep * keys.len()];
+            let mut sums = vec![0f64; rep];
+            for (kv, out) in out.chunks_exact_mut(rep * d).enumerate() {
+                let mut max = vec![f32::NEG_INFINITY; rep];
+                for (jk, &j) in keys.iter().enumerate() {
+                    let k = at(j, h + kv);
+                    for (r, m) in max.iter_mut().enumerate() {
+                        let s = dot(at(node, kv * rep + r), k) * self.scale;
+                        w[r * keys.len() + jk] = s;
+                        *m = m.max(s);
                     }
                 }
-                let inv = (1.0 / sum) as f32;
-                for o in out.iter_mut() {
-                    *o *= inv;
+                for (r, m) in max.iter().enumerate() {
+                    let mut sum = 0f64;
+                    for s in &mut w[r * keys.len()..(r + 1) * keys.len()] {
+                        *s = exp_f32(*s - m);
+                        sum += f64::from(*s);
+                    }
+                    sums[r] = sum;
+                }
+                for (jk, &j) in keys.iter().enumerate() {
+                    let v = at(j, h + g + kv);
+                    for (r, out) in out.chunks_exact_mut(d).enumerate() {
+                        let e = w[r * keys.len() + jk];
+                        for (o, &x) in out.iter_mut().zip(v) {
+                            *o += e * x;
+                        }
+                    }
+                }
+                for (out, &sum) in out.chunks_exact_mut(d).zip(&sums) {
+                    let inv = (1.0 / sum) as f32;
+                    for o in out.iter_mut() {
+                        *o *= inv;
+                    }
                 }
             }
         });
@@ -578,6 +643,22 @@ mod tests {
         assert!(exp_f32(f32::NAN).is_nan());
         assert!(exp_f32(-1e30) >= 0.0 && exp_f32(-1e30) < 2e-38);
         assert!(exp_f32(1e30).is_finite());
+    }
+
+    #[test]
+    fn exp_f64_is_within_two_ulp() {
+        let mut worst = 0f64;
+        let mut x = -708.0f64;
+        while x <= 709.0 {
+            let want = x.exp();
+            worst = worst.max(((exp_f64(x) - want) / want).abs());
+            x += 0.000_731;
+        }
+        assert!(worst < 2.0 * f64::EPSILON, "relative error {worst:e}");
+        assert_eq!(exp_f64(0.0), 1.0);
+        assert!(exp_f64(f64::NAN).is_nan());
+        assert!(exp_f64(-1e300) >= 0.0 && exp_f64(-1e300) < 1e-307);
+        assert!(exp_f64(1e300).is_finite());
     }
 
     #[test]
