@@ -1,11 +1,14 @@
-//! Forward-pass ops that candle lacks or runs single-threaded on the CPU, each a candle
-//! `CustomOp` with a CPU kernel (rayon over rows) and, on every other device, the same
-//! math from plain candle ops.
+//! Forward-pass ops that candle lacks, or that save passes over the activations, each a
+//! candle `CustomOp` with a CPU kernel (rayon over rows) and, on every other device, the
+//! same math from plain candle ops (CUDA never reaches a CPU kernel).
 //!
 //! - [`Attention`]: each query attends to its ancestors in a [`PrefixTree`] batch. On the
 //!   CPU a kernel walks each query's ancestor chain (O(queries × depth)); elsewhere the
 //!   dense masked product (O(queries × nodes)).
+//! - [`rope_qkv`]: rotary embeddings on the q and k heads of a fused q/k/v projection.
+//! - [`add_rms_norm`]: the residual add and the next RMS norm in one pass.
 //! - [`silu_mul`]: `silu(gate) · up` over a fused `[rows, 2 · inter]` gate/up projection.
+//! - [`exp_f32`], [`exp_f64`]: `exp` without a libm call, so the loops around it vectorise.
 //!
 //! [`PrefixTree`]: crate::tree::PrefixTree
 

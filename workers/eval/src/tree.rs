@@ -9,7 +9,7 @@
 //! hidden states are those of that forward (up to f32 rounding).
 //!
 //! There is no padding: the batch is the nodes, packed. Attention over ancestor chains
-//! costs O(nodes × depth) on the CPU ([`crate::ops::tree_attention`]); other devices
+//! costs O(nodes × depth) on the CPU (a kernel of `ops.rs`); other devices
 //! use a dense `[queries, nodes]` mask ([`Ancestry::mask`]).
 
 use std::collections::HashMap;
