@@ -641,6 +641,50 @@ impl Model {
         Ok(rows.into_par_iter().map(LogSoftmaxRow::new).collect())
     }
 
+    /// The head applied to every row of `hidden`, and for row `i` the log-probabilities of
+    /// the tokens `tokens[i]` (`None` outside the vocabulary): the numbers of
+    /// [`Model::log_softmax_rows`], read from the logits in place instead of copying each
+    /// row out.
+    pub fn logprobs(
+        &self,
+        hidden: &Tensor,
+        tokens: &[Vec<u32>],
+    ) -> candle_core::Result<Vec<Vec<Option<f64>>>> {
+        let logits = hidden
+            .matmul(&self.head.t()?)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let (rows, vocab) = logits.dims2()?;
+        if tokens.len() != rows || vocab == 0 {
+            candle_core::bail!("{} token lists for {rows} rows of {vocab}", tokens.len())
+        }
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("logits are not on the CPU")
+        };
+        let data = match layout.contiguous_offsets() {
+            Some((a, b)) => cpu.as_slice::<f32>()?.get(a..b),
+            None => None,
+        };
+        let Some(data) = data else {
+            candle_core::bail!("logits are not contiguous")
+        };
+        Ok(data
+            .par_chunks(vocab)
+            .zip(tokens.par_iter())
+            .map(|(row, tokens)| {
+                let (max, log_sum) = log_sum_exp(row);
+                tokens
+                    .iter()
+                    .map(|&t| {
+                        let z = *row.get(usize::try_from(t).ok()?)?;
+                        Some(f64::from(z - max) - log_sum)
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
     /// The last row of `hidden`, `[1, hidden]`.
     pub fn last_row(hidden: &Tensor) -> candle_core::Result<Tensor> {
         let n = hidden.dim(0)?;
@@ -665,27 +709,32 @@ pub struct LogSoftmaxRow {
     log_sum: f64,
 }
 
+/// The max of `logits` and `ln Σ e^(z − max)`, the exponentials and their sum in f64
+/// (eight partial sums, so the loop vectorises, added at the end).
+fn log_sum_exp(logits: &[f32]) -> (f32, f64) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut lanes = [0f64; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| ops::exp_f64(f64::from(v - max)))
+        .sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += ops::exp_f64(f64::from(v - max));
+        }
+    }
+    (max, (lanes.iter().sum::<f64>() + tail).ln())
+}
+
 impl LogSoftmaxRow {
     fn new(logits: Vec<f32>) -> Self {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Eight partial sums (so the loop vectorises), added at the end.
-        let mut lanes = [0f64; 8];
-        let chunks = logits.chunks_exact(8);
-        let tail: f64 = chunks
-            .remainder()
-            .iter()
-            .map(|&v| ops::exp_f64(f64::from(v - max)))
-            .sum();
-        for c in chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += ops::exp_f64(f64::from(v - max));
-            }
-        }
-        let sum = lanes.iter().sum::<f64>() + tail;
+        let (max, log_sum) = log_sum_exp(&logits);
         Self {
             logits,
             max,
-            log_sum: sum.ln(),
+            log_sum,
         }
     }
 

@@ -220,15 +220,33 @@ impl Packed {
             });
         }
         let hidden = model.forward_tree(&self.tree, &rows)?;
-        let logits = model.log_softmax_rows(&hidden)?;
+        // The tokens each row predicts, for the head to read.
+        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+        let mut at: HashMap<(usize, u32), usize> = HashMap::new();
+        for ((_, conts), preds) in items.iter().zip(&self.predictors) {
+            for (c, p) in conts.iter().zip(preds) {
+                for (&t, node) in c.iter().zip(p) {
+                    if let Some(&r) = row_of.get(node) {
+                        at.entry((r, t)).or_insert_with(|| {
+                            wanted[r].push(t);
+                            wanted[r].len() - 1
+                        });
+                    }
+                }
+            }
+        }
+        let logprobs = model.logprobs(&hidden, &wanted)?;
         let mut scores = Vec::with_capacity(items.len());
         for ((_, conts), preds) in items.iter().zip(&self.predictors) {
             let mut item = Vec::with_capacity(conts.len());
             for (c, p) in conts.iter().zip(preds) {
                 let mut s = 0.0;
                 for (&t, node) in c.iter().zip(p) {
-                    let row = row_of.get(node).and_then(|&r| logits.get(r));
-                    s += row.and_then(|r| r.logprob(t)).ok_or_else(|| {
+                    let lp = row_of.get(node).and_then(|&r| {
+                        let i = at.get(&(r, t))?;
+                        logprobs.get(r)?.get(*i).copied().flatten()
+                    });
+                    s += lp.ok_or_else(|| {
                         candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"))
                     })?;
                 }
