@@ -53,8 +53,11 @@ impl PrefixTree {
 
     /// Extends the path that ends at node `from` (`None`: a new sequence from position 0)
     /// with `tokens`, reusing the nodes that already exist, and returns the node of each
-    /// token. `from` must be a node of this tree.
+    /// token. A `from` that is not a node of this tree adds nothing and returns no nodes.
     pub fn extend(&mut self, from: Option<usize>, tokens: &[u32]) -> Vec<usize> {
+        if from.is_some_and(|n| n >= self.len()) {
+            return Vec::new();
+        }
         let mut at = from;
         let mut nodes = Vec::with_capacity(tokens.len());
         for &t in tokens {
@@ -76,17 +79,18 @@ impl PrefixTree {
         nodes
     }
 
-    /// The ancestor chains of `queries` (nodes of this tree): what each attends to.
+    /// The ancestor chains of `queries` (nodes of this tree): what each attends to. A query
+    /// that is not a node of this tree gets an empty chain.
     pub fn ancestry(&self, queries: &[usize]) -> Ancestry {
         let mut chain = Vec::new();
         let mut offsets = Vec::with_capacity(queries.len() + 1);
         offsets.push(0);
         for &q in queries {
             let start = chain.len();
-            let mut at = Some(q);
+            let mut at = (q < self.len()).then_some(q);
             while let Some(n) = at {
                 chain.push(n);
-                at = self.parent[n];
+                at = self.parent.get(n).copied().flatten();
             }
             chain[start..].reverse();
             offsets.push(chain.len());
@@ -185,5 +189,17 @@ mod tests {
         assert_eq!(t.extend(None, &[2, 1]), vec![2, 3]);
         assert_eq!(t.positions(), &[0, 1, 0, 1]);
         assert_eq!(t.ancestry(&[3]).of(0), &[2, 3]);
+    }
+
+    #[test]
+    fn nodes_that_are_not_in_the_tree_add_and_see_nothing() {
+        let mut t = PrefixTree::new();
+        t.extend(None, &[1, 2]);
+        assert!(t.extend(Some(2), &[3]).is_empty());
+        assert_eq!(t.len(), 2);
+        let anc = t.ancestry(&[1, 7]);
+        assert_eq!(anc.of(0), &[0, 1]);
+        assert!(anc.of(1).is_empty());
+        assert_eq!(anc.query_nodes().collect::<Vec<_>>(), vec![1]);
     }
 }
