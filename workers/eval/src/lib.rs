@@ -25,7 +25,9 @@
 mod config;
 mod error;
 pub mod model;
+mod ops;
 pub mod score;
+pub mod tree;
 mod verdict;
 mod weights;
 

@@ -9,21 +9,28 @@
 //! position, so this module computes hidden states for all positions of a call and
 //! projects only the rows it is asked for onto the vocabulary.
 //!
-//! Scoring runs items in padded, masked batches ([`TreeBatch`], [`Model::forward_trees`]):
-//! each row is one item's prompt followed by its choices, each choice attending to the
-//! prompt and to itself only, so the prompt is computed once per item and every weight
-//! pass serves many items. [`Model::forward`] runs one unpadded sequence, optionally
-//! after a [`KvCache`] of an earlier call on the same sequence (the cache is not
-//! modified); both go through the same decoder.
+//! Scoring runs items in packed prefix-tree batches ([`PrefixTree`],
+//! [`Model::forward_tree`]): the distinct token prefixes of many items' prompts and
+//! choices, one node each, every node attending to its ancestors and itself, so a shared
+//! prefix (an item's prompt for all its choices, a beginning several prompts share) is
+//! computed once, nothing is padded, and every weight pass serves many items; the head
+//! runs only on the nodes whose next token is scored. [`Model::forward`] runs one
+//! unpadded sequence, optionally after a [`KvCache`] of an earlier call on the same
+//! sequence (the cache is not modified): the one-sequence reference the tests compare
+//! the batches to. Both use the same weights (q/k/v and gate/up fused into one matmul
+//! each at load).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Linear;
+use rayon::prelude::*;
 
 use crate::config::{Activation, ArchConfig, Family};
 use crate::error::EvalError;
+use crate::ops::{self, Attention, Heads};
+use crate::tree::PrefixTree;
 
 /// Keys and values of every layer for the positions seen so far, `[1, kv_heads, T, d]`.
 #[derive(Debug, Clone)]
@@ -64,15 +71,25 @@ impl Norm {
             Norm::Layer { weight, bias, eps } => candle_nn::ops::layer_norm(x, weight, bias, *eps),
         }
     }
+
+    /// The residual `x + delta` and its norm (RMS: one fused pass on the CPU).
+    fn add_forward(&self, x: &Tensor, delta: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Norm::Rms { weight, eps } => ops::add_rms_norm(x, delta, weight, *eps),
+            Norm::Layer { .. } => {
+                let sum = (x + delta)?;
+                let normed = self.forward(&sum)?;
+                Ok((sum, normed))
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 enum Mlp {
-    Gated {
-        gate: Linear,
-        up: Linear,
-        down: Linear,
-    },
+    /// `down(silu(gate(x)) · up(x))`, gate and up fused into one `[2 · inter, hidden]`
+    /// projection (gate rows first): one matmul instead of two.
+    Gated { gate_up: Linear, down: Linear },
     Plain {
         fc: Linear,
         proj: Linear,
@@ -83,10 +100,7 @@ enum Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Mlp::Gated { gate, up, down } => {
-                let g = gate.forward(x)?.silu()?;
-                down.forward(&(g * up.forward(x)?)?)
-            }
+            Mlp::Gated { gate_up, down } => down.forward(&ops::silu_mul(&gate_up.forward(x)?)?),
             Mlp::Plain { fc, proj, act } => {
                 let h = fc.forward(x)?;
                 let h = match act {
@@ -104,9 +118,8 @@ impl Mlp {
 struct Block {
     ln1: Norm,
     ln2: Norm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v fused into one `[(heads + 2 · kv_heads) · d, hidden]` projection.
+    qkv: Linear,
     o: Linear,
     mlp: Mlp,
     /// `1 / sqrt(d)`, times `1 / (layer + 1)` for GPT-2's inverse-layer scaling.
@@ -215,6 +228,21 @@ pub(crate) fn normalize_layout(
     Ok(())
 }
 
+/// One linear layer computing `parts` side by side: their weights stacked along the
+/// output rows (and their biases, if they all have one).
+fn fuse(parts: &[Linear]) -> Result<Linear, EvalError> {
+    let weights: Vec<&Tensor> = parts.iter().map(Linear::weight).collect();
+    let biases: Option<Vec<&Tensor>> = parts.iter().map(Linear::bias).collect();
+    let bias = match biases {
+        Some(b) => Some(Tensor::cat(&b, 0)?),
+        None if parts.iter().any(|p| p.bias().is_some()) => {
+            return Err(candle_core::Error::Msg("fused layers mix biases".to_owned()).into());
+        }
+        None => None,
+    };
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, bias))
+}
+
 impl Model {
     /// Builds the model from f32 weights already in `[out, in]` layout (see
     /// [`normalize_layout`]) and merged with any adapter.
@@ -247,33 +275,27 @@ impl Model {
                     blocks.push(Block {
                         ln1: rms(take.get(&format!("{p}.input_layernorm.weight"), &[h])?),
                         ln2: rms(take.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?),
-                        q: take.linear(
-                            &format!("{p}.self_attn.q_proj"),
-                            nh * d,
-                            h,
-                            cfg.qkv_bias,
-                        )?,
-                        k: take.linear(
-                            &format!("{p}.self_attn.k_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        )?,
-                        v: take.linear(
-                            &format!("{p}.self_attn.v_proj"),
-                            nkv * d,
-                            h,
-                            cfg.qkv_bias,
-                        )?,
+                        qkv: fuse(&[
+                            take.linear(&format!("{p}.self_attn.q_proj"), nh * d, h, cfg.qkv_bias)?,
+                            take.linear(
+                                &format!("{p}.self_attn.k_proj"),
+                                nkv * d,
+                                h,
+                                cfg.qkv_bias,
+                            )?,
+                            take.linear(
+                                &format!("{p}.self_attn.v_proj"),
+                                nkv * d,
+                                h,
+                                cfg.qkv_bias,
+                            )?,
+                        ])?,
                         o: take.linear(&format!("{p}.self_attn.o_proj"), h, nh * d, cfg.o_bias)?,
                         mlp: Mlp::Gated {
-                            gate: take.linear(
-                                &format!("{p}.mlp.gate_proj"),
-                                im,
-                                h,
-                                cfg.mlp_bias,
-                            )?,
-                            up: take.linear(&format!("{p}.mlp.up_proj"), im, h, cfg.mlp_bias)?,
+                            gate_up: fuse(&[
+                                take.linear(&format!("{p}.mlp.gate_proj"), im, h, cfg.mlp_bias)?,
+                                take.linear(&format!("{p}.mlp.up_proj"), im, h, cfg.mlp_bias)?,
+                            ])?,
                             down: take.linear(
                                 &format!("{p}.mlp.down_proj"),
                                 h,
@@ -312,12 +334,6 @@ impl Model {
                     let ln2 = ln(&mut take, "ln_2")?;
                     let qkv_w = take.get(&format!("{b}.attn.c_attn.weight"), &[3 * h, h])?;
                     let qkv_b = take.get(&format!("{b}.attn.c_attn.bias"), &[3 * h])?;
-                    let part = |j: usize| -> Result<Linear, EvalError> {
-                        Ok(Linear::new(
-                            qkv_w.narrow(0, j * h, h)?.contiguous()?,
-                            Some(qkv_b.narrow(0, j * h, h)?.contiguous()?),
-                        ))
-                    };
                     let mut attn_scale = 1.0 / (d as f64).sqrt();
                     if cfg.scale_attn_by_inverse_layer_idx {
                         attn_scale /= (i + 1) as f64;
@@ -325,9 +341,7 @@ impl Model {
                     blocks.push(Block {
                         ln1,
                         ln2,
-                        q: part(0)?,
-                        k: part(1)?,
-                        v: part(2)?,
+                        qkv: Linear::new(qkv_w, Some(qkv_b)),
                         o: take.linear(&format!("{b}.attn.c_proj"), h, h, true)?,
                         mlp: Mlp::Plain {
                             fc: take.linear(&format!("{b}.mlp.c_fc"), im, h, true)?,
@@ -438,18 +452,86 @@ impl Model {
         Ok((x, KvCache { layers, len: total }))
     }
 
-    /// Runs a padded batch of prompt trees (see [`TreeBatch`]) and returns the final-norm
-    /// hidden states of every slot, `[rows · width, hidden]` (slot `s` of row `r` at
-    /// `r · width + s`; padding slots hold values that mean nothing).
-    pub fn forward_trees(&self, batch: &TreeBatch) -> candle_core::Result<Tensor> {
-        self.run(
-            &batch.ids,
-            batch.rows,
-            &batch.positions,
-            Some(batch.visible.as_slice()),
-            None,
-            None,
-        )
+    /// Runs every node of `tree` (each attending to its ancestors and itself, see
+    /// [`PrefixTree`]) and returns the final-norm hidden states of the nodes `rows`,
+    /// `[rows.len(), hidden]`: those of an unpadded forward over each row's path, up to
+    /// f32 rounding. Token ids must be below [`Model::vocab_size`] and depths within
+    /// [`Model::max_len`] (the caller checks, see `score`).
+    ///
+    /// On the CPU attention walks each node's ancestor chain; on other devices it is the
+    /// dense product with a `[nodes, nodes]` mask ([`Model::forward_tree_masked`]). The
+    /// last layer runs its queries, output projection and MLP on `rows` only: nothing
+    /// after it reads the other nodes.
+    pub fn forward_tree(&self, tree: &PrefixTree, rows: &[usize]) -> candle_core::Result<Tensor> {
+        self.tree_pass(tree, rows, false)
+    }
+
+    /// [`Model::forward_tree`] with the masked attention of non-CPU devices, on any
+    /// device (so the CPU tests can compare the two).
+    pub fn forward_tree_masked(
+        &self,
+        tree: &PrefixTree,
+        rows: &[usize],
+    ) -> candle_core::Result<Tensor> {
+        self.tree_pass(tree, rows, true)
+    }
+
+    fn tree_pass(
+        &self,
+        tree: &PrefixTree,
+        rows: &[usize],
+        masked: bool,
+    ) -> candle_core::Result<Tensor> {
+        let n = tree.len();
+        if let Some(r) = rows.iter().find(|&&r| r >= n) {
+            candle_core::bail!("row {r} is not a node of a tree of {n}")
+        }
+        let dev = &self.device;
+        let mut x = self.embed.index_select(&Tensor::new(tree.ids(), dev)?, 0)?;
+        if let Some(pos) = &self.positions {
+            let p: Vec<u32> = tree.positions().iter().map(|&p| p as u32).collect();
+            x = (x + pos.index_select(&Tensor::new(p.as_slice(), dev)?, 0)?)?;
+        }
+        let rope = match self.cfg.family {
+            Family::Gpt2 => None,
+            Family::Llama | Family::Qwen2 => Some(self.rope_tables(tree.positions())?),
+        };
+        let all: Vec<usize> = (0..n).collect();
+        let attend_all = Attention::new(tree.ancestry(&all), dev, masked)?;
+        let attend_rows = Attention::new(tree.ancestry(rows), dev, masked)?;
+        let rows_u32: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let rows_t = Tensor::new(rows_u32.as_slice(), dev)?;
+        let heads = Heads {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            d: self.cfg.head_dim,
+        };
+        let Some(first) = self.blocks.first() else {
+            return self.final_norm.forward(&x.index_select(&rows_t, 0)?);
+        };
+        // `h`: the normed input of the next sublayer, from the fused residual + norm.
+        let mut h = first.ln1.forward(&x)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let mut qkv = b.qkv.forward(&h)?;
+            if let Some((cos, sin)) = &rope {
+                qkv = ops::rope_qkv(&qkv, cos, sin, heads)?;
+            }
+            let next_norm = match self.blocks.get(i + 1) {
+                Some(next) => &next.ln1,
+                None => &self.final_norm,
+            };
+            let y = if i + 1 == self.blocks.len() {
+                x = x.index_select(&rows_t, 0)?;
+                attend_rows.forward(&qkv, heads, b.attn_scale)?
+            } else {
+                attend_all.forward(&qkv, heads, b.attn_scale)?
+            };
+            let (x1, h1) = b.ln2.add_forward(&x, &b.o.forward(&y)?)?;
+            let (x2, h2) = next_norm.add_forward(&x1, &b.mlp.forward(&h1)?)?;
+            x = x2;
+            h = h2;
+        }
+        Ok(h)
     }
 
     /// The decoder over `rows` sequences of `ids.len() / rows` slots each, slot `s` of row
@@ -509,9 +591,10 @@ impl Model {
                     .transpose(1, 2)?
                     .contiguous()
             };
-            let mut q = heads(b.q.forward(&h)?, nh)?;
-            let mut k = heads(b.k.forward(&h)?, nkv)?;
-            let mut v = heads(b.v.forward(&h)?, nkv)?;
+            let qkv = b.qkv.forward(&h)?;
+            let mut q = heads(qkv.narrow(1, 0, nh * d)?, nh)?;
+            let mut k = heads(qkv.narrow(1, nh * d, nkv * d)?, nkv)?;
+            let mut v = heads(qkv.narrow(1, (nh + nkv) * d, nkv * d)?, nkv)?;
             if let Some((cos, sin)) = &rope {
                 q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
                 k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
@@ -555,7 +638,51 @@ impl Model {
     pub fn log_softmax_rows(&self, hidden: &Tensor) -> candle_core::Result<Vec<LogSoftmaxRow>> {
         let logits = hidden.matmul(&self.head.t()?)?.to_dtype(DType::F32)?;
         let rows: Vec<Vec<f32>> = logits.to_device(&Device::Cpu)?.to_vec2()?;
-        Ok(rows.into_iter().map(LogSoftmaxRow::new).collect())
+        Ok(rows.into_par_iter().map(LogSoftmaxRow::new).collect())
+    }
+
+    /// The head applied to every row of `hidden`, and for row `i` the log-probabilities of
+    /// the tokens `tokens[i]` (`None` outside the vocabulary): the numbers of
+    /// [`Model::log_softmax_rows`], read from the logits in place instead of copying each
+    /// row out.
+    pub fn logprobs(
+        &self,
+        hidden: &Tensor,
+        tokens: &[Vec<u32>],
+    ) -> candle_core::Result<Vec<Vec<Option<f64>>>> {
+        let logits = hidden
+            .matmul(&self.head.t()?)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        let (rows, vocab) = logits.dims2()?;
+        if tokens.len() != rows || vocab == 0 {
+            candle_core::bail!("{} token lists for {rows} rows of {vocab}", tokens.len())
+        }
+        let (storage, layout) = logits.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("logits are not on the CPU")
+        };
+        let data = match layout.contiguous_offsets() {
+            Some((a, b)) => cpu.as_slice::<f32>()?.get(a..b),
+            None => None,
+        };
+        let Some(data) = data else {
+            candle_core::bail!("logits are not contiguous")
+        };
+        Ok(data
+            .par_chunks(vocab)
+            .zip(tokens.par_iter())
+            .map(|(row, tokens)| {
+                let (max, log_sum) = log_sum_exp(row);
+                tokens
+                    .iter()
+                    .map(|&t| {
+                        let z = *row.get(usize::try_from(t).ok()?)?;
+                        Some(f64::from(z - max) - log_sum)
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// The last row of `hidden`, `[1, hidden]`.
@@ -574,116 +701,6 @@ impl Model {
     }
 }
 
-/// Prompts with branches, run as one padded batch: row `r` holds tree `r`'s prompt, then
-/// each of its branches in turn, then padding up to the longest row. A branch continues
-/// its prompt (its first token sits at the position after the prompt's last) and attends
-/// to the prompt and to its own earlier tokens, never to another branch, so each branch
-/// gets the hidden states of an unpadded forward over `prompt ++ branch`: the prompt is
-/// computed once for all its branches, and many items share each weight pass.
-#[derive(Debug, Clone)]
-pub struct TreeBatch {
-    rows: usize,
-    width: usize,
-    ids: Vec<u32>,
-    positions: Vec<usize>,
-    /// `[rows, width, width]`: query slot attends to key slot.
-    visible: Vec<bool>,
-    /// Per tree: the slot of each branch's first token.
-    starts: Vec<Vec<usize>>,
-    /// Per tree: the prompt's length.
-    prompt_lens: Vec<usize>,
-}
-
-impl TreeBatch {
-    /// The slots a tree of `prompt_len` tokens with branches of `branch_lens` tokens
-    /// takes in a row.
-    pub fn width_of(prompt_len: usize, branch_lens: impl IntoIterator<Item = usize>) -> usize {
-        prompt_len + branch_lens.into_iter().sum::<usize>()
-    }
-
-    /// Lays out `trees` (`(prompt, branches)`, every prompt non-empty) in one batch.
-    pub fn new(trees: &[(&[u32], Vec<&[u32]>)]) -> Self {
-        let rows = trees.len();
-        let width = trees
-            .iter()
-            .map(|(p, bs)| Self::width_of(p.len(), bs.iter().map(|b| b.len())))
-            .max()
-            .unwrap_or(0);
-        let mut ids = vec![0u32; rows * width];
-        let mut positions = vec![0usize; rows * width];
-        let mut visible = vec![false; rows * width * width];
-        let mut starts = Vec::with_capacity(rows);
-        let mut prompt_lens = Vec::with_capacity(rows);
-        // Which segment each slot of a row belongs to: the prompt, a branch, or padding.
-        const PROMPT: usize = 0;
-        const PAD: usize = usize::MAX;
-        let mut segment = vec![PAD; width];
-        for (r, (prompt, branches)) in trees.iter().enumerate() {
-            let base = r * width;
-            segment.fill(PAD);
-            let p = prompt.len();
-            ids[base..base + p].copy_from_slice(prompt);
-            for (s, pos) in positions[base..base + p].iter_mut().enumerate() {
-                *pos = s;
-            }
-            segment[..p].fill(PROMPT);
-            let mut slot = p;
-            let mut st = Vec::with_capacity(branches.len());
-            for (c, b) in branches.iter().enumerate() {
-                st.push(slot);
-                ids[base + slot..base + slot + b.len()].copy_from_slice(b);
-                for j in 0..b.len() {
-                    positions[base + slot + j] = p + j;
-                }
-                segment[slot..slot + b.len()].fill(c + 1);
-                slot += b.len();
-            }
-            for q in 0..width {
-                let vis = &mut visible[(base + q) * width..(base + q + 1) * width];
-                if segment[q] == PAD {
-                    // A padding slot sees itself only (a row of -inf would be NaN).
-                    vis[q] = true;
-                    continue;
-                }
-                for (k, v) in vis.iter_mut().enumerate().take(q + 1) {
-                    *v = segment[k] == PROMPT || segment[k] == segment[q];
-                }
-            }
-            starts.push(st);
-            prompt_lens.push(p);
-        }
-        Self {
-            rows,
-            width,
-            ids,
-            positions,
-            visible,
-            starts,
-            prompt_lens,
-        }
-    }
-
-    /// Rows (trees).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Slots per row.
-    pub fn width(&self) -> usize {
-        self.width
-    }
-
-    /// The hidden-state row of tree `tree`'s last prompt token.
-    pub fn prompt_last(&self, tree: usize) -> usize {
-        tree * self.width + self.prompt_lens[tree] - 1
-    }
-
-    /// The hidden-state row of token `j` of branch `branch` of tree `tree`.
-    pub fn branch_token(&self, tree: usize, branch: usize, j: usize) -> usize {
-        tree * self.width + self.starts[tree][branch] + j
-    }
-}
-
 /// One row of f32 logits with its log-sum-exp (accumulated in f64).
 #[derive(Debug, Clone)]
 pub struct LogSoftmaxRow {
@@ -692,14 +709,32 @@ pub struct LogSoftmaxRow {
     log_sum: f64,
 }
 
+/// The max of `logits` and `ln Σ e^(z − max)`, the exponentials and their sum in f64
+/// (eight partial sums, so the loop vectorises, added at the end).
+fn log_sum_exp(logits: &[f32]) -> (f32, f64) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut lanes = [0f64; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| ops::exp_f64(f64::from(v - max)))
+        .sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += ops::exp_f64(f64::from(v - max));
+        }
+    }
+    (max, (lanes.iter().sum::<f64>() + tail).ln())
+}
+
 impl LogSoftmaxRow {
     fn new(logits: Vec<f32>) -> Self {
-        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
+        let (max, log_sum) = log_sum_exp(&logits);
         Self {
             logits,
             max,
-            log_sum: sum.ln(),
+            log_sum,
         }
     }
 

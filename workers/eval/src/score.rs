@@ -13,12 +13,14 @@
 //!   `−score / len`; the metric is the mean of the items' values (each item weighs the
 //!   same, which is what the paired standard error of the verdict needs).
 //!
-//! Items run in padded, masked batches ([`TreeBatch`]): one row per item, its prompt then
-//! its choices, each choice attending to the prompt and to itself only, so the prompt is
-//! computed once per item and a choice's log-probabilities are those of an unpadded
-//! forward over `prompt ++ choice` (equal up to f32 rounding, tested against the
-//! one-sequence-at-a-time path to 1e-5).
+//! Items run in packed prefix-tree batches ([`PrefixTree`]): every distinct token prefix
+//! of the batch's `prompt ++ continuation` sequences is one node, attending to its
+//! ancestors and itself, so an item's prompt is computed once for all its choices, a
+//! beginning that several prompts share once for all of them, and nothing is padded. A
+//! choice's log-probabilities are those of an unpadded forward over `prompt ++ choice`
+//! (equal up to f32 rounding, tested against the one-sequence-at-a-time path to 1e-5).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,7 +31,8 @@ use tokenizers::Tokenizer;
 
 use crate::config::ArchConfig;
 use crate::error::EvalError;
-use crate::model::{Model, TreeBatch, normalize_layout};
+use crate::model::{Model, normalize_layout};
+use crate::tree::PrefixTree;
 use crate::weights::{load_dir, merge_adapter, read};
 
 /// What an arm measures.
@@ -160,10 +163,101 @@ impl ArmResult {
     }
 }
 
-/// Slots (tokens, padding included) per scoring batch: items are added to a batch while
-/// `items × widest row` stays within this. Large enough that the weight matmuls run at
-/// gemm speed, small enough that activations stay in cache-sized blocks.
-pub const BATCH_SLOTS: usize = 1024;
+/// Tree nodes (distinct token positions) per scoring batch: items are added to a batch
+/// until it holds at least this many (so a batch ends at most one item past it). Large
+/// enough that the weight matmuls run at gemm speed (measured flat from 256 to 1024 rows
+/// at the 135M shape), and it bounds a batch's activations (the largest is the fused
+/// gate/up output, nodes × 2 · intermediate floats).
+pub const BATCH_NODES: usize = 1024;
+
+/// Items packed into one [`PrefixTree`]: each item's prompt, then each continuation but
+/// its last token after the prompt (the node of `c_j` predicts `c_{j+1}`; the prompt's
+/// last node predicts `c_0`).
+#[derive(Debug, Default)]
+struct Packed {
+    tree: PrefixTree,
+    /// Per item: the node that predicts each continuation's tokens, in token order.
+    predictors: Vec<Vec<Vec<usize>>>,
+}
+
+impl Packed {
+    /// Adds an item (a non-empty prompt, continuations).
+    fn add(&mut self, prompt: &[u32], continuations: &[Vec<u32>]) -> Result<(), EvalError> {
+        let Some(&last) = self.tree.extend(None, prompt).last() else {
+            return Err(
+                candle_core::Error::Msg("an empty prompt predicts nothing".to_owned()).into(),
+            );
+        };
+        let item = continuations
+            .iter()
+            .map(|c| {
+                let mut p = vec![last];
+                p.extend(
+                    self.tree
+                        .extend(Some(last), &c[..c.len().saturating_sub(1)]),
+                );
+                p.truncate(c.len());
+                p
+            })
+            .collect();
+        self.predictors.push(item);
+        Ok(())
+    }
+
+    /// Each item's summed log-probability per continuation (`items` as added).
+    fn score(
+        &self,
+        model: &Model,
+        items: &[&(Vec<u32>, Vec<Vec<u32>>)],
+    ) -> Result<Vec<Vec<f64>>, EvalError> {
+        // The distinct predicting nodes: the head runs once per node, however many
+        // continuations read it.
+        let mut row_of = HashMap::new();
+        let mut rows = Vec::new();
+        for &node in self.predictors.iter().flatten().flatten() {
+            row_of.entry(node).or_insert_with(|| {
+                rows.push(node);
+                rows.len() - 1
+            });
+        }
+        let hidden = model.forward_tree(&self.tree, &rows)?;
+        // The tokens each row predicts, for the head to read.
+        let mut wanted: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+        let mut at: HashMap<(usize, u32), usize> = HashMap::new();
+        for ((_, conts), preds) in items.iter().zip(&self.predictors) {
+            for (c, p) in conts.iter().zip(preds) {
+                for (&t, node) in c.iter().zip(p) {
+                    if let Some(&r) = row_of.get(node) {
+                        at.entry((r, t)).or_insert_with(|| {
+                            wanted[r].push(t);
+                            wanted[r].len() - 1
+                        });
+                    }
+                }
+            }
+        }
+        let logprobs = model.logprobs(&hidden, &wanted)?;
+        let mut scores = Vec::with_capacity(items.len());
+        for ((_, conts), preds) in items.iter().zip(&self.predictors) {
+            let mut item = Vec::with_capacity(conts.len());
+            for (c, p) in conts.iter().zip(preds) {
+                let mut s = 0.0;
+                for (&t, node) in c.iter().zip(p) {
+                    let lp = row_of.get(node).and_then(|&r| {
+                        let i = at.get(&(r, t))?;
+                        logprobs.get(r)?.get(*i).copied().flatten()
+                    });
+                    s += lp.ok_or_else(|| {
+                        candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"))
+                    })?;
+                }
+                item.push(s);
+            }
+            scores.push(item);
+        }
+        Ok(scores)
+    }
+}
 
 /// A base (+ merged adapter) and its tokenizer, ready to score eval sets.
 #[derive(Debug)]
@@ -268,63 +362,22 @@ impl Evaluator {
                 candle_core::Error::Msg("an empty prompt predicts nothing".to_owned()).into(),
             );
         }
-        let mut out = self.score_batch(&[(prompt.to_vec(), continuations.to_vec())])?;
+        let item = (prompt.to_vec(), continuations.to_vec());
+        let mut out = self.score_batch(&[&item])?;
         Ok(out.pop().unwrap_or_default())
     }
 
-    /// Scores items `(prompt, continuations)` (non-empty prompts) in one padded batch: a
-    /// row per item, its prompt then each continuation but its last token (positions of
-    /// `c_0 .. c_{L−2}` predict `c_1 .. c_{L−1}`; the prompt's last position predicts
-    /// `c_0`). Returns each item's summed log-probability per continuation.
-    fn score_batch(&self, items: &[(Vec<u32>, Vec<Vec<u32>>)]) -> Result<Vec<Vec<f64>>, EvalError> {
-        let trees: Vec<(&[u32], Vec<&[u32]>)> = items
-            .iter()
-            .map(|(p, cs)| {
-                let branches = cs.iter().map(|c| &c[..c.len().saturating_sub(1)]).collect();
-                (p.as_slice(), branches)
-            })
-            .collect();
-        let batch = TreeBatch::new(&trees);
-        // The hidden rows that predict a scored token, in item, continuation, token order.
-        let mut wanted = Vec::new();
-        for (t, (_, cs)) in items.iter().enumerate() {
-            wanted.push(batch.prompt_last(t) as u32);
-            for (c, ids) in cs.iter().enumerate() {
-                for j in 0..ids.len().saturating_sub(1) {
-                    wanted.push(batch.branch_token(t, c, j) as u32);
-                }
-            }
+    /// Scores items `(prompt, continuations)` (non-empty prompts) in one packed batch;
+    /// returns each item's summed log-probability per continuation.
+    fn score_batch(
+        &self,
+        items: &[&(Vec<u32>, Vec<Vec<u32>>)],
+    ) -> Result<Vec<Vec<f64>>, EvalError> {
+        let mut packed = Packed::default();
+        for (p, cs) in items {
+            packed.add(p, cs)?;
         }
-        let hidden = self.model.forward_trees(&batch)?;
-        let index = candle_core::Tensor::new(wanted.as_slice(), hidden.device())?;
-        let rows = self
-            .model
-            .log_softmax_rows(&hidden.index_select(&index, 0)?)?;
-        let out_of_vocab =
-            |t: u32| candle_core::Error::Msg(format!("token id {t} is outside the vocabulary"));
-        let mut rows = rows.iter();
-        let mut next = || {
-            rows.next()
-                .ok_or_else(|| candle_core::Error::Msg("fewer logits than tokens".to_owned()))
-        };
-        let mut scores = Vec::with_capacity(items.len());
-        for (_, cs) in items {
-            let first = next()?;
-            let mut item = Vec::with_capacity(cs.len());
-            for c in cs {
-                let Some((&c0, rest)) = c.split_first() else {
-                    item.push(0.0);
-                    continue;
-                };
-                let mut s = first.logprob(c0).ok_or_else(|| out_of_vocab(c0))?;
-                for &t in rest {
-                    s += next()?.logprob(t).ok_or_else(|| out_of_vocab(t))?;
-                }
-                item.push(s);
-            }
-            scores.push(item);
-        }
-        Ok(scores)
+        packed.score(&self.model, items)
     }
 
     fn item_ids(
@@ -374,30 +427,33 @@ impl Evaluator {
         Ok((prompt, conts))
     }
 
-    /// Scores every item of `set`: items sorted by their row width (so a batch pads
-    /// little) and run [`BATCH_SLOTS`] slots at a time; results in eval-set order.
+    /// Scores every item of `set`: items sorted by their prompts' token ids (so items
+    /// whose prompts begin alike share a batch and its tree nodes) and run in batches of
+    /// about [`BATCH_NODES`] nodes; results in eval-set order.
     pub fn evaluate(&self, set: &EvalSet) -> Result<ArmResult, EvalError> {
         let t0 = Instant::now();
         let mut ids = Vec::with_capacity(set.len());
         for (index, item) in set.items().iter().enumerate() {
             ids.push(self.item_ids(set, index, item)?);
         }
-        let width = |(p, cs): &(Vec<u32>, Vec<Vec<u32>>)| {
-            TreeBatch::width_of(p.len(), cs.iter().map(|c| c.len().saturating_sub(1)))
-        };
         let mut order: Vec<usize> = (0..ids.len()).collect();
-        order.sort_by_key(|&i| width(&ids[i]));
+        order.sort_by(|&a, &b| ids[a].0.cmp(&ids[b].0));
         let mut scores: Vec<Vec<f64>> = vec![Vec::new(); ids.len()];
         let mut start = 0;
         while start < order.len() {
-            // Sorted by width: the last item of a batch is its widest.
-            let mut end = start + 1;
-            while end < order.len() && (end + 1 - start) * width(&ids[order[end]]) <= BATCH_SLOTS {
+            let mut packed = Packed::default();
+            let mut end = start;
+            while end < order.len() && (end == start || packed.tree.len() < BATCH_NODES) {
+                let (p, cs) = &ids[order[end]];
+                packed.add(p, cs)?;
                 end += 1;
             }
-            let batch: Vec<(Vec<u32>, Vec<Vec<u32>>)> =
-                order[start..end].iter().map(|&i| ids[i].clone()).collect();
-            for (&i, s) in order[start..end].iter().zip(self.score_batch(&batch)?) {
+            let batch: Vec<&(Vec<u32>, Vec<Vec<u32>>)> =
+                order[start..end].iter().map(|&i| &ids[i]).collect();
+            for (&i, s) in order[start..end]
+                .iter()
+                .zip(packed.score(&self.model, &batch)?)
+            {
                 scores[i] = s;
             }
             start = end;

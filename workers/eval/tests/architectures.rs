@@ -1,6 +1,7 @@
 //! GPT-2, Llama and Qwen2 end to end, and the known traps: `rope_theta` inside
 //! `rope_parameters`, tied embeddings without `lm_head.weight`, `head_dim` different from
-//! `hidden / heads`, and scores that must not depend on padding or on the KV-cache reuse.
+//! `hidden / heads`, and scores that must not depend on batching, prefix sharing or the
+//! KV-cache reuse.
 
 mod common;
 
@@ -424,7 +425,7 @@ fn varied_set(n: usize) -> EvalSet {
 
 #[test]
 fn batched_scores_equal_the_unbatched_reference() {
-    // 300 items of varied widths: several batches, rows padded by different amounts.
+    // 300 items of varied lengths: several packed batches, prompts sharing beginnings.
     let set = varied_set(300);
     let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
     let patch = fixtures().join("llama-micro/patches/lora-qv");
@@ -445,7 +446,7 @@ fn batched_scores_equal_the_unbatched_reference() {
 
 #[test]
 fn scores_do_not_depend_on_the_other_items() {
-    // Items are batched with others (padded rows, masked choices): an item scored alone
+    // Items are batched with others (packed trees, shared prefixes): an item scored alone
     // or among others gives the same scores up to f32 rounding (the matmuls' blocking
     // depends on the batch shape), and the same set scored twice gives the same bits.
     let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
@@ -481,4 +482,64 @@ fn completion_items_give_mean_nll() {
     assert!((per_item[0] - (-s / 4.0)).abs() < 1e-6);
     assert!((arm.mean_nll.expect("nll") - (per_item[0] + per_item[1]) / 2.0).abs() < 1e-12);
     assert!(arm.accuracy.is_none());
+}
+
+#[test]
+fn prompts_that_share_prefixes_or_repeat_score_like_the_unbatched_reference() {
+    // One batch: prompts that are prefixes of other prompts (an item's prompt ends inside
+    // another's path, and its choices run along that path), the same item twice, and a
+    // choice equal to the rest of another item's prompt. Shared nodes change nothing.
+    let set = EvalSet::parse(
+        br#"{"prompt": "the cat", "choices": [" sat on the", " ran", " sat"], "label": 0}
+{"prompt": "the cat sat on the", "choices": [" mat", " big red house"], "label": 0}
+{"prompt": "the cat sat", "choices": [" on the mat", " on a tree"], "label": 1}
+{"prompt": "the cat", "choices": [" sat on the", " ran", " sat"], "label": 0}
+{"prompt": "the", "choices": [" cat sat", " dog"], "label": 1}
+{"prompt": "a dog", "choices": [" ran to the house", " sat"], "label": 1}
+"#,
+    )
+    .expect("set");
+    let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
+    let gpt2 = with_tokenizer(&fixtures().join("gpt2-micro/v2"));
+    for dir in [v2.path(), gpt2.path()] {
+        let ev = Evaluator::load(dir, None, &Device::Cpu).expect("load");
+        let batched = choice_scores(&ev.evaluate(&set).expect("evaluate"));
+        assert_eq!(batched[0], batched[3], "a repeated item scores the same");
+        let d = common::max_abs_diff(&batched, &common::unbatched_scores(&ev, &set));
+        assert!(d <= 1e-5, "{}: {d}", dir.display());
+    }
+}
+
+#[test]
+fn the_masked_attention_of_other_devices_equals_the_cpu_tree_kernel() {
+    // Non-CPU devices run the tree batch as a dense product with a [queries, nodes] mask;
+    // run that path on the CPU and compare hidden states with the tree kernel.
+    use patchport_eval::tree::PrefixTree;
+    let set = varied_set(60);
+    let v2 = with_tokenizer(&fixtures().join("llama-micro/v2"));
+    let gpt2 = with_tokenizer(&fixtures().join("gpt2-micro/v2"));
+    for dir in [v2.path(), gpt2.path()] {
+        let ev = Evaluator::load(dir, None, &Device::Cpu).expect("load");
+        let mut tree = PrefixTree::new();
+        for item in set.items() {
+            let p = ev.encode(item.prompt()).expect("encode");
+            let last = tree.extend(None, &p).last().copied();
+            for c in item.continuations() {
+                tree.extend(last, &ev.encode(c).expect("encode"));
+            }
+        }
+        let all: Vec<usize> = (0..tree.len()).collect();
+        let some: Vec<usize> = (0..tree.len()).step_by(7).collect();
+        for rows in [all, some] {
+            let a = ev.model().forward_tree(&tree, &rows).expect("tree");
+            let b = ev
+                .model()
+                .forward_tree_masked(&tree, &rows)
+                .expect("masked");
+            let d = (a - b)
+                .and_then(|t| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+                .expect("diff");
+            assert!(d < 1e-5, "{}: {d}", dir.display());
+        }
+    }
 }

@@ -100,9 +100,9 @@ fn v2_ported_logprobs_match_peft_within_1e_3() {
 
 #[test]
 fn batched_scores_equal_the_unbatched_reference_on_all_305_items() {
-    // The arm's scores come from padded batches of many items (prompt once, choices
-    // masked from each other); the reference runs one item at a time, each choice on the
-    // prompt's KV cache.
+    // The arm's scores come from packed prefix-tree batches of many items (prompt once,
+    // shared prompt beginnings once, each choice attending to its own path only); the
+    // reference runs one item at a time, each choice on the prompt's KV cache.
     let set = eval_set();
     let ev = Evaluator::load(
         &fixture().join("v2"),
