@@ -44,7 +44,7 @@ pub const GRPC_REQUESTS: &str = "patchport_grpc_requests_total";
 pub const GRPC_DURATION: &str = "patchport_grpc_request_duration_seconds";
 /// Blob bytes received by UploadChunks.
 pub const PUSH_BYTES: &str = "patchport_push_bytes_total";
-/// Blob bytes sent by ReadBlob.
+/// Blob bytes sent by ReadBlob, and with leases (a small patch's files).
 pub const PULL_BYTES: &str = "patchport_pull_bytes_total";
 /// One UploadChunks stream.
 pub const PUSH_DURATION: &str = "patchport_push_duration_seconds";
@@ -183,7 +183,11 @@ fn describe() {
         Unit::Bytes,
         "blob bytes received by UploadChunks"
     );
-    describe_counter!(PULL_BYTES, Unit::Bytes, "blob bytes sent by ReadBlob");
+    describe_counter!(
+        PULL_BYTES,
+        Unit::Bytes,
+        "blob bytes sent by ReadBlob, and with leases (a small patch's files)"
+    );
     describe_histogram!(PUSH_DURATION, Unit::Seconds, "one UploadChunks stream");
     describe_histogram!(PULL_DURATION, Unit::Seconds, "one ReadBlob stream");
     describe_gauge!(JOBS, "port jobs by state (queue depth)");

@@ -339,7 +339,12 @@ impl Workers {
             .iter()
             .map(|f| async move { self.registry.blobs.read_all(&f.digest).await });
         match futures::future::try_join_all(reads).await {
-            Ok(bytes) => bytes,
+            Ok(bytes) => {
+                // Served blob bytes, as a ReadBlob of them would count.
+                let sent: usize = bytes.iter().map(bytes::Bytes::len).sum();
+                metrics::counter!(patchport_telemetry::PULL_BYTES).increment(sent as u64);
+                bytes
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading a small patch's files for its lease (the worker will read them)");
                 Vec::new()
