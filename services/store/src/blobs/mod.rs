@@ -277,7 +277,14 @@ impl BlobStore {
         let digest = hash_parts(vec![bytes.clone()], Hasher::new())
             .await?
             .finish();
-        let deduplicated = self.put_create(&self.blob_key(&digest), bytes).await?;
+        let key = self.blob_key(&digest);
+        // A stored blob of this digest and size holds these bytes: no write (nor its
+        // fsync) for the configs and headers that many ports share.
+        let stored = self
+            .head(&key)
+            .await?
+            .is_some_and(|m| m.size == bytes.len() as u64);
+        let deduplicated = stored || self.put_create(&key, bytes).await?;
         tracing::debug!(%digest, deduplicated, "put blob");
         Ok(digest)
     }
