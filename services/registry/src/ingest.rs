@@ -69,8 +69,8 @@ impl StreamIndexer {
         if offset != 0 || committed != 0 {
             return None;
         }
-        let declared = u64::from_le_bytes(first.get(..8)?.try_into().ok()?);
-        if declared > limits.max_header_bytes || declared > size.saturating_sub(8) {
+        let declared = patchport_core::safetensors::json_len(first, size).ok()?;
+        if declared > limits.max_header_bytes {
             return None;
         }
         let sink = BlockingSink::spawn(move |chunks| index_bytes(size, chunks));
