@@ -74,14 +74,14 @@ async fn main() -> anyhow::Result<()> {
     // N distinct adapters: the same LoRA with one element of its last tensor changed.
     let src = read_tree(&f.join("patches/lora-qv"));
     let st = &src["adapter_model.safetensors"];
-    let len = st.len();
     let t_push = Instant::now();
     for i in 0..n {
         let d = dir.path().join(format!("p{i}"));
         std::fs::create_dir_all(&d)?;
-        let mut bytes = st.clone();
-        bytes[len - 4..].copy_from_slice(&(1e-3 * (i as f32 + 1.0)).to_le_bytes());
-        std::fs::write(d.join("adapter_model.safetensors"), bytes)?;
+        std::fs::write(
+            d.join("adapter_model.safetensors"),
+            patchport_tests::distinct_adapter(st, i as u64),
+        )?;
         std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"])?;
         client
             .push_dir(

@@ -125,11 +125,7 @@ struct Shared {
 impl Shared {
     /// The adapter weights of patch `key`: the fixture with its last element changed.
     fn adapter_bytes(&self, key: u64) -> Vec<u8> {
-        let mut bytes = self.adapter.clone();
-        let len = bytes.len();
-        let value = (key as f32 + 1.0) * 1e-3;
-        bytes[len - 4..].copy_from_slice(&value.to_le_bytes());
-        bytes
+        patchport_tests::distinct_adapter(&self.adapter, key)
     }
 
     fn patch_ref(&self, key: u64) -> (String, String, String) {

@@ -327,6 +327,17 @@ impl Drop for LocalWorker {
     }
 }
 
+/// The weights of a distinct adapter made from `weights` (a safetensors file whose last
+/// tensor is f32): its last element set to `(key + 1) · 1e-3`, so every key is another
+/// patch of the same shape.
+pub fn distinct_adapter(weights: &[u8], key: u64) -> Vec<u8> {
+    let mut bytes = weights.to_vec();
+    let len = bytes.len();
+    let value = (key as f32 + 1.0) * 1e-3;
+    bytes[len - 4..].copy_from_slice(&value.to_le_bytes());
+    bytes
+}
+
 /// Every file under `dir`, relative path to bytes.
 pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     patchport_client::scan_dir(dir)

@@ -218,7 +218,8 @@ async fn a_port_uses_the_patch_bytes_of_its_lease_and_only_verified_ones() {
         .await
         .unwrap()
         .into_inner()
-        .job
+        .jobs
+        .pop()
         .expect("the port of acme/lora-qv:1 onto v2 is queued");
     let files = job.patch.as_ref().unwrap().files.clone();
     let on_disk: Vec<bytes::Bytes> = files
@@ -255,4 +256,170 @@ async fn a_port_uses_the_patch_bytes_of_its_lease_and_only_verified_ones() {
         faults.injected() > 0,
         "the worker did not read the file itself"
     );
+}
+
+/// One LeaseJob call takes up to `max_jobs` jobs, each with its own fence; one
+/// CompleteJobs call records several completions in one transaction and answers each on
+/// its own: a stale fence or a malformed completion refuses only itself.
+#[tokio::test]
+async fn a_batch_of_completions_is_answered_one_by_one() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    let src = read_tree(&f.join("patches/lora-qv"));
+    let tmp = tempfile::tempdir().unwrap();
+    for i in 0..3 {
+        let d = tmp.path().join(format!("p{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let st = patchport_tests::distinct_adapter(&src["adapter_model.safetensors"], i);
+        std::fs::write(d.join("adapter_model.safetensors"), st).unwrap();
+        std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"]).unwrap();
+        client
+            .push_dir(
+                &d,
+                &patch(&format!("acme/p{i}"), "1", "acme/llama:v1"),
+                &NoProgress,
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .push_dir(
+            &f.join("v2"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let lease = |max_jobs| v1::LeaseJobRequest {
+        worker_id: "w1".into(),
+        max_jobs,
+        ..Default::default()
+    };
+    let jobs = client
+        .workers()
+        .lease_job(lease(2))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 2, "max_jobs 2 of 3 queued");
+    let last = client
+        .workers()
+        .lease_job(lease(64))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(last.len(), 1, "the one left");
+    let ids: std::collections::BTreeSet<&str> = jobs
+        .iter()
+        .chain(&last)
+        .map(|j| j.job_id.as_str())
+        .collect();
+    assert_eq!(ids.len(), 3, "each job leased once");
+
+    let mut completions = Vec::new();
+    for j in jobs.iter().chain(&last) {
+        let r = patchport_worker::port_job(&client, j, Device::Cpu)
+            .await
+            .unwrap();
+        completions.push(r.into_request(j.job_id.clone(), j.fencing_token));
+    }
+    completions[1].fencing_token += 1;
+    let mut malformed = completions[2].clone();
+    malformed.job_id = "not-a-job".into();
+    completions.push(malformed);
+    let results = client
+        .workers()
+        .complete_jobs(v1::CompleteJobsRequest {
+            completions: completions.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<(String, tonic::Code)> = results
+        .iter()
+        .map(|r| (r.job_id.clone(), tonic::Code::from(r.code)))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (completions[0].job_id.clone(), tonic::Code::Ok),
+            (
+                completions[1].job_id.clone(),
+                tonic::Code::FailedPrecondition
+            ),
+            (completions[2].job_id.clone(), tonic::Code::Ok),
+            ("not-a-job".to_owned(), tonic::Code::InvalidArgument),
+        ]
+    );
+    assert!(
+        results[1].message.contains("lease lost"),
+        "{}",
+        results[1].message
+    );
+    assert!(
+        results[3].message.contains("job_id"),
+        "{}",
+        results[3].message
+    );
+
+    let state = |job: &v1::Job| {
+        let c = client.clone();
+        let name = job.patch.as_ref().unwrap().name.clone();
+        async move {
+            c.ports()
+                .get_port(v1::GetPortRequest {
+                    reference: format!("{name}:1@acme/llama:v2"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .state
+        }
+    };
+    let all: Vec<&v1::Job> = jobs.iter().chain(&last).collect();
+    assert_eq!(state(all[0]).await, v1::PortState::Succeeded as i32);
+    assert_eq!(
+        state(all[1]).await,
+        v1::PortState::Running as i32,
+        "the stale completion changed its port"
+    );
+    assert_eq!(state(all[2]).await, v1::PortState::Succeeded as i32);
+
+    // More completions than one call may carry: refused whole, nothing recorded.
+    let mut late = completions[1].clone();
+    late.fencing_token -= 1;
+    let too_many = client
+        .workers()
+        .complete_jobs(v1::CompleteJobsRequest {
+            completions: vec![late.clone(); 65],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument);
+    assert!(
+        too_many.message().contains("at most 64"),
+        "{}",
+        too_many.message()
+    );
+    assert_eq!(state(all[1]).await, v1::PortState::Running as i32);
+    // The live fence completes it, through the same call.
+    let results = client
+        .workers()
+        .complete_jobs(v1::CompleteJobsRequest {
+            completions: vec![late],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(tonic::Code::from(results[0].code), tonic::Code::Ok);
+    assert_eq!(state(all[1]).await, v1::PortState::Succeeded as i32);
 }

@@ -496,6 +496,133 @@ async fn priority_then_affinity_to_the_loaded_base_then_age() {
 }
 
 #[tokio::test]
+async fn a_batch_lease_takes_jobs_in_order_and_a_batch_completion_refuses_only_stale_fences() {
+    for b in backends().await {
+        let s = b.store.as_ref();
+        let l = b.label;
+        base(s, "acme/llama", "v1", None).await;
+        for i in 0..5 {
+            patch(
+                s,
+                &format!("acme/p{i}"),
+                "1",
+                "acme/llama",
+                "v1",
+                &format!("p{i}"),
+            )
+            .await;
+        }
+        base(s, "acme/llama", "v2", Some("v1")).await;
+        let ports = s
+            .list_ports_onto(&name("acme/llama"), &vref("v2"), &Page::ALL)
+            .await
+            .unwrap()
+            .items;
+        let mut fifo: Vec<i64> = ports.iter().filter_map(|p| p.job_id).collect();
+        fifo.sort_unstable();
+        s.set_job_priority(fifo[4], 10).await.unwrap();
+
+        assert!(
+            s.lease_jobs("w1", &[], LEASE, 0).await.unwrap().is_empty(),
+            "{l}"
+        );
+        let first = s.lease_jobs("w1", &[], LEASE, 3).await.unwrap();
+        let ids: Vec<i64> = first.iter().map(|j| j.job.id).collect();
+        assert_eq!(ids, [fifo[4], fifo[0], fifo[1]], "{l}: priority, then age");
+        for j in &first {
+            assert_eq!(
+                (j.job.state, j.job.attempts, j.job.fencing_token),
+                (PortState::Running, 1, 1),
+                "{l}"
+            );
+            assert_eq!(j.job.lease_owner.as_deref(), Some("w1"), "{l}");
+            assert!(j.ports.iter().all(|p| p.state == PortState::Running), "{l}");
+        }
+        let rest = s.lease_jobs("w2", &[], LEASE, 64).await.unwrap();
+        let ids: Vec<i64> = rest.iter().map(|j| j.job.id).collect();
+        assert_eq!(ids, [fifo[2], fifo[3]], "{l}: what is left, once");
+        assert!(
+            s.lease_jobs("w3", &[], LEASE, 8).await.unwrap().is_empty(),
+            "{l}"
+        );
+
+        // One completion of the batch has a stale token: it alone is refused, and its
+        // job stays as it was.
+        let results = s
+            .complete_jobs(vec![
+                (first[0].job.id, 1, succeeded()),
+                (first[1].job.id, 7, succeeded()),
+                (
+                    first[2].job.id,
+                    1,
+                    JobOutcome::Incompatible {
+                        refusals: vec![Refusal::new(
+                            RefusalKind::Dora,
+                            "dora",
+                            "DoRA cannot be ported".to_owned(),
+                        )],
+                    },
+                ),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(results.len(), 3, "{l}");
+        assert_eq!(
+            results[0].as_ref().unwrap().state,
+            PortState::Succeeded,
+            "{l}"
+        );
+        let stale = results[1].as_ref().unwrap_err();
+        assert_eq!(stale.kind(), StoreErrorKind::FailedPrecondition, "{l}");
+        assert!(stale.to_string().contains("lease lost"), "{l}: {stale}");
+        assert_eq!(
+            results[2].as_ref().unwrap().state,
+            PortState::Incompatible,
+            "{l}"
+        );
+        let untouched = s.get_job(first[1].job.id).await.unwrap().unwrap();
+        assert_eq!(
+            (untouched.state, untouched.lease_owner.as_deref()),
+            (PortState::Running, Some("w1")),
+            "{l}"
+        );
+        assert!(
+            s.job_ports(first[1].job.id)
+                .await
+                .unwrap()
+                .iter()
+                .all(|p| p.state == PortState::Running && p.diagnostics.is_none()),
+            "{l}"
+        );
+        // Its live token still completes it, and exactly once.
+        assert!(
+            s.complete_job(first[1].job.id, 1, succeeded())
+                .await
+                .is_ok(),
+            "{l}"
+        );
+        let again = s
+            .complete_jobs(vec![(first[0].job.id, 1, succeeded())])
+            .await
+            .unwrap();
+        assert_eq!(
+            again[0].as_ref().unwrap_err().kind(),
+            StoreErrorKind::FailedPrecondition,
+            "{l}"
+        );
+        let completed = all_events(&b)
+            .await
+            .iter()
+            .filter(|e| e.kind.as_str() == "port.completed")
+            .count();
+        assert_eq!(
+            completed, 3,
+            "{l}: one port.completed per recorded completion"
+        );
+    }
+}
+
+#[tokio::test]
 async fn concurrent_workers_never_lease_the_same_job() {
     const JOBS: usize = 24;
     for b in backends().await {
@@ -518,8 +645,16 @@ async fn concurrent_workers_never_lease_the_same_job() {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
                 let mut got = Vec::new();
-                while let Some(j) = s.lease_job(&format!("w{w}"), &[], LEASE).await.unwrap() {
-                    got.push(j.job.id);
+                // Half the workers lease in batches of 3.
+                loop {
+                    let batch = s
+                        .lease_jobs(&format!("w{w}"), &[], LEASE, 1 + 2 * (w % 2))
+                        .await
+                        .unwrap();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    got.extend(batch.iter().map(|j| j.job.id));
                     tokio::task::yield_now().await;
                 }
                 got

@@ -27,7 +27,7 @@ use patchport_proto::convert::{WireError, parse_field, try_list};
 use patchport_proto::v1;
 use tokio::runtime::Handle;
 
-pub use run::{DEFAULT_CACHE_BYTES, WorkerConfig, run};
+pub use run::{DEFAULT_CACHE_BYTES, DEFAULT_LEASE_BATCH, LEASE_AHEAD, WorkerConfig, run};
 
 /// A port attempt in this worker from its lease to its outcome; the name and its
 /// description are `patchport-telemetry`'s, so a registry with in-process workers reports

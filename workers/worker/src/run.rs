@@ -1,7 +1,12 @@
-//! The lease loop: lease a job (preferring the base this worker already holds), keep the
-//! lease alive with heartbeats, port, and complete or fail the job with its fencing
-//! token. On shutdown the current lease is released, not left to expire.
+//! The lease loop: lease jobs (preferring the base this worker already holds; several at
+//! once when ports are quick), keep each lease alive with heartbeats from the moment it
+//! was taken, port, and complete or fail each job with its fencing token. Completions go
+//! to one completer per worker, which sends whatever has finished meanwhile in one
+//! `CompleteJobs` call while the loops port on; a lease's heartbeat stops only when its
+//! completion was answered. On shutdown the leases not yet ported are released, not left
+//! to expire, and the completions already made are sent before the worker exits.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +36,21 @@ pub struct WorkerConfig {
     pub cache_bytes: u64,
     /// Jobs ported at once (each its own lease loop; they share the cache).
     pub concurrency: usize,
+    /// The most jobs one lease loop takes in one LeaseJob call. A loop leases ahead only
+    /// as many as it expects to port within [`LEASE_AHEAD`] at its recent pace, so slow
+    /// ports are still leased one at a time and spread over the workers.
+    pub lease_batch: usize,
 }
+
+/// How much work (at a loop's recent pace) one LeaseJob call may take ahead.
+pub const LEASE_AHEAD: Duration = Duration::from_secs(1);
+/// The default of [`WorkerConfig::lease_batch`].
+pub const DEFAULT_LEASE_BATCH: usize = 16;
+/// The most completions one `CompleteJobs` call carries (the registry's limit).
+const MAX_COMPLETIONS: usize = 64;
+/// The most inline bytes one `CompleteJobs` call carries together (one completion alone
+/// may carry this much).
+const BATCH_INLINE_BYTES: usize = 4 << 20;
 
 /// The cache's default bound.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 30;
@@ -51,6 +70,7 @@ impl WorkerConfig {
             cache_dir: gate.cache_dir.join("tensors"),
             cache_bytes,
             concurrency: 1,
+            lease_batch: DEFAULT_LEASE_BATCH,
             worker_id,
             device,
             lease_wait: Duration::from_secs(10),
@@ -80,7 +100,7 @@ async fn port_and_evaluate(
 }
 
 /// Leases and ports jobs until `shutdown` is cancelled: `config.concurrency` lease loops
-/// sharing one tensor cache.
+/// sharing one tensor cache and one completer.
 pub async fn run(
     client: Client,
     config: WorkerConfig,
@@ -101,18 +121,24 @@ pub async fn run(
     };
     let state = Arc::new(state);
     let config = Arc::new(config);
+    let (done, finished) = tokio::sync::mpsc::channel(MAX_COMPLETIONS * 2);
+    let completer = tokio::spawn(completer(client.clone(), finished, shutdown.clone()));
     let mut loops = tokio::task::JoinSet::new();
     for _ in 0..config.concurrency.max(1) {
-        let (client, config, state, shutdown) = (
+        let (client, config, state, shutdown, done) = (
             client.clone(),
             config.clone(),
             state.clone(),
             shutdown.clone(),
+            done.clone(),
         );
-        loops.spawn(async move { lease_loop(client, &config, &state, shutdown).await });
+        loops.spawn(async move { lease_loop(client, &config, &state, shutdown, done).await });
     }
+    // The completer ends when every loop has ended (and dropped its sender) and what they
+    // finished is sent.
+    drop(done);
     let mut result = Ok(());
-    while let Some(r) = loops.join_next().await {
+    let mut settle = |r: Result<Result<(), WorkerError>, tokio::task::JoinError>| {
         let r = r.map_err(|e| WorkerError::Task {
             message: e.to_string(),
         });
@@ -123,8 +149,101 @@ pub async fn run(
             shutdown.cancel();
             result = Err(e);
         }
+    };
+    while let Some(r) = loops.join_next().await {
+        settle(r);
     }
+    settle(completer.await);
     result
+}
+
+/// A leased job: its lease is renewed from the moment it was taken until the job is
+/// dropped (after its completion was answered, or its lease released).
+struct Held {
+    job: v1::Job,
+    leased: Instant,
+    /// Cancelled when the job was cancelled or its lease lost.
+    lost: CancellationToken,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    fn new(client: &Client, config: &WorkerConfig, job: v1::Job) -> Self {
+        // Renew at a third of the lease the registry granted (and at least as often as
+        // configured).
+        let every = job
+            .lease_expires_at
+            .as_ref()
+            .map(|t| {
+                let expires = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64);
+                Duration::from_millis(((expires - now) / 3).max(100) as u64)
+            })
+            .map_or(config.heartbeat_every, |d| d.min(config.heartbeat_every));
+        let lost = CancellationToken::new();
+        let heartbeat = {
+            let (client, job_id, token, lost) = (
+                client.clone(),
+                job.job_id.clone(),
+                job.fencing_token,
+                lost.clone(),
+            );
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match client
+                        .workers()
+                        .heartbeat(v1::HeartbeatRequest {
+                            job_id: job_id.clone(),
+                            fencing_token: token,
+                        })
+                        .await
+                    {
+                        Ok(r) if !r.get_ref().cancelled => {}
+                        Ok(_) => {
+                            tracing::info!(job_id = %job_id, "job cancelled");
+                            lost.cancel();
+                            return;
+                        }
+                        Err(status) => {
+                            tracing::warn!(job_id = %job_id, error = %status.message(), "lease lost");
+                            lost.cancel();
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        Held {
+            job,
+            leased: Instant::now(),
+            lost,
+            heartbeat,
+        }
+    }
+
+    /// Gives the lease back (shutdown).
+    async fn release(self, client: &Client) {
+        self.heartbeat.abort();
+        release(client, &self.job.job_id, self.job.fencing_token).await;
+        record(self.leased, "released");
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.heartbeat.abort();
+    }
+}
+
+/// A finished port on its way to the registry.
+struct Done {
+    held: Held,
+    request: v1::CompleteJobRequest,
+    /// The metric's outcome when the registry records it.
+    label: &'static str,
 }
 
 /// One lease loop.
@@ -133,11 +252,36 @@ async fn lease_loop(
     config: &WorkerConfig,
     state: &Arc<WorkerState>,
     shutdown: CancellationToken,
+    done: tokio::sync::mpsc::Sender<Done>,
 ) -> Result<(), WorkerError> {
     let mut loaded: Vec<String> = Vec::new();
     let mut failures = 0u32;
     let mut workers = client.workers();
+    let mut ahead: VecDeque<Held> = VecDeque::new();
+    // This loop's recent time per job (lease to completion handed on), for how many
+    // jobs one lease may take.
+    let mut pace: Option<Duration> = None;
     while !shutdown.is_cancelled() {
+        if let Some(held) = ahead.pop_front() {
+            let target = held
+                .job
+                .target_base
+                .as_ref()
+                .map(|b| b.digest.clone())
+                .unwrap_or_default();
+            let started = Instant::now();
+            run_one(&client, config, state, held, &shutdown, &done).await?;
+            let took = started.elapsed();
+            pace = Some(pace.map_or(took, |p| (p * 3 + took) / 4));
+            loaded = vec![target];
+            continue;
+        }
+        let max_jobs = match pace {
+            Some(p) if !p.is_zero() => (LEASE_AHEAD.as_secs_f64() / p.as_secs_f64())
+                .clamp(1.0, config.lease_batch as f64)
+                as u32,
+            _ => 1,
+        };
         // The bases whose tensors the cache holds; without a cache, the last target.
         let held = state.held_versions();
         let call = workers.lease_job(v1::LeaseJobRequest {
@@ -149,30 +293,31 @@ async fn lease_loop(
             },
             wait_seconds: config.lease_wait.as_secs() as u32,
             device: config.device.to_string(),
+            max_jobs,
         });
         tokio::pin!(call);
         let lease = tokio::select! {
             r = &mut call => r,
             () = shutdown.cancelled() => {
-                // The registry may already have leased a job to this call, its answer
-                // on the way: dropping the call would strand that lease until it
-                // expires. Wait briefly for an answer and give back what it brought; a
+                // The registry may already have leased jobs to this call, its answer
+                // on the way: dropping the call would strand those leases until they
+                // expire. Wait briefly for an answer and give back what it brought; a
                 // call still long-polling after that holds nothing.
                 let limit = config.lease_wait.min(Duration::from_secs(2));
-                if let Ok(Ok(resp)) = tokio::time::timeout(limit, &mut call).await
-                    && let Some(job) = resp.into_inner().job
-                {
-                    release(&client, &job.job_id, job.fencing_token).await;
+                if let Ok(Ok(resp)) = tokio::time::timeout(limit, &mut call).await {
+                    for job in resp.into_inner().jobs {
+                        release(&client, &job.job_id, job.fencing_token).await;
+                    }
                 }
                 break;
             }
         };
-        let job = match lease {
+        match lease {
             Ok(resp) => {
                 failures = 0;
-                match resp.into_inner().job {
-                    Some(job) => job,
-                    None => continue,
+                for job in resp.into_inner().jobs {
+                    tracing::info!(job_id = %job.job_id, attempt = job.attempt, "job leased");
+                    ahead.push_back(Held::new(&client, config, job));
                 }
             }
             Err(status) => {
@@ -185,17 +330,123 @@ async fn lease_loop(
                     () = tokio::time::sleep(wait) => continue,
                 }
             }
-        };
-        let target = job
-            .target_base
-            .as_ref()
-            .map(|b| b.digest.clone())
-            .unwrap_or_default();
-        tracing::info!(job_id = %job.job_id, attempt = job.attempt, "job leased");
-        run_one(&client, config, state, &job, &shutdown).await?;
-        loaded = vec![target];
+        }
+    }
+    // Shutting down: what was leased ahead and not ported goes back at once.
+    for held in ahead {
+        held.release(&client).await;
     }
     Ok(())
+}
+
+/// Sends finished ports to the registry: everything that finished while the previous call
+/// was on its way goes in the next `CompleteJobs` call. Ends when every sender is gone and
+/// all is sent; a registry error stops the worker, as it would a lease loop.
+async fn completer(
+    client: Client,
+    mut finished: tokio::sync::mpsc::Receiver<Done>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let mut next: Option<Done> = None;
+    let mut batched = true;
+    loop {
+        let first = match next.take() {
+            Some(d) => d,
+            None => match finished.recv().await {
+                Some(d) => d,
+                None => return Ok(()),
+            },
+        };
+        let mut bytes = inline_bytes(&first.request);
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMPLETIONS && batched {
+            match finished.try_recv() {
+                Ok(d) if bytes + inline_bytes(&d.request) <= BATCH_INLINE_BYTES => {
+                    bytes += inline_bytes(&d.request);
+                    batch.push(d);
+                }
+                Ok(d) => {
+                    next = Some(d);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let answers = if batched {
+            let requests = batch.iter().map(|d| d.request.clone()).collect();
+            match client
+                .workers()
+                .complete_jobs(v1::CompleteJobsRequest {
+                    completions: requests,
+                })
+                .await
+            {
+                Ok(r) => r
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|r| {
+                        if r.code == 0 {
+                            Ok(())
+                        } else {
+                            Err(tonic::Status::new(tonic::Code::from(r.code), r.message))
+                        }
+                    })
+                    .collect(),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    // A registry from before CompleteJobs: one call per completion.
+                    tracing::info!("the registry has no CompleteJobs; completing one job per call");
+                    batched = false;
+                    complete_each(&client, &batch).await
+                }
+                Err(s) => {
+                    shutdown.cancel();
+                    return Err(WorkerError::Registry {
+                        source: ClientError::from(s),
+                    });
+                }
+            }
+        } else {
+            complete_each(&client, &batch).await
+        };
+        for (d, answer) in batch.into_iter().zip(answers) {
+            match answer {
+                Ok(()) => record(d.held.leased, d.label),
+                // A stale fence: the job was leased again after our lease expired; our
+                // result is refused by design and the other attempt owns it.
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::warn!(job_id = %d.held.job.job_id, error = %s.message(), "result refused by the fence");
+                    record(d.held.leased, "lost");
+                }
+                Err(s) => {
+                    shutdown.cancel();
+                    return Err(WorkerError::Registry {
+                        source: ClientError::from(s),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The bytes a completion carries inline.
+fn inline_bytes(r: &v1::CompleteJobRequest) -> usize {
+    r.inline_blobs.iter().map(|b| b.len()).sum()
+}
+
+/// Completes a batch one `CompleteJob` call at a time (a registry without CompleteJobs).
+async fn complete_each(client: &Client, batch: &[Done]) -> Vec<Result<(), tonic::Status>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for d in batch {
+        out.push(
+            client
+                .workers()
+                .complete_job(d.request.clone())
+                .await
+                .map(|_| ()),
+        );
+    }
+    out
 }
 
 /// `namespace/name:version`, or empty when the job lacks it.
@@ -216,21 +467,22 @@ fn record(leased: Instant, outcome: &'static str) {
     name = "port",
     skip_all,
     fields(
-        job_id = %job.job_id,
-        attempt = job.attempt,
-        patch = %reference(job.patch.as_ref().map(|p| p.name.as_str()), job.patch.as_ref().map(|p| p.version.as_str())),
-        source_base = %reference(job.source_base.as_ref().map(|b| b.name.as_str()), job.source_base.as_ref().map(|b| b.version.as_str())),
-        target_base = %reference(job.target_base.as_ref().map(|b| b.name.as_str()), job.target_base.as_ref().map(|b| b.version.as_str())),
+        job_id = %held.job.job_id,
+        attempt = held.job.attempt,
+        patch = %reference(held.job.patch.as_ref().map(|p| p.name.as_str()), held.job.patch.as_ref().map(|p| p.version.as_str())),
+        source_base = %reference(held.job.source_base.as_ref().map(|b| b.name.as_str()), held.job.source_base.as_ref().map(|b| b.version.as_str())),
+        target_base = %reference(held.job.target_base.as_ref().map(|b| b.name.as_str()), held.job.target_base.as_ref().map(|b| b.version.as_str())),
     )
 )]
 async fn run_one(
     client: &Client,
     config: &WorkerConfig,
     state: &Arc<WorkerState>,
-    job: &v1::Job,
+    held: Held,
     shutdown: &CancellationToken,
+    done: &tokio::sync::mpsc::Sender<Done>,
 ) -> Result<(), WorkerError> {
-    let leased = Instant::now();
+    let job = &held.job;
     let (job_id, token) = (job.job_id.clone(), job.fencing_token);
     // Fault-injection hooks for the crash tests: stall after leasing, without heartbeats,
     // as a hung or partitioned worker would: for a time, or until a file exists (the test
@@ -241,6 +493,7 @@ async fn run_one(
     let stall_until = std::env::var_os("PATCHPORT_TEST_STALL_UNTIL").map(std::path::PathBuf::from);
     if stall_ms.is_some() || stall_until.is_some() {
         tracing::warn!(job_id = %job_id, ?stall_ms, ?stall_until, "stalling (PATCHPORT_TEST_STALL_*)");
+        held.heartbeat.abort();
         let woken = async {
             match (stall_ms, &stall_until) {
                 (Some(ms), _) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -255,68 +508,22 @@ async fn run_one(
         tokio::select! {
             () = woken => {}
             () = shutdown.cancelled() => {
-                release(client, &job_id, token).await;
-                record(leased, "released");
+                held.release(client).await;
                 return Ok(());
             }
         }
     }
-    // Renew at a third of the lease the registry granted (and at least as often as
-    // configured).
-    let every = job
-        .lease_expires_at
-        .as_ref()
-        .map(|t| {
-            let expires = t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            Duration::from_millis(((expires - now) / 3).max(100) as u64)
-        })
-        .map_or(config.heartbeat_every, |d| d.min(config.heartbeat_every));
-    let lost = CancellationToken::new();
-    let heartbeat = {
-        let (client, job_id, lost) = (client.clone(), job_id.clone(), lost.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match client
-                    .workers()
-                    .heartbeat(v1::HeartbeatRequest {
-                        job_id: job_id.clone(),
-                        fencing_token: token,
-                    })
-                    .await
-                {
-                    Ok(r) if !r.get_ref().cancelled => {}
-                    Ok(_) => {
-                        tracing::info!(job_id = %job_id, "job cancelled");
-                        lost.cancel();
-                        return;
-                    }
-                    Err(status) => {
-                        tracing::warn!(job_id = %job_id, error = %status.message(), "lease lost");
-                        lost.cancel();
-                        return;
-                    }
-                }
-            }
-        })
-    };
     let outcome = tokio::select! {
         r = port_and_evaluate(client, job, config, state) => Some(r),
-        () = lost.cancelled() => None,
+        () = held.lost.cancelled() => None,
         () = shutdown.cancelled() => {
-            heartbeat.abort();
-            release(client, &job_id, token).await;
-            record(leased, "released");
+            held.release(client).await;
             return Ok(());
         }
     };
-    heartbeat.abort();
     let Some(outcome) = outcome else {
         // Cancelled or the lease went to another worker: nothing of ours may be written.
-        record(leased, "lost");
+        record(held.leased, "lost");
         return Ok(());
     };
     let label = match &outcome {
@@ -324,20 +531,32 @@ async fn run_one(
         Ok(_) => "incompatible",
         Err(_) => "failed",
     };
-    let reply = match outcome {
-        Ok(r) => client
-            .workers()
-            .complete_job(v1::CompleteJobRequest {
+    match outcome {
+        Ok(r) => {
+            let request = v1::CompleteJobRequest {
                 // Recorded in the port's signed provenance.
                 device: config.device.to_string(),
-                ..r.into_request(job_id.clone(), token)
-            })
-            .await
-            .map(|_| ()),
+                ..r.into_request(job_id, token)
+            };
+            // The lease stays renewed until the completer has its answer.
+            if let Err(e) = done
+                .send(Done {
+                    held,
+                    request,
+                    label,
+                })
+                .await
+            {
+                // The completer has stopped (its registry error stops the worker).
+                e.0.held.release(client).await;
+            }
+            Ok(())
+        }
         Err(e) => {
+            held.heartbeat.abort();
             let retryable = !matches!(e, WorkerError::BadJob { .. });
             tracing::warn!(job_id = %job_id, error = %e, retryable, "port failed");
-            client
+            let reply = client
                 .workers()
                 .fail_job(v1::FailJobRequest {
                     job_id: job_id.clone(),
@@ -345,25 +564,23 @@ async fn run_one(
                     error: e.to_string(),
                     retryable,
                 })
-                .await
-                .map(|_| ())
+                .await;
+            match reply {
+                Ok(_) => {
+                    record(held.leased, label);
+                    Ok(())
+                }
+                // A stale fence: the job was leased again after our lease expired.
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    tracing::warn!(job_id = %job_id, error = %s.message(), "result refused by the fence");
+                    record(held.leased, "lost");
+                    Ok(())
+                }
+                Err(s) => Err(WorkerError::Registry {
+                    source: ClientError::from(s),
+                }),
+            }
         }
-    };
-    match reply {
-        Ok(()) => {
-            record(leased, label);
-            Ok(())
-        }
-        // A stale fence: the job was leased again after our lease expired; our result
-        // is refused by design and the other attempt owns it.
-        Err(s) if s.code() == tonic::Code::FailedPrecondition => {
-            tracing::warn!(job_id = %job_id, error = %s.message(), "result refused by the fence");
-            record(leased, "lost");
-            Ok(())
-        }
-        Err(s) => Err(WorkerError::Registry {
-            source: ClientError::from(s),
-        }),
     }
 }
 

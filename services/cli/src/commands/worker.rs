@@ -31,6 +31,11 @@ pub(crate) struct WorkerArgs {
     /// Jobs ported at once (they share the cache; one fills a tensor, others wait).
     #[arg(long, env = "PATCHPORT_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     concurrency: u16,
+    /// The most jobs one lease takes. A worker leases ahead only as many as it expects
+    /// to port within a second at its recent pace (slow ports go one at a time, so other
+    /// workers get them); 1 leases one job at a time.
+    #[arg(long, env = "PATCHPORT_LEASE_BATCH", default_value_t = patchport_worker::DEFAULT_LEASE_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    lease_batch: u16,
     /// Port only: skip the quality gate even for patches with an eval set.
     #[arg(long, env = "PATCHPORT_NO_EVAL")]
     no_eval: bool,
@@ -81,6 +86,7 @@ pub(crate) async fn run(registry: &str, a: WorkerArgs) -> anyhow::Result<()> {
     let mut config = patchport_worker::WorkerConfig::new(id, device);
     config.cache_bytes = a.cache_bytes;
     config.concurrency = usize::from(a.concurrency);
+    config.lease_batch = usize::from(a.lease_batch);
     if let Some(dir) = a.cache_dir {
         config.cache_dir = dir.join("tensors");
         if let Some(gate) = config.gate.as_mut() {

@@ -31,6 +31,10 @@ pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
 const REUSE_FROM: u32 = 4;
 /// A patch whose files together are at most this many bytes comes whole with its lease.
 const INLINE_PATCH_BYTES: u64 = 1 << 20;
+/// The most jobs one LeaseJob call leases.
+const MAX_LEASE_JOBS: usize = 64;
+/// The most completions one CompleteJobs call carries.
+pub(crate) const MAX_COMPLETIONS: usize = 64;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -50,6 +54,8 @@ struct LeaseQuery {
     loaded: Vec<Digest>,
     /// How long to wait for a job, at most [`MAX_WAIT`].
     wait: Duration,
+    /// How many jobs to lease at most (1-[`MAX_LEASE_JOBS`]).
+    max: usize,
 }
 
 impl TryFrom<&v1::LeaseJobRequest> for LeaseQuery {
@@ -63,6 +69,7 @@ impl TryFrom<&v1::LeaseJobRequest> for LeaseQuery {
             worker_id: req.worker_id.clone(),
             loaded: parse_list("loaded_base_digests", &req.loaded_base_digests)?,
             wait: Duration::from_secs(u64::from(req.wait_seconds)).min(MAX_WAIT),
+            max: (req.max_jobs as usize).clamp(1, MAX_LEASE_JOBS),
         })
     }
 }
@@ -132,6 +139,17 @@ struct Completion {
     device: String,
     /// Small blobs the files name, to store before verifying them.
     inline_blobs: Vec<bytes::Bytes>,
+}
+
+/// A completion verified and ready to record.
+struct Prepared {
+    attempt: Attempt,
+    outcome: JobOutcome,
+    engine_seconds: f64,
+    /// When its attempt was leased (for the duration metric).
+    leased_at: Option<i64>,
+    /// Who ported it (when the registry signs ports).
+    worker: Option<patchport_signing::WorkerInfo>,
 }
 
 /// What a worker reports: refusals make a port incompatible; without them it succeeded.
@@ -214,6 +232,9 @@ fn merged_tensor_blobs<'a>(
     out
 }
 
+/// Base versions by name and digest, read once per LeaseJob call.
+type Bases = HashMap<(String, Digest), std::sync::Arc<BaseVersionRecord>>;
+
 /// Records a port attempt's time from its lease to its outcome.
 fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
     if let Some(at) = leased_at {
@@ -273,7 +294,31 @@ impl Workers {
         Some(patchport_signing::WorkerInfo { id, device })
     }
 
-    async fn job_to_proto(&self, leased: &LeasedJob) -> ApiResult<v1::Job> {
+    /// A base version by name and digest, read once per LeaseJob call (the jobs of one
+    /// fan-out share their bases).
+    async fn base_once(
+        &self,
+        bases: &mut Bases,
+        name: &patchport_core::Name,
+        digest: Digest,
+        what: &str,
+    ) -> ApiResult<std::sync::Arc<BaseVersionRecord>> {
+        let key = (name.to_string(), digest);
+        if let Some(b) = bases.get(&key) {
+            return Ok(b.clone());
+        }
+        let base = self
+            .registry
+            .meta
+            .get_base_version(name, &VersionRef::Digest(digest))
+            .await?
+            .ok_or_else(|| ApiError::internal("leasing a job", format!("{what} vanished")))?;
+        let base = std::sync::Arc::new(base);
+        bases.insert(key, base.clone());
+        Ok(base)
+    }
+
+    async fn job_to_proto(&self, leased: &LeasedJob, bases: &mut Bases) -> ApiResult<v1::Job> {
         let port = leased
             .ports
             .first()
@@ -283,20 +328,22 @@ impl Workers {
             .get_patch_version(&port.patch_name, &VersionRef::Digest(port.patch_digest))
             .await?
             .ok_or_else(|| ApiError::internal("leasing a job", "patch version vanished"))?;
-        let source = meta
-            .get_base_version(
+        let source = self
+            .base_once(
+                bases,
                 &patch.base_name,
-                &VersionRef::Digest(leased.job.source_base_digest),
+                leased.job.source_base_digest,
+                "source base",
             )
-            .await?
-            .ok_or_else(|| ApiError::internal("leasing a job", "source base vanished"))?;
-        let target = meta
-            .get_base_version(
+            .await?;
+        let target = self
+            .base_once(
+                bases,
                 &port.base_name,
-                &VersionRef::Digest(leased.job.target_base_digest),
+                leased.job.target_base_digest,
+                "target base",
             )
-            .await?
-            .ok_or_else(|| ApiError::internal("leasing a job", "target base vanished"))?;
+            .await?;
         // Reuse only saves work: a failure to find what is reusable ports everything.
         let reused = match self.reused_tensors(&leased.job, port, &target).await {
             Ok(r) => r,
@@ -448,6 +495,107 @@ impl Workers {
         Ok(())
     }
 
+    /// Parses a completion and verifies what it names: its inline blobs stored, its
+    /// files checked and composed files hashed. What the store records, or why not.
+    async fn prepare(&self, req: &v1::CompleteJobRequest) -> ApiResult<Prepared> {
+        let Completion {
+            attempt,
+            outcome,
+            engine_seconds,
+            device,
+            inline_blobs,
+        } = Completion::try_from(req)?;
+        if matches!(outcome, Reported::Succeeded { .. }) {
+            self.store_inline(inline_blobs).await?;
+        }
+        let leased_at = self.leased_at(attempt.job_id).await;
+        let worker = self.signing_worker(attempt.job_id, device).await;
+        let outcome = match outcome {
+            Reported::Succeeded {
+                diagnostics,
+                adapter_files,
+                merged_files,
+                evaluation,
+            } => JobOutcome::Succeeded {
+                adapter_files: self.verify_files(&adapter_files).await?,
+                merged_files: self.verify_files(&merged_files).await?,
+                diagnostics,
+                evaluation,
+            },
+            Reported::Incompatible { refusals } => JobOutcome::Incompatible { refusals },
+        };
+        Ok(Prepared {
+            attempt,
+            outcome,
+            engine_seconds,
+            leased_at,
+            worker,
+        })
+    }
+
+    /// Records completions: each is verified on its own (concurrently), then all that
+    /// verified are recorded in one store transaction, then their ports are signed. One
+    /// result per completion, in order; `Err` only when the store itself failed.
+    async fn complete(
+        &self,
+        completions: Vec<v1::CompleteJobRequest>,
+    ) -> Result<Vec<ApiResult<()>>, Status> {
+        let prepared = futures::future::join_all(completions.iter().map(|c| self.prepare(c))).await;
+        let mut results: Vec<ApiResult<()>> = Vec::with_capacity(prepared.len());
+        let mut ready = Vec::new();
+        let mut recorded = Vec::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p {
+                Ok(p) => {
+                    results.push(Ok(()));
+                    let label = match p.outcome {
+                        JobOutcome::Succeeded { .. } => "succeeded",
+                        JobOutcome::Incompatible { .. } => "incompatible",
+                    };
+                    ready.push((p.attempt.job_id, p.attempt.fencing_token, p.outcome));
+                    recorded.push((i, label, p.engine_seconds, p.leased_at, p.worker));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if ready.is_empty() {
+            return Ok(results);
+        }
+        let stored = self
+            .registry
+            .meta
+            .complete_jobs(ready)
+            .await
+            .map_err(ApiError::from)?;
+        for ((i, label, engine_seconds, leased_at, worker), r) in recorded.into_iter().zip(stored) {
+            let job = match r {
+                Ok(job) => job,
+                Err(e) => {
+                    results[i] = Err(e.into());
+                    continue;
+                }
+            };
+            record_port_duration(leased_at, label);
+            if let Some(worker) = worker
+                && label == "succeeded"
+            {
+                match self.registry.meta.job_ports(job.id).await {
+                    Ok(ports) => self.registry.sign_ports(&ports, &worker).await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading a job's ports to sign them failed")
+                    }
+                }
+            }
+            tracing::info!(
+                job_id = job.id,
+                engine_seconds,
+                outcome = label,
+                "job completed"
+            );
+        }
+        Ok(results)
+    }
+
     /// Checks a worker's artifact files: every blob exists; composed files are hashed
     /// here (a worker's word about composed bytes never counts unverified).
     async fn verify_files(&self, files: &[DeclaredFile]) -> ApiResult<Vec<ArtifactFile>> {
@@ -513,30 +661,32 @@ impl WorkerService for Workers {
             worker_id,
             loaded,
             wait,
+            max,
         } = LeaseQuery::try_from(req.get_ref()).map_err(ApiError::from)?;
         let deadline = tokio::time::Instant::now() + wait;
+        let none = || Ok(Response::new(v1::LeaseJobResponse { jobs: Vec::new() }));
         loop {
             if self.draining.is_cancelled() {
                 // Shutting down: this process takes no new work.
-                return Ok(Response::new(v1::LeaseJobResponse { job: None }));
+                return none();
             }
-            if let Some(leased) = self
+            let leased = self
                 .registry
                 .meta
-                .lease_job(&worker_id, &loaded, self.lease)
+                .lease_jobs(&worker_id, &loaded, self.lease, max)
                 .await
-                .map_err(ApiError::from)?
-            {
-                tracing::info!(
-                    job_id = leased.job.id,
-                    attempt = leased.job.attempts,
-                    "job leased"
-                );
-                let job = self.job_to_proto(&leased).await?;
-                return Ok(Response::new(v1::LeaseJobResponse { job: Some(job) }));
+                .map_err(ApiError::from)?;
+            if !leased.is_empty() {
+                let mut bases = Bases::new();
+                let mut jobs = Vec::with_capacity(leased.len());
+                for l in &leased {
+                    tracing::info!(job_id = l.job.id, attempt = l.job.attempts, "job leased");
+                    jobs.push(self.job_to_proto(l, &mut bases).await?);
+                }
+                return Ok(Response::new(v1::LeaseJobResponse { jobs }));
             }
             if tokio::time::Instant::now() >= deadline {
-                return Ok(Response::new(v1::LeaseJobResponse { job: None }));
+                return none();
             }
             tokio::select! {
                 () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -571,52 +721,52 @@ impl WorkerService for Workers {
         req: Request<v1::CompleteJobRequest>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
-        let Completion {
-            attempt,
-            outcome,
-            engine_seconds,
-            device,
-            inline_blobs,
-        } = Completion::try_from(req.get_ref()).map_err(ApiError::from)?;
-        if matches!(outcome, Reported::Succeeded { .. }) {
-            self.store_inline(inline_blobs).await?;
+        let mut results = self.complete(vec![req.into_inner()]).await?;
+        match results.pop() {
+            Some(Ok(())) => Ok(Response::new(v1::CompleteJobResponse {})),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(ApiError::internal("completing a job", "no result").into()),
         }
-        let leased_at = self.leased_at(attempt.job_id).await;
-        let worker = self.signing_worker(attempt.job_id, device).await;
-        let outcome = match outcome {
-            Reported::Succeeded {
-                diagnostics,
-                adapter_files,
-                merged_files,
-                evaluation,
-            } => JobOutcome::Succeeded {
-                adapter_files: self.verify_files(&adapter_files).await?,
-                merged_files: self.verify_files(&merged_files).await?,
-                diagnostics,
-                evaluation,
-            },
-            Reported::Incompatible { refusals } => JobOutcome::Incompatible { refusals },
-        };
-        let label = match outcome {
-            JobOutcome::Succeeded { .. } => "succeeded",
-            JobOutcome::Incompatible { .. } => "incompatible",
-        };
-        self.registry
-            .meta
-            .complete_job(attempt.job_id, attempt.fencing_token, outcome)
-            .await
-            .map_err(ApiError::from)?;
-        record_port_duration(leased_at, label);
-        if let Some(worker) = worker
-            && label == "succeeded"
-        {
-            match self.registry.meta.job_ports(attempt.job_id).await {
-                Ok(ports) => self.registry.sign_ports(&ports, &worker).await,
-                Err(e) => tracing::warn!(error = %e, "reading a job's ports to sign them failed"),
-            }
+    }
+
+    #[tracing::instrument(skip_all, fields(completions = req.get_ref().completions.len()))]
+    async fn complete_jobs(
+        &self,
+        req: Request<v1::CompleteJobsRequest>,
+    ) -> Result<Response<v1::CompleteJobsResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
+        let completions = req.into_inner().completions;
+        if completions.len() > MAX_COMPLETIONS {
+            return Err(ApiError::from(WireError::invalid(
+                "completions",
+                format!(
+                    "{} completions; at most {MAX_COMPLETIONS} per call",
+                    completions.len()
+                ),
+            ))
+            .into());
         }
-        tracing::info!(engine_seconds, "job completed");
-        Ok(Response::new(v1::CompleteJobResponse {}))
+        let ids: Vec<String> = completions.iter().map(|c| c.job_id.clone()).collect();
+        let results = self.complete(completions).await?;
+        let results = ids
+            .into_iter()
+            .zip(results)
+            .map(|(job_id, r)| {
+                let (code, message) = match r {
+                    Ok(()) => (tonic::Code::Ok, String::new()),
+                    Err(e) => {
+                        let status = Status::from(e);
+                        (status.code(), status.message().to_owned())
+                    }
+                };
+                v1::CompleteJobResult {
+                    job_id,
+                    code: code as i32,
+                    message,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::CompleteJobsResponse { results }))
     }
 
     #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]

@@ -198,15 +198,29 @@ pub trait Queue: Send + Sync {
     ) -> Result<Paged<PortRecord>, StoreError>;
     /// Sets a job's priority (higher is leased first).
     async fn set_job_priority(&self, job_id: i64, priority: i64) -> Result<(), StoreError>;
-    /// Leases the next ready job: by priority (higher first), then jobs whose bases are
-    /// in `loaded_base_digests` (both, then the target, then the source), then oldest. Marks it and its ports
-    /// running, bumps attempts and the fencing token.
+    /// Leases up to `max` ready jobs in one transaction, in the order they are due: by
+    /// priority (higher first), then jobs whose bases are in `loaded_base_digests` (both,
+    /// then the target, then the source), then oldest. Marks each and its ports running,
+    /// bumps its attempts and fencing token. Empty when none is ready.
+    async fn lease_jobs(
+        &self,
+        worker_id: &str,
+        loaded_base_digests: &[Digest],
+        lease_duration: Duration,
+        max: usize,
+    ) -> Result<Vec<LeasedJob>, StoreError>;
+    /// Leases the next ready job ([`lease_jobs`](Self::lease_jobs) with `max` 1).
     async fn lease_job(
         &self,
         worker_id: &str,
         loaded_base_digests: &[Digest],
         lease_duration: Duration,
-    ) -> Result<Option<LeasedJob>, StoreError>;
+    ) -> Result<Option<LeasedJob>, StoreError> {
+        Ok(self
+            .lease_jobs(worker_id, loaded_base_digests, lease_duration, 1)
+            .await?
+            .pop())
+    }
     /// Renews a lease; FailedPrecondition "lease lost" when the token is stale or the
     /// job is no longer running. `Ok(true)` asks the worker to stop: every port of the
     /// job was cancelled.
@@ -216,13 +230,27 @@ pub trait Queue: Send + Sync {
         fencing_token: i64,
         lease_duration: Duration,
     ) -> Result<bool, StoreError>;
-    /// Records the final outcome of an attempt on the job and every running port of it.
+    /// Records the final outcome of attempts, each on its job and every running port of
+    /// it, in one transaction. One result per completion, in order: a stale token is that
+    /// completion's FailedPrecondition "lease lost" and changes nothing of it; the others
+    /// are recorded. An error of the store itself fails them all (`Err`).
+    async fn complete_jobs(
+        &self,
+        completions: Vec<(i64, i64, JobOutcome)>,
+    ) -> Result<Vec<Result<JobRecord, StoreError>>, StoreError>;
+    /// Records the final outcome of one attempt ([`complete_jobs`](Self::complete_jobs)
+    /// with one completion).
     async fn complete_job(
         &self,
         job_id: i64,
         fencing_token: i64,
         outcome: JobOutcome,
-    ) -> Result<JobRecord, StoreError>;
+    ) -> Result<JobRecord, StoreError> {
+        self.complete_jobs(vec![(job_id, fencing_token, outcome)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(lease_lost(job_id)))
+    }
     /// Records a failed attempt: queued again after a backoff while attempts remain and
     /// the error is retryable, failed otherwise.
     async fn fail_job(

@@ -12,16 +12,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LeaseJobRequest(_message.Message):
-    __slots__ = ("worker_id", "loaded_base_digests", "wait_seconds", "device")
+    __slots__ = ("worker_id", "loaded_base_digests", "wait_seconds", "device", "max_jobs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LOADED_BASE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     loaded_base_digests: _containers.RepeatedScalarFieldContainer[str]
     wait_seconds: int
     device: str
-    def __init__(self, worker_id: _Optional[str] = ..., loaded_base_digests: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    max_jobs: int
+    def __init__(self, worker_id: _Optional[str] = ..., loaded_base_digests: _Optional[_Iterable[str]] = ..., wait_seconds: _Optional[int] = ..., device: _Optional[str] = ..., max_jobs: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "fencing_token", "lease_expires_at", "attempt", "method_version", "patch", "source_base", "target_base", "merged", "reused_tensors", "patch_file_bytes")
@@ -62,10 +64,10 @@ class ReusedTensor(_message.Message):
     def __init__(self, tensor: _Optional[str] = ..., digest: _Optional[str] = ..., size: _Optional[int] = ..., diagnostics: _Optional[_Union[_ports_pb2.ModuleDiagnostics, _Mapping]] = ...) -> None: ...
 
 class LeaseJobResponse(_message.Message):
-    __slots__ = ("job",)
-    JOB_FIELD_NUMBER: _ClassVar[int]
-    job: Job
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("job_id", "fencing_token")
@@ -110,6 +112,28 @@ class CompleteJobRequest(_message.Message):
 class CompleteJobResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CompleteJobsRequest(_message.Message):
+    __slots__ = ("completions",)
+    COMPLETIONS_FIELD_NUMBER: _ClassVar[int]
+    completions: _containers.RepeatedCompositeFieldContainer[CompleteJobRequest]
+    def __init__(self, completions: _Optional[_Iterable[_Union[CompleteJobRequest, _Mapping]]] = ...) -> None: ...
+
+class CompleteJobsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[CompleteJobResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[CompleteJobResult, _Mapping]]] = ...) -> None: ...
+
+class CompleteJobResult(_message.Message):
+    __slots__ = ("job_id", "code", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    code: int
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FailJobRequest(_message.Message):
     __slots__ = ("job_id", "fencing_token", "error", "retryable")

@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=patchport_dot_v1_dot_worker__pb2.CompleteJobRequest.SerializeToString,
                 response_deserializer=patchport_dot_v1_dot_worker__pb2.CompleteJobResponse.FromString,
                 _registered_method=True)
+        self.CompleteJobs = channel.unary_unary(
+                '/patchport.v1.WorkerService/CompleteJobs',
+                request_serializer=patchport_dot_v1_dot_worker__pb2.CompleteJobsRequest.SerializeToString,
+                response_deserializer=patchport_dot_v1_dot_worker__pb2.CompleteJobsResponse.FromString,
+                _registered_method=True)
         self.FailJob = channel.unary_unary(
                 '/patchport.v1.WorkerService/FailJob',
                 request_serializer=patchport_dot_v1_dot_worker__pb2.FailJobRequest.SerializeToString,
@@ -69,8 +74,9 @@ class WorkerServiceServicer:
     """
 
     def LeaseJob(self, request, context):
-        """Leases the next job, preferring ones against a base the worker already holds.
-        Waits up to `wait_seconds` for one; returns no job when none came.
+        """Leases the next jobs (up to `max_jobs`, in the order they are due), preferring ones
+        against a base the worker already holds. Waits up to `wait_seconds` for one;
+        returns no job when none came.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +90,14 @@ class WorkerServiceServicer:
 
     def CompleteJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteJobs(self, request, context):
+        """Several completions in one call, recorded in one transaction; one result each (a
+        stale fence refuses only its own completion).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -118,6 +132,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.CompleteJob,
                     request_deserializer=patchport_dot_v1_dot_worker__pb2.CompleteJobRequest.FromString,
                     response_serializer=patchport_dot_v1_dot_worker__pb2.CompleteJobResponse.SerializeToString,
+            ),
+            'CompleteJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteJobs,
+                    request_deserializer=patchport_dot_v1_dot_worker__pb2.CompleteJobsRequest.FromString,
+                    response_serializer=patchport_dot_v1_dot_worker__pb2.CompleteJobsResponse.SerializeToString,
             ),
             'FailJob': grpc.unary_unary_rpc_method_handler(
                     servicer.FailJob,
@@ -213,6 +232,33 @@ class WorkerService:
             '/patchport.v1.WorkerService/CompleteJob',
             patchport_dot_v1_dot_worker__pb2.CompleteJobRequest.SerializeToString,
             patchport_dot_v1_dot_worker__pb2.CompleteJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/patchport.v1.WorkerService/CompleteJobs',
+            patchport_dot_v1_dot_worker__pb2.CompleteJobsRequest.SerializeToString,
+            patchport_dot_v1_dot_worker__pb2.CompleteJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -562,12 +562,16 @@ macro_rules! impl_queue {
                 Ok(())
             }
 
-            async fn lease_job(
+            async fn lease_jobs(
                 &self,
                 worker_id: &str,
                 loaded_base_digests: &[patchport_core::Digest],
                 lease_duration: std::time::Duration,
-            ) -> Result<Option<$crate::meta::LeasedJob>, $crate::meta::StoreError> {
+                max: usize,
+            ) -> Result<Vec<$crate::meta::LeasedJob>, $crate::meta::StoreError> {
+                if max == 0 {
+                    return Ok(Vec::new());
+                }
                 let now = $crate::meta::now_millis();
                 let mut tx = self.pool.begin().await?;
                 let affinity = if loaded_base_digests.is_empty() {
@@ -589,44 +593,49 @@ macro_rules! impl_queue {
                 // this worker holds, then first in first out.
                 let sql = format!(
                     "SELECT id FROM jobs WHERE state = 'queued' AND run_after <= $1 \
-                     ORDER BY priority DESC, {affinity}id LIMIT 1{}",
+                     ORDER BY priority DESC, {affinity}id LIMIT {max}{}",
                     Self::SKIP_LOCKED
                 );
                 let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql)).bind(now);
                 for d in loaded_base_digests.iter().chain(loaded_base_digests) {
                     q = q.bind(d.to_string());
                 }
-                let Some(job_id) = q.fetch_optional(&mut *tx).await? else {
-                    return Ok(None);
-                };
+                let ids = q.fetch_all(&mut *tx).await?;
+                if ids.is_empty() {
+                    return Ok(Vec::new());
+                }
                 let expires = now.saturating_add(lease_duration.as_millis() as i64);
-                sqlx::query(
-                    "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
-                     attempts = attempts + 1, fencing_token = fencing_token + 1, \
-                     cancel_requested = 0, updated_at = $3 WHERE id = $4",
-                )
-                .bind(worker_id)
-                .bind(expires)
-                .bind(now)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
-                let starting =
-                    Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Queued).await?;
-                sqlx::query(
-                    "UPDATE ports SET state = 'running', started_at = $1, error = NULL, \
-                     attempts = (SELECT attempts FROM jobs WHERE id = $2) \
-                     WHERE job_id = $2 AND state = 'queued'",
-                )
-                .bind(now)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
-                Self::emit_ports(&mut tx, patchport_core::event::EventKind::PortStarted, Some(worker_id), &starting).await?;
-                let job = Self::must_load_job(&mut tx, job_id).await?;
-                let ports = Self::load_job_ports(&mut tx, job_id).await?;
+                let mut leased = Vec::with_capacity(ids.len());
+                for job_id in ids {
+                    sqlx::query(
+                        "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+                         attempts = attempts + 1, fencing_token = fencing_token + 1, \
+                         cancel_requested = 0, updated_at = $3 WHERE id = $4",
+                    )
+                    .bind(worker_id)
+                    .bind(expires)
+                    .bind(now)
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    let starting =
+                        Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Queued).await?;
+                    sqlx::query(
+                        "UPDATE ports SET state = 'running', started_at = $1, error = NULL, \
+                         attempts = (SELECT attempts FROM jobs WHERE id = $2) \
+                         WHERE job_id = $2 AND state = 'queued'",
+                    )
+                    .bind(now)
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    Self::emit_ports(&mut tx, patchport_core::event::EventKind::PortStarted, Some(worker_id), &starting).await?;
+                    let job = Self::must_load_job(&mut tx, job_id).await?;
+                    let ports = Self::load_job_ports(&mut tx, job_id).await?;
+                    leased.push($crate::meta::LeasedJob { job, ports });
+                }
                 tx.commit().await?;
-                Ok(Some($crate::meta::LeasedJob { job, ports }))
+                Ok(leased)
             }
 
             async fn heartbeat(
@@ -664,84 +673,87 @@ macro_rules! impl_queue {
                 }
             }
 
-            async fn complete_job(
+            async fn complete_jobs(
                 &self,
-                job_id: i64,
-                fencing_token: i64,
-                outcome: $crate::meta::JobOutcome,
-            ) -> Result<$crate::meta::JobRecord, $crate::meta::StoreError> {
+                completions: Vec<(i64, i64, $crate::meta::JobOutcome)>,
+            ) -> Result<Vec<Result<$crate::meta::JobRecord, $crate::meta::StoreError>>, $crate::meta::StoreError> {
                 use $crate::meta::sql::to_json;
                 use $crate::meta::JobOutcome;
-                let now = $crate::meta::now_millis();
-                let evaluation = match &outcome {
-                    JobOutcome::Succeeded { evaluation, .. } => evaluation.clone(),
-                    JobOutcome::Incompatible { .. } => None,
-                };
-                let (state, refusals, diagnostics, adapter, merged) = match &outcome {
-                    JobOutcome::Succeeded { adapter_files, merged_files, diagnostics, .. } => (
-                        "succeeded",
-                        "[]".to_owned(),
-                        Some(to_json(diagnostics)),
-                        to_json(adapter_files),
-                        to_json(merged_files),
-                    ),
-                    JobOutcome::Incompatible { refusals } => (
-                        "incompatible",
-                        to_json(refusals),
-                        None,
-                        "[]".to_owned(),
-                        "[]".to_owned(),
-                    ),
-                };
-                let mut tx = self.pool.begin().await?;
-                let n = sqlx::query(
-                    "UPDATE jobs SET state = $1, lease_owner = NULL, lease_expires_at = NULL, \
-                     last_error = NULL, updated_at = $2 \
-                     WHERE id = $3 AND fencing_token = $4 AND state = 'running'",
-                )
-                .bind(state)
-                .bind(now)
-                .bind(job_id)
-                .bind(fencing_token)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if n == 0 {
-                    return Err($crate::meta::queue::lease_lost(job_id));
-                }
-                let running =
-                    Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Running).await?;
-                let summary = evaluation.as_ref().map(|e| e.summary.clone());
-                sqlx::query(
-                    "UPDATE ports SET state = $1, refusals_json = $2, diagnostics_json = $3, \
-                     adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6, \
-                     evaluation_json = $8 \
-                     WHERE job_id = $7 AND state = 'running'",
-                )
-                .bind(state)
-                .bind(refusals)
-                .bind(diagnostics)
-                .bind(adapter)
-                .bind(merged)
-                .bind(now)
-                .bind(job_id)
-                .bind(evaluation.map(|e| e.json))
-                .execute(&mut *tx)
-                .await?;
-                if let JobOutcome::Succeeded { adapter_files, merged_files, .. } = &outcome {
-                    let digests = $crate::meta::sql::artifact_digests(adapter_files, merged_files);
-                    Self::index_port_artifacts(&mut tx, &running, &digests).await?;
-                }
                 use patchport_core::event::EventKind;
-                let completed =
-                    Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
-                if let Some(summary) = &summary {
-                    Self::append_port_events(&mut tx, EventKind::PortEvaluated, Some(summary), &completed)
-                        .await?;
+                let now = $crate::meta::now_millis();
+                let mut tx = self.pool.begin().await?;
+                let mut results = Vec::with_capacity(completions.len());
+                for (job_id, fencing_token, outcome) in completions {
+                    let evaluation = match &outcome {
+                        JobOutcome::Succeeded { evaluation, .. } => evaluation.clone(),
+                        JobOutcome::Incompatible { .. } => None,
+                    };
+                    let (state, refusals, diagnostics, adapter, merged) = match &outcome {
+                        JobOutcome::Succeeded { adapter_files, merged_files, diagnostics, .. } => (
+                            "succeeded",
+                            "[]".to_owned(),
+                            Some(to_json(diagnostics)),
+                            to_json(adapter_files),
+                            to_json(merged_files),
+                        ),
+                        JobOutcome::Incompatible { refusals } => (
+                            "incompatible",
+                            to_json(refusals),
+                            None,
+                            "[]".to_owned(),
+                            "[]".to_owned(),
+                        ),
+                    };
+                    // The fence first: a stale token writes nothing of this completion.
+                    let n = sqlx::query(
+                        "UPDATE jobs SET state = $1, lease_owner = NULL, lease_expires_at = NULL, \
+                         last_error = NULL, updated_at = $2 \
+                         WHERE id = $3 AND fencing_token = $4 AND state = 'running'",
+                    )
+                    .bind(state)
+                    .bind(now)
+                    .bind(job_id)
+                    .bind(fencing_token)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if n == 0 {
+                        results.push(Err($crate::meta::queue::lease_lost(job_id)));
+                        continue;
+                    }
+                    let running =
+                        Self::job_port_ids(&mut tx, job_id, $crate::meta::PortState::Running).await?;
+                    let summary = evaluation.as_ref().map(|e| e.summary.clone());
+                    sqlx::query(
+                        "UPDATE ports SET state = $1, refusals_json = $2, diagnostics_json = $3, \
+                         adapter_files_json = $4, merged_files_json = $5, error = NULL, finished_at = $6, \
+                         evaluation_json = $8 \
+                         WHERE job_id = $7 AND state = 'running'",
+                    )
+                    .bind(state)
+                    .bind(refusals)
+                    .bind(diagnostics)
+                    .bind(adapter)
+                    .bind(merged)
+                    .bind(now)
+                    .bind(job_id)
+                    .bind(evaluation.map(|e| e.json))
+                    .execute(&mut *tx)
+                    .await?;
+                    if let JobOutcome::Succeeded { adapter_files, merged_files, .. } = &outcome {
+                        let digests = $crate::meta::sql::artifact_digests(adapter_files, merged_files);
+                        Self::index_port_artifacts(&mut tx, &running, &digests).await?;
+                    }
+                    let completed =
+                        Self::emit_ports(&mut tx, EventKind::PortCompleted, Some(state), &running).await?;
+                    if let Some(summary) = &summary {
+                        Self::append_port_events(&mut tx, EventKind::PortEvaluated, Some(summary), &completed)
+                            .await?;
+                    }
+                    results.push(Ok(Self::must_load_job(&mut tx, job_id).await?));
                 }
-                let job = Self::must_load_job(&mut tx, job_id).await?;
                 tx.commit().await?;
-                Ok(job)
+                Ok(results)
             }
 
             async fn fail_job(
