@@ -35,6 +35,9 @@ const INLINE_PATCH_BYTES: u64 = 1 << 20;
 const MAX_LEASE_JOBS: usize = 64;
 /// The most completions one CompleteJobs call carries.
 pub(crate) const MAX_COMPLETIONS: usize = 64;
+/// How many completions of one call are verified at once (composed files hashed on
+/// blocking threads).
+const VERIFY_AT_ONCE: usize = 8;
 
 /// The worker service.
 #[derive(Debug, Clone)]
@@ -533,14 +536,19 @@ impl Workers {
         })
     }
 
-    /// Records completions: each is verified on its own (concurrently), then all that
+    /// Records completions: each is verified on its own ([`VERIFY_AT_ONCE`] at a time), then all that
     /// verified are recorded in one store transaction, then their ports are signed. One
     /// result per completion, in order; `Err` only when the store itself failed.
     async fn complete(
         &self,
         completions: Vec<v1::CompleteJobRequest>,
     ) -> Result<Vec<ApiResult<()>>, Status> {
-        let prepared = futures::future::join_all(completions.iter().map(|c| self.prepare(c))).await;
+        use futures::StreamExt as _;
+        let prepared: Vec<ApiResult<Prepared>> = futures::stream::iter(completions)
+            .map(|c| async move { self.prepare(&c).await })
+            .buffered(VERIFY_AT_ONCE)
+            .collect()
+            .await;
         let mut results: Vec<ApiResult<()>> = Vec::with_capacity(prepared.len());
         let mut ready = Vec::new();
         let mut recorded = Vec::new();
