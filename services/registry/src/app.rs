@@ -420,7 +420,10 @@ impl Application {
             }
             tracing::info!("no longer accepting requests; finishing those in flight");
         };
-        let mut server = tonic::transport::Server::builder();
+        // Uploads are long streams of 4 MiB chunks: let HTTP/2 flow control grow each
+        // stream's receive window with the measured bandwidth-delay product instead of
+        // pausing the sender at a fixed window.
+        let mut server = tonic::transport::Server::builder().http2_adaptive_window(Some(true));
         if let Some(tls) = &self.tls {
             // Other dependencies enable a second rustls provider; pick ring explicitly.
             let _ = rustls::crypto::ring::default_provider().install_default();
