@@ -248,6 +248,26 @@ struct Done {
     answered: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
+/// How many jobs one LeaseJob call asks for at a loop's recent `pace` (time per job):
+/// as many as it ports within [`LEASE_AHEAD`], at least 1 and at most `batch`; 1 before
+/// the loop has a pace.
+fn jobs_per_lease(pace: Option<Duration>, batch: usize) -> u32 {
+    let batch = batch.clamp(1, 64) as u32;
+    match pace {
+        None => 1,
+        Some(p) if p.is_zero() => batch,
+        Some(p) => {
+            (LEASE_AHEAD.as_secs_f64() / p.as_secs_f64()).clamp(1.0, f64::from(batch)) as u32
+        }
+    }
+}
+
+/// Whether a loop at `pace` ports on while its completions are sent (quick ports), or
+/// waits for each answer (slow ports, and before it has a pace).
+fn overlaps(pace: Option<Duration>) -> bool {
+    pace.is_some_and(|p| p < LEASE_AHEAD)
+}
+
 /// One lease loop.
 async fn lease_loop(
     client: Client,
@@ -276,19 +296,14 @@ async fn lease_loop(
             // for its answer, so the registry's verification of a large port (hashing its
             // merged files) does not contend with the next port where both share a
             // machine, and each port's latency stays its own.
-            let overlap = pace.is_some_and(|p| p < LEASE_AHEAD);
+            let overlap = overlaps(pace);
             run_one(&client, config, state, held, &shutdown, &done, overlap).await?;
             let took = started.elapsed();
             pace = Some(pace.map_or(took, |p| (p * 3 + took) / 4));
             loaded = vec![target];
             continue;
         }
-        let max_jobs = match pace {
-            Some(p) if !p.is_zero() => (LEASE_AHEAD.as_secs_f64() / p.as_secs_f64())
-                .clamp(1.0, config.lease_batch as f64)
-                as u32,
-            _ => 1,
-        };
+        let max_jobs = jobs_per_lease(pace, config.lease_batch);
         // The bases whose tensors the cache holds; without a cache, the last target.
         let held = state.held_versions();
         let call = workers.lease_job(v1::LeaseJobRequest {
@@ -622,5 +637,33 @@ async fn release(client: &Client, job_id: &str, token: i64) {
         Err(s) => {
             tracing::warn!(job_id = %job_id, error = %s.message(), "releasing the lease failed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_ports_lease_ahead_and_overlap_slow_ones_go_one_at_a_time() {
+        let ms = |n| Some(Duration::from_millis(n));
+        // No pace yet: one job, and the loop waits for its answer.
+        assert_eq!(jobs_per_lease(None, 16), 1);
+        assert!(!overlaps(None));
+        // Tiny ports: the batch bound.
+        assert_eq!(jobs_per_lease(ms(5), 16), 16);
+        assert_eq!(jobs_per_lease(Some(Duration::ZERO), 16), 16);
+        assert!(overlaps(ms(5)));
+        // A second's worth at the pace.
+        assert_eq!(jobs_per_lease(ms(100), 64), 10);
+        assert_eq!(jobs_per_lease(ms(300), 16), 3);
+        // Slow ports: one at a time, each answer awaited.
+        assert_eq!(jobs_per_lease(ms(2_500), 16), 1);
+        assert!(!overlaps(ms(2_500)));
+        assert!(!overlaps(Some(LEASE_AHEAD)));
+        // `--lease-batch 1` never leases ahead; out-of-range bounds are clamped.
+        assert_eq!(jobs_per_lease(ms(1), 1), 1);
+        assert_eq!(jobs_per_lease(ms(1), 0), 1);
+        assert_eq!(jobs_per_lease(ms(1), 1_000), 64);
     }
 }
