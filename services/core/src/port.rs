@@ -25,6 +25,14 @@ pub enum PortOrigin {
 /// The highest priority a `RequestPort` caller may ask for.
 pub const MAX_REQUEST_PRIORITY: u16 = 999;
 
+/// The lease protocol's limits, kept by the registry and respected by workers. The most
+/// bytes one completion may carry in `inline_blobs`.
+pub const MAX_INLINE_BLOBS: usize = 4 << 20;
+/// The most jobs one LeaseJob call leases.
+pub const MAX_LEASE_JOBS: usize = 64;
+/// The most completions one CompleteJobs call carries.
+pub const MAX_COMPLETIONS: usize = 64;
+
 impl PortOrigin {
     /// The stored job priority (higher is leased first). Every request outranks every
     /// catch-up port, which outranks every fan-out port.

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use patchport_client::{Client, ClientError};
 use patchport_core::Digest;
 use patchport_core::layout::{ADAPTER_CONFIG, DeclaredFile, FileRef};
-use patchport_core::port::{PortDiagnostics, Refusal, ReusedTensor};
+use patchport_core::port::{MAX_INLINE_BLOBS, PortDiagnostics, Refusal, ReusedTensor};
 use patchport_engine::artifact::compose_ranges;
 use patchport_engine::{Device, MergedSink, ModelSource, PortOptions};
 use patchport_proto::convert::{WireError, parse_field, try_list};
@@ -490,8 +490,6 @@ impl ModelSource for RemoteSource {
 
 /// How many merged tensors are uploaded at once while the engine goes on.
 const UPLOADS_IN_FLIGHT: usize = 4;
-/// What a completion may carry inline (the registry's limit).
-const INLINE_BUDGET: usize = 4 << 20;
 
 /// A blob on its way to the registry.
 #[derive(Debug)]
@@ -503,7 +501,7 @@ enum Outgoing {
 }
 
 /// Where a port's new blobs go: small ones ride with the completion (up to
-/// [`INLINE_BUDGET`] together), the rest are uploaded, a few at a time while the engine
+/// [`MAX_INLINE_BLOBS`] together), the rest are uploaded, a few at a time while the engine
 /// goes on.
 #[derive(Debug)]
 struct Outbox {
@@ -530,7 +528,7 @@ impl Outbox {
 
     /// Keeps `bytes` inline when they fit the budget.
     fn try_inline(&mut self, bytes: &[u8]) -> Option<Digest> {
-        if self.inline_bytes + bytes.len() > INLINE_BUDGET {
+        if self.inline_bytes + bytes.len() > MAX_INLINE_BLOBS {
             return None;
         }
         self.inline_bytes += bytes.len();

@@ -16,6 +16,7 @@ use patchport_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 use crate::{WorkerError, WorkerState, port_job_with};
+use patchport_core::port::{MAX_COMPLETIONS, MAX_INLINE_BLOBS, MAX_LEASE_JOBS};
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -46,11 +47,6 @@ pub struct WorkerConfig {
 pub const LEASE_AHEAD: Duration = Duration::from_secs(1);
 /// The default of [`WorkerConfig::lease_batch`].
 pub const DEFAULT_LEASE_BATCH: usize = 16;
-/// The most completions one `CompleteJobs` call carries (the registry's limit).
-const MAX_COMPLETIONS: usize = 64;
-/// The most inline bytes one `CompleteJobs` call carries together (one completion alone
-/// may carry this much).
-const BATCH_INLINE_BYTES: usize = 4 << 20;
 
 /// The cache's default bound.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 30;
@@ -252,7 +248,7 @@ struct Done {
 /// as many as it ports within [`LEASE_AHEAD`], at least 1 and at most `batch`; 1 before
 /// the loop has a pace.
 fn jobs_per_lease(pace: Option<Duration>, batch: usize) -> u32 {
-    let batch = batch.clamp(1, 64) as u32;
+    let batch = batch.clamp(1, MAX_LEASE_JOBS) as u32;
     match pace {
         None => 1,
         Some(p) if p.is_zero() => batch,
@@ -383,7 +379,8 @@ async fn completer(
         let mut batch = vec![first];
         while batch.len() < MAX_COMPLETIONS && batched {
             match finished.try_recv() {
-                Ok(d) if bytes + inline_bytes(&d.request) <= BATCH_INLINE_BYTES => {
+                // A call carries together at most what one completion alone may.
+                Ok(d) if bytes + inline_bytes(&d.request) <= MAX_INLINE_BLOBS => {
                     bytes += inline_bytes(&d.request);
                     batch.push(d);
                 }

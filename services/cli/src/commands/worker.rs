@@ -34,7 +34,7 @@ pub(crate) struct WorkerArgs {
     /// The most jobs one lease takes. A worker leases ahead only as many as it expects
     /// to port within a second at its recent pace (slow ports go one at a time, so other
     /// workers get them); 1 leases one job at a time.
-    #[arg(long, env = "PATCHPORT_LEASE_BATCH", default_value_t = patchport_worker::DEFAULT_LEASE_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, env = "PATCHPORT_LEASE_BATCH", default_value_t = patchport_worker::DEFAULT_LEASE_BATCH as u16, value_parser = clap::value_parser!(u16).range(1..=patchport_core::port::MAX_LEASE_JOBS as i64))]
     lease_batch: u16,
     /// Port only: skip the quality gate even for patches with an eval set.
     #[arg(long, env = "PATCHPORT_NO_EVAL")]

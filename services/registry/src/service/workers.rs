@@ -8,7 +8,9 @@ use std::time::Duration;
 use patchport_core::layout::{
     ArtifactFile, BlobRange, DeclaredFile, FileRef, TensorRecord, is_safetensors,
 };
-use patchport_core::port::{PortDiagnostics, Refusal, ReusedTensor};
+use patchport_core::port::{
+    MAX_COMPLETIONS, MAX_INLINE_BLOBS, MAX_LEASE_JOBS, PortDiagnostics, Refusal, ReusedTensor,
+};
 use patchport_core::{Digest, VersionRef};
 use patchport_proto::convert::{WireError, parse_list, required, try_list};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
@@ -24,17 +26,11 @@ use crate::state::Registry;
 
 /// The longest a LeaseJob call waits for work.
 const MAX_WAIT: Duration = Duration::from_secs(30);
-/// The most bytes a CompleteJob request may carry in `inline_blobs`.
-pub(crate) const MAX_INLINE_BLOBS: usize = 4 << 20;
 /// How many earlier ports of a patch (newest first) a lease looks at for merged tensors
 /// to reuse.
 const REUSE_FROM: u32 = 4;
 /// A patch whose files together are at most this many bytes comes whole with its lease.
 const INLINE_PATCH_BYTES: u64 = 1 << 20;
-/// The most jobs one LeaseJob call leases.
-const MAX_LEASE_JOBS: usize = 64;
-/// The most completions one CompleteJobs call carries.
-pub(crate) const MAX_COMPLETIONS: usize = 64;
 /// How many completions of one call are verified at once (composed files hashed on
 /// blocking threads).
 const VERIFY_AT_ONCE: usize = 8;
