@@ -125,6 +125,9 @@ fn scenario(database: &Database) {
         metric(&server, patchport_telemetry::WORKER_TENSORS_REUSED),
         0
     );
+    // The registry timed the port from its lease to its completion.
+    let port_durations = format!("{}_count", patchport_telemetry::PORT_DURATION);
+    assert_eq!(metric(&server, &port_durations), 1);
 
     // v3: v2 with one target tensor changed; publishing it ports acme/qv:1 onto it.
     let v3 = v2_with_changed(tmp.path(), CHANGED);
@@ -154,6 +157,7 @@ fn scenario(database: &Database) {
         metric(&server, patchport_telemetry::WORKER_TENSORS_REUSED),
         TARGETS as u64 - 1
     );
+    assert_eq!(metric(&server, &port_durations), 2);
 
     // The reused tensors are the v2 port's blobs; the changed one is new.
     let p2 = get_port(&url, "acme/qv:1@acme/llama:v2");

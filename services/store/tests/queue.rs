@@ -567,16 +567,23 @@ async fn a_batch_lease_takes_jobs_in_order_and_a_batch_completion_refuses_only_s
             .await
             .unwrap();
         assert_eq!(results.len(), 3, "{l}");
-        assert_eq!(
-            results[0].as_ref().unwrap().state,
-            PortState::Succeeded,
-            "{l}"
+        // A recorded completion answers what it changed: no read after it is needed.
+        let done = results[0].as_ref().unwrap();
+        assert_eq!(done.job.state, PortState::Succeeded, "{l}");
+        assert_eq!(done.lease_owner, "w1", "{l}");
+        assert!(
+            !done.ports.is_empty()
+                && done.ports.iter().all(|p| p.job_id == Some(first[0].job.id)
+                    && p.state == PortState::Succeeded
+                    && p.started_at.is_some()),
+            "{l}: {:?}",
+            done.ports
         );
         let stale = results[1].as_ref().unwrap_err();
         assert_eq!(stale.kind(), StoreErrorKind::FailedPrecondition, "{l}");
         assert!(stale.to_string().contains("lease lost"), "{l}: {stale}");
         assert_eq!(
-            results[2].as_ref().unwrap().state,
+            results[2].as_ref().unwrap().job.state,
             PortState::Incompatible,
             "{l}"
         );

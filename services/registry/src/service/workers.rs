@@ -145,10 +145,8 @@ struct Prepared {
     attempt: Attempt,
     outcome: JobOutcome,
     engine_seconds: f64,
-    /// When its attempt was leased (for the duration metric).
-    leased_at: Option<i64>,
-    /// Who ported it (when the registry signs ports).
-    worker: Option<patchport_signing::WorkerInfo>,
+    /// The device it ran on (for its signed provenance).
+    device: String,
 }
 
 /// What a worker reports: refusals make a port incompatible; without them it succeeded.
@@ -235,8 +233,8 @@ fn merged_tensor_blobs<'a>(
 type Bases = HashMap<(String, Digest), std::sync::Arc<BaseVersionRecord>>;
 
 /// Records a port attempt's time from its lease to its outcome.
-fn record_port_duration(leased_at: Option<i64>, outcome: &'static str) {
-    if let Some(at) = leased_at {
+fn record_port_duration(ports: &[patchport_store::meta::PortRecord], outcome: &'static str) {
+    if let Some(at) = ports.iter().find_map(|p| p.started_at) {
         let seconds = (patchport_store::meta::now_millis() - at).max(0) as f64 / 1000.0;
         metrics::histogram!(crate::metrics::PORT_DURATION, "outcome" => outcome).record(seconds);
     }
@@ -257,40 +255,22 @@ impl Workers {
         .await
     }
 
-    /// When the running attempt of a job was leased (its ports' start), for the port
-    /// duration metric; `None` when metrics are off or it is not known.
-    async fn leased_at(&self, id: i64) -> Option<i64> {
+    /// A job's running ports, for the port duration metric of a failed attempt (none when
+    /// metrics are off or the read failed).
+    async fn running_ports(&self, id: i64) -> Vec<patchport_store::meta::PortRecord> {
         if !crate::metrics::enabled() {
-            return None;
+            return Vec::new();
         }
         match self.registry.meta.job_ports(id).await {
-            Ok(ports) => ports
-                .iter()
-                .filter(|p| p.state == patchport_store::meta::PortState::Running)
-                .find_map(|p| p.started_at),
+            Ok(mut ports) => {
+                ports.retain(|p| p.state == patchport_store::meta::PortState::Running);
+                ports
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "reading a job's ports for its duration failed");
-                None
+                Vec::new()
             }
         }
-    }
-
-    /// The worker of a running attempt, for its ports' provenance (`None` when the
-    /// registry does not sign).
-    async fn signing_worker(
-        &self,
-        id: i64,
-        device: String,
-    ) -> Option<patchport_signing::WorkerInfo> {
-        self.registry.signing.as_ref()?;
-        let id = match self.registry.meta.get_job(id).await {
-            Ok(job) => job.and_then(|j| j.lease_owner).unwrap_or_default(),
-            Err(e) => {
-                tracing::debug!(error = %e, "reading a job's worker failed");
-                String::new()
-            }
-        };
-        Some(patchport_signing::WorkerInfo { id, device })
     }
 
     /// A base version by name and digest, read once per LeaseJob call (the jobs of one
@@ -507,8 +487,6 @@ impl Workers {
         if matches!(outcome, Reported::Succeeded { .. }) {
             self.store_inline(inline_blobs).await?;
         }
-        let leased_at = self.leased_at(attempt.job_id).await;
-        let worker = self.signing_worker(attempt.job_id, device).await;
         let outcome = match outcome {
             Reported::Succeeded {
                 diagnostics,
@@ -527,8 +505,7 @@ impl Workers {
             attempt,
             outcome,
             engine_seconds,
-            leased_at,
-            worker,
+            device,
         })
     }
 
@@ -557,7 +534,7 @@ impl Workers {
                         JobOutcome::Incompatible { .. } => "incompatible",
                     };
                     ready.push((p.attempt.job_id, p.attempt.fencing_token, p.outcome));
-                    recorded.push((i, label, p.engine_seconds, p.leased_at, p.worker));
+                    recorded.push((i, label, p.engine_seconds, p.device));
                 }
                 Err(e) => results.push(Err(e)),
             }
@@ -571,27 +548,24 @@ impl Workers {
             .complete_jobs(ready)
             .await
             .map_err(ApiError::from)?;
-        for ((i, label, engine_seconds, leased_at, worker), r) in recorded.into_iter().zip(stored) {
-            let job = match r {
-                Ok(job) => job,
+        for ((i, label, engine_seconds, device), r) in recorded.into_iter().zip(stored) {
+            let done = match r {
+                Ok(done) => done,
                 Err(e) => {
                     results[i] = Err(e.into());
                     continue;
                 }
             };
-            record_port_duration(leased_at, label);
-            if let Some(worker) = worker
-                && label == "succeeded"
-            {
-                match self.registry.meta.job_ports(job.id).await {
-                    Ok(ports) => self.registry.sign_ports(&ports, &worker).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading a job's ports to sign them failed")
-                    }
-                }
+            record_port_duration(&done.ports, label);
+            if label == "succeeded" {
+                let worker = patchport_signing::WorkerInfo {
+                    id: done.lease_owner,
+                    device,
+                };
+                self.registry.sign_ports(&done.ports, &worker).await;
             }
             tracing::info!(
-                job_id = job.id,
+                job_id = done.job.id,
                 engine_seconds,
                 outcome = label,
                 "job completed"
@@ -780,7 +754,9 @@ impl WorkerService for Workers {
     ) -> Result<Response<v1::FailJobResponse>, Status> {
         self.registry.auth.check_worker(req.metadata()).await?;
         let f = Failure::try_from(req.get_ref()).map_err(ApiError::from)?;
-        let leased_at = self.leased_at(f.attempt.job_id).await;
+        // Read before the failure is recorded, for the duration metric (a requeue resets
+        // the ports' start).
+        let running = self.running_ports(f.attempt.job_id).await;
         let job = self
             .registry
             .meta
@@ -793,7 +769,7 @@ impl WorkerService for Workers {
             .await
             .map_err(ApiError::from)?;
         let retried = job.state == patchport_store::meta::PortState::Queued;
-        record_port_duration(leased_at, if retried { "retried" } else { "failed" });
+        record_port_duration(&running, if retried { "retried" } else { "failed" });
         let retry_at = retried.then(|| timestamp(job.run_after));
         Ok(Response::new(v1::FailJobResponse { retry_at }))
     }

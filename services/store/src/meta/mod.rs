@@ -24,7 +24,9 @@ pub use access::{Access, AuditRecord, BlobHolder, NamespacePolicyRecord, TokenRe
 pub use catalogue::Catalogue;
 pub use outbox::{EventCursor, EventRecord, Outbox};
 pub use postgres::PgStore;
-pub use queue::{EvaluationRecord, JobOutcome, JobRecord, LeasedJob, Queue, RetryPolicy};
+pub use queue::{
+    CompletedJob, EvaluationRecord, JobOutcome, JobRecord, LeasedJob, Queue, RetryPolicy,
+};
 pub use signatures::{SignatureRecord, Signatures};
 pub use sqlite::SqliteStore;
 

@@ -99,6 +99,17 @@ pub struct LeasedJob {
     pub ports: Vec<PortRecord>,
 }
 
+/// A recorded completion: the job after it, who held its lease, and the ports it ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompletedJob {
+    /// The job (state succeeded or incompatible, lease cleared).
+    pub job: JobRecord,
+    /// The worker that held the lease the completion was fenced by.
+    pub lease_owner: String,
+    /// The ports the completion ended (those running under that lease), as recorded.
+    pub ports: Vec<PortRecord>,
+}
+
 /// What a finished attempt produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobOutcome {
@@ -233,11 +244,12 @@ pub trait Queue: Send + Sync {
     /// Records the final outcome of attempts, each on its job and every running port of
     /// it, in one transaction. One result per completion, in order: a stale token is that
     /// completion's FailedPrecondition "lease lost" and changes nothing of it; the others
-    /// are recorded. An error of the store itself fails them all (`Err`).
+    /// are recorded, each answered with what it changed (so a caller needs no read after).
+    /// An error of the store itself fails them all (`Err`).
     async fn complete_jobs(
         &self,
         completions: Vec<(i64, i64, JobOutcome)>,
-    ) -> Result<Vec<Result<JobRecord, StoreError>>, StoreError>;
+    ) -> Result<Vec<Result<CompletedJob, StoreError>>, StoreError>;
     /// Records the final outcome of one attempt ([`complete_jobs`](Self::complete_jobs)
     /// with one completion).
     async fn complete_job(
@@ -250,6 +262,7 @@ pub trait Queue: Send + Sync {
             .await?
             .pop()
             .unwrap_or_else(|| Err(lease_lost(job_id)))
+            .map(|c| c.job)
     }
     /// Records a failed attempt: queued again after a backoff while attempts remain and
     /// the error is retryable, failed otherwise.

@@ -676,7 +676,7 @@ macro_rules! impl_queue {
             async fn complete_jobs(
                 &self,
                 completions: Vec<(i64, i64, $crate::meta::JobOutcome)>,
-            ) -> Result<Vec<Result<$crate::meta::JobRecord, $crate::meta::StoreError>>, $crate::meta::StoreError> {
+            ) -> Result<Vec<Result<$crate::meta::CompletedJob, $crate::meta::StoreError>>, $crate::meta::StoreError> {
                 use $crate::meta::sql::to_json;
                 use $crate::meta::JobOutcome;
                 use patchport_core::event::EventKind;
@@ -704,7 +704,20 @@ macro_rules! impl_queue {
                             "[]".to_owned(),
                         ),
                     };
-                    // The fence first: a stale token writes nothing of this completion.
+                    // The fence first: a stale token writes nothing of this completion. The
+                    // owner read under the token is the one the update below clears (a new
+                    // lease would have changed the token).
+                    let owner: Option<Option<String>> = sqlx::query_scalar(
+                        "SELECT lease_owner FROM jobs WHERE id = $1 AND fencing_token = $2 AND state = 'running'",
+                    )
+                    .bind(job_id)
+                    .bind(fencing_token)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(lease_owner) = owner else {
+                        results.push(Err($crate::meta::queue::lease_lost(job_id)));
+                        continue;
+                    };
                     let n = sqlx::query(
                         "UPDATE jobs SET state = $1, lease_owner = NULL, lease_expires_at = NULL, \
                          last_error = NULL, updated_at = $2 \
@@ -750,7 +763,11 @@ macro_rules! impl_queue {
                         Self::append_port_events(&mut tx, EventKind::PortEvaluated, Some(summary), &completed)
                             .await?;
                     }
-                    results.push(Ok(Self::must_load_job(&mut tx, job_id).await?));
+                    results.push(Ok($crate::meta::CompletedJob {
+                        job: Self::must_load_job(&mut tx, job_id).await?,
+                        lease_owner: lease_owner.unwrap_or_default(),
+                        ports: completed,
+                    }));
                 }
                 tx.commit().await?;
                 Ok(results)
