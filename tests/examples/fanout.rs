@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use patchport_client::NoProgress;
 use patchport_proto::v1;
 use patchport_registry::{Application, Config};
-use patchport_tests::{base, fixtures, fresh_postgres_db, patch, read_tree};
+use patchport_tests::{base, fixtures, fresh_postgres_db};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -72,25 +72,8 @@ async fn main() -> anyhow::Result<()> {
         .push_dir(&f.join("v1"), &base("bench/llama", "v1", None), &NoProgress)
         .await?;
     // N distinct adapters: the same LoRA with one element of its last tensor changed.
-    let src = read_tree(&f.join("patches/lora-qv"));
-    let st = &src["adapter_model.safetensors"];
     let t_push = Instant::now();
-    for i in 0..n {
-        let d = dir.path().join(format!("p{i}"));
-        std::fs::create_dir_all(&d)?;
-        std::fs::write(
-            d.join("adapter_model.safetensors"),
-            patchport_tests::distinct_adapter(st, i as u64),
-        )?;
-        std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"])?;
-        client
-            .push_dir(
-                &d,
-                &patch(&format!("bench/p{i}"), "1", "bench/llama:v1"),
-                &NoProgress,
-            )
-            .await?;
-    }
+    patchport_tests::push_distinct_patches(&client, "bench", n as u64, dir.path()).await?;
     let push_s = t_push.elapsed().as_secs_f64();
 
     let mut events = client

@@ -338,6 +338,40 @@ pub fn distinct_adapter(weights: &[u8], key: u64) -> Vec<u8> {
     bytes
 }
 
+/// Pushes `n` distinct patches (the llama-micro `lora-qv` fixture, made distinct by
+/// [`distinct_adapter`]) as `{namespace}/p{i}:1` trained on `{namespace}/llama:v1`, their
+/// files written under `dir`: the setup of a fan-out of `n` ports once `v2` is published.
+pub async fn push_distinct_patches(
+    client: &Client,
+    namespace: &str,
+    n: u64,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let src = read_tree(&fixtures().join("llama-micro/patches/lora-qv"));
+    let weights = &src["adapter_model.safetensors"];
+    for i in 0..n {
+        let d = dir.join(format!("p{i}"));
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(
+            d.join("adapter_model.safetensors"),
+            distinct_adapter(weights, i),
+        )?;
+        std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"])?;
+        client
+            .push_dir(
+                &d,
+                &patch(
+                    &format!("{namespace}/p{i}"),
+                    "1",
+                    &format!("{namespace}/llama:v1"),
+                ),
+                &patchport_client::NoProgress,
+            )
+            .await?;
+    }
+    Ok(())
+}
+
 /// Every file under `dir`, relative path to bytes.
 pub fn read_tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     patchport_client::scan_dir(dir)

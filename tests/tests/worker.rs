@@ -270,23 +270,10 @@ async fn a_batch_of_completions_is_answered_one_by_one() {
         .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
         .await
         .unwrap();
-    let src = read_tree(&f.join("patches/lora-qv"));
     let tmp = tempfile::tempdir().unwrap();
-    for i in 0..3 {
-        let d = tmp.path().join(format!("p{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let st = patchport_tests::distinct_adapter(&src["adapter_model.safetensors"], i);
-        std::fs::write(d.join("adapter_model.safetensors"), st).unwrap();
-        std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"]).unwrap();
-        client
-            .push_dir(
-                &d,
-                &patch(&format!("acme/p{i}"), "1", "acme/llama:v1"),
-                &NoProgress,
-            )
-            .await
-            .unwrap();
-    }
+    patchport_tests::push_distinct_patches(&client, "acme", 3, tmp.path())
+        .await
+        .unwrap();
     client
         .push_dir(
             &f.join("v2"),
