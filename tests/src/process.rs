@@ -756,6 +756,13 @@ impl WorkerBuilder {
         self.env("PATCHPORT_TEST_STALL_UNTIL", path.as_os_str())
     }
 
+    /// `PATCHPORT_TEST_STALL_AFTER`: the stall of [`stall_ms`](Self::stall_ms) or
+    /// [`stall_until`](Self::stall_until) starts with the job after the first `n` this
+    /// process ports (those run at full speed, giving the worker a quick pace).
+    pub fn stall_after(self, n: u64) -> Self {
+        self.env("PATCHPORT_TEST_STALL_AFTER", n.to_string())
+    }
+
     /// `PATCHPORT_TOKEN`.
     pub fn token(self, token: &str) -> Self {
         self.env("PATCHPORT_TOKEN", token)

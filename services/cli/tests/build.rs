@@ -388,3 +388,128 @@ fn sigterm_releases_the_lease_so_another_worker_takes_the_job_at_once() {
         "a released lease does not count as an attempt"
     );
 }
+
+/// A worker with a quick pace leases several jobs per call; on SIGTERM it gives back
+/// every job it holds, the one it is porting and those leased ahead and not started, so
+/// another worker takes them at once (their 120 s leases never expire here).
+#[test]
+fn sigterm_releases_the_jobs_leased_ahead_as_well() {
+    const N: u64 = 6;
+    let db = Database::fresh();
+    let serve = serve(&db, 0, 120);
+    let url = serve.url();
+    let data = tempfile::tempdir().expect("tempdir");
+    let (_watch, rx) = watch(&url, "origin");
+    let f = fixtures().join("llama-micro");
+    let push = |kind: &str, dir: &Path, name: &str, version: &str, extra: &[&str]| {
+        let dir = s(dir);
+        let mut args = vec![kind, "push", &dir, "--name", name, "--version", version];
+        args.extend(extra);
+        ok(&url, &args);
+    };
+    push("base", &f.join("v1"), "acme/llama", "v1", &[]);
+    // N distinct patches, so N jobs.
+    let src = patchport_tests::read_tree(&f.join("patches/lora-qv"));
+    for i in 0..N {
+        let d = data.path().join(format!("p{i}"));
+        std::fs::create_dir_all(&d).expect("mkdir");
+        let weights = patchport_tests::distinct_adapter(&src["adapter_model.safetensors"], i);
+        std::fs::write(d.join("adapter_model.safetensors"), weights).expect("write");
+        std::fs::write(d.join("adapter_config.json"), &src["adapter_config.json"]).expect("write");
+        push(
+            "patch",
+            &d,
+            &format!("acme/p{i}"),
+            "1",
+            &["--base", "acme/llama:v1"],
+        );
+    }
+    push(
+        "base",
+        &f.join("v2"),
+        "acme/llama",
+        "v2",
+        &["--parent", "v1"],
+    );
+
+    // Its first port runs at full speed (a quick pace: the next lease takes several
+    // jobs); the first job of that lease stalls, the others wait behind it.
+    let mut leaving = Worker::builder(BIN, &url)
+        .id("leaving")
+        .stall_ms(600_000)
+        .stall_after(1)
+        .start();
+    let (mut started, mut completed) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while completed.is_empty() || started.len() < completed.len() + 2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!(
+                "the worker did not lease ahead in time: {} started, {} completed",
+                started.len(),
+                completed.len()
+            )
+        });
+        let subject = e["subject"].as_str().unwrap_or_default().to_owned();
+        match e["type"].as_str() {
+            Some("port.started") => started.insert(subject),
+            Some("port.completed") => completed.insert(subject),
+            _ => false,
+        };
+    }
+    leaving.terminate();
+    let exit = leaving.wait();
+    assert!(exit.success(), "worker exited with {exit:?} after SIGTERM");
+    // Every job it held (leased and not completed: the stalled one and those behind it)
+    // went back to the queue at once, released. Events of leases not read yet come
+    // before their releases.
+    let mut released = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held: std::collections::BTreeSet<String> =
+            started.difference(&completed).cloned().collect();
+        if released == held {
+            break;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("released {released:?} of the held {held:?} in time"));
+        let subject = e["subject"].as_str().unwrap_or_default().to_owned();
+        match e["type"].as_str() {
+            Some("port.started") => {
+                started.insert(subject);
+            }
+            Some("port.completed") => {
+                assert!(released.is_empty(), "{subject} completed after SIGTERM");
+                completed.insert(subject);
+            }
+            Some("port.queued") if e["payload"]["detail"] == "released" => {
+                assert!(held.contains(&subject), "{subject} released but not held");
+                released.insert(subject);
+            }
+            _ => {}
+        }
+    }
+    assert!(released.len() >= 2, "released: {released:?}");
+
+    // Another worker ports the rest, each once, and no release counted as an attempt.
+    let _next = worker(&url, "next", None);
+    let (rest, _) = completions(&rx, N as usize - completed.len());
+    assert!(
+        rest.keys().all(|k| !completed.contains(k)),
+        "a port completed twice"
+    );
+    no_more_completions(&rx, Duration::from_secs(2));
+    let rows: serde_json::Value =
+        serde_json::from_str(&ok(&url, &["compat", "--base", "acme/llama:v2", "--json"]))
+            .expect("json");
+    let rows = rows.as_array().expect("rows");
+    assert_eq!(rows.len(), N as usize, "{rows:?}");
+    for row in rows {
+        assert_eq!(row["attempts"], 1, "{row}");
+    }
+}

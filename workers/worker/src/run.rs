@@ -511,12 +511,19 @@ async fn run_one(
     let (job_id, token) = (job.job_id.clone(), job.fencing_token);
     // Fault-injection hooks for the crash tests: stall after leasing, without heartbeats,
     // as a hung or partitioned worker would: for a time, or until a file exists (the test
-    // decides when the stalled worker wakes).
+    // decides when the stalled worker wakes); after the first `PATCHPORT_TEST_STALL_AFTER`
+    // jobs of the process only (so a test can give a worker a quick pace first).
     let stall_ms = std::env::var("PATCHPORT_TEST_STALL_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
     let stall_until = std::env::var_os("PATCHPORT_TEST_STALL_UNTIL").map(std::path::PathBuf::from);
-    if stall_ms.is_some() || stall_until.is_some() {
+    let stall_after = std::env::var("PATCHPORT_TEST_STALL_AFTER")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nth = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if (stall_ms.is_some() || stall_until.is_some()) && nth >= stall_after {
         tracing::warn!(job_id = %job_id, ?stall_ms, ?stall_until, "stalling (PATCHPORT_TEST_STALL_*)");
         held.heartbeat.abort();
         let woken = async {
