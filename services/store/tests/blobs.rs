@@ -12,7 +12,8 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use patchport_core::Digest;
 use patchport_store::blobs::{
-    BlobError, BlobErrorKind, BlobStore, CommitOutcome, READ_CHUNK_SIZE, UploadSession, UploadStart,
+    BlobError, BlobErrorKind, BlobStore, CommitOutcome, MemoryParts, READ_CHUNK_SIZE,
+    UploadSession, UploadStart,
 };
 
 /// Small segments, so that a few hundred KiB make a multi-segment upload.
@@ -26,14 +27,18 @@ struct Backend {
 }
 
 enum Kind {
-    Memory(Arc<dyn ObjectStore>),
+    /// The objects and the multipart uploads, shared by every instance (as S3 shares them
+    /// between replicas).
+    Memory(Arc<dyn ObjectStore>, Arc<MemoryParts>),
     Url(String),
 }
 
 impl Backend {
     fn memory() -> Self {
+        let objects: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let parts = Arc::new(MemoryParts::new(objects.clone()));
         Self {
-            kind: Kind::Memory(Arc::new(InMemory::new())),
+            kind: Kind::Memory(objects, parts),
             _dir: None,
         }
     }
@@ -78,7 +83,7 @@ impl Backend {
 
     fn open(&self) -> BlobStore {
         static LOG: Once = Once::new();
-        // RUST_LOG=patchport_store=debug shows which promotion path a backend took.
+        // RUST_LOG=patchport_store=debug shows what a backend's uploads did.
         LOG.call_once(|| {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -86,7 +91,10 @@ impl Backend {
                 .try_init();
         });
         let store = match &self.kind {
-            Kind::Memory(store) => BlobStore::new(store.clone(), Path::default()),
+            // Real 5 MiB parts, as on S3 (the default smallest part).
+            Kind::Memory(store, parts) => {
+                BlobStore::new_multipart(store.clone(), parts.clone(), Path::default())
+            }
             Kind::Url(url) => BlobStore::from_url(url).expect("open blob store"),
         };
         store.with_segment_size(SEGMENT)
@@ -519,7 +527,7 @@ async fn shared_session_both_commit(b: &Backend) {
     let s1 = session(first.start_upload(digest, size).await.unwrap());
     let s2 = session(second.start_upload(digest, size).await.unwrap());
     assert_eq!(s1.upload_id, s2.upload_id);
-    // Both start at offset 0 and overwrite each other's segments with the same bytes.
+    // Both start at offset 0 and overwrite each other's parts with the same bytes.
     let mut w1 = first.upload_writer(&s1.upload_id).await.unwrap();
     let mut w2 = second.upload_writer(&s2.upload_id).await.unwrap();
     for (i, piece) in bytes.chunks(20_000).enumerate() {
@@ -539,8 +547,8 @@ async fn shared_session_both_commit(b: &Backend) {
     );
     let (c1, c2) = (c1.expect("first commit"), c2.expect("second commit"));
     assert_eq!((c1.digest, c2.digest), (digest, digest));
-    // Which one reports `deduplicated` is not asserted: without a create-only copy (S3's
-    // head-then-copy fallback) two racing commits may both write the identical bytes.
+    // Which one reports `deduplicated` is not asserted: a completion is not create-only,
+    // so two racing commits may both write the identical verified bytes.
     assert_eq!(first.read_all(&digest).await.unwrap(), bytes);
 }
 
@@ -721,34 +729,90 @@ async fn bad_upload_ids_are_refused(b: &Backend) {
     assert_kind(store.commit_upload(&unknown).await, BlobErrorKind::NotFound);
 }
 
-async fn large_blob_without_copy(b: &Backend) {
-    // Past the copy limit (S3's is 5 GiB) a blob is completed at its final key.
-    let store = b.open().with_max_copy_size(100 << 10);
-    let bytes = data(300 << 10, 16);
-    let outcome = push(&store, &bytes).await.unwrap();
-    assert!(!outcome.deduplicated);
-    assert_eq!(store.read_all(&outcome.digest).await.unwrap(), bytes);
-    // Digest mismatch on that path leaves nothing visible either.
-    let declared = Digest::of(b"declared");
-    let s = session(
-        store
-            .start_upload(declared, bytes.len() as u64)
-            .await
-            .unwrap(),
+async fn multipart_upload_resumes_after_restart(b: &Backend) {
+    // Real 5 MiB parts (S3's smallest): a stream cut past the first part leaves one part
+    // and a tail; a restarted registry continues from both, another commits.
+    let bytes = data((12 << 20) + 3, 16);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let cut = (7 << 20) + 5;
+    let upload_id = {
+        let store = b.open();
+        let s = session(store.start_upload(digest, size).await.unwrap());
+        let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+        for (i, piece) in bytes[..cut].chunks(1 << 20).enumerate() {
+            writer
+                .write((i << 20) as u64, Bytes::copy_from_slice(piece))
+                .await
+                .unwrap();
+        }
+        assert_eq!(writer.flush().await.unwrap(), cut as u64);
+        s.upload_id
+    };
+    let store = b.open();
+    assert_eq!(
+        store.upload_status(&upload_id).await.unwrap().committed,
+        cut as u64
     );
-    send(&store, &s.upload_id, &bytes, 0, 64 << 10).await;
+    assert!(!store.contains(&digest).await.unwrap());
+    assert_eq!(send(&store, &upload_id, &bytes, cut, 3 << 20).await, size);
+    let outcome = b.open().commit_upload(&upload_id).await.unwrap();
+    assert_eq!((outcome.digest, outcome.deduplicated), (digest, false));
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    let mid = (5 << 20) - 7;
+    assert_eq!(
+        read_range(&store, &digest, mid, Some(100)).await,
+        &bytes[mid as usize..mid as usize + 100]
+    );
+
+    // A wrong digest over several parts leaves nothing either.
+    let declared = Digest::of(b"declared");
+    let s = session(store.start_upload(declared, size).await.unwrap());
+    send(&store, &s.upload_id, &bytes, 0, 2 << 20).await;
     assert_kind(
-        b.open()
-            .with_max_copy_size(100 << 10)
-            .commit_upload(&s.upload_id)
-            .await,
+        b.open().commit_upload(&s.upload_id).await,
         BlobErrorKind::InvalidArgument,
     );
     assert!(!store.contains(&declared).await.unwrap());
 }
 
+/// A paused stream's bytes are persisted (a tail, on multipart stores) and a writer opened
+/// later, on another instance, continues after them.
+async fn a_paused_stream_is_continued_by_a_later_writer(b: &Backend) {
+    let store = b.open();
+    let bytes = data(300_000, 34);
+    let digest = Digest::of(&bytes);
+    let size = bytes.len() as u64;
+    let s = session(store.start_upload(digest, size).await.unwrap());
+    let mut w = store.upload_writer(&s.upload_id).await.unwrap();
+    w.write(0, Bytes::copy_from_slice(&bytes[..70_001]))
+        .await
+        .unwrap();
+    assert_eq!(w.persist_buffered().await.unwrap(), 70_001);
+    w.write(70_001, Bytes::copy_from_slice(&bytes[70_001..100_000]))
+        .await
+        .unwrap();
+    assert_eq!(w.persist_buffered().await.unwrap(), 100_000);
+    // The connection drops with a few bytes unpersisted.
+    w.write(100_000, Bytes::copy_from_slice(&bytes[100_000..100_010]))
+        .await
+        .unwrap();
+    drop(w);
+    let other = b.open();
+    assert_eq!(
+        other.upload_status(&s.upload_id).await.unwrap().committed,
+        100_000
+    );
+    assert_eq!(
+        send(&other, &s.upload_id, &bytes, 100_000, 45_000).await,
+        size
+    );
+    store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
 async fn multipart_with_several_parts(b: &Backend) {
-    // 36 MiB in 4 MiB segments: the commit writes several 16 MiB multipart parts.
+    // 36 MiB in 4 MiB segments: several 5 MiB parts (the smallest part wins).
     let store = b.open().with_segment_size(4 << 20);
     let bytes = data(36 << 20, 17);
     let outcome = push(&store, &bytes).await.unwrap();
@@ -928,7 +992,8 @@ conformance!(
     empty_blob_uploads,
     expire_removes_abandoned_uploads,
     bad_upload_ids_are_refused,
-    large_blob_without_copy,
+    multipart_upload_resumes_after_restart,
+    a_paused_stream_is_continued_by_a_later_writer,
     multipart_with_several_parts,
     uploads_of_a_stored_blob_need_the_bytes,
     persist_buffered_makes_a_short_segment,

@@ -173,6 +173,14 @@ pub enum BlobError {
         source: object_store::Error,
     },
 
+    /// The store was opened without multipart uploads (and is not `file://`), so it
+    /// cannot take uploads.
+    #[error("this blob store takes no uploads: {store} has no multipart uploads")]
+    UploadsUnsupported {
+        /// The backend.
+        store: String,
+    },
+
     /// A blocking hashing task did not finish.
     #[error("hashing task failed")]
     Task {
@@ -202,6 +210,7 @@ impl BlobError {
             Self::CreateDir { .. }
             | Self::CorruptSession { .. }
             | Self::Storage { .. }
+            | Self::UploadsUnsupported { .. }
             | Self::Task { .. } => BlobErrorKind::Internal,
         }
     }

@@ -40,8 +40,8 @@ pub(super) const DATA_FILE: &str = "data";
 pub(super) struct Scan {
     /// The records, by offset.
     pub records: Vec<Segment>,
-    /// Whether the session holds segment objects (`<offset>`, the layout every other
-    /// backend uses): such a session is continued and committed the segment way.
+    /// Whether the session holds segment objects (`<offset>`, the layout older registries
+    /// used): such a session is not continued (see `upload.rs`).
     pub segments: bool,
 }
 

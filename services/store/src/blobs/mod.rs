@@ -5,15 +5,20 @@
 //!
 //! ```text
 //! blobs/sha256/<ab>/<64 hex>              a verified blob; its existence is what counts
-//! uploads/<id>/session.json               an upload session: digest, size, created, complete
-//! uploads/<id>/<offset, 20 digits>        the bytes received so far, one object per segment
-//!                                         (memory://, s3://)
+//! uploads/<id>/session.json               an upload session: digest, size, created,
+//!                                         complete; on memory:// and s3:// the id and part
+//!                                         size of its multipart upload
+//! uploads/<id>/<offset, 20 digits>.<len>.part
+//!                                         memory://, s3://: a part of the multipart upload
+//!                                         was put; its content id, the previous part's,
+//!                                         the sha256 state after it (see `parts.rs`)
+//! uploads/<id>/<offset, 20 digits>.tail   memory://, s3://: bytes received after the last
+//!                                         part, too few for a part (a paused stream)
 //! uploads/<id>/data                       file:// only: the bytes received, at their offsets
 //! uploads/<id>/<offset, 20 digits>.<len>.state
 //!                                         file:// only: bytes offset..offset+len of `data`
 //!                                         are durable; the sha256 state after them
 //! upload-index/<64 hex>.<size>            the id of the open session for a digest and size
-//! staging/<id>.<attempt>                  verified bytes on their way to blobs/
 //! ```
 //!
 //! Every piece of upload state lives in the object store, so an upload survives a
@@ -26,12 +31,19 @@
 //! to its blob key (create-only: an existing blob is dedup). No byte is read back. The
 //! rules that keep the recorded state true to the file's bytes are in `local.rs`.
 //!
-//! Elsewhere an upload is kept as segment objects, and commit streams them into a staging
-//! object while hashing them, completes it only when the hash matches, then promotes it
-//! create-only (`copy_if_not_exists`; `AlreadyExists` is dedup). Blobs that fit one
-//! segment are verified in memory and put create-only directly. On S3 a blob larger than
-//! CopyObject's 5 GiB limit is written by a multipart upload to its final key that is
-//! completed only after the hash matched.
+//! On `memory://` and `s3://` every byte is written once too, into one multipart upload
+//! to the blob's final key that the session starts. Each part is hashed as it is sent,
+//! continuing the hash state of the part before it, and recorded after it was put; a
+//! stretch too short for a part (S3 refuses non-last parts under 5 MiB) waits in a tail
+//! object, which a later writer loads and sends as the start of the next part. Commit
+//! checks that the records chain from 0 to the size and that the last state is the
+//! declared digest, then completes the upload with exactly the recorded parts' ids: the
+//! backend checks each against the part it stores (S3: the ETag, and the SHA-256
+//! checksum, which `from_url` enables), so the object is exactly the bytes that were
+//! hashed, and the key appears only at completion. A blob already stored at commit is
+//! dedup (the upload is aborted); the completion itself is not create-only: a racing
+//! completion of the same digest writes identical verified bytes. No byte is read back
+//! (but a tail at commit, at most one part).
 //!
 //! Failures of the backend, and what is retried where:
 //!
@@ -40,8 +52,8 @@
 //!   backoff from [`READ_BACKOFF`], when the error is transient (`object_store`'s
 //!   `Generic`: network, HTTP server and IO failures; its S3 client has already retried
 //!   those requests itself). A read stream resumes from the byte it had reached.
-//! - Writes (segment and session puts, staging, promotion) are not retried here: the
-//!   request fails with [`BlobErrorKind::Unavailable`] and nothing is promoted, and the
+//! - Writes (parts, records, tails, session puts, completion) are not retried here: the
+//!   request fails with [`BlobErrorKind::Unavailable`] and nothing is completed, and the
 //!   client's resumable upload asks for the committed offset and resends from there
 //!   (a commit is idempotent and can simply be sent again).
 //! - Anything else (NotFound, PermissionDenied, a precondition) is never retried.
@@ -50,21 +62,24 @@
 
 mod error;
 mod local;
+mod memory;
+mod parts;
 mod upload;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, Checksum};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{
     GetOptions, GetResultPayload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
@@ -72,17 +87,21 @@ use object_store::{
 use patchport_core::{Digest, Hasher};
 
 pub use error::{BlobError, BlobErrorKind};
+pub use memory::MemoryParts;
 pub use upload::{CommitOutcome, ORPHAN_AGE, UploadSession, UploadStart, UploadWriter};
 
-/// Default size of the segments an upload is persisted in (and of the largest blob that
-/// is verified in memory at commit).
+/// Default size of the stretches an upload is persisted in: a part of its multipart
+/// upload (at least [`S3_MIN_PART_SIZE`]), or a hash record of a `file://` data file.
 pub const DEFAULT_SEGMENT_SIZE: usize = 16 << 20;
+
+/// S3 refuses parts under 5 MiB, except the last; the default smallest part everywhere.
+pub const S3_MIN_PART_SIZE: usize = 5 << 20;
+
+/// S3 allows 10,000 parts; parts are made large enough to stay below this many.
+pub const MAX_PARTS: u64 = 9_000;
 
 /// The largest chunk a [`BlobStore::read`] stream yields.
 pub const READ_CHUNK_SIZE: usize = 1 << 20;
-
-/// S3's CopyObject limit: larger blobs are not promoted by a server-side copy.
-pub const S3_MAX_COPY_SIZE: u64 = 5 << 30;
 
 /// Attempts of an idempotent backend read before a transient error is returned.
 pub const READ_ATTEMPTS: u32 = 3;
@@ -100,17 +119,17 @@ const SUPPORTED_URLS: &str =
     "supported: file:///absolute/path, file://relative/path, memory://, s3://bucket[/prefix]";
 
 /// A content-addressed blob store over an `object_store` backend. Cheap to clone; clones
-/// share the backend and the in-memory upload hashers.
+/// share the backend.
 #[derive(Clone)]
 pub struct BlobStore {
     store: Arc<dyn ObjectStore>,
+    /// The multipart uploads of `store` (the same backend): uploads on every store but
+    /// `file://` are written through them (see the module doc). None: no uploads
+    /// (except on `file://`).
+    parts: Option<Arc<dyn MultipartStore>>,
     prefix: Path,
     segment_size: usize,
-    max_copy_size: u64,
-    /// Running hashes of segment-object upload sessions written through this instance,
-    /// keyed by upload id (a `file://` session records its hash state instead); the hasher's `len()` is the offset it has seen up to. Only an optimisation:
-    /// commit rejects a mismatch early with it, and never trusts it to accept bytes.
-    hashers: Arc<Mutex<HashMap<String, Hasher>>>,
+    min_part_size: usize,
     /// The directory of a `file://` store: uploads write their session's data file there
     /// directly (see the module doc), and its half-written temporary files (a process
     /// killed mid-put or mid-commit leaves `<key>#<n>`) are invisible to listing, so the
@@ -124,21 +143,38 @@ impl std::fmt::Debug for BlobStore {
             .field("store", &format_args!("{}", self.store))
             .field("prefix", &self.prefix.as_ref())
             .field("segment_size", &self.segment_size)
-            .field("max_copy_size", &self.max_copy_size)
+            .field("min_part_size", &self.min_part_size)
+            .field("multipart", &self.parts.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl BlobStore {
-    /// A blob store over `store`, keeping every key under `prefix` (may be empty).
+    /// A blob store over `store`, keeping every key under `prefix` (may be empty). It
+    /// takes no uploads (they need [`new_multipart`](Self::new_multipart), or a
+    /// `file://` store from [`from_url`](Self::from_url)).
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
         Self {
             store,
+            parts: None,
             prefix,
             segment_size: DEFAULT_SEGMENT_SIZE,
-            max_copy_size: u64::MAX,
-            hashers: Arc::default(),
+            min_part_size: S3_MIN_PART_SIZE,
             local_root: None,
+        }
+    }
+
+    /// A blob store over `store` whose uploads are written as multipart uploads through
+    /// `parts`, which must be the same backend (S3: the same `AmazonS3`; in memory: a
+    /// [`MemoryParts`] over `store`).
+    pub fn new_multipart(
+        store: Arc<dyn ObjectStore>,
+        parts: Arc<dyn MultipartStore>,
+        prefix: Path,
+    ) -> Self {
+        Self {
+            parts: Some(parts),
+            ..Self::new(store, prefix)
         }
     }
 
@@ -190,7 +226,9 @@ impl BlobStore {
                 if !rest.trim_matches('/').is_empty() {
                     return Err(invalid("memory:// takes no host or path".to_owned()));
                 }
-                Ok(Self::new(Arc::new(InMemory::new()), Path::default()))
+                let objects: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+                let parts = Arc::new(MemoryParts::new(objects.clone()));
+                Ok(Self::new_multipart(objects, parts, Path::default()))
             }
             "s3" => {
                 let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
@@ -204,6 +242,12 @@ impl BlobStore {
                 if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
                     builder = builder.with_region("us-east-1");
                 }
+                // Parts carry their SHA-256, which S3 checks again at completion: the
+                // completed object is bound to the hashed parts by SHA-256, not only by
+                // their (MD5) ETags. Free while payloads are signed (the same digest).
+                if env("AWS_CHECKSUM_ALGORITHM").is_none() {
+                    builder = builder.with_checksum_algorithm(Checksum::SHA256);
+                }
                 let endpoint = env("AWS_ENDPOINT_URL_S3")
                     .or_else(|| env("AWS_ENDPOINT_URL"))
                     .or_else(|| env("AWS_ENDPOINT"));
@@ -215,11 +259,11 @@ impl BlobStore {
                         builder = builder.with_allow_http(true);
                     }
                 }
-                let s3 = builder.build().map_err(|source| BlobError::Configure {
+                let s3 = Arc::new(builder.build().map_err(|source| BlobError::Configure {
                     url: url.to_owned(),
                     source,
-                })?;
-                Ok(Self::new(Arc::new(s3), prefix).with_max_copy_size(S3_MAX_COPY_SIZE))
+                })?);
+                Ok(Self::new_multipart(s3.clone(), s3, prefix))
             }
             other => Err(invalid(format!(
                 "unsupported scheme {:?}; {SUPPORTED_URLS}",
@@ -228,20 +272,19 @@ impl BlobStore {
         }
     }
 
-    /// Sets the size of upload segments (default 16 MiB; at least 1 byte). A writer holds
-    /// at most one segment in memory, and commit verifies blobs of at most one segment in
-    /// memory.
+    /// Sets the size of upload segments (default 16 MiB; at least 1 byte): the stretch a
+    /// `file://` upload records at once, and the smallest part of a multipart upload. A
+    /// writer holds at most one segment (or part) in memory.
     pub fn with_segment_size(mut self, bytes: usize) -> Self {
         self.segment_size = bytes.max(1);
         self
     }
 
-    /// Sets the largest blob promoted by a server-side copy from staging (default: no
-    /// limit, 5 GiB on S3). Larger blobs are written by a multipart upload to their final
-    /// key that completes only after verification (atomic, but not create-only: a racing
-    /// upload of the same blob rewrites identical bytes).
-    pub fn with_max_copy_size(mut self, bytes: u64) -> Self {
-        self.max_copy_size = bytes;
+    /// Sets the smallest part of a multipart upload (default and on S3: 5 MiB, which S3
+    /// requires of every part but the last; at least 1 byte). Tests lower it on
+    /// `memory://`. A session keeps the part size it started with.
+    pub fn with_min_part_size(mut self, bytes: usize) -> Self {
+        self.min_part_size = bytes.max(1);
         self
     }
 
@@ -396,12 +439,6 @@ impl BlobStore {
             }
             Err(e) => Err(BlobError::storage("put", key, e)),
         }
-    }
-
-    fn hashers(&self) -> MutexGuard<'_, HashMap<String, Hasher>> {
-        self.hashers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

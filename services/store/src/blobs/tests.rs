@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use patchport_core::Digest;
@@ -19,10 +20,27 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn memory() -> (Arc<dyn ObjectStore>, BlobStore) {
+/// A `memory://` store with 1,000-byte parts; `restart` makes another instance over the
+/// same storage.
+struct Memory {
+    raw: Arc<dyn ObjectStore>,
+    parts: Arc<MemoryParts>,
+}
+
+impl Memory {
+    fn restart(&self) -> BlobStore {
+        BlobStore::new_multipart(self.raw.clone(), self.parts.clone(), Path::from("pfx"))
+            .with_segment_size(1_000)
+            .with_min_part_size(1_000)
+    }
+}
+
+fn memory() -> (Memory, BlobStore) {
     let raw: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-    let store = BlobStore::new(raw.clone(), Path::from("pfx")).with_segment_size(1_000);
-    (raw, store)
+    let parts = Arc::new(MemoryParts::new(raw.clone()));
+    let mem = Memory { raw, parts };
+    let store = mem.restart();
+    (mem, store)
 }
 
 async fn keys(raw: &Arc<dyn ObjectStore>) -> Vec<String> {
@@ -58,39 +76,38 @@ async fn send_all(store: &BlobStore, upload_id: &str, bytes: &[u8], chunk: usize
 
 #[tokio::test]
 async fn layout_while_uploading_and_after_commit() {
-    let (raw, store) = memory();
+    let (mem, store) = memory();
+    let raw = &mem.raw;
     let bytes = data(2_500, 1);
     let digest = Digest::of(&bytes);
     let s = open_session(&store, digest, 2_500).await;
     send_all(&store, &s.upload_id, &bytes, 700).await;
     let id = &s.upload_id;
     let hex = digest.hex();
+    // One record per part put; no byte is stored anywhere but in the multipart upload.
     assert_eq!(
-        keys(&raw).await,
+        keys(raw).await,
         vec![
             format!("pfx/upload-index/{hex}.2500"),
-            format!("pfx/uploads/{id}/00000000000000000000"),
-            format!("pfx/uploads/{id}/00000000000000001000"),
-            format!("pfx/uploads/{id}/00000000000000002000"),
+            format!("pfx/uploads/{id}/00000000000000000000.1000.part"),
+            format!("pfx/uploads/{id}/00000000000000001000.1000.part"),
+            format!("pfx/uploads/{id}/00000000000000002000.500.part"),
             format!("pfx/uploads/{id}/session.json"),
         ]
     );
-    // The uninterrupted upload's running hash covers every byte.
-    assert_eq!(
-        store.hashers().get(id.as_str()).map(|h| h.len()),
-        Some(2_500)
-    );
+    assert_eq!(mem.parts.open_uploads(), 1);
 
     store.commit_upload(id).await.unwrap();
     // The blob, and the committed session's record (so a retried commit answers the same).
     assert_eq!(
-        keys(&raw).await,
+        keys(raw).await,
         vec![
             format!("pfx/blobs/sha256/{}/{hex}", &hex[..2]),
             format!("pfx/uploads/{id}/session.json"),
         ]
     );
-    assert!(store.hashers().is_empty());
+    assert_eq!(mem.parts.open_uploads(), 0);
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
     assert_eq!(
         store
             .expire_uploads(std::time::Duration::ZERO)
@@ -99,27 +116,30 @@ async fn layout_while_uploading_and_after_commit() {
         1
     );
     assert_eq!(
-        keys(&raw).await,
+        keys(raw).await,
         vec![format!("pfx/blobs/sha256/{}/{hex}", &hex[..2])]
     );
 }
 
 #[tokio::test]
 async fn digest_mismatch_leaves_nothing() {
-    let (raw, store) = memory();
+    let (mem, store) = memory();
     let bytes = data(2_500, 2);
     let s = open_session(&store, Digest::of(b"other"), 2_500).await;
     send_all(&store, &s.upload_id, &bytes, 999).await;
-    // A fresh instance has no running hash: it streams, hashes and aborts.
-    let restarted = BlobStore::new(raw.clone(), Path::from("pfx")).with_segment_size(1_000);
-    let e = restarted.commit_upload(&s.upload_id).await.unwrap_err();
-    assert_eq!(e.kind(), BlobErrorKind::InvalidArgument);
-    assert_eq!(keys(&raw).await, Vec::<String>::new());
+    let e = mem.restart().commit_upload(&s.upload_id).await.unwrap_err();
+    assert!(
+        matches!(e, BlobError::DigestMismatch { actual, .. } if actual == Digest::of(&bytes)),
+        "{e}"
+    );
+    assert_eq!(keys(&mem.raw).await, Vec::<String>::new());
+    assert_eq!(mem.parts.open_uploads(), 0);
 }
 
 #[tokio::test]
 async fn two_sessions_for_one_blob_both_commit() {
-    let (raw, store) = memory();
+    let (mem, store) = memory();
+    let raw = &mem.raw;
     let bytes = data(5_000, 3);
     let digest = Digest::of(&bytes);
     let first = open_session(&store, digest, 5_000).await;
@@ -130,7 +150,7 @@ async fn two_sessions_for_one_blob_both_commit() {
     let second = open_session(&store, digest, 5_000).await;
     assert_ne!(first.upload_id, second.upload_id);
 
-    let other = BlobStore::new(raw.clone(), Path::from("pfx")).with_segment_size(1_000);
+    let other = mem.restart();
     let (a, b) = tokio::join!(
         send_all(&store, &first.upload_id, &bytes, 400),
         send_all(&other, &second.upload_id, &bytes, 1_300),
@@ -142,38 +162,101 @@ async fn two_sessions_for_one_blob_both_commit() {
     );
     let (c1, c2) = (c1.unwrap(), c2.unwrap());
     assert_eq!((c1.digest, c2.digest), (digest, digest));
-    assert_eq!(u8::from(c1.deduplicated) + u8::from(c2.deduplicated), 1);
+    // Both may complete (the completion is not create-only; the bytes are identical).
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+    // Either completed, or aborted as dedup: no upload is left open.
+    assert_eq!(mem.parts.open_uploads(), 0);
     assert!(
-        !keys(&raw)
+        !keys(raw)
             .await
             .iter()
-            .any(|k| k.contains("staging") || k.contains("index"))
+            .any(|k| k.contains(".part") || k.contains("index"))
     );
 }
 
 #[tokio::test]
-async fn a_changed_segment_is_never_promoted_unverified() {
-    // Another writer on the same session replaced a segment with other bytes after this
-    // instance hashed the original: the commit hashes what it moves, so it refuses.
-    let (raw, store) = memory();
+async fn a_record_chain_broken_by_another_writer_is_never_completed() {
+    // Two writers of one session, both at offset 0, with different bytes: the second
+    // replaces part 0 and its record; the first's later records name its own part 0.
+    let (mem, store) = memory();
     let bytes = data(3_000, 4);
     let digest = Digest::of(&bytes);
     let s = open_session(&store, digest, 3_000).await;
-    send_all(&store, &s.upload_id, &bytes, 1_000).await;
-    let key = store.segment_key(&s.upload_id, 1_000);
-    raw.put(&key, Bytes::from(vec![0u8; 1_000]).into())
+    let mut first = store.upload_writer(&s.upload_id).await.unwrap();
+    let mut second = mem.restart().upload_writer(&s.upload_id).await.unwrap();
+    first
+        .write(0, Bytes::copy_from_slice(&bytes[..1_000]))
         .await
         .unwrap();
+    let mut other = bytes[..2_000].to_vec();
+    other[10] ^= 1;
+    second.write(0, Bytes::from(other)).await.unwrap();
+    first
+        .write(1_000, Bytes::copy_from_slice(&bytes[1_000..]))
+        .await
+        .unwrap();
+    assert_eq!(first.flush().await.unwrap(), 3_000);
+    // The chain stops where it breaks: part 0 is the second writer's.
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        1_000
+    );
+    let e = store.commit_upload(&s.upload_id).await.unwrap_err();
+    assert!(matches!(e, BlobError::UploadChanged { .. }), "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    // The client resumes from the chain's end; the wrong part 0 makes a wrong digest,
+    // which is refused and leaves nothing.
+    send_all(&store, &s.upload_id, &bytes, 500).await;
     let e = store.commit_upload(&s.upload_id).await.unwrap_err();
     assert!(matches!(e, BlobError::DigestMismatch { .. }), "{e}");
     assert!(!store.contains(&digest).await.unwrap());
+    assert_eq!(mem.parts.open_uploads(), 0);
 }
 
 #[tokio::test]
-async fn resume_after_partial_flush_keeps_unaligned_segments() {
-    let (_raw, store) = memory();
-    let bytes = data(4_321, 5);
+async fn a_part_replaced_after_its_record_is_never_completed() {
+    // A part put again with other bytes after it was recorded (a writer that died before
+    // its record): the records chain and hash to the digest, but the completion names
+    // content ids the backend no longer holds, so it is refused.
+    let (mem, store) = memory();
+    let bytes = data(3_000, 5);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 3_000).await;
+    send_all(&store, &s.upload_id, &bytes, 1_000).await;
+    let session: serde_json::Value = serde_json::from_slice(
+        &mem.raw
+            .get(&Path::from(format!(
+                "pfx/uploads/{}/session.json",
+                s.upload_id
+            )))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let id = session["multipart"].as_str().unwrap().to_owned();
+    let key = store.blob_key(&digest);
+    mem.parts
+        .put_part(&key, &id, 1, Bytes::from(vec![0u8; 1_000]).into())
+        .await
+        .unwrap();
+    let e = store.commit_upload(&s.upload_id).await.unwrap_err();
+    assert!(matches!(e, BlobError::UploadChanged { .. }), "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    // The session is gone: the client starts again.
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap_err().kind(),
+        BlobErrorKind::NotFound
+    );
+    assert_eq!(mem.parts.open_uploads(), 0);
+}
+
+#[tokio::test]
+async fn resume_after_partial_flush_reloads_the_tail() {
+    let (mem, store) = memory();
+    let bytes = data(4_321, 6);
     let digest = Digest::of(&bytes);
     let s = open_session(&store, digest, 4_321).await;
     let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
@@ -183,20 +266,165 @@ async fn resume_after_partial_flush_keeps_unaligned_segments() {
         .unwrap();
     assert_eq!(writer.committed(), 1_000);
     assert_eq!(writer.flush().await.unwrap(), 1_234);
-    send_all(&store, &s.upload_id, &bytes, 777).await;
+    let id = &s.upload_id;
+    let tail = format!("pfx/uploads/{id}/00000000000000001000.tail");
+    assert!(keys(&mem.raw).await.contains(&tail));
+    // A restarted registry's writer loads the tail and sends it as the start of part 1.
+    let restarted = mem.restart();
+    assert_eq!(restarted.upload_status(id).await.unwrap().committed, 1_234);
+    send_all(&restarted, id, &bytes, 777).await;
+    let keys_now = keys(&mem.raw).await;
+    assert!(!keys_now.contains(&tail), "{keys_now:?}");
+    assert!(keys_now.contains(&format!("pfx/uploads/{id}/00000000000000001000.1000.part")));
+    assert_eq!(restarted.upload_status(id).await.unwrap().committed, 4_321);
+    store.commit_upload(id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_tail_that_ends_the_blob_becomes_the_last_part_at_commit() {
+    // A writer leaves the end of the blob as a tail (as a registry before the last part
+    // was put would): commit puts it as the last part.
+    let (mem, store) = memory();
+    let bytes = data(1_500, 7);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 1_500).await;
+    send_all(&store, &s.upload_id, &bytes[..1_200], 1_200).await;
+    let tail = Path::from(format!(
+        "pfx/uploads/{}/00000000000000001000.tail",
+        s.upload_id
+    ));
+    mem.raw
+        .put(&tail, Bytes::copy_from_slice(&bytes[1_000..]).into())
+        .await
+        .unwrap();
     assert_eq!(
         store.upload_status(&s.upload_id).await.unwrap().committed,
-        4_321
+        1_500
     );
+    assert!(
+        !store
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn expiry_aborts_the_multipart_upload() {
+    let (mem, store) = memory();
+    let bytes = data(2_500, 8);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 2_500).await;
+    send_all(&store, &s.upload_id, &bytes[..1_500], 500).await;
+    let session: serde_json::Value = serde_json::from_slice(
+        &mem.raw
+            .get(&Path::from(format!(
+                "pfx/uploads/{}/session.json",
+                s.upload_id
+            )))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let id = session["multipart"].as_str().unwrap().to_owned();
+    assert_eq!(mem.parts.open_uploads(), 1);
+    assert_eq!(
+        store
+            .expire_uploads(std::time::Duration::ZERO)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(mem.parts.open_uploads(), 0);
+    let e = mem
+        .parts
+        .complete_multipart(&store.blob_key(&digest), &id, vec![])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, object_store::Error::NotFound { .. }), "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    assert!(keys(&mem.raw).await.is_empty());
+}
+
+#[tokio::test]
+async fn sessions_of_an_older_registry_are_not_continued() {
+    // An older registry kept segment objects and no multipart upload.
+    let (mem, store) = memory();
+    let bytes = data(2_000, 9);
+    let digest = Digest::of(&bytes);
+    let old_session = |id: &str| {
+        let raw = mem.raw.clone();
+        let id = id.to_owned();
+        let created = serde_json::json!({ "digest": digest, "size": 2_000, "created": 1 });
+        async move {
+            raw.put(
+                &Path::from(format!("pfx/uploads/{id}/session.json")),
+                Bytes::from(created.to_string()).into(),
+            )
+            .await
+            .unwrap();
+            raw.put(
+                &Path::from(format!("pfx/uploads/{id}/00000000000000000000")),
+                Bytes::from(vec![1u8; 700]).into(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let (a, b) = ("a".repeat(32), "b".repeat(32));
+    old_session(&a).await;
+    old_session(&b).await;
+    mem.raw
+        .put(
+            &store.index_key(&digest, 2_000, None),
+            Bytes::from(a.clone()).into(),
+        )
+        .await
+        .unwrap();
+    // start_upload does not resume it: a new session, the old one deleted.
+    let s = open_session(&store, digest, 2_000).await;
+    assert_ne!(s.upload_id, a);
+    assert_eq!(s.committed, 0);
+    assert_eq!(
+        store.upload_status(&a).await.unwrap_err().kind(),
+        BlobErrorKind::NotFound
+    );
+    // Writing or committing one answers why, and deletes it.
+    let e = store.upload_writer(&b).await.unwrap_err();
+    assert!(e.to_string().contains("older registry"), "{e}");
+    assert_eq!(e.kind(), BlobErrorKind::FailedPrecondition);
+    assert!(
+        !keys(&mem.raw)
+            .await
+            .iter()
+            .any(|k| k.contains(&a) || k.contains(&b))
+    );
+    send_all(&store, &s.upload_id, &bytes, 600).await;
     store.commit_upload(&s.upload_id).await.unwrap();
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_store_without_multipart_uploads_refuses_uploads() {
+    let store = BlobStore::new(Arc::new(InMemory::new()), Path::default());
+    let e = store.start_upload(Digest::of(b"x"), 1).await.unwrap_err();
+    assert!(matches!(e, BlobError::UploadsUnsupported { .. }), "{e}");
 }
 
 #[test]
 fn s3_url_sets_bucket_and_prefix() {
     let store = BlobStore::from_url("s3://some-bucket/team/blobs/").unwrap();
     assert_eq!(store.prefix.as_ref(), "team/blobs");
-    assert_eq!(store.max_copy_size, S3_MAX_COPY_SIZE);
+    assert!(store.parts.is_some());
+    assert_eq!(store.min_part_size, S3_MIN_PART_SIZE);
+    assert_eq!(store.part_size(10 << 30), DEFAULT_SEGMENT_SIZE as u64);
+    assert_eq!(store.part_size(1 << 40), (1u64 << 40).div_ceil(MAX_PARTS));
     let digest = Digest::of(b"x");
     let hex = digest.hex();
     assert_eq!(
@@ -279,8 +507,6 @@ async fn file_upload_is_written_once_and_linked() {
         ]
     );
     let data_inode = inode(&session_dir.join("data"));
-    // Segment objects are for the other backends; no running hash is kept in memory.
-    assert!(store.hashers().is_empty());
 
     let out = store.commit_upload(&s.upload_id).await.unwrap();
     assert!(!out.deduplicated);

@@ -1,39 +1,32 @@
-//! Resumable uploads: sessions and segments kept in the object store, the chunk writer,
-//! verified commit and promotion, and expiry of abandoned sessions.
+//! Resumable uploads: sessions kept in the object store, the chunk writer (a `file://`
+//! data file, or the parts of one multipart upload to the blob's key), verified commit,
+//! and expiry of abandoned sessions.
 
 use std::collections::VecDeque;
-use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{MultipartId, ObjectMeta, ObjectStoreExt, PutPayload};
 use patchport_core::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
 
-use super::local;
-use super::{BlobError, BlobStore, hash_parts};
+use super::parts::{self, Chain, PartRecord};
+use super::{BlobError, BlobStore, MAX_PARTS, hash_parts, local};
 
-/// Segments fetched ahead while a commit streams them.
-const COMMIT_PREFETCH: usize = 2;
+/// Part records read at once while a session's chain is followed.
+const RECORD_READS: usize = 32;
 
-/// Multipart parts in flight at once while a commit writes.
-const COMMIT_PARTS_IN_FLIGHT: usize = 2;
-
-/// Smallest multipart part (S3 refuses parts under 5 MiB except the last).
-const MIN_PART_SIZE: usize = 16 << 20;
-
-/// S3 allows 10,000 parts; stay well below.
-const MAX_PARTS: u64 = 9_000;
-
-/// Running hashes kept in memory at most (about 200 bytes each).
-const MAX_RUNNING_HASHES: usize = 10_000;
+/// Why a session written as segment objects is not continued.
+const OLDER_REGISTRY: &str = "started by an older registry; start the upload again";
 
 /// A staging object or half-written temporary file untouched this long belongs to no
 /// live commit or put (those write continuously and last seconds to minutes), so the
 /// expiry sweep removes it even when the session TTL is longer: what a registry killed
-/// mid-commit leaves behind.
+/// mid-commit leaves behind (staging objects only from older registries).
 pub const ORPHAN_AGE: Duration = Duration::from_secs(3_600);
 
 /// The top-level directories whose half-written temporary files the periodic sweep
@@ -81,13 +74,13 @@ pub struct CommitOutcome {
 }
 
 /// The stored record of a session, `uploads/<id>/session.json`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct SessionRecord {
     digest: Digest,
     size: u64,
     /// Seconds since the Unix epoch.
     created: u64,
-    /// Set when the blob was promoted; the record then stays until expiry, so a retried
+    /// Set when the blob was stored; the record then stays until expiry, so a retried
     /// commit answers the same instead of NotFound.
     #[serde(default)]
     complete: bool,
@@ -95,6 +88,41 @@ struct SessionRecord {
     /// see every blob. A session is only ever resumed, written or committed by its owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner: Option<String>,
+    /// On `memory://` and `s3://`: the id of the session's multipart upload to the blob's
+    /// key. A session without one there was started by an older registry (segment
+    /// objects) and is not continued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    multipart: Option<String>,
+    /// The size of every part but the last (with `multipart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part_size: Option<u64>,
+}
+
+/// How a session's bytes are kept.
+enum Layout {
+    /// `file://`: the session directory with its data file.
+    Local(std::path::PathBuf),
+    /// A multipart upload to the blob's key.
+    Parts(Upload),
+    /// Segment objects of an older registry: not continued.
+    Older,
+}
+
+/// A session's multipart upload.
+#[derive(Clone)]
+struct Upload {
+    store: Arc<dyn MultipartStore>,
+    id: MultipartId,
+    /// The blob's key, which the upload completes to.
+    key: Path,
+    part_size: u64,
+}
+
+/// What a session's part records and tail hold.
+struct PartsScan {
+    chain: Chain,
+    /// The length of the tail at the chain's end, if there is one.
+    tail: Option<u64>,
 }
 
 /// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes (or, on
@@ -105,12 +133,16 @@ pub(super) struct Segment {
     pub(super) len: u64,
 }
 
-/// Receives the chunks of one upload session, in order, and persists them in segments.
+/// Receives the chunks of one upload session, in order, and persists them.
 ///
-/// Holds at most one segment of data in memory (two on `file://`, where one segment is
-/// written and hashed in the background while the next arrives; an error of that write
-/// shows at the next write or flush, with its bytes buffered again). Chunks that were
-/// written but not yet persisted are lost if the writer is dropped without
+/// On `memory://` and `s3://` every full part is put as it fills (hashed while it is
+/// sent) and recorded; a shorter stretch that is not the end of the blob is persisted as
+/// the session's tail by [`persist_buffered`](Self::persist_buffered) and stays in memory
+/// as the start of the next part (a writer opened later loads it). At most one part is
+/// held in memory. On `file://` bytes are persisted in segments, at most two in memory
+/// (one is written and hashed in the background while the next arrives; an error of that
+/// write shows at the next write or flush, with its bytes buffered again). Chunks that
+/// were written but not yet persisted are lost if the writer is dropped without
 /// [`UploadWriter::flush`]; the client then resumes from the session's committed offset.
 pub struct UploadWriter {
     store: BlobStore,
@@ -119,6 +151,8 @@ pub struct UploadWriter {
     size: u64,
     committed: u64,
     buffered: u64,
+    /// The bytes not yet in a part or the data file: on `file://` the `buffered` ones; with
+    /// a multipart upload those after the last part (the tail's, then the `buffered` ones).
     buffer: VecDeque<Bytes>,
     /// On `file://`: the session directory (its data file takes the bytes) and the hash
     /// state at `committed`.
@@ -127,6 +161,23 @@ pub struct UploadWriter {
     /// are the first of `buffered`), giving back its parts and the hash state after them.
     pending: Option<PendingWrite>,
     in_flight: u64,
+    /// With a multipart upload: where its recorded parts stand.
+    parts: Option<PartsWriter>,
+}
+
+/// A writer's position in a session's multipart upload.
+struct PartsWriter {
+    upload: Upload,
+    /// Where the recorded parts end; `buffer` holds the bytes from here on.
+    end: u64,
+    /// The hash state at `end`.
+    hasher: Hasher,
+    /// The content id of the last part (none before the first).
+    prev: Option<String>,
+    /// The index of the next part.
+    next: usize,
+    /// Whether a tail object at `end` may exist (written or loaded by this writer).
+    tail: bool,
 }
 
 type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
@@ -160,9 +211,9 @@ impl UploadWriter {
     }
 
     /// Appends a chunk at `offset`, which must equal the committed plus the buffered
-    /// bytes; a chunk that would end past the declared size is refused. Full segments
-    /// are persisted as they fill. On a storage error the chunk stays buffered, so a
-    /// later [`flush`](Self::flush) may still persist it.
+    /// bytes; a chunk that would end past the declared size is refused. Full parts (or
+    /// segments) are persisted as they fill. On a storage error the chunk stays buffered,
+    /// so a later [`flush`](Self::flush) may still persist it.
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), BlobError> {
         let expected = self.committed + self.buffered;
         if offset != expected {
@@ -185,6 +236,9 @@ impl UploadWriter {
         }
         self.buffered = end - self.committed;
         self.buffer.push_back(data);
+        if self.parts.is_some() {
+            return self.put_ready_parts().await;
+        }
         let segment = self.store.segment_size as u64;
         while self.buffered - self.in_flight >= segment {
             self.persist(segment).await?;
@@ -197,10 +251,17 @@ impl UploadWriter {
         self.buffered
     }
 
-    /// Persists what is buffered as a segment now (a short one) and returns the durable
-    /// committed offset: call it when the client pauses, so a stalled stream holds no
-    /// data in memory.
+    /// Persists what is buffered now (a short segment, or the tail of a multipart upload)
+    /// and returns the durable committed offset: call it when the client pauses, so a
+    /// stalled stream's bytes are safe.
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
+        if self.parts.is_some() {
+            self.put_ready_parts().await?;
+            if self.buffered > 0 {
+                self.put_tail().await?;
+            }
+            return Ok(self.committed);
+        }
         let rest = self.buffered - self.in_flight;
         if rest > 0 {
             self.persist(rest).await?;
@@ -251,61 +312,130 @@ impl UploadWriter {
         self.persist_buffered().await
     }
 
-    /// Puts the first `n` buffered bytes as the segment at the committed offset, feeding
-    /// them to the session's running hash at the same time.
+    /// On `file://`: writes the first `n` buffered bytes into the data file at the
+    /// committed offset in the background, continuing the recorded hash state.
     async fn persist(&mut self, n: u64) -> Result<(), BlobError> {
-        if self.local.is_some() {
-            // One segment at a time: the next continues the hash state this one ends with.
-            self.settle().await?;
-            let parts = take_front(&mut self.buffer, n);
-            let start = self.committed;
-            let Some((dir, hasher)) = self.local.clone() else {
-                return Ok(());
-            };
-            self.pending = Some(tokio::task::spawn_blocking(move || {
-                let result = local::append(&dir, start, &parts, hasher);
-                (parts, result)
-            }));
-            self.in_flight = n;
+        // One segment at a time: the next continues the hash state this one ends with.
+        self.settle().await?;
+        let Some((dir, hasher)) = self.local.clone() else {
             return Ok(());
-        }
+        };
         let parts = take_front(&mut self.buffer, n);
         let start = self.committed;
-        let key = self.store.segment_key(&self.upload_id, start);
-        let prior = if start == 0 {
-            Some(Hasher::new())
-        } else {
-            self.store
-                .hashers()
-                .get(&self.upload_id)
-                .filter(|h| h.len() == start)
-                .cloned()
-        };
-        let payload: PutPayload = parts.iter().cloned().collect();
-        let put = self.store.store.put(&key, payload);
-        let hash = async {
-            match prior {
-                Some(h) => hash_parts(parts.clone(), h).await.ok(),
-                None => None,
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            let result = local::append(&dir, start, &parts, hasher);
+            (parts, result)
+        }));
+        self.in_flight = n;
+        Ok(())
+    }
+
+    /// Puts every part the buffer fills: full parts, and the last part once the bytes
+    /// reach the declared size.
+    async fn put_ready_parts(&mut self) -> Result<(), BlobError> {
+        loop {
+            let Some(p) = &self.parts else {
+                return Ok(());
+            };
+            let held = self.committed + self.buffered - p.end;
+            let need = p.upload.part_size.min(self.size - p.end);
+            if need == 0 || held < need {
+                return Ok(());
             }
-        };
-        let (put, hashed) = tokio::join!(put, hash);
-        if let Err(e) = put {
-            for part in parts.into_iter().rev() {
-                self.buffer.push_front(part);
-            }
-            return Err(BlobError::storage("put", &key, e));
+            self.put_part(need).await?;
         }
-        self.committed += n;
-        self.buffered -= n;
-        if let Some(h) = hashed {
-            let mut hashers = self.store.hashers();
-            // Abandoned sessions would otherwise accumulate; the map is only a shortcut.
-            if hashers.len() >= MAX_RUNNING_HASHES && !hashers.contains_key(&self.upload_id) {
-                hashers.clear();
+    }
+
+    /// Puts the first `n` bytes of the buffer as the next part, hashing them while they
+    /// are sent, then records it. On an error the bytes stay buffered.
+    async fn put_part(&mut self, n: u64) -> Result<(), BlobError> {
+        let Some(p) = self.parts.as_mut() else {
+            return Ok(());
+        };
+        let bytes = take_front(&mut self.buffer, n);
+        let start = p.end;
+        let end = start + n;
+        let payload: PutPayload = bytes.iter().cloned().collect();
+        let put = p
+            .upload
+            .store
+            .put_part(&p.upload.key, &p.upload.id, p.next, payload);
+        let (put, hashed) = tokio::join!(put, hash_parts(bytes.clone(), p.hasher.clone()));
+        let recorded = match (put, hashed) {
+            (Ok(part), Ok(hasher)) => {
+                let record = PartRecord {
+                    part: p.next,
+                    content_id: part.content_id,
+                    prev: p.prev.clone(),
+                    state: parts::to_hex(&hasher.to_state()),
+                };
+                let key = self
+                    .store
+                    .session_dir(&self.upload_id)
+                    .join(parts::record_name(start, n));
+                match self.store.put_json(&self.upload_id, &key, &record).await {
+                    Ok(()) => Ok((record.content_id, hasher)),
+                    Err(e) => Err(e),
+                }
             }
-            hashers.insert(self.upload_id.clone(), h);
+            (Err(object_store::Error::NotFound { .. }), _) => Err(BlobError::UploadChanged {
+                upload_id: self.upload_id.clone(),
+                detail:
+                    "its multipart upload is gone (expired or committed); start the upload again"
+                        .to_owned(),
+            }),
+            (Err(e), _) => Err(BlobError::storage("put part", &p.upload.key, e)),
+            (Ok(_), Err(e)) => Err(e),
+        };
+        let (content_id, hasher) = match recorded {
+            Ok(done) => done,
+            Err(e) => {
+                for b in bytes.into_iter().rev() {
+                    self.buffer.push_front(b);
+                }
+                return Err(e);
+            }
+        };
+        let total = self.committed + self.buffered;
+        let old_tail = p.tail.then_some(p.end);
+        p.end = end;
+        p.hasher = hasher;
+        p.prev = Some(content_id);
+        p.next += 1;
+        p.tail = false;
+        self.committed = self.committed.max(end);
+        self.buffered = total - self.committed;
+        if let Some(at) = old_tail {
+            let key = self
+                .store
+                .session_dir(&self.upload_id)
+                .join(parts::tail_name(at));
+            if let Err(e) = self.store.delete_quiet(&key).await {
+                tracing::warn!(upload_id = %self.upload_id, error = %e, "cannot delete a covered upload tail");
+            }
         }
+        Ok(())
+    }
+
+    /// Puts every byte after the last part as the session's tail (shorter than a part and
+    /// not the end of the blob); they stay in the buffer for the next part.
+    async fn put_tail(&mut self) -> Result<(), BlobError> {
+        let Some(p) = self.parts.as_mut() else {
+            return Ok(());
+        };
+        let key = self
+            .store
+            .session_dir(&self.upload_id)
+            .join(parts::tail_name(p.end));
+        let payload: PutPayload = self.buffer.iter().cloned().collect();
+        self.store
+            .store
+            .put(&key, payload)
+            .await
+            .map_err(|e| BlobError::storage("put", &key, e))?;
+        p.tail = true;
+        self.committed += self.buffered;
+        self.buffered = 0;
         Ok(())
     }
 }
@@ -377,14 +507,20 @@ impl BlobStore {
                         && rec.size == size
                         && rec.owner.as_deref() == owner =>
                 {
-                    let committed = self.committed_offset(&upload_id, rec.size).await?;
-                    tracing::debug!(%upload_id, %digest, committed, "resuming upload session");
-                    return Ok(UploadStart::Session(UploadSession {
-                        upload_id,
-                        digest,
-                        size,
-                        committed,
-                    }));
+                    let layout = self.layout(&upload_id, &rec).await?;
+                    if let Layout::Older = layout {
+                        tracing::info!(%upload_id, %digest, "not resuming a session of an older registry");
+                        self.delete_session(&upload_id, &rec).await;
+                    } else {
+                        let committed = self.committed_offset(&upload_id, &rec, &layout).await?;
+                        tracing::debug!(%upload_id, %digest, committed, "resuming upload session");
+                        return Ok(UploadStart::Session(UploadSession {
+                            upload_id,
+                            digest,
+                            size,
+                            committed,
+                        }));
+                    }
                 }
                 Ok(_)
                 | Err(BlobError::UploadNotFound { .. } | BlobError::CorruptSession { .. }) => {}
@@ -393,14 +529,29 @@ impl BlobStore {
         }
 
         let upload_id = uuid::Uuid::new_v4().simple().to_string();
-        let record = SessionRecord {
+        let mut record = SessionRecord {
             digest,
             size,
             created: unix_now(),
             complete: false,
             owner: owner.map(str::to_owned),
+            multipart: None,
+            part_size: None,
         };
-        self.write_session(&upload_id, &record).await?;
+        if self.local_root.is_none() {
+            let store = self.multipart_store()?;
+            let key = self.blob_key(&digest);
+            let id = store
+                .create_multipart(&key)
+                .await
+                .map_err(|e| BlobError::storage("start multipart upload", &key, e))?;
+            record.multipart = Some(id);
+            record.part_size = Some(self.part_size(size));
+        }
+        if let Err(e) = self.write_session(&upload_id, &record).await {
+            self.abort_upload(&record).await;
+            return Err(e);
+        }
         self.store
             .put(&index, PutPayload::from(upload_id.clone()))
             .await
@@ -412,6 +563,22 @@ impl BlobStore {
             size,
             committed: 0,
         }))
+    }
+
+    /// The size of every part but the last of a new session's multipart upload: a
+    /// segment, at least the smallest part, and large enough for at most [`MAX_PARTS`].
+    pub(super) fn part_size(&self, size: u64) -> u64 {
+        (self.segment_size as u64)
+            .max(self.min_part_size as u64)
+            .max(size.div_ceil(MAX_PARTS))
+    }
+
+    fn multipart_store(&self) -> Result<Arc<dyn MultipartStore>, BlobError> {
+        self.parts
+            .clone()
+            .ok_or_else(|| BlobError::UploadsUnsupported {
+                store: self.store.to_string(),
+            })
     }
 
     /// The declared digest and size of a session and its committed offset.
@@ -431,7 +598,9 @@ impl BlobStore {
         let committed = if rec.complete {
             rec.size
         } else {
-            self.committed_offset(upload_id, rec.size).await?
+            let layout = self.layout(upload_id, &rec).await?;
+            self.refuse_older(upload_id, &rec, &layout).await?;
+            self.committed_offset(upload_id, &rec, &layout).await?
         };
         Ok(UploadSession {
             upload_id: upload_id.to_owned(),
@@ -454,12 +623,27 @@ impl BlobStore {
     ) -> Result<UploadWriter, BlobError> {
         check_upload_id(upload_id)?;
         let rec = self.load_owned_session(upload_id, owner).await?;
-        let dir = match rec.complete {
-            false => self.data_file_session(upload_id).await?,
-            true => None,
+        let mut writer = UploadWriter {
+            store: self.clone(),
+            upload_id: upload_id.to_owned(),
+            digest: rec.digest,
+            size: rec.size,
+            committed: rec.size,
+            buffered: 0,
+            buffer: VecDeque::new(),
+            local: None,
+            pending: None,
+            in_flight: 0,
+            parts: None,
         };
-        let (committed, local) = match dir {
-            Some(dir) => {
+        if rec.complete {
+            // Nothing more to write: every chunk is refused as past the size.
+            return Ok(writer);
+        }
+        let layout = self.layout(upload_id, &rec).await?;
+        self.refuse_older(upload_id, &rec, &layout).await?;
+        match layout {
+            Layout::Local(dir) => {
                 let (size, digest) = (rec.size, rec.digest);
                 let (committed, hasher) = blocking({
                     let dir = dir.clone();
@@ -467,29 +651,86 @@ impl BlobStore {
                 })
                 .await?
                 .map_err(|e| e.into_blob(upload_id, digest, size))?;
-                (committed, Some((dir, hasher)))
+                writer.committed = committed;
+                writer.local = Some((dir, hasher));
             }
-            None => (
-                self.upload_status_as(upload_id, owner).await?.committed,
-                None,
-            ),
-        };
-        Ok(UploadWriter {
-            store: self.clone(),
-            upload_id: upload_id.to_owned(),
-            digest: rec.digest,
-            size: rec.size,
-            committed,
-            buffered: 0,
-            buffer: VecDeque::new(),
-            local,
-            pending: None,
-            in_flight: 0,
-        })
+            Layout::Parts(upload) => {
+                let scan = self.scan_parts(upload_id).await?;
+                let end = scan.chain.end;
+                let mut tail = false;
+                if let Some(len) = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size) {
+                    let key = self.session_dir(upload_id).join(parts::tail_name(end));
+                    match super::retry_read("get", &key, || async {
+                        self.store.get(&key).await?.bytes().await
+                    })
+                    .await
+                    {
+                        Ok(bytes) if bytes.len() as u64 == len => {
+                            writer.buffer.push_back(bytes);
+                            tail = true;
+                        }
+                        // Rewritten or covered by another writer since the listing:
+                        // continue from the parts; the client resends the rest.
+                        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(BlobError::storage("get", &key, e)),
+                    }
+                }
+                writer.committed = end + writer.buffer.iter().map(|b| b.len() as u64).sum::<u64>();
+                writer.parts = Some(PartsWriter {
+                    upload,
+                    end,
+                    prev: scan.chain.last_id().map(str::to_owned),
+                    next: scan.chain.ids.len(),
+                    hasher: scan.chain.hasher,
+                    tail,
+                });
+            }
+            Layout::Older => {}
+        }
+        Ok(writer)
     }
 
-    /// Verifies the session's bytes against the declared digest and size and promotes
-    /// them to a blob. An incomplete upload is FailedPrecondition; a digest mismatch is
+    /// How a session's bytes are kept.
+    async fn layout(&self, upload_id: &str, rec: &SessionRecord) -> Result<Layout, BlobError> {
+        if self.local_root.is_some() {
+            return Ok(match self.data_file_session(upload_id).await? {
+                Some(dir) => Layout::Local(dir),
+                None => Layout::Older,
+            });
+        }
+        let Some(id) = rec.multipart.clone() else {
+            return Ok(Layout::Older);
+        };
+        Ok(Layout::Parts(Upload {
+            store: self.multipart_store()?,
+            id,
+            key: self.blob_key(&rec.digest),
+            part_size: rec
+                .part_size
+                .filter(|n| *n > 0)
+                .unwrap_or_else(|| self.part_size(rec.size)),
+        }))
+    }
+
+    /// A session of an older registry is deleted and answered UploadChanged.
+    async fn refuse_older(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        layout: &Layout,
+    ) -> Result<(), BlobError> {
+        if let Layout::Older = layout {
+            self.delete_session(upload_id, rec).await;
+            return Err(BlobError::UploadChanged {
+                upload_id: upload_id.to_owned(),
+                detail: OLDER_REGISTRY.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Verifies the session's bytes against the declared digest and size and stores them
+    /// as a blob. An incomplete upload is FailedPrecondition; a digest mismatch is
     /// InvalidArgument and deletes the session. A blob that is already stored is dedup
     /// (even if this session did not receive every byte), and committing a committed
     /// session again answers the same.
@@ -510,8 +751,9 @@ impl BlobStore {
 
     /// [`commit_upload`](Self::commit_upload) of `owner`'s session. With `must_prove`
     /// (the caller may not see the blob yet), a blob that is already stored answers dedup
-    /// only after this session's own bytes were read back and hashed to its digest: the
-    /// upload is the caller's proof that it holds the bytes.
+    /// only after this session's own bytes were proved to hash to its digest, by the hash
+    /// state recorded as they were received: the upload is the caller's proof that it
+    /// holds the bytes.
     pub async fn commit_upload_as(
         &self,
         upload_id: &str,
@@ -539,9 +781,12 @@ impl BlobStore {
             };
         }
 
+        let layout = self.layout(upload_id, &rec).await?;
+        self.refuse_older(upload_id, &rec, &layout).await?;
+
         if let Some(existing) = self.head(&final_key).await? {
             if must_prove {
-                self.prove_session(upload_id, &rec).await?;
+                self.prove_session(upload_id, &rec, &layout).await?;
             }
             if existing.size != size {
                 self.delete_session(upload_id, &rec).await;
@@ -551,65 +796,33 @@ impl BlobStore {
                     actual: existing.size,
                 });
             }
-            self.finish_session(upload_id, &rec).await;
+            self.finish_session(upload_id, &rec, true).await;
             return Ok(outcome(true));
         }
 
-        if let Some(dir) = self.data_file_session(upload_id).await? {
-            let blob = self.local_path(&final_key);
-            let result = blocking(move || local::commit(&dir, size, digest, &blob))
-                .await?
-                .map_err(|e| e.into_blob(upload_id, digest, size));
-            return self
-                .committed(upload_id, &rec, &final_key, result)
-                .await
-                .map(outcome);
-        }
-
-        let segments = self.list_segments(upload_id).await?;
-        let committed = contiguous_end(&segments, size);
-        if committed < size {
-            return Err(BlobError::Incomplete {
-                upload_id: upload_id.to_owned(),
-                committed,
-                size,
-            });
-        }
-
-        // The uninterrupted case knows the digest already: refuse a mismatch before
-        // moving any bytes. A match is not trusted; the bytes are hashed as they move.
-        let running = self
-            .hashers()
-            .get(upload_id)
-            .filter(|h| h.len() == size)
-            .cloned();
-        if let Some(running) = running {
-            let actual = running.finish();
-            if actual != digest {
-                self.delete_session(upload_id, &rec).await;
-                return Err(BlobError::DigestMismatch {
-                    declared: digest,
-                    actual,
-                });
+        match layout {
+            Layout::Local(dir) => {
+                let blob = self.local_path(&final_key);
+                let result = blocking(move || local::commit(&dir, size, digest, &blob))
+                    .await?
+                    .map_err(|e| e.into_blob(upload_id, digest, size));
+                self.committed(upload_id, &rec, &final_key, result)
+                    .await
+                    .map(outcome)
             }
+            Layout::Parts(upload) => self
+                .commit_parts(upload_id, &rec, &upload)
+                .await
+                .map(outcome),
+            Layout::Older => Err(BlobError::UploadChanged {
+                upload_id: upload_id.to_owned(),
+                detail: OLDER_REGISTRY.to_owned(),
+            }),
         }
-
-        let plan: Vec<(Path, Range<u64>)> = read_plan(upload_id, &segments, size)?
-            .into_iter()
-            .map(|(offset, range)| (self.segment_key(upload_id, offset), range))
-            .collect();
-        let result = if size <= self.segment_size as u64 {
-            self.commit_small(upload_id, &rec, &plan, &final_key).await
-        } else {
-            self.commit_large(upload_id, &rec, &plan, &final_key).await
-        };
-        self.committed(upload_id, &rec, &final_key, result)
-            .await
-            .map(outcome)
     }
 
-    /// Settles a promotion attempt: a digest mismatch deletes the session; another
-    /// failure is dedup if a concurrent commit promoted the blob meanwhile; success
+    /// Settles a `file://` commit: a digest mismatch deletes the session; another
+    /// failure is dedup if a concurrent commit stored the blob meanwhile; success
     /// finishes the session. Returns whether the blob was deduplicated.
     async fn committed(
         &self,
@@ -626,19 +839,232 @@ impl BlobStore {
             }
             Err(e @ BlobError::Incomplete { .. }) => return Err(e),
             Err(e) => {
-                // A concurrent commit of the same session may have promoted the blob
-                // and removed the segments under us.
+                // A concurrent commit of the same session may have stored the blob
+                // and removed the session's files under us.
                 if self.head(final_key).await?.is_some() {
-                    tracing::debug!(%upload_id, error = %e, "upload promoted concurrently");
+                    tracing::debug!(%upload_id, error = %e, "upload committed concurrently");
                     true
                 } else {
                     return Err(e);
                 }
             }
         };
-        self.finish_session(upload_id, rec).await;
+        self.finish_session(upload_id, rec, false).await;
         tracing::info!(%upload_id, digest = %rec.digest, size = rec.size, deduplicated, "upload committed");
         Ok(deduplicated)
+    }
+
+    /// Commits a session's multipart upload: the recorded parts must chain from 0 to the
+    /// size (a tail left at the end is put as the last part) and their last hash state
+    /// must be the declared digest; then the upload is completed with exactly those
+    /// parts. Returns whether the blob was deduplicated (a concurrent completion).
+    async fn commit_parts(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        upload: &Upload,
+    ) -> Result<bool, BlobError> {
+        let mut chain = self.full_chain(upload_id, rec, Some(upload)).await?;
+        let actual = chain.hasher.clone().finish();
+        if actual != rec.digest {
+            self.delete_session(upload_id, rec).await;
+            return Err(BlobError::DigestMismatch {
+                declared: rec.digest,
+                actual,
+            });
+        }
+        let ids = std::mem::take(&mut chain.ids);
+        let parts = ids.len();
+        match upload
+            .store
+            .complete_multipart(&upload.key, &upload.id, ids)
+            .await
+        {
+            Ok(_) => {
+                self.finish_session(upload_id, rec, false).await;
+                tracing::info!(%upload_id, digest = %rec.digest, size = rec.size, parts, "upload committed");
+                Ok(false)
+            }
+            Err(e) => {
+                // A concurrent commit of this session completed it first (or a retried
+                // completion succeeded before): the blob is there, verified.
+                if self.head(&upload.key).await?.is_some() {
+                    tracing::debug!(%upload_id, error = %e, "upload completed concurrently");
+                    self.finish_session(upload_id, rec, false).await;
+                    return Ok(true);
+                }
+                // The backend refused the recorded parts (another writer replaced one
+                // after it was recorded) or lost the upload: start again.
+                tracing::warn!(%upload_id, error = %e, "cannot complete the multipart upload; deleting the session");
+                self.delete_session(upload_id, rec).await;
+                Err(BlobError::UploadChanged {
+                    upload_id: upload_id.to_owned(),
+                    detail: format!(
+                        "its parts could not be completed ({e}); start the upload again"
+                    ),
+                })
+            }
+        }
+    }
+
+    /// The chain of a session's parts covering exactly its size. A tail at the end is
+    /// hashed too and, with `put_tail`, put and recorded as the last part (otherwise its
+    /// bytes are hashed only, and the chain's ids lack it). Short of the size: Incomplete,
+    /// or UploadChanged when records past the chain show that another writer broke it.
+    async fn full_chain(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        put_tail: Option<&Upload>,
+    ) -> Result<Chain, BlobError> {
+        let PartsScan { mut chain, tail } = self.scan_parts(upload_id).await?;
+        let changed = |detail: String| BlobError::UploadChanged {
+            upload_id: upload_id.to_owned(),
+            detail,
+        };
+        let tail = tail.filter(|len| *len > 0);
+        let held = chain.end.saturating_add(tail.unwrap_or(0));
+        if held < rec.size || chain.end > rec.size {
+            if chain.broken {
+                return Err(changed(format!(
+                    "the recorded parts do not chain past offset {}: another writer of the session sent other bytes; resume from there",
+                    chain.end
+                )));
+            }
+            return Err(BlobError::Incomplete {
+                upload_id: upload_id.to_owned(),
+                committed: held.min(rec.size),
+                size: rec.size,
+            });
+        }
+        if chain.end == rec.size {
+            return Ok(chain);
+        }
+        // A tail ends the blob: at most one part, read back once.
+        let key = self
+            .session_dir(upload_id)
+            .join(parts::tail_name(chain.end));
+        let bytes = match super::retry_read("get", &key, || async {
+            self.store.get(&key).await?.bytes().await
+        })
+        .await
+        {
+            Ok(bytes) => bytes,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(changed(format!(
+                    "the tail at offset {} disappeared",
+                    chain.end
+                )));
+            }
+            Err(e) => return Err(BlobError::storage("get", &key, e)),
+        };
+        let len = bytes.len() as u64;
+        if chain.end + len != rec.size {
+            return Err(changed(format!(
+                "the tail at offset {} holds {len} bytes, expected {}",
+                chain.end,
+                rec.size - chain.end
+            )));
+        }
+        let hasher = hash_parts(vec![bytes.clone()], chain.hasher.clone()).await?;
+        if let Some(upload) = put_tail {
+            let part = upload
+                .store
+                .put_part(&upload.key, &upload.id, chain.ids.len(), bytes.into())
+                .await
+                .map_err(|e| BlobError::storage("put part", &upload.key, e))?;
+            let record = PartRecord {
+                part: chain.ids.len(),
+                content_id: part.content_id.clone(),
+                prev: chain.last_id().map(str::to_owned),
+                state: parts::to_hex(&hasher.to_state()),
+            };
+            let record_key = self
+                .session_dir(upload_id)
+                .join(parts::record_name(chain.end, len));
+            self.put_json(upload_id, &record_key, &record).await?;
+            chain.ids.push(part);
+        }
+        chain.end = rec.size;
+        chain.hasher = hasher;
+        Ok(chain)
+    }
+
+    /// Lists a session's part records and tail, reads the records and follows their chain.
+    async fn scan_parts(&self, upload_id: &str) -> Result<PartsScan, BlobError> {
+        let dir = self.session_dir(upload_id);
+        let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
+            self.store.list(Some(&dir)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| BlobError::storage("list", &dir, e))?;
+        let mut names: Vec<(u64, u64, Path)> = Vec::new();
+        let mut tails: Vec<(u64, u64)> = Vec::new();
+        for meta in &objects {
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if let Some((offset, len)) = parts::parse_record_name(name) {
+                names.push((offset, len, meta.location.clone()));
+            } else if let Some(offset) = parts::parse_tail_name(name) {
+                tails.push((offset, meta.size));
+            }
+        }
+        names.sort_by_key(|(offset, len, _)| (*offset, *len));
+        let records: Vec<(u64, u64, Option<PartRecord>)> = stream::iter(names)
+            .map(|(offset, len, key)| async move {
+                let bytes = super::retry_read("get", &key, || async {
+                    self.store.get(&key).await?.bytes().await
+                })
+                .await;
+                match bytes {
+                    Ok(bytes) => Ok((offset, len, serde_json::from_slice(&bytes).ok())),
+                    // Deleted by a concurrent commit: the chain stops there.
+                    Err(object_store::Error::NotFound { .. }) => Ok((offset, len, None)),
+                    Err(e) => Err(BlobError::storage("get", &key, e)),
+                }
+            })
+            .buffered(RECORD_READS)
+            .try_collect()
+            .await?;
+        let chain = parts::follow(&records);
+        let tail = tails
+            .iter()
+            .find(|(offset, _)| *offset == chain.end)
+            .map(|(_, len)| *len);
+        Ok(PartsScan { chain, tail })
+    }
+
+    /// Puts a small JSON object of a session.
+    async fn put_json<T: Serialize>(
+        &self,
+        upload_id: &str,
+        key: &Path,
+        value: &T,
+    ) -> Result<(), BlobError> {
+        let json = serde_json::to_vec(value).map_err(|source| BlobError::CorruptSession {
+            upload_id: upload_id.to_owned(),
+            source,
+        })?;
+        self.store
+            .put(key, PutPayload::from(json))
+            .await
+            .map_err(|e| BlobError::storage("put", key, e))?;
+        Ok(())
+    }
+
+    /// Aborts a session's multipart upload, if it has one (a missing one is fine).
+    async fn abort_upload(&self, rec: &SessionRecord) {
+        let (Some(store), Some(id)) = (&self.parts, &rec.multipart) else {
+            return;
+        };
+        let key = self.blob_key(&rec.digest);
+        match store.abort_multipart(&key, id).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(multipart = %id, key = %key, error = %e, "cannot abort multipart upload")
+            }
+        }
     }
 
     /// On `file://`, the directory of a session written to one data file (every session
@@ -668,50 +1094,45 @@ impl BlobStore {
             .join(key.as_ref())
     }
 
-    /// Reads a complete session's bytes back and checks they hash to its digest (a
-    /// mismatch deletes the session, as a commit would). Incomplete is FailedPrecondition.
-    async fn prove_session(&self, upload_id: &str, rec: &SessionRecord) -> Result<(), BlobError> {
-        if let Some(dir) = self.data_file_session(upload_id).await? {
-            // The recorded hash state covers exactly the bytes this session received.
-            let (size, digest) = (rec.size, rec.digest);
-            let proved = blocking(move || local::verified(&dir, size, digest))
-                .await?
-                .map_err(|e| e.into_blob(upload_id, digest, size));
-            if let Err(BlobError::DigestMismatch { .. }) = &proved {
-                self.delete_session(upload_id, rec).await;
+    /// Proves a complete session's bytes hash to its digest, from the hash state recorded
+    /// as they were received (a mismatch deletes the session, as a commit would).
+    /// Incomplete is FailedPrecondition.
+    async fn prove_session(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        layout: &Layout,
+    ) -> Result<(), BlobError> {
+        let (size, digest) = (rec.size, rec.digest);
+        let proved = match layout {
+            Layout::Local(dir) => {
+                // The recorded hash state covers exactly the bytes this session received.
+                let dir = dir.clone();
+                blocking(move || local::verified(&dir, size, digest))
+                    .await?
+                    .map_err(|e| e.into_blob(upload_id, digest, size))
             }
-            return proved;
-        }
-        let segments = self.list_segments(upload_id).await?;
-        let committed = contiguous_end(&segments, rec.size);
-        if committed < rec.size {
-            return Err(BlobError::Incomplete {
+            Layout::Parts(_) => {
+                let chain = self.full_chain(upload_id, rec, None).await?;
+                let actual = chain.hasher.finish();
+                if actual == digest {
+                    Ok(())
+                } else {
+                    Err(BlobError::DigestMismatch {
+                        declared: digest,
+                        actual,
+                    })
+                }
+            }
+            Layout::Older => Err(BlobError::UploadChanged {
                 upload_id: upload_id.to_owned(),
-                committed,
-                size: rec.size,
-            });
-        }
-        let plan: Vec<(Path, Range<u64>)> = read_plan(upload_id, &segments, rec.size)?
-            .into_iter()
-            .map(|(offset, range)| (self.segment_key(upload_id, offset), range))
-            .collect();
-        let mut pieces = stream::iter(plan)
-            .map(|(key, range)| async move { self.fetch(upload_id, &key, range).await })
-            .buffered(COMMIT_PREFETCH);
-        let mut hasher = Hasher::new();
-        while let Some(piece) = pieces.next().await {
-            hasher = hash_parts(vec![piece?], hasher).await?;
-        }
-        check_received(upload_id, hasher.len(), rec.size)?;
-        let actual = hasher.finish();
-        if actual != rec.digest {
+                detail: OLDER_REGISTRY.to_owned(),
+            }),
+        };
+        if let Err(BlobError::DigestMismatch { .. }) = &proved {
             self.delete_session(upload_id, rec).await;
-            return Err(BlobError::DigestMismatch {
-                declared: rec.digest,
-                actual,
-            });
         }
-        Ok(())
+        proved
     }
 
     /// A session of `owner` (another owner's is NotFound, as if it did not exist).
@@ -729,8 +1150,9 @@ impl BlobStore {
         Ok(rec)
     }
 
-    /// Deletes upload sessions with no activity for `older_than` (and leftover staging
-    /// objects and index entries as old). Returns how many sessions were deleted.
+    /// Deletes upload sessions with no activity for `older_than` (aborting their multipart
+    /// uploads), and leftover staging objects of older registries and index entries as
+    /// old. Returns how many sessions were deleted.
     pub async fn expire_uploads(&self, older_than: Duration) -> Result<usize, BlobError> {
         let now = SystemTime::now();
         let is_old = |meta: &ObjectMeta| {
@@ -756,17 +1178,23 @@ impl BlobStore {
             if !objects.iter().all(is_old) {
                 continue;
             }
+            let upload_id = dir.filename().unwrap_or_default().to_owned();
+            if check_upload_id(&upload_id).is_ok() {
+                match self.load_session(&upload_id).await {
+                    Ok(rec) if !rec.complete => self.abort_upload(&rec).await,
+                    Ok(_)
+                    | Err(BlobError::UploadNotFound { .. } | BlobError::CorruptSession { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             self.delete_many(objects.into_iter().map(|m| m.location).collect())
                 .await?;
-            if let Some(upload_id) = dir.filename() {
-                self.hashers().remove(upload_id);
-                tracing::info!(%upload_id, "expired upload session");
-            }
+            tracing::info!(%upload_id, "expired upload session");
             expired += 1;
         }
 
-        // Staging objects live only during a commit: any as old as ORPHAN_AGE (or the
-        // session TTL, if shorter) was left by a commit that died.
+        // Staging objects lived only during a commit of an older registry: any as old as
+        // ORPHAN_AGE (or the session TTL, if shorter) was left by a commit that died.
         let orphan_age = older_than.min(ORPHAN_AGE);
         let staging = self.prefix.clone().join("staging");
         let leftovers: Vec<ObjectMeta> = self
@@ -875,189 +1303,32 @@ impl BlobStore {
         .map_err(|source| BlobError::Task { source })
     }
 
-    /// A blob of at most one segment: read it into memory, verify, put create-only.
-    async fn commit_small(
-        &self,
-        upload_id: &str,
-        rec: &SessionRecord,
-        plan: &[(Path, Range<u64>)],
-        final_key: &Path,
-    ) -> Result<bool, BlobError> {
-        let mut bytes = BytesMut::with_capacity(usize::try_from(rec.size).unwrap_or(0));
-        for (key, range) in plan {
-            bytes.extend_from_slice(&self.fetch(upload_id, key, range.clone()).await?);
+    /// Marks the session committed and removes its other objects and index entry (and,
+    /// with `abort`, its multipart upload: the blob was stored by another). Failures are
+    /// logged, not returned: the blob is stored, and expiry removes leftovers.
+    async fn finish_session(&self, upload_id: &str, rec: &SessionRecord, abort: bool) {
+        if abort {
+            self.abort_upload(rec).await;
         }
-        let bytes = bytes.freeze();
-        check_received(upload_id, bytes.len() as u64, rec.size)?;
-        let actual = hash_parts(vec![bytes.clone()], Hasher::new())
-            .await?
-            .finish();
-        if actual != rec.digest {
-            return Err(BlobError::DigestMismatch {
-                declared: rec.digest,
-                actual,
-            });
-        }
-        self.put_create(final_key, bytes).await
-    }
-
-    /// A larger blob: stream the segments into a multipart upload while hashing them,
-    /// complete it only if the hash matches, then promote it.
-    async fn commit_large(
-        &self,
-        upload_id: &str,
-        rec: &SessionRecord,
-        plan: &[(Path, Range<u64>)],
-        final_key: &Path,
-    ) -> Result<bool, BlobError> {
-        let direct = rec.size > self.max_copy_size;
-        let target = if direct {
-            final_key.clone()
-        } else {
-            let attempt = uuid::Uuid::new_v4().simple().to_string();
-            self.prefix
-                .clone()
-                .join("staging")
-                .join(format!("{upload_id}.{attempt}"))
-        };
-        let upload = self
-            .store
-            .put_multipart(&target)
-            .await
-            .map_err(|e| BlobError::storage("start multipart upload", &target, e))?;
-        let part_size = self
-            .segment_size
-            .max(MIN_PART_SIZE)
-            .max(usize::try_from(rec.size.div_ceil(MAX_PARTS)).unwrap_or(usize::MAX));
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, part_size);
-
-        let streamed: Result<Digest, BlobError> = async {
-            let mut pieces = stream::iter(plan.iter().cloned())
-                .map(|(key, range)| async move { self.fetch(upload_id, &key, range).await })
-                .buffered(COMMIT_PREFETCH);
-            let mut hasher = Hasher::new();
-            while let Some(piece) = pieces.next().await {
-                let piece = piece?;
-                hasher = hash_parts(vec![piece.clone()], hasher).await?;
-                writer
-                    .wait_for_capacity(COMMIT_PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(|e| BlobError::storage("write part", &target, e))?;
-                writer.put(piece);
-            }
-            check_received(upload_id, hasher.len(), rec.size)?;
-            Ok(hasher.finish())
-        }
-        .await;
-
-        let actual = match streamed {
-            Ok(actual) => actual,
-            Err(e) => {
-                abort_quietly(writer, &target).await;
-                return Err(e);
-            }
-        };
-        if actual != rec.digest {
-            abort_quietly(writer, &target).await;
-            return Err(BlobError::DigestMismatch {
-                declared: rec.digest,
-                actual,
-            });
-        }
-        writer
-            .finish()
-            .await
-            .map_err(|e| BlobError::storage("complete multipart upload", &target, e))?;
-        if direct {
-            return Ok(false);
-        }
-        let promoted = self.promote(&target, final_key).await;
-        if let Err(e) = self.delete_quiet(&target).await {
-            tracing::warn!(error = %e, key = %target, "cannot delete staging object");
-        }
-        promoted
-    }
-
-    /// Promotes a verified staging object create-only. Returns whether the blob existed.
-    async fn promote(&self, staging: &Path, final_key: &Path) -> Result<bool, BlobError> {
-        match self.store.copy_if_not_exists(staging, final_key).await {
-            Ok(()) => Ok(false),
-            Err(object_store::Error::AlreadyExists { .. }) => Ok(true),
-            Err(
-                e @ (object_store::Error::NotSupported { .. }
-                | object_store::Error::NotImplemented { .. }),
-            ) => {
-                // Safe without the precondition: the staged bytes are verified and the
-                // key is their digest, so a racing writer copies identical bytes.
-                tracing::debug!(key = %final_key, error = %e, "copy-if-not-exists unsupported, head then copy");
-                if self.head(final_key).await?.is_some() {
-                    return Ok(true);
-                }
-                self.store
-                    .copy(staging, final_key)
-                    .await
-                    .map_err(|e| BlobError::storage("copy", final_key, e))?;
-                Ok(false)
-            }
-            Err(e) => Err(BlobError::storage("copy", final_key, e)),
-        }
-    }
-
-    /// Reads `range` of a segment, checking that it is all there.
-    async fn fetch(
-        &self,
-        upload_id: &str,
-        key: &Path,
-        range: Range<u64>,
-    ) -> Result<Bytes, BlobError> {
-        let want = range.end - range.start;
-        let changed = |detail: String| BlobError::UploadChanged {
-            upload_id: upload_id.to_owned(),
-            detail,
-        };
-        let bytes = match super::retry_read("get", key, || self.store.get_range(key, range.clone()))
-            .await
-        {
-            Ok(bytes) => bytes,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(changed(format!("segment {key} disappeared")));
-            }
-            Err(e) => return Err(BlobError::storage("get", key, e)),
-        };
-        if bytes.len() as u64 != want {
-            return Err(changed(format!(
-                "segment {key} returned {} bytes, expected {want}",
-                bytes.len()
-            )));
-        }
-        Ok(bytes)
-    }
-
-    /// Marks the session committed and removes its segments and index entry. Failures
-    /// are logged, not returned: the blob is promoted, and expiry removes leftovers.
-    async fn finish_session(&self, upload_id: &str, rec: &SessionRecord) {
-        self.hashers().remove(upload_id);
         let done = SessionRecord {
-            digest: rec.digest,
-            size: rec.size,
-            created: rec.created,
             complete: true,
-            owner: rec.owner.clone(),
+            ..rec.clone()
         };
         if let Err(e) = self.write_session(upload_id, &done).await {
             tracing::warn!(%upload_id, error = %e, "cannot mark upload session committed");
         }
-        if let Err(e) = self.delete_segments(upload_id).await {
-            tracing::warn!(%upload_id, error = %e, "cannot delete upload segments");
+        if let Err(e) = self.delete_session_objects(upload_id).await {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload parts");
         }
         self.delete_index_entry(upload_id, rec).await;
     }
 
-    /// Deletes every object of a session (after a digest or size mismatch). Best effort.
+    /// Deletes every object of a session and aborts its multipart upload (after a digest
+    /// or size mismatch, or for a session that cannot continue). Best effort.
     async fn delete_session(&self, upload_id: &str, rec: &SessionRecord) {
-        self.hashers().remove(upload_id);
-        if let Err(e) = self.delete_segments(upload_id).await {
-            tracing::warn!(%upload_id, error = %e, "cannot delete upload segments");
+        self.abort_upload(rec).await;
+        if let Err(e) = self.delete_session_objects(upload_id).await {
+            tracing::warn!(%upload_id, error = %e, "cannot delete upload parts");
         }
         self.delete_index_entry(upload_id, rec).await;
         if let Err(e) = self.delete_quiet(&self.session_key(upload_id)).await {
@@ -1080,9 +1351,9 @@ impl BlobStore {
         }
     }
 
-    /// Deletes a session's bytes: every object of it but its record (segments; on
-    /// `file://` the data file and its hash records).
-    async fn delete_segments(&self, upload_id: &str) -> Result<(), BlobError> {
+    /// Deletes every object of a session but its record (part records and tail; on
+    /// `file://` the data file and its hash records; segments of an older registry).
+    async fn delete_session_objects(&self, upload_id: &str) -> Result<(), BlobError> {
         let dir = self.session_dir(upload_id);
         let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
             self.store.list(Some(&dir)).try_collect::<Vec<_>>()
@@ -1121,39 +1392,30 @@ impl BlobStore {
         }
     }
 
-    async fn committed_offset(&self, upload_id: &str, size: u64) -> Result<u64, BlobError> {
-        if let Some(dir) = self.data_file_session(upload_id).await? {
-            let scan = blocking(move || local::scan(&dir))
-                .await?
-                .map_err(|e| e.into_blob(upload_id, Digest::of(b""), size))?;
-            return Ok(contiguous_end(&scan.records, size));
+    /// Bytes durably received from offset 0: on `file://` the recorded stretches of the
+    /// data file; otherwise the chained parts and the tail after them.
+    async fn committed_offset(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+        layout: &Layout,
+    ) -> Result<u64, BlobError> {
+        match layout {
+            Layout::Local(dir) => {
+                let dir = dir.clone();
+                let scan = blocking(move || local::scan(&dir))
+                    .await?
+                    .map_err(|e| e.into_blob(upload_id, rec.digest, rec.size))?;
+                Ok(contiguous_end(&scan.records, rec.size))
+            }
+            Layout::Parts(_) => {
+                let scan = self.scan_parts(upload_id).await?;
+                let end = scan.chain.end;
+                let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
+                Ok(end + tail.unwrap_or(0))
+            }
+            Layout::Older => Ok(0),
         }
-        Ok(contiguous_end(&self.list_segments(upload_id).await?, size))
-    }
-
-    /// The session's segments, by offset.
-    async fn list_segments(&self, upload_id: &str) -> Result<Vec<Segment>, BlobError> {
-        let dir = self.session_dir(upload_id);
-        let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
-            self.store.list(Some(&dir)).try_collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| BlobError::storage("list", &dir, e))?;
-        let mut segments: Vec<Segment> = objects
-            .iter()
-            .filter_map(|meta| {
-                let name = meta.location.filename()?;
-                if name.len() != 20 || !name.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                Some(Segment {
-                    offset: name.parse().ok()?,
-                    len: meta.size,
-                })
-            })
-            .collect();
-        segments.sort_by_key(|s| s.offset);
-        Ok(segments)
     }
 
     async fn load_session(&self, upload_id: &str) -> Result<SessionRecord, BlobError> {
@@ -1209,33 +1471,12 @@ impl BlobStore {
         self.session_dir(upload_id).join("session.json")
     }
 
-    pub(super) fn segment_key(&self, upload_id: &str, offset: u64) -> Path {
-        self.session_dir(upload_id).join(format!("{offset:020}"))
-    }
-
     pub(super) fn index_key(&self, digest: &Digest, size: u64, owner: Option<&str>) -> Path {
         let name = match owner {
             None => format!("{}.{size}", digest.hex()),
             Some(owner) => format!("{}.{size}.{owner}", digest.hex()),
         };
         self.prefix.clone().join("upload-index").join(name.as_str())
-    }
-}
-
-async fn abort_quietly(writer: WriteMultipart, target: &Path) {
-    if let Err(e) = writer.abort().await {
-        tracing::warn!(error = %e, key = %target, "cannot abort multipart upload");
-    }
-}
-
-fn check_received(upload_id: &str, received: u64, size: u64) -> Result<(), BlobError> {
-    if received == size {
-        Ok(())
-    } else {
-        Err(BlobError::UploadChanged {
-            upload_id: upload_id.to_owned(),
-            detail: format!("read {received} bytes, expected {size}"),
-        })
     }
 }
 
@@ -1273,37 +1514,6 @@ pub(super) fn contiguous_end(segments: &[Segment], size: u64) -> u64 {
         end = end.max(s.offset.saturating_add(s.len));
     }
     end.min(size)
-}
-
-/// Which byte range of which segment (by offset) to read, in order, to get bytes `0..size`.
-fn read_plan(
-    upload_id: &str,
-    segments: &[Segment],
-    size: u64,
-) -> Result<Vec<(u64, Range<u64>)>, BlobError> {
-    let mut plan = Vec::new();
-    let mut pos = 0u64;
-    for s in segments {
-        if pos >= size {
-            break;
-        }
-        let seg_end = s.offset.saturating_add(s.len).min(size);
-        if seg_end <= pos {
-            continue;
-        }
-        if s.offset > pos {
-            break;
-        }
-        plan.push((s.offset, (pos - s.offset)..(seg_end - s.offset)));
-        pos = seg_end;
-    }
-    if pos < size {
-        return Err(BlobError::UploadChanged {
-            upload_id: upload_id.to_owned(),
-            detail: format!("segments cover {pos} of {size} bytes"),
-        });
-    }
-    Ok(plan)
 }
 
 /// Runs blocking filesystem work on the blocking pool.
