@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use object_store::ObjectStore;
 use object_store::memory::InMemory;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
 use patchport_core::Digest;
 use patchport_store::blobs::{
     BlobError, BlobErrorKind, BlobStore, CommitOutcome, MemoryParts, READ_CHUNK_SIZE,
@@ -98,6 +99,29 @@ impl Backend {
             Kind::Url(url) => BlobStore::from_url(url).expect("open blob store"),
         };
         store.with_segment_size(SEGMENT)
+    }
+}
+
+/// A backend's object store, its multipart uploads, and the key prefix of its blob stores.
+type Raw = (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>, Path);
+
+impl Backend {
+    /// What a `BlobStore` of the backend writes to, to reach under it; none for `file://`.
+    fn raw(&self) -> Option<Raw> {
+        match &self.kind {
+            Kind::Memory(objects, parts) => Some((objects.clone(), parts.clone(), Path::default())),
+            Kind::Url(url) => {
+                let rest = url.strip_prefix("s3://")?;
+                let (bucket, prefix) = rest.split_once('/')?;
+                let s3 = Arc::new(
+                    object_store::aws::AmazonS3Builder::from_env()
+                        .with_bucket_name(bucket)
+                        .build()
+                        .expect("s3 client"),
+                );
+                Some((s3.clone(), s3, Path::from(prefix)))
+            }
+        }
     }
 }
 
@@ -811,6 +835,59 @@ async fn a_paused_stream_is_continued_by_a_later_writer(b: &Backend) {
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
 }
 
+/// A part put again with other bytes after it was recorded (a second writer of the session
+/// that died before its record): the records chain and hash to the digest, but the
+/// completion names parts the backend no longer holds, so it is refused (S3 checks each
+/// part's ETag and checksum) and the session is deleted.
+async fn a_part_replaced_after_its_record_is_refused(b: &Backend) {
+    let Some((objects, parts, prefix)) = b.raw() else {
+        return;
+    };
+    let store = b.open();
+    let bytes = data((10 << 20) + 100, 41);
+    let digest = Digest::of(&bytes);
+    let s = session(
+        store
+            .start_upload(digest, bytes.len() as u64)
+            .await
+            .unwrap(),
+    );
+    send(&store, &s.upload_id, &bytes, 0, 1 << 20).await;
+    let record = prefix
+        .clone()
+        .join("uploads")
+        .join(s.upload_id.as_str())
+        .join("session.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&objects.get(&record).await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    let id = record["multipart"]
+        .as_str()
+        .expect("multipart id")
+        .to_owned();
+    let hex = digest.hex();
+    let key = prefix
+        .clone()
+        .join("blobs")
+        .join("sha256")
+        .join(&hex[..2])
+        .join(hex.as_str());
+    parts
+        .put_part(&key, &id, 1, Bytes::from(vec![7u8; 5 << 20]).into())
+        .await
+        .unwrap();
+    let e = assert_kind(
+        store.commit_upload(&s.upload_id).await,
+        BlobErrorKind::FailedPrecondition,
+    );
+    assert!(e.to_string().contains("start the upload again"), "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    assert_kind(
+        store.upload_status(&s.upload_id).await,
+        BlobErrorKind::NotFound,
+    );
+}
+
 async fn multipart_with_several_parts(b: &Backend) {
     // 36 MiB in 4 MiB segments: several 5 MiB parts (the smallest part wins).
     let store = b.open().with_segment_size(4 << 20);
@@ -994,6 +1071,7 @@ conformance!(
     bad_upload_ids_are_refused,
     multipart_upload_resumes_after_restart,
     a_paused_stream_is_continued_by_a_later_writer,
+    a_part_replaced_after_its_record_is_refused,
     multipart_with_several_parts,
     uploads_of_a_stored_blob_need_the_bytes,
     persist_buffered_makes_a_short_segment,
