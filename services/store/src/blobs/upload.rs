@@ -137,9 +137,9 @@ pub(super) struct Segment {
 ///
 /// On `memory://` and `s3://` every full part is put as it fills (hashed while it is
 /// sent) and recorded; a shorter stretch that is not the end of the blob is persisted as
-/// the session's tail by [`persist_buffered`](Self::persist_buffered) and stays in memory
-/// as the start of the next part (a writer opened later loads it). At most one part is
-/// held in memory. On `file://` bytes are persisted in segments, at most two in memory
+/// the session's tail by [`persist_buffered`](Self::persist_buffered), which leaves
+/// nothing in memory: the tail is read back (at most one part) when the next part or
+/// tail needs it, by this writer or one opened later. At most one part is held in memory. On `file://` bytes are persisted in segments, at most two in memory
 /// (one is written and hashed in the background while the next arrives; an error of that
 /// write shows at the next write or flush, with its bytes buffered again). Chunks that
 /// were written but not yet persisted are lost if the writer is dropped without
@@ -152,7 +152,8 @@ pub struct UploadWriter {
     committed: u64,
     buffered: u64,
     /// The bytes not yet in a part or the data file: on `file://` the `buffered` ones; with
-    /// a multipart upload those after the last part (the tail's, then the `buffered` ones).
+    /// a multipart upload those after the last part and the unloaded tail (the tail's, if
+    /// loaded, then the `buffered` ones).
     buffer: VecDeque<Bytes>,
     /// On `file://`: the session directory (its data file takes the bytes) and the hash
     /// state at `committed`.
@@ -176,8 +177,11 @@ struct PartsWriter {
     prev: Option<String>,
     /// The index of the next part.
     next: usize,
-    /// Whether a tail object at `end` may exist (written or loaded by this writer).
+    /// Whether a tail object at `end` may exist (written or seen by this writer).
     tail: bool,
+    /// Bytes of the tail at `end` that are not in the buffer (persisted, and dropped from
+    /// memory); the buffer holds the bytes after them.
+    unloaded: u64,
 }
 
 type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
@@ -253,7 +257,7 @@ impl UploadWriter {
 
     /// Persists what is buffered now (a short segment, or the tail of a multipart upload)
     /// and returns the durable committed offset: call it when the client pauses, so a
-    /// stalled stream's bytes are safe.
+    /// stalled stream holds no data in memory.
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
         if self.parts.is_some() {
             self.put_ready_parts().await?;
@@ -342,6 +346,7 @@ impl UploadWriter {
             if need == 0 || held < need {
                 return Ok(());
             }
+            self.load_tail().await?;
             self.put_part(need).await?;
         }
     }
@@ -418,8 +423,9 @@ impl UploadWriter {
     }
 
     /// Puts every byte after the last part as the session's tail (shorter than a part and
-    /// not the end of the blob); they stay in the buffer for the next part.
+    /// not the end of the blob), then drops them from memory.
     async fn put_tail(&mut self) -> Result<(), BlobError> {
+        self.load_tail().await?;
         let Some(p) = self.parts.as_mut() else {
             return Ok(());
         };
@@ -436,6 +442,47 @@ impl UploadWriter {
         p.tail = true;
         self.committed += self.buffered;
         self.buffered = 0;
+        p.unloaded = self.committed - p.end;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Reads the unloaded tail back into the front of the buffer. A tail that changed
+    /// meanwhile (another writer of the session) is UploadChanged: the client resumes
+    /// from the session's committed offset.
+    async fn load_tail(&mut self) -> Result<(), BlobError> {
+        let Some(p) = self.parts.as_mut() else {
+            return Ok(());
+        };
+        if p.unloaded == 0 {
+            return Ok(());
+        }
+        let key = self
+            .store
+            .session_dir(&self.upload_id)
+            .join(parts::tail_name(p.end));
+        let bytes = match super::retry_read("get", &key, || async {
+            self.store.store.get(&key).await?.bytes().await
+        })
+        .await
+        {
+            Ok(bytes) => bytes,
+            Err(object_store::Error::NotFound { .. }) => Bytes::new(),
+            Err(e) => return Err(BlobError::storage("get", &key, e)),
+        };
+        if bytes.len() as u64 != p.unloaded {
+            return Err(BlobError::UploadChanged {
+                upload_id: self.upload_id.clone(),
+                detail: format!(
+                    "its tail at offset {} holds {} bytes, not the {} persisted; resume from the committed offset",
+                    p.end,
+                    bytes.len(),
+                    p.unloaded
+                ),
+            });
+        }
+        self.buffer.push_front(bytes);
+        p.unloaded = 0;
         Ok(())
     }
 }
@@ -657,32 +704,17 @@ impl BlobStore {
             Layout::Parts(upload) => {
                 let scan = self.scan_parts(upload_id).await?;
                 let end = scan.chain.end;
-                let mut tail = false;
-                if let Some(len) = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size) {
-                    let key = self.session_dir(upload_id).join(parts::tail_name(end));
-                    match super::retry_read("get", &key, || async {
-                        self.store.get(&key).await?.bytes().await
-                    })
-                    .await
-                    {
-                        Ok(bytes) if bytes.len() as u64 == len => {
-                            writer.buffer.push_back(bytes);
-                            tail = true;
-                        }
-                        // Rewritten or covered by another writer since the listing:
-                        // continue from the parts; the client resends the rest.
-                        Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(BlobError::storage("get", &key, e)),
-                    }
-                }
-                writer.committed = end + writer.buffer.iter().map(|b| b.len() as u64).sum::<u64>();
+                // The tail is read when the next part or tail needs it.
+                let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
+                writer.committed = end + tail.unwrap_or(0);
                 writer.parts = Some(PartsWriter {
                     upload,
                     end,
                     prev: scan.chain.last_id().map(str::to_owned),
                     next: scan.chain.ids.len(),
                     hasher: scan.chain.hasher,
-                    tail,
+                    tail: tail.is_some(),
+                    unloaded: tail.unwrap_or(0),
                 });
             }
             Layout::Older => {}
