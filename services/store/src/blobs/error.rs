@@ -16,7 +16,7 @@ pub enum BlobErrorKind {
     /// an incomplete upload, an upload that changed while it was committed).
     FailedPrecondition,
     /// The storage backend failed in a way that may pass (a network or server error, an
-    /// IO error); nothing was promoted, and the request may be retried. The details are
+    /// IO error); no blob was stored, and the request may be retried. The details are
     /// for the log, not for the client.
     Unavailable,
     /// The storage backend failed; the details are for the log, not for the client.

@@ -69,7 +69,7 @@ pub struct CommitOutcome {
     pub digest: Digest,
     /// Its size.
     pub size: u64,
-    /// True when the blob was already stored (another upload promoted it first).
+    /// True when the blob was already stored (another upload stored it first).
     pub deduplicated: bool,
 }
 
@@ -125,8 +125,8 @@ struct PartsScan {
     tail: Option<u64>,
 }
 
-/// A segment of received bytes: `uploads/<id>/<offset>` holding `len` bytes (or, on
-/// `file://`, a record of `len` durable bytes of the data file at `offset`).
+/// A stretch of received bytes: on `file://`, a record of `len` durable bytes of the
+/// data file at `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Segment {
     pub(super) offset: u64,
@@ -139,9 +139,10 @@ pub(super) struct Segment {
 /// sent) and recorded; a shorter stretch that is not the end of the blob is persisted as
 /// the session's tail by [`persist_buffered`](Self::persist_buffered), which leaves
 /// nothing in memory: the tail is read back (at most one part) when the next part or
-/// tail needs it, by this writer or one opened later. At most one part is held in memory. On `file://` bytes are persisted in segments, at most two in memory
-/// (one is written and hashed in the background while the next arrives; an error of that
-/// write shows at the next write or flush, with its bytes buffered again). Chunks that
+/// tail needs it, by this writer or one opened later. At most one part is held in
+/// memory. On `file://` bytes are persisted in segments, at most two in memory (one is
+/// written and hashed in the background while the next arrives; an error of that write
+/// shows at the next write or flush, with its bytes buffered again). Chunks that
 /// were written but not yet persisted are lost if the writer is dropped without
 /// [`UploadWriter::flush`]; the client then resumes from the session's committed offset.
 pub struct UploadWriter {
@@ -1592,6 +1593,43 @@ mod tests {
         assert_eq!(front.concat(), b"abcde");
         let rest: Vec<u8> = buf.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(rest, b"fgh");
+    }
+
+    #[tokio::test]
+    async fn a_paused_writer_holds_no_bytes_and_continues() {
+        let store = BlobStore::from_url("memory://")
+            .unwrap()
+            .with_segment_size(1_000)
+            .with_min_part_size(1_000);
+        let bytes: Vec<u8> = (0..2_500u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = Digest::of(&bytes);
+        let UploadStart::Session(s) = store.start_upload(digest, 2_500).await.unwrap() else {
+            panic!("expected a session");
+        };
+        let mut w = store.upload_writer(&s.upload_id).await.unwrap();
+        let mut at = 0;
+        for piece in [1_300usize, 200, 600, 399] {
+            w.write(at as u64, Bytes::copy_from_slice(&bytes[at..at + piece]))
+                .await
+                .unwrap();
+            at += piece;
+            assert_eq!(w.persist_buffered().await.unwrap(), at as u64);
+            // Nothing waits in memory; the tail is in the store.
+            assert!(w.buffer.is_empty(), "{at}");
+            assert_eq!(w.buffered(), 0);
+        }
+        assert_eq!(
+            w.parts.as_ref().map(|p| (p.end, p.unloaded)),
+            Some((2_000, 499))
+        );
+        // The last byte: the tail is read back and put with it as the last part.
+        w.write(2_499, Bytes::copy_from_slice(&bytes[2_499..]))
+            .await
+            .unwrap();
+        assert_eq!(w.committed(), 2_500);
+        assert_eq!(w.flush().await.unwrap(), 2_500);
+        store.commit_upload(&s.upload_id).await.unwrap();
+        assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
     }
 
     #[test]
