@@ -955,8 +955,9 @@ impl BlobStore {
             upload_id: upload_id.to_owned(),
             detail,
         };
-        let tail = tail.filter(|len| *len > 0);
-        let held = chain.end.saturating_add(tail.unwrap_or(0));
+        let end = chain.end;
+        let tail = tail.filter(|len| *len > 0 && end.saturating_add(*len) <= rec.size);
+        let held = end.saturating_add(tail.unwrap_or(0));
         if held < rec.size || chain.end > rec.size {
             if chain.broken {
                 return Err(changed(format!(
