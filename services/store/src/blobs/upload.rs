@@ -941,8 +941,9 @@ impl BlobStore {
     }
 
     /// The chain of a session's parts covering exactly its size. A tail at the end is
-    /// hashed too and, with `put_tail`, put and recorded as the last part (otherwise its
-    /// bytes are hashed only, and the chain's ids lack it). Short of the size: Incomplete,
+    /// hashed too and, with `put_tail` and when the bytes hash to the declared digest, put
+    /// and recorded as the last part (otherwise its bytes are hashed only, and the chain's
+    /// ids lack it). Short of the size: Incomplete,
     /// or UploadChanged when records past the chain show that another writer broke it.
     async fn full_chain(
         &self,
@@ -1001,7 +1002,9 @@ impl BlobStore {
             )));
         }
         let hasher = hash_parts(vec![bytes.clone()], chain.hasher.clone()).await?;
-        if let Some(upload) = put_tail {
+        // A wrong digest is refused by the caller: no part for it.
+        let matches = hasher.clone().finish() == rec.digest;
+        if let Some(upload) = put_tail.filter(|_| matches) {
             let part = upload
                 .store
                 .put_part(&upload.key, &upload.id, chain.ids.len(), bytes.into())
