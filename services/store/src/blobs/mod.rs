@@ -42,8 +42,8 @@
 //! checksum, which `from_url` enables), so the object is exactly the bytes that were
 //! hashed, and the key appears only at completion. A blob already stored at commit is
 //! dedup (the upload is aborted); the completion itself is not create-only: a racing
-//! completion of the same digest writes identical verified bytes. No byte is read back
-//! (but a tail at commit, at most one part).
+//! completion of the same digest writes identical verified bytes. No byte is read back,
+//! except a paused stream's tail (less than one part) when the upload continues or commits.
 //!
 //! Failures of the backend, and what is retried where:
 //!
@@ -52,10 +52,13 @@
 //!   backoff from [`READ_BACKOFF`], when the error is transient (`object_store`'s
 //!   `Generic`: network, HTTP server and IO failures; its S3 client has already retried
 //!   those requests itself). A read stream resumes from the byte it had reached.
-//! - Writes (parts, records, tails, session puts, completion) are not retried here: the
-//!   request fails with [`BlobErrorKind::Unavailable`] and nothing is completed, and the
-//!   client's resumable upload asks for the committed offset and resends from there
-//!   (a commit is idempotent and can simply be sent again).
+//! - Writes (parts, records, tails, session puts) are not retried here: the request fails
+//!   with [`BlobErrorKind::Unavailable`] and nothing is completed, and the client's
+//!   resumable upload asks for the committed offset and resends from there (a commit is
+//!   idempotent and can simply be sent again). A completion of a multipart upload that
+//!   fails (after the S3 client's own retries) with no blob stored deletes the session
+//!   ([`BlobErrorKind::FailedPrecondition`]): the backend may have refused the parts, so
+//!   the client starts the upload again.
 //! - Anything else (NotFound, PermissionDenied, a precondition) is never retried.
 //!
 //! Must never know: gRPC, the metadata database, tensor formats.
