@@ -342,8 +342,8 @@ impl UploadWriter {
             let Some(p) = &self.parts else {
                 return Ok(());
             };
-            let held = self.committed + self.buffered - p.end;
-            let need = p.upload.part_size.min(self.size - p.end);
+            let held = (self.committed + self.buffered).saturating_sub(p.end);
+            let need = p.upload.part_size.min(self.size.saturating_sub(p.end));
             if need == 0 || held < need {
                 return Ok(());
             }
@@ -703,7 +703,7 @@ impl BlobStore {
                 writer.local = Some((dir, hasher));
             }
             Layout::Parts(upload) => {
-                let scan = self.scan_parts(upload_id).await?;
+                let scan = self.scan_parts(upload_id, rec.size).await?;
                 let end = scan.chain.end;
                 // The tail is read when the next part or tail needs it.
                 let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
@@ -951,7 +951,7 @@ impl BlobStore {
         rec: &SessionRecord,
         put_tail: Option<&Upload>,
     ) -> Result<Chain, BlobError> {
-        let PartsScan { mut chain, tail } = self.scan_parts(upload_id).await?;
+        let PartsScan { mut chain, tail } = self.scan_parts(upload_id, rec.size).await?;
         let changed = |detail: String| BlobError::UploadChanged {
             upload_id: upload_id.to_owned(),
             detail,
@@ -1027,8 +1027,9 @@ impl BlobStore {
         Ok(chain)
     }
 
-    /// Lists a session's part records and tail, reads the records and follows their chain.
-    async fn scan_parts(&self, upload_id: &str) -> Result<PartsScan, BlobError> {
+    /// Lists a session's part records and tail, reads the records and follows their chain
+    /// (records that would end past `size` are not the session's).
+    async fn scan_parts(&self, upload_id: &str, size: u64) -> Result<PartsScan, BlobError> {
         let dir = self.session_dir(upload_id);
         let objects: Vec<ObjectMeta> = super::retry_read("list", &dir, || {
             self.store.list(Some(&dir)).try_collect::<Vec<_>>()
@@ -1042,7 +1043,9 @@ impl BlobStore {
                 continue;
             };
             if let Some((offset, len)) = parts::parse_record_name(name) {
-                names.push((offset, len, meta.location.clone()));
+                if offset.saturating_add(len) <= size {
+                    names.push((offset, len, meta.location.clone()));
+                }
             } else if let Some(offset) = parts::parse_tail_name(name) {
                 tails.push((offset, meta.size));
             }
@@ -1446,7 +1449,7 @@ impl BlobStore {
                 Ok(contiguous_end(&scan.records, rec.size))
             }
             Layout::Parts(_) => {
-                let scan = self.scan_parts(upload_id).await?;
+                let scan = self.scan_parts(upload_id, rec.size).await?;
                 let end = scan.chain.end;
                 let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
                 Ok(end + tail.unwrap_or(0))
