@@ -125,6 +125,31 @@ impl Backend {
     }
 }
 
+/// The multipart upload id of a session and the blob key it completes to.
+async fn multipart_of(raw: &Raw, upload_id: &str, digest: &Digest) -> (String, Path) {
+    let (objects, _, prefix) = raw;
+    let record = prefix
+        .clone()
+        .join("uploads")
+        .join(upload_id)
+        .join("session.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&objects.get(&record).await.unwrap().bytes().await.unwrap())
+            .unwrap();
+    let id = record["multipart"]
+        .as_str()
+        .expect("multipart id")
+        .to_owned();
+    let hex = digest.hex();
+    let key = prefix
+        .clone()
+        .join("blobs")
+        .join("sha256")
+        .join(&hex[..2])
+        .join(hex.as_str());
+    (id, key)
+}
+
 fn env(key: &str) -> Option<String> {
     std::env::var(key).ok().filter(|v| !v.is_empty())
 }
@@ -707,11 +732,24 @@ async fn expire_removes_abandoned_uploads(b: &Backend) {
         70_000
     );
 
+    let upload = match b.raw() {
+        Some(raw) => Some((multipart_of(&raw, &s.upload_id, &digest).await, raw.1)),
+        None => None,
+    };
     assert!(store.expire_uploads(Duration::ZERO).await.unwrap() >= 1);
     assert_kind(
         store.upload_status(&s.upload_id).await,
         BlobErrorKind::NotFound,
     );
+    // Its multipart upload was aborted: it can no longer complete (S3 answers
+    // NoSuchUpload; moto an internal error).
+    if let Some(((id, key), parts)) = upload {
+        parts
+            .complete_multipart(&key, &id, vec![])
+            .await
+            .expect_err("an expired session's upload is aborted");
+        assert!(!store.contains(&digest).await.unwrap());
+    }
     // The next attempt gets a fresh session and succeeds.
     let fresh = session(
         store
@@ -840,7 +878,7 @@ async fn a_paused_stream_is_continued_by_a_later_writer(b: &Backend) {
 /// completion names parts the backend no longer holds, so it is refused (S3 checks each
 /// part's ETag and checksum) and the session is deleted.
 async fn a_part_replaced_after_its_record_is_refused(b: &Backend) {
-    let Some((objects, parts, prefix)) = b.raw() else {
+    let Some(raw) = b.raw() else {
         return;
     };
     let store = b.open();
@@ -853,26 +891,8 @@ async fn a_part_replaced_after_its_record_is_refused(b: &Backend) {
             .unwrap(),
     );
     send(&store, &s.upload_id, &bytes, 0, 1 << 20).await;
-    let record = prefix
-        .clone()
-        .join("uploads")
-        .join(s.upload_id.as_str())
-        .join("session.json");
-    let record: serde_json::Value =
-        serde_json::from_slice(&objects.get(&record).await.unwrap().bytes().await.unwrap())
-            .unwrap();
-    let id = record["multipart"]
-        .as_str()
-        .expect("multipart id")
-        .to_owned();
-    let hex = digest.hex();
-    let key = prefix
-        .clone()
-        .join("blobs")
-        .join("sha256")
-        .join(&hex[..2])
-        .join(hex.as_str());
-    parts
+    let (id, key) = multipart_of(&raw, &s.upload_id, &digest).await;
+    raw.1
         .put_part(&key, &id, 1, Bytes::from(vec![7u8; 5 << 20]).into())
         .await
         .unwrap();
