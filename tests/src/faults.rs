@@ -10,19 +10,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
-    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
+    ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
+use patchport_store::blobs::MemoryParts;
 
 /// An operation of the wrapped store that can be made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
-    /// `put` / `put_opts` (segments, session records, small blobs).
+    /// `put` / `put_opts` (session and part records, upload tails, small blobs).
     Put,
-    /// Starting a multipart upload (staging of large blobs).
+    /// Starting a multipart upload (an upload session's start).
     PutMultipart,
+    /// Putting a part of a multipart upload (the bytes of an upload).
+    PutPart,
+    /// Completing a multipart upload (an upload's commit).
+    CompleteMultipart,
     /// `head`.
     Head,
     /// A whole-object `get`.
@@ -31,7 +37,7 @@ pub enum Op {
     GetRange,
     /// The body of a `get` breaks off after its first chunk.
     ReadBody,
-    /// `copy` / `copy_if_not_exists` (promotion of staged blobs).
+    /// `copy` / `copy_if_not_exists`.
     Copy,
     /// `list` and `list_with_delimiter`.
     List,
@@ -124,10 +130,12 @@ fn injected(op: Op, key: &str) -> object_store::Error {
     }
 }
 
-/// Wraps a store; every operation first asks its [`Faults`].
+/// Wraps a store; every operation first asks its [`Faults`]. Multipart uploads are kept
+/// in memory with S3's checks ([`MemoryParts`]) and completed into the wrapped store.
 #[derive(Debug)]
 pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
+    parts: MemoryParts,
     faults: Arc<Faults>,
 }
 
@@ -137,11 +145,46 @@ impl FaultyStore {
         let faults = Arc::new(Faults::default());
         (
             Self {
+                parts: MemoryParts::new(inner.clone()),
                 inner,
                 faults: faults.clone(),
             },
             faults,
         )
+    }
+}
+
+#[async_trait::async_trait]
+impl MultipartStore for FaultyStore {
+    async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+        self.faults.check(Op::PutMultipart, path)?;
+        self.parts.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> object_store::Result<PartId> {
+        self.faults.check(Op::PutPart, path)?;
+        self.parts.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+    ) -> object_store::Result<PutResult> {
+        self.faults.check(Op::CompleteMultipart, path)?;
+        self.parts.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+        self.faults.check(Op::Delete, path)?;
+        self.parts.abort_multipart(path, id).await
     }
 }
 
@@ -271,15 +314,20 @@ impl ObjectStore for FaultyStore {
     }
 }
 
-/// A registry over a fault-injecting store on local files. Segments of 64 KiB, so the
-/// fixture's model file (517 KiB) takes the large-blob path (staging, multipart, copy).
+/// A registry over a fault-injecting store on local files, uploads as multipart uploads
+/// (as on S3) of 64 KiB parts, so the fixture's model file (517 KiB) is several parts.
 pub async fn faulty_registry() -> (crate::TestRegistry, Arc<Faults>, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let local = object_store::local::LocalFileSystem::new_with_prefix(files.path()).unwrap();
     let (faulty, faults) = FaultyStore::new(Arc::new(local));
-    let store: Arc<dyn ObjectStore> = Arc::new(faulty);
-    let blobs = patchport_store::blobs::BlobStore::new(store, object_store::path::Path::default())
-        .with_segment_size(64 << 10);
+    let faulty = Arc::new(faulty);
+    let blobs = patchport_store::blobs::BlobStore::new_multipart(
+        faulty.clone(),
+        faulty,
+        object_store::path::Path::default(),
+    )
+    .with_segment_size(64 << 10)
+    .with_min_part_size(64 << 10);
     let reg = crate::TestRegistry::start_with_blobs(crate::Backend::Embedded, blobs)
         .await
         .unwrap();

@@ -108,7 +108,14 @@ async fn pull_matches(client: &Client, reference: &str, dir: &Path) -> Result<()
 async fn a_broken_blob_store_fails_pushes_cleanly_and_leaves_nothing_half_stored() {
     let model = digest_of(&v1_dir().join("model.safetensors"));
     // Each write path of a push, broken until further notice.
-    for op in [Op::Put, Op::PutMultipart, Op::Copy, Op::List, Op::Head] {
+    for op in [
+        Op::Put,
+        Op::PutMultipart,
+        Op::PutPart,
+        Op::CompleteMultipart,
+        Op::List,
+        Op::Head,
+    ] {
         let (reg, faults, files) = faulty_registry().await;
         let client = reg.client().await.unwrap();
         faults.fail_always(op);
@@ -143,11 +150,11 @@ async fn a_broken_blob_store_fails_pushes_cleanly_and_leaves_nothing_half_stored
 }
 
 #[tokio::test]
-async fn a_segment_write_that_fails_once_is_resent_by_the_resumable_upload() {
+async fn a_part_write_that_fails_once_is_resent_by_the_resumable_upload() {
     let (reg, faults, files) = faulty_registry().await;
     let client = reg.client().await.unwrap();
-    // One put of an upload segment (`uploads/<id>/<20-digit offset>`) fails.
-    faults.fail_matching(Op::Put, "/0000000", Some(1));
+    // One part of an upload fails.
+    faults.fail(Op::PutPart, 1);
     let out = client
         .push_dir(&v1_dir(), &base("acme/llama", "v1", None), &NoProgress)
         .await
