@@ -876,7 +876,8 @@ async fn a_paused_stream_is_continued_by_a_later_writer(b: &Backend) {
 /// A part put again with other bytes after it was recorded (a second writer of the session
 /// that died before its record): the records chain and hash to the digest, but the
 /// completion names parts the backend no longer holds, so it is refused (S3 checks each
-/// part's ETag and checksum) and the session is deleted.
+/// part's ETag and checksum): Unavailable the first time (a refusal and an outage look
+/// the same), and the session is deleted when it is refused again.
 async fn a_part_replaced_after_its_record_is_refused(b: &Backend) {
     let Some(raw) = b.raw() else {
         return;
@@ -896,6 +897,15 @@ async fn a_part_replaced_after_its_record_is_refused(b: &Backend) {
         .put_part(&key, &id, 1, Bytes::from(vec![7u8; 5 << 20]).into())
         .await
         .unwrap();
+    assert_kind(
+        store.commit_upload(&s.upload_id).await,
+        BlobErrorKind::Unavailable,
+    );
+    assert!(!store.contains(&digest).await.unwrap());
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        bytes.len() as u64
+    );
     let e = assert_kind(
         store.commit_upload(&s.upload_id).await,
         BlobErrorKind::FailedPrecondition,

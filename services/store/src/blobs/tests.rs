@@ -242,10 +242,19 @@ async fn a_part_replaced_after_its_record_is_never_completed() {
         .put_part(&key, &id, 1, Bytes::from(vec![0u8; 1_000]).into())
         .await
         .unwrap();
+    // A first refusal cannot be told from an outage: the session stays, for a commit
+    // sent again.
+    let e = store.commit_upload(&s.upload_id).await.unwrap_err();
+    assert_eq!(e.kind(), BlobErrorKind::Unavailable, "{e}");
+    assert!(!store.contains(&digest).await.unwrap());
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        3_000
+    );
+    // Refused again: the session is gone, the client starts again.
     let e = store.commit_upload(&s.upload_id).await.unwrap_err();
     assert!(matches!(e, BlobError::UploadChanged { .. }), "{e}");
     assert!(!store.contains(&digest).await.unwrap());
-    // The session is gone: the client starts again.
     assert_eq!(
         store.upload_status(&s.upload_id).await.unwrap_err().kind(),
         BlobErrorKind::NotFound

@@ -96,6 +96,10 @@ struct SessionRecord {
     /// The size of every part but the last (with `multipart`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     part_size: Option<u64>,
+    /// Set when completing the multipart upload failed once: the next failure deletes
+    /// the session (see `commit_parts`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    completion_failed: bool,
 }
 
 /// How a session's bytes are kept.
@@ -585,6 +589,7 @@ impl BlobStore {
             owner: owner.map(str::to_owned),
             multipart: None,
             part_size: None,
+            completion_failed: false,
         };
         if self.local_root.is_none() {
             let store = self.multipart_store()?;
@@ -927,8 +932,27 @@ impl BlobStore {
                     return Ok(true);
                 }
                 // The backend refused the recorded parts (another writer replaced one
-                // after it was recorded) or lost the upload: start again.
-                tracing::warn!(%upload_id, error = %e, "cannot complete the multipart upload; deleting the session");
+                // after it was recorded), lost the upload, or was briefly unavailable: the
+                // two cannot be told apart (both are `Generic`). A first failure keeps
+                // the session, so a commit sent again after an outage completes it; a
+                // second one means the parts will not complete: start again.
+                let lost = matches!(e, object_store::Error::NotFound { .. });
+                if !rec.completion_failed && !lost {
+                    tracing::warn!(%upload_id, error = %e, "cannot complete the multipart upload; the next failure deletes the session");
+                    let again = SessionRecord {
+                        completion_failed: true,
+                        ..rec.clone()
+                    };
+                    if let Err(w) = self.write_session(upload_id, &again).await {
+                        tracing::warn!(%upload_id, error = %w, "cannot record the failed completion");
+                    }
+                    return Err(BlobError::storage(
+                        "complete multipart upload",
+                        &upload.key,
+                        e,
+                    ));
+                }
+                tracing::warn!(%upload_id, error = %e, "cannot complete the multipart upload again; deleting the session");
                 self.delete_session(upload_id, rec).await;
                 Err(BlobError::UploadChanged {
                     upload_id: upload_id.to_owned(),
