@@ -1,7 +1,8 @@
 //! Times the fused merge kernel on one 4096×4096 weight at rank 16 (f32, bf16, f16), with
 //! a gemm anchor in the same run: the `gemm` crate (candle's matmul backend) doing
 //! `W ← W + s·B·A` in place in f32, the same memory traffic with f32 accumulation and
-//! no diagnostics (the kernel accumulates in f64, rounds once and sums the diagnostics).
+//! no diagnostics (the kernel accumulates in f64, rounds once and sums the diagnostics),
+//! and the memory floor: `w ← w + 1` over the same bytes, what touching them costs.
 //! A measurement, not a test:
 //! `cargo run --release -p patchport-engine --example kernel_speed [f32|bf16|f16|all] [REPS]`.
 //!
@@ -62,6 +63,21 @@ fn gemm_anchor(w: &mut [f32], b: &[f32], a: &[f32], n: usize, rank: usize, s: f3
     }
 }
 
+/// The memory floor: `w ← w + 1` over the same bytes in place, split in row blocks over
+/// `threads` (no arithmetic to speak of: what reading and writing the weight costs).
+fn memory_floor(w: &mut [f32], threads: usize) {
+    let block = w.len().div_ceil(threads.max(1));
+    std::thread::scope(|s| {
+        for part in w.chunks_mut(block) {
+            s.spawn(move || {
+                for x in part.iter_mut() {
+                    *x += 1.0;
+                }
+            });
+        }
+    });
+}
+
 fn main() {
     let (n, rank) = (4096usize, 16usize);
     let a: Vec<f64> = (0..rank * n)
@@ -102,6 +118,11 @@ fn main() {
             });
             println!(
                 "anchor gemm F32 (f32 accumulation, no diagnostics): {n}x{n} rank {rank}: best {best:.2} ms, median {median:.2} ms of {reps} ({threads} threads)"
+            );
+            let (best, median) = time(reps, || memory_floor(&mut w, threads));
+            println!(
+                "memory floor F32 (w += 1 in place, the same bytes): best {best:.2} ms, median {median:.2} ms of {reps} ({threads} threads, {:.2} GB/s read + written)",
+                2.0 * (n * n * 4) as f64 / best / 1e6
             );
         }
     }
