@@ -2,7 +2,9 @@
 //! a gemm anchor in the same run: the `gemm` crate (candle's matmul backend) doing
 //! `W ← W + s·B·A` in place in f32, the same memory traffic with f32 accumulation and
 //! no diagnostics (the kernel accumulates in f64, rounds once and sums the diagnostics),
-//! and the memory floor: `w ← w + 1` over the same bytes, what touching them costs.
+//! and the touch floor: `w ← w + 1` over the same bytes, what reading and writing them
+//! costs when repeated as the kernel's runs are (64 MiB may stay in a large L3 cache, so
+//! this is not DRAM bandwidth).
 //! A measurement, not a test:
 //! `cargo run --release -p patchport-engine --example kernel_speed [f32|bf16|f16|all] [REPS]`.
 //!
@@ -63,7 +65,7 @@ fn gemm_anchor(w: &mut [f32], b: &[f32], a: &[f32], n: usize, rank: usize, s: f3
     }
 }
 
-/// The memory floor: `w ← w + 1` over the same bytes in place, split in row blocks over
+/// The touch floor: `w ← w + 1` over the same bytes in place, split in row blocks over
 /// `threads` (no arithmetic to speak of: what reading and writing the weight costs).
 fn memory_floor(w: &mut [f32], threads: usize) {
     let block = w.len().div_ceil(threads.max(1));
@@ -121,7 +123,7 @@ fn main() {
             );
             let (best, median) = time(reps, || memory_floor(&mut w, threads));
             println!(
-                "memory floor F32 (w += 1 in place, the same bytes): best {best:.2} ms, median {median:.2} ms of {reps} ({threads} threads, {:.2} GB/s read + written)",
+                "touch floor F32 (w += 1 in place, the same bytes, cache-resident where they fit): best {best:.2} ms, median {median:.2} ms of {reps} ({threads} threads, {:.2} GB/s read + written)",
                 2.0 * (n * n * 4) as f64 / best / 1e6
             );
         }
