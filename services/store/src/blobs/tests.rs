@@ -28,6 +28,14 @@ struct Memory {
 }
 
 impl Memory {
+    /// The id of a session's multipart upload, from its `session.json`.
+    async fn multipart_id(&self, upload_id: &str) -> String {
+        let key = Path::from(format!("pfx/uploads/{upload_id}/session.json"));
+        let json = self.raw.get(&key).await.unwrap().bytes().await.unwrap();
+        let session: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        session["multipart"].as_str().unwrap().to_owned()
+    }
+
     fn restart(&self) -> BlobStore {
         BlobStore::new_multipart(self.raw.clone(), self.parts.clone(), Path::from("pfx"))
             .with_segment_size(1_000)
@@ -223,20 +231,7 @@ async fn a_part_replaced_after_its_record_is_never_completed() {
     let digest = Digest::of(&bytes);
     let s = open_session(&store, digest, 3_000).await;
     send_all(&store, &s.upload_id, &bytes, 1_000).await;
-    let session: serde_json::Value = serde_json::from_slice(
-        &mem.raw
-            .get(&Path::from(format!(
-                "pfx/uploads/{}/session.json",
-                s.upload_id
-            )))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let id = session["multipart"].as_str().unwrap().to_owned();
+    let id = mem.multipart_id(&s.upload_id).await;
     let key = store.blob_key(&digest);
     mem.parts
         .put_part(&key, &id, 1, Bytes::from(vec![0u8; 1_000]).into())
@@ -328,20 +323,7 @@ async fn expiry_aborts_the_multipart_upload() {
     let digest = Digest::of(&bytes);
     let s = open_session(&store, digest, 2_500).await;
     send_all(&store, &s.upload_id, &bytes[..1_500], 500).await;
-    let session: serde_json::Value = serde_json::from_slice(
-        &mem.raw
-            .get(&Path::from(format!(
-                "pfx/uploads/{}/session.json",
-                s.upload_id
-            )))
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
-    let id = session["multipart"].as_str().unwrap().to_owned();
+    let id = mem.multipart_id(&s.upload_id).await;
     assert_eq!(mem.parts.open_uploads(), 1);
     assert_eq!(
         store
