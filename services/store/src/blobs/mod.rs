@@ -56,9 +56,11 @@
 //!   with [`BlobErrorKind::Unavailable`] and nothing is completed, and the client's
 //!   resumable upload asks for the committed offset and resends from there (a commit is
 //!   idempotent and can simply be sent again). A completion of a multipart upload that
-//!   fails (after the S3 client's own retries) with no blob stored deletes the session
-//!   ([`BlobErrorKind::FailedPrecondition`]): the backend may have refused the parts, so
-//!   the client starts the upload again.
+//!   fails (after the S3 client's own retries) with no blob stored is Unavailable the
+//!   first time, the session kept so that the commit sent again completes it; a second
+//!   failure, or an upload the backend lost, deletes the session
+//!   ([`BlobErrorKind::FailedPrecondition`]): the backend refused the parts, so the client
+//!   starts the upload again.
 //! - Anything else (NotFound, PermissionDenied, a precondition) is never retried.
 //!
 //! Must never know: gRPC, the metadata database, tensor formats.

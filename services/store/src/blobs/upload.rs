@@ -108,8 +108,6 @@ enum Layout {
     Local(std::path::PathBuf),
     /// A multipart upload to the blob's key.
     Parts(Upload),
-    /// Segment objects of an older registry: not continued.
-    Older,
 }
 
 /// A session's multipart upload.
@@ -127,6 +125,15 @@ struct PartsScan {
     chain: Chain,
     /// The length of the tail at the chain's end, if there is one.
     tail: Option<u64>,
+}
+
+impl PartsScan {
+    /// The tail's length when it ends within the declared `size` (one that would end past
+    /// it is not counted).
+    fn tail_within(&self, size: u64) -> Option<u64> {
+        self.tail
+            .filter(|len| self.chain.end.saturating_add(*len) <= size)
+    }
 }
 
 /// A stretch of received bytes: on `file://`, a record of `len` durable bytes of the
@@ -462,19 +469,11 @@ impl UploadWriter {
         if p.unloaded == 0 {
             return Ok(());
         }
-        let key = self
+        let bytes = self
             .store
-            .session_dir(&self.upload_id)
-            .join(parts::tail_name(p.end));
-        let bytes = match super::retry_read("get", &key, || async {
-            self.store.store.get(&key).await?.bytes().await
-        })
-        .await
-        {
-            Ok(bytes) => bytes,
-            Err(object_store::Error::NotFound { .. }) => Bytes::new(),
-            Err(e) => return Err(BlobError::storage("get", &key, e)),
-        };
+            .read_tail(&self.upload_id, p.end)
+            .await?
+            .unwrap_or_default();
         if bytes.len() as u64 != p.unloaded {
             return Err(BlobError::UploadChanged {
                 upload_id: self.upload_id.clone(),
@@ -489,6 +488,16 @@ impl UploadWriter {
         self.buffer.push_front(bytes);
         p.unloaded = 0;
         Ok(())
+    }
+}
+
+/// Whether a chain of parts hashes to `declared` (DigestMismatch if not).
+fn chain_matches(chain: &Chain, declared: Digest) -> Result<(), BlobError> {
+    let actual = chain.hasher.clone().finish();
+    if actual == declared {
+        Ok(())
+    } else {
+        Err(BlobError::DigestMismatch { declared, actual })
     }
 }
 
@@ -559,11 +568,7 @@ impl BlobStore {
                         && rec.size == size
                         && rec.owner.as_deref() == owner =>
                 {
-                    let layout = self.layout(&upload_id, &rec).await?;
-                    if let Layout::Older = layout {
-                        tracing::info!(%upload_id, %digest, "not resuming a session of an older registry");
-                        self.delete_session(&upload_id, &rec).await;
-                    } else {
+                    if let Some(layout) = self.layout(&upload_id, &rec).await? {
                         let committed = self.committed_offset(&upload_id, &rec, &layout).await?;
                         tracing::debug!(%upload_id, %digest, committed, "resuming upload session");
                         return Ok(UploadStart::Session(UploadSession {
@@ -573,6 +578,8 @@ impl BlobStore {
                             committed,
                         }));
                     }
+                    tracing::info!(%upload_id, %digest, "not resuming a session of an older registry");
+                    self.delete_session(&upload_id, &rec).await;
                 }
                 Ok(_)
                 | Err(BlobError::UploadNotFound { .. } | BlobError::CorruptSession { .. }) => {}
@@ -651,8 +658,7 @@ impl BlobStore {
         let committed = if rec.complete {
             rec.size
         } else {
-            let layout = self.layout(upload_id, &rec).await?;
-            self.refuse_older(upload_id, &rec, &layout).await?;
+            let layout = self.live_layout(upload_id, &rec).await?;
             self.committed_offset(upload_id, &rec, &layout).await?
         };
         Ok(UploadSession {
@@ -693,9 +699,7 @@ impl BlobStore {
             // Nothing more to write: every chunk is refused as past the size.
             return Ok(writer);
         }
-        let layout = self.layout(upload_id, &rec).await?;
-        self.refuse_older(upload_id, &rec, &layout).await?;
-        match layout {
+        match self.live_layout(upload_id, &rec).await? {
             Layout::Local(dir) => {
                 let (size, digest) = (rec.size, rec.digest);
                 let (committed, hasher) = blocking({
@@ -711,7 +715,7 @@ impl BlobStore {
                 let scan = self.scan_parts(upload_id, rec.size).await?;
                 let end = scan.chain.end;
                 // The tail is read when the next part or tail needs it.
-                let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
+                let tail = scan.tail_within(rec.size);
                 writer.committed = end + tail.unwrap_or(0);
                 writer.parts = Some(PartsWriter {
                     upload,
@@ -723,23 +727,24 @@ impl BlobStore {
                     unloaded: tail.unwrap_or(0),
                 });
             }
-            Layout::Older => {}
         }
         Ok(writer)
     }
 
-    /// How a session's bytes are kept.
-    async fn layout(&self, upload_id: &str, rec: &SessionRecord) -> Result<Layout, BlobError> {
+    /// How a session's bytes are kept; `None` for a session an older registry started
+    /// (segment objects), which is not continued.
+    async fn layout(
+        &self,
+        upload_id: &str,
+        rec: &SessionRecord,
+    ) -> Result<Option<Layout>, BlobError> {
         if self.local_root.is_some() {
-            return Ok(match self.data_file_session(upload_id).await? {
-                Some(dir) => Layout::Local(dir),
-                None => Layout::Older,
-            });
+            return Ok(self.data_file_session(upload_id).await?.map(Layout::Local));
         }
         let Some(id) = rec.multipart.clone() else {
-            return Ok(Layout::Older);
+            return Ok(None);
         };
-        Ok(Layout::Parts(Upload {
+        Ok(Some(Layout::Parts(Upload {
             store: self.multipart_store()?,
             id,
             key: self.blob_key(&rec.digest),
@@ -747,24 +752,22 @@ impl BlobStore {
                 .part_size
                 .filter(|n| *n > 0)
                 .unwrap_or_else(|| self.part_size(rec.size)),
-        }))
+        })))
     }
 
-    /// A session of an older registry is deleted and answered UploadChanged.
-    async fn refuse_older(
-        &self,
-        upload_id: &str,
-        rec: &SessionRecord,
-        layout: &Layout,
-    ) -> Result<(), BlobError> {
-        if let Layout::Older = layout {
-            self.delete_session(upload_id, rec).await;
-            return Err(BlobError::UploadChanged {
-                upload_id: upload_id.to_owned(),
-                detail: OLDER_REGISTRY.to_owned(),
-            });
+    /// The layout of a session that is continued: one an older registry started is
+    /// deleted and answered UploadChanged.
+    async fn live_layout(&self, upload_id: &str, rec: &SessionRecord) -> Result<Layout, BlobError> {
+        match self.layout(upload_id, rec).await? {
+            Some(layout) => Ok(layout),
+            None => {
+                self.delete_session(upload_id, rec).await;
+                Err(BlobError::UploadChanged {
+                    upload_id: upload_id.to_owned(),
+                    detail: OLDER_REGISTRY.to_owned(),
+                })
+            }
         }
-        Ok(())
     }
 
     /// Verifies the session's bytes against the declared digest and size and stores them
@@ -819,8 +822,7 @@ impl BlobStore {
             };
         }
 
-        let layout = self.layout(upload_id, &rec).await?;
-        self.refuse_older(upload_id, &rec, &layout).await?;
+        let layout = self.live_layout(upload_id, &rec).await?;
 
         if let Some(existing) = self.head(&final_key).await? {
             if must_prove {
@@ -852,10 +854,6 @@ impl BlobStore {
                 .commit_parts(upload_id, &rec, &upload)
                 .await
                 .map(outcome),
-            Layout::Older => Err(BlobError::UploadChanged {
-                upload_id: upload_id.to_owned(),
-                detail: OLDER_REGISTRY.to_owned(),
-            }),
         }
     }
 
@@ -903,13 +901,9 @@ impl BlobStore {
         upload: &Upload,
     ) -> Result<bool, BlobError> {
         let mut chain = self.full_chain(upload_id, rec, Some(upload)).await?;
-        let actual = chain.hasher.clone().finish();
-        if actual != rec.digest {
+        if let Err(e) = chain_matches(&chain, rec.digest) {
             self.delete_session(upload_id, rec).await;
-            return Err(BlobError::DigestMismatch {
-                declared: rec.digest,
-                actual,
-            });
+            return Err(e);
         }
         let ids = std::mem::take(&mut chain.ids);
         let parts = ids.len();
@@ -975,14 +969,14 @@ impl BlobStore {
         rec: &SessionRecord,
         put_tail: Option<&Upload>,
     ) -> Result<Chain, BlobError> {
-        let PartsScan { mut chain, tail } = self.scan_parts(upload_id, rec.size).await?;
+        let scan = self.scan_parts(upload_id, rec.size).await?;
+        let tail = scan.tail_within(rec.size).filter(|len| *len > 0);
+        let mut chain = scan.chain;
         let changed = |detail: String| BlobError::UploadChanged {
             upload_id: upload_id.to_owned(),
             detail,
         };
-        let end = chain.end;
-        let tail = tail.filter(|len| *len > 0 && end.saturating_add(*len) <= rec.size);
-        let held = end.saturating_add(tail.unwrap_or(0));
+        let held = chain.end.saturating_add(tail.unwrap_or(0));
         if held < rec.size || chain.end > rec.size {
             if chain.broken {
                 return Err(changed(format!(
@@ -1000,22 +994,11 @@ impl BlobStore {
             return Ok(chain);
         }
         // A tail ends the blob: at most one part, read back once.
-        let key = self
-            .session_dir(upload_id)
-            .join(parts::tail_name(chain.end));
-        let bytes = match super::retry_read("get", &key, || async {
-            self.store.get(&key).await?.bytes().await
-        })
-        .await
-        {
-            Ok(bytes) => bytes,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(changed(format!(
-                    "the tail at offset {} disappeared",
-                    chain.end
-                )));
-            }
-            Err(e) => return Err(BlobError::storage("get", &key, e)),
+        let Some(bytes) = self.read_tail(upload_id, chain.end).await? else {
+            return Err(changed(format!(
+                "the tail at offset {} disappeared",
+                chain.end
+            )));
         };
         let len = bytes.len() as u64;
         if chain.end + len != rec.size {
@@ -1049,6 +1032,20 @@ impl BlobStore {
         chain.end = rec.size;
         chain.hasher = hasher;
         Ok(chain)
+    }
+
+    /// The bytes of a session's tail at `offset`; `None` when there is none.
+    async fn read_tail(&self, upload_id: &str, offset: u64) -> Result<Option<Bytes>, BlobError> {
+        let key = self.session_dir(upload_id).join(parts::tail_name(offset));
+        match super::retry_read("get", &key, || async {
+            self.store.get(&key).await?.bytes().await
+        })
+        .await
+        {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(BlobError::storage("get", &key, e)),
+        }
     }
 
     /// Lists a session's part records and tail, reads the records and follows their chain
@@ -1177,21 +1174,8 @@ impl BlobStore {
                     .map_err(|e| e.into_blob(upload_id, digest, size))
             }
             Layout::Parts(_) => {
-                let chain = self.full_chain(upload_id, rec, None).await?;
-                let actual = chain.hasher.finish();
-                if actual == digest {
-                    Ok(())
-                } else {
-                    Err(BlobError::DigestMismatch {
-                        declared: digest,
-                        actual,
-                    })
-                }
+                chain_matches(&self.full_chain(upload_id, rec, None).await?, digest)
             }
-            Layout::Older => Err(BlobError::UploadChanged {
-                upload_id: upload_id.to_owned(),
-                detail: OLDER_REGISTRY.to_owned(),
-            }),
         };
         if let Err(BlobError::DigestMismatch { .. }) = &proved {
             self.delete_session(upload_id, rec).await;
@@ -1474,11 +1458,8 @@ impl BlobStore {
             }
             Layout::Parts(_) => {
                 let scan = self.scan_parts(upload_id, rec.size).await?;
-                let end = scan.chain.end;
-                let tail = scan.tail.filter(|len| end.saturating_add(*len) <= rec.size);
-                Ok(end + tail.unwrap_or(0))
+                Ok(scan.chain.end + scan.tail_within(rec.size).unwrap_or(0))
             }
-            Layout::Older => Ok(0),
         }
     }
 
