@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Push and pull throughput of one large safetensors file over loopback gRPC, against
 # `sha256sum` of the same file (a ratio, from one run), on file:// and on S3 (a local
-# moto server). A measurement, not a test.
+# moto server, and a local s3s-fs server). A measurement, not a test.
 #
 #   bench/transfer/run.sh [SIZE_MIB]        # default 2048 (2 GiB)
 #
 # Uses the release binary ($PATCHPORT_BIN, default $CARGO_TARGET_DIR/release/patchport,
 # built if missing); with $PATCHPORT_BEFORE_BIN set, that binary is measured too, on the
 # same file, and each row is shown before and after. $BENCH_BACKENDS picks the stores
-# (default "file s3"); S3 is moto started by scripts/s3-server.sh on port
-# $BENCH_S3_PORT (default 9150), stopped and started again between runs so each starts
-# empty. A registry on 127.0.0.1 with SQLite, everything under $BENCH_WORK (default
+# (default "file s3"): `s3` is moto and `s3s` is s3s-fs (Rust, objects as files), both
+# started by scripts/s3-server.sh on port $BENCH_S3_PORT (default 9150), stopped and
+# started again between runs so each starts empty. A registry on 127.0.0.1 with SQLite, everything under $BENCH_WORK (default
 # /tmp/patchport-transfer-bench), and a fresh random file each run.
 #
 # Where a push's time goes is read from the registry's JSON log: until the upload
@@ -63,14 +63,17 @@ t0=$(now); sha256sum "$work/model/model.safetensors" > /dev/null; t1=$(now)
 sha=$(secs "$t0" "$t1")
 
 stop_s3() {
-  if [ -f "$tools_dir/moto-$s3_port.pid" ]; then
-    kill "$(cat "$tools_dir/moto-$s3_port.pid")" 2>/dev/null || true
+  local pid_file
+  for pid_file in "$tools_dir/moto-$s3_port.pid" "$tools_dir/s3s-$s3_port.pid"; do
+    [ -f "$pid_file" ] || continue
+    kill "$(cat "$pid_file")" 2>/dev/null || true
     for _ in $(seq 1 50); do
-      kill -0 "$(cat "$tools_dir/moto-$s3_port.pid" 2>/dev/null)" 2>/dev/null || break
+      kill -0 "$(cat "$pid_file" 2>/dev/null)" 2>/dev/null || break
       sleep 0.1
     done
-    rm -f "$tools_dir/moto-$s3_port.pid"
-  fi
+    rm -f "$pid_file"
+  done
+  rm -rf "$tools_dir/s3s-data-$s3_port"
 }
 
 server=
@@ -116,9 +119,12 @@ measure() {
   mkdir -p "$dir"
   case "$backend" in
     file) blobs="file://$dir/blobs" ;;
-    s3)
+    s3 | s3s)
+      local server_kind=moto
+      [ "$backend" = s3s ] && server_kind=s3s
       stop_s3
-      eval "$(PATCHPORT_TEST_S3_BUCKET=patchport-bench scripts/s3-server.sh "$s3_port" 2>"$dir/s3-server.log")"
+      eval "$(PATCHPORT_S3_SERVER=$server_kind PATCHPORT_TEST_S3_BUCKET=patchport-bench \
+        scripts/s3-server.sh "$s3_port" 2>"$dir/s3-server.log")"
       blobs="s3://patchport-bench/$run"
       ;;
   esac
@@ -143,7 +149,7 @@ measure() {
   server=
   echo "$(secs "$t0" "$t1") $(secs "$t2" "$t3") $(phases "$dir/serve.log" "$t0" "$t1")"
   rm -rf "$dir/pulled" "$dir/blobs"
-  [ "$backend" = s3 ] && stop_s3
+  case "$backend" in s3 | s3s) stop_s3 ;; esac
   return 0
 }
 
