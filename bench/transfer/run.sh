@@ -14,9 +14,11 @@
 # /tmp/patchport-transfer-bench), and a fresh random file each run.
 #
 # Where a push's time goes is read from the registry's JSON log: until the upload
-# session of the big file starts (the client hashing the files), until that upload is
-# committed (sending, storing, verifying), until the version is published (the registry
-# reading and indexing the safetensors file), and the rest.
+# session of the big file starts (the client hashing the files), until its upload stream
+# is persisted (sending and storing), until that upload is committed (verifying; on S3
+# completing the multipart upload), until the version is published (the registry reading
+# and indexing the safetensors file), and the rest. Binaries older than the "upload
+# stream persisted" log line show "?" for the commit (then counted in the upload).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size_mib="${1:-2048}"
@@ -83,7 +85,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The phases of the push in a registry log, as "hash upload index rest" seconds.
+# The phases of the push in a registry log, as "hash upload commit index rest" seconds.
 phases() {
   python3 - "$1" "$2" "$3" "$bytes" <<'PY'
 import datetime, json, sys
@@ -91,7 +93,7 @@ log, start, end, size = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys
 def ts(line):
     t = line["timestamp"].replace("Z", "+00:00")
     return datetime.datetime.fromisoformat(t).timestamp()
-session = committed = published = None
+session = flushed = committed = published = None
 for raw in open(log):
     try:
         line = json.loads(raw)
@@ -101,14 +103,19 @@ for raw in open(log):
     msg, size_field = f.get("message"), str(f.get("size", ""))
     if msg == "upload session started" and size_field == size and session is None:
         session = ts(line)
+    elif msg == "upload stream persisted" and size_field == size:
+        flushed = ts(line)
     elif msg == "upload committed" and size_field == size:
         committed = ts(line)
     elif msg == "base version published":
         published = ts(line)
 if None in (session, committed, published):
-    print("? ? ? ?")
+    print("? ? ? ? ?")
 else:
-    print(f"{session - start:.1f} {committed - session:.1f} {published - committed:.1f} {end - published:.1f}")
+    # Registries before the "upload stream persisted" line: upload and commit in one.
+    stream, commit = (flushed - session, committed - flushed) if flushed else (committed - session, None)
+    commit = "?" if commit is None else f"{commit:.1f}"
+    print(f"{session - start:.1f} {stream:.1f} {commit} {published - committed:.1f} {end - published:.1f}")
 PY
 }
 
@@ -158,8 +165,8 @@ for backend in $backends; do
   for which in before after; do
     if [ "$which" = before ]; then b="$before_bin"; else b="$bin"; fi
     [ -n "$b" ] || continue
-    read -r push pull hash upload index rest < <(measure "$b" "$backend" "$backend-$which")
-    rows+=("$backend $which $push $pull $hash $upload $index $rest")
+    read -r push pull hash upload commit index rest < <(measure "$b" "$backend" "$backend-$which")
+    rows+=("$backend $which $push $pull $hash $upload $commit $index $rest")
   done
 done
 
@@ -167,14 +174,14 @@ echo "file: $bytes bytes ($size_mib MiB), $(nproc) cores; sha256sum ${sha} s"
 python3 - "$bytes" "$sha" "${rows[@]}" <<'PY'
 import sys
 size, sha = int(sys.argv[1]), float(sys.argv[2])
-print("| store | binary | push | push vs sha256sum | pull | pull vs sha256sum | push: client hash | upload + commit | index | rest |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| store | binary | push | push vs sha256sum | pull | pull vs sha256sum | push: client hash | upload | commit | index | rest |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for row in sys.argv[3:]:
     store, which, push, pull, *ph = row.split()
     push, pull = float(push), float(pull)
     rate = lambda t: f"{size / t / 2**20:.0f} MiB/s"
     speed = lambda t: f"{sha / t:.2f}x speed"
-    ph = " | ".join(f"{p} s" for p in ph)
+    ph = " | ".join(p if p == "?" else f"{p} s" for p in ph)
     print(f"| {store} | {which} | {push:.1f} s ({rate(push)}) | {speed(push)} | {pull:.1f} s ({rate(pull)}) | {speed(pull)} | {ph} |")
 PY
 echo "pulled files identical: yes"
