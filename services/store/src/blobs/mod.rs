@@ -35,12 +35,7 @@
 //! to the blob's final key that the session starts. Each part is hashed as it is sent,
 //! continuing the hash state of the part before it, and recorded after it was put; a
 //! stretch too short for a part (S3 refuses non-last parts under 5 MiB) waits in a tail
-//! object, which a later writer loads and sends as the start of the next part. A writer
-//! puts up to [`DEFAULT_PARTS_IN_FLIGHT`] parts at once while the next bytes arrive, and
-//! records them in order: a part's record is written only after it and every part
-//! before it were put and recorded, so the chain of records never runs past a part that
-//! was not put; a failed put stops the parts after it and keeps their bytes buffered,
-//! and a writer dropped with parts in flight stops them (they are not recorded). Commit
+//! object, which a later writer loads and sends as the start of the next part. Commit
 //! checks that the records chain from 0 to the size and that the last state is the
 //! declared digest, then completes the upload with exactly the recorded parts' ids: the
 //! backend checks each against the part it stores (S3: the ETag, and the SHA-256
@@ -107,9 +102,6 @@ pub const DEFAULT_SEGMENT_SIZE: usize = 16 << 20;
 /// S3 refuses parts under 5 MiB, except the last; the default smallest part everywhere.
 pub const S3_MIN_PART_SIZE: usize = 5 << 20;
 
-/// Parts of one upload being put at once (see [`BlobStore::with_parts_in_flight`]).
-pub const DEFAULT_PARTS_IN_FLIGHT: usize = 3;
-
 /// S3 allows 10,000 parts; parts are made large enough to stay below this many.
 pub const MAX_PARTS: u64 = 9_000;
 
@@ -143,7 +135,6 @@ pub struct BlobStore {
     prefix: Path,
     segment_size: usize,
     min_part_size: usize,
-    parts_in_flight: usize,
     /// The directory of a `file://` store: uploads write their session's data file there
     /// directly (see the module doc), and its half-written temporary files (a process
     /// killed mid-put or mid-commit leaves `<key>#<n>`) are invisible to listing, so the
@@ -158,7 +149,6 @@ impl std::fmt::Debug for BlobStore {
             .field("prefix", &self.prefix.as_ref())
             .field("segment_size", &self.segment_size)
             .field("min_part_size", &self.min_part_size)
-            .field("parts_in_flight", &self.parts_in_flight)
             .field("multipart", &self.parts.is_some())
             .finish_non_exhaustive()
     }
@@ -175,7 +165,6 @@ impl BlobStore {
             prefix,
             segment_size: DEFAULT_SEGMENT_SIZE,
             min_part_size: S3_MIN_PART_SIZE,
-            parts_in_flight: DEFAULT_PARTS_IN_FLIGHT,
             local_root: None,
         }
     }
@@ -290,8 +279,7 @@ impl BlobStore {
 
     /// Sets the size of upload segments (default 16 MiB; at least 1 byte): the stretch a
     /// `file://` upload records at once, and the smallest part of a multipart upload. A
-    /// `file://` writer holds at most two segments in memory; a multipart one at most its
-    /// parts in flight and one more part.
+    /// writer holds at most one segment (or part) in memory.
     pub fn with_segment_size(mut self, bytes: usize) -> Self {
         self.segment_size = bytes.max(1);
         self
@@ -302,14 +290,6 @@ impl BlobStore {
     /// `memory://`. A session keeps the part size it started with.
     pub fn with_min_part_size(mut self, bytes: usize) -> Self {
         self.min_part_size = bytes.max(1);
-        self
-    }
-
-    /// Sets how many parts of one multipart upload a writer puts at once (default
-    /// [`DEFAULT_PARTS_IN_FLIGHT`]; at least 1). Parts are recorded in order whatever
-    /// order their puts finish in; each one in flight holds a part in memory.
-    pub fn with_parts_in_flight(mut self, parts: usize) -> Self {
-        self.parts_in_flight = parts.max(1);
         self
     }
 

@@ -192,17 +192,13 @@ async fn a_record_chain_broken_by_another_writer_is_never_completed() {
     let s = open_session(&store, digest, 3_000).await;
     let mut first = store.upload_writer(&s.upload_id).await.unwrap();
     let mut second = mem.restart().upload_writer(&s.upload_id).await.unwrap();
-    // Each writer's parts are recorded before the other goes on (a write only starts
-    // putting its parts).
     first
         .write(0, Bytes::copy_from_slice(&bytes[..1_000]))
         .await
         .unwrap();
-    assert_eq!(first.persist_buffered().await.unwrap(), 1_000);
     let mut other = bytes[..2_000].to_vec();
     other[10] ^= 1;
     second.write(0, Bytes::from(other)).await.unwrap();
-    assert_eq!(second.persist_buffered().await.unwrap(), 2_000);
     first
         .write(1_000, Bytes::copy_from_slice(&bytes[1_000..]))
         .await
@@ -272,8 +268,7 @@ async fn resume_after_partial_flush_reloads_the_tail() {
         .write(0, Bytes::copy_from_slice(&bytes[..1_234]))
         .await
         .unwrap();
-    // Part 0 is put (it may still be in flight: committed counts recorded parts only).
-    assert!(writer.committed() <= 1_000);
+    assert_eq!(writer.committed(), 1_000);
     assert_eq!(writer.flush().await.unwrap(), 1_234);
     let id = &s.upload_id;
     let tail = format!("pfx/uploads/{id}/00000000000000001000.tail");
@@ -287,194 +282,6 @@ async fn resume_after_partial_flush_reloads_the_tail() {
     assert!(keys_now.contains(&format!("pfx/uploads/{id}/00000000000000001000.1000.part")));
     assert_eq!(restarted.upload_status(id).await.unwrap().committed, 4_321);
     store.commit_upload(id).await.unwrap();
-    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
-}
-
-/// Multipart uploads over [`MemoryParts`] whose `put_part` is slow for the parts in
-/// `slow` (index: milliseconds) and fails once for the part index in `fail_once`, and
-/// which counts the most puts that ran at once.
-struct Uneven {
-    inner: Arc<MemoryParts>,
-    slow: Vec<(usize, u64)>,
-    fail_once: std::sync::Mutex<Option<usize>>,
-    running: std::sync::atomic::AtomicUsize,
-    most: std::sync::atomic::AtomicUsize,
-}
-
-impl std::fmt::Debug for Uneven {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Uneven")
-    }
-}
-
-impl Uneven {
-    fn new(inner: Arc<MemoryParts>, slow: Vec<(usize, u64)>, fail_once: Option<usize>) -> Self {
-        Self {
-            inner,
-            slow,
-            fail_once: std::sync::Mutex::new(fail_once),
-            running: 0.into(),
-            most: 0.into(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl MultipartStore for Uneven {
-    async fn create_multipart(
-        &self,
-        path: &Path,
-    ) -> object_store::Result<object_store::MultipartId> {
-        self.inner.create_multipart(path).await
-    }
-
-    async fn put_part(
-        &self,
-        path: &Path,
-        id: &object_store::MultipartId,
-        part_idx: usize,
-        data: object_store::PutPayload,
-    ) -> object_store::Result<object_store::multipart::PartId> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = self.running.fetch_add(1, SeqCst) + 1;
-        self.most.fetch_max(now, SeqCst);
-        if let Some((_, ms)) = self.slow.iter().find(|(i, _)| *i == part_idx) {
-            tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
-        }
-        let fail = {
-            let mut f = self.fail_once.lock().unwrap();
-            (*f == Some(part_idx)).then(|| f.take()).is_some()
-        };
-        let result = if fail {
-            Err(object_store::Error::Generic {
-                store: "Uneven",
-                source: "injected part failure".into(),
-            })
-        } else {
-            self.inner.put_part(path, id, part_idx, data).await
-        };
-        self.running.fetch_sub(1, SeqCst);
-        result
-    }
-
-    async fn complete_multipart(
-        &self,
-        path: &Path,
-        id: &object_store::MultipartId,
-        parts: Vec<object_store::multipart::PartId>,
-    ) -> object_store::Result<object_store::PutResult> {
-        self.inner.complete_multipart(path, id, parts).await
-    }
-
-    async fn abort_multipart(
-        &self,
-        path: &Path,
-        id: &object_store::MultipartId,
-    ) -> object_store::Result<()> {
-        self.inner.abort_multipart(path, id).await
-    }
-}
-
-fn uneven_store(mem: &Memory, uneven: &Arc<Uneven>) -> BlobStore {
-    BlobStore::new_multipart(mem.raw.clone(), uneven.clone(), Path::from("pfx"))
-        .with_segment_size(1_000)
-        .with_min_part_size(1_000)
-        .with_parts_in_flight(3)
-}
-
-#[tokio::test]
-async fn parts_put_at_once_are_recorded_in_order() {
-    // Part 0 is the slowest to put: parts 1 and 2 finish first, and are recorded after it.
-    let (mem, _) = memory();
-    let uneven = Arc::new(Uneven::new(mem.parts.clone(), vec![(0, 80), (1, 20)], None));
-    let store = uneven_store(&mem, &uneven);
-    let bytes = data(5_500, 11);
-    let digest = Digest::of(&bytes);
-    let s = open_session(&store, digest, 5_500).await;
-    send_all(&store, &s.upload_id, &bytes, 500).await;
-    assert!(uneven.most.load(std::sync::atomic::Ordering::SeqCst) > 1);
-    assert_eq!(
-        store.upload_status(&s.upload_id).await.unwrap().committed,
-        5_500
-    );
-    // A later writer sees the whole chain (records name the part before them).
-    let restarted = mem.restart();
-    assert!(
-        !restarted
-            .commit_upload(&s.upload_id)
-            .await
-            .unwrap()
-            .deduplicated
-    );
-    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
-}
-
-#[tokio::test]
-async fn a_failed_part_in_flight_keeps_every_unrecorded_byte() {
-    // Part 1 fails while parts 2 and 3 are put: nothing from part 1 on is recorded, its
-    // bytes and those after it are buffered again, and a flush puts them.
-    let (mem, _) = memory();
-    let uneven = Arc::new(Uneven::new(mem.parts.clone(), vec![(1, 30)], Some(1)));
-    let store = uneven_store(&mem, &uneven);
-    let bytes = data(4_700, 12);
-    let digest = Digest::of(&bytes);
-    let s = open_session(&store, digest, 4_700).await;
-    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
-    let mut failed = false;
-    let mut offset = 0u64;
-    for piece in bytes.chunks(500) {
-        match writer.write(offset, Bytes::copy_from_slice(piece)).await {
-            Ok(()) => {}
-            Err(e) => {
-                // The chunk stays buffered: the next one follows it.
-                assert_eq!(e.kind(), BlobErrorKind::Unavailable, "{e}");
-                failed = true;
-            }
-        }
-        offset += piece.len() as u64;
-        assert!(writer.committed() <= offset);
-    }
-    assert!(failed, "the injected failure never showed");
-    assert_eq!(writer.flush().await.unwrap(), 4_700);
-    assert_eq!(
-        store.upload_status(&s.upload_id).await.unwrap().committed,
-        4_700
-    );
-    assert!(
-        !store
-            .commit_upload(&s.upload_id)
-            .await
-            .unwrap()
-            .deduplicated
-    );
-    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
-}
-
-#[tokio::test]
-async fn a_writer_dropped_with_parts_in_flight_keeps_what_was_recorded() {
-    let (mem, _) = memory();
-    let uneven = Arc::new(Uneven::new(mem.parts.clone(), vec![(2, 200)], None));
-    let store = uneven_store(&mem, &uneven);
-    let bytes = data(3_300, 13);
-    let digest = Digest::of(&bytes);
-    let s = open_session(&store, digest, 3_300).await;
-    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
-    writer
-        .write(0, Bytes::copy_from_slice(&bytes[..3_100]))
-        .await
-        .unwrap();
-    drop(writer);
-    // At most parts 0 and 1 were recorded; part 2's put was stopped.
-    let committed = store.upload_status(&s.upload_id).await.unwrap().committed;
-    assert!(committed <= 2_000 && committed % 1_000 == 0, "{committed}");
-    send_all(&store, &s.upload_id, &bytes, 700).await;
-    assert!(
-        !store
-            .commit_upload(&s.upload_id)
-            .await
-            .unwrap()
-            .deduplicated
-    );
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
 }
 

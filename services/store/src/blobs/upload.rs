@@ -147,13 +147,11 @@ pub(super) struct Segment {
 /// Receives the chunks of one upload session, in order, and persists them.
 ///
 /// On `memory://` and `s3://` every full part is put as it fills (hashed while it is
-/// sent) and recorded once it and every part before it were put; up to the store's
-/// parts in flight are put at once while the next chunks arrive. A shorter stretch that
-/// is not the end of the blob is persisted as the session's tail by
-/// [`persist_buffered`](Self::persist_buffered) (after the parts in flight are
-/// recorded), which leaves nothing in memory: the tail is read back (at most one part)
-/// when the next part or tail needs it, by this writer or one opened later. At most the
-/// parts in flight and one more part are held in memory. On `file://` bytes are persisted in segments, at most two in memory (one is
+/// sent) and recorded; a shorter stretch that is not the end of the blob is persisted as
+/// the session's tail by [`persist_buffered`](Self::persist_buffered), which leaves
+/// nothing in memory: the tail is read back (at most one part) when the next part or
+/// tail needs it, by this writer or one opened later. At most one part is held in
+/// memory. On `file://` bytes are persisted in segments, at most two in memory (one is
 /// written and hashed in the background while the next arrives; an error of that write
 /// shows at the next write or flush, with its bytes buffered again). Chunks that
 /// were written but not yet persisted are lost if the writer is dropped without
@@ -183,8 +181,7 @@ pub struct UploadWriter {
 /// A writer's position in a session's multipart upload.
 struct PartsWriter {
     upload: Upload,
-    /// Where the recorded parts end; the parts in flight, then `buffer`, hold the bytes
-    /// from here on.
+    /// Where the recorded parts end; `buffer` holds the bytes from here on.
     end: u64,
     /// The hash state at `end`.
     hasher: Hasher,
@@ -195,42 +192,8 @@ struct PartsWriter {
     /// Whether a tail object at `end` may exist (written or seen by this writer).
     tail: bool,
     /// Bytes of the tail at `end` that are not in the buffer (persisted, and dropped from
-    /// memory); the buffer holds the bytes after them. Zero while parts are in flight.
+    /// memory); the buffer holds the bytes after them.
     unloaded: u64,
-    /// Parts being put and not yet recorded, in order: the first starts at `end`, each
-    /// next where the one before ends; at most `limit`.
-    in_flight: VecDeque<InFlight>,
-    limit: usize,
-}
-
-impl PartsWriter {
-    /// Where the parts in flight end (the buffer's bytes start there).
-    fn queued_end(&self) -> u64 {
-        self.in_flight.back().map_or(self.end, |f| f.end)
-    }
-
-    /// The hash state at [`queued_end`](Self::queued_end).
-    fn queued_hasher(&self) -> &Hasher {
-        self.in_flight.back().map_or(&self.hasher, |f| &f.hasher)
-    }
-}
-
-/// A part being put: its bytes (kept until it is recorded, so a failure buffers them
-/// again), the hash state after it, and the put.
-struct InFlight {
-    start: u64,
-    end: u64,
-    bytes: Vec<Bytes>,
-    hasher: Hasher,
-    put: tokio::task::JoinHandle<object_store::Result<object_store::multipart::PartId>>,
-}
-
-impl Drop for InFlight {
-    /// A part not recorded is not the session's: its put is stopped (a writer dropped
-    /// without a flush, or the parts after a failed one).
-    fn drop(&mut self) {
-        self.put.abort();
-    }
 }
 
 type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
@@ -310,9 +273,6 @@ impl UploadWriter {
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
         if self.parts.is_some() {
             self.put_ready_parts().await?;
-            while self.parts.as_ref().is_some_and(|p| !p.in_flight.is_empty()) {
-                self.record_first().await?;
-            }
             if self.buffered > 0 {
                 self.put_tail().await?;
             }
@@ -388,129 +348,81 @@ impl UploadWriter {
         Ok(())
     }
 
-    /// Starts a put of every part the buffer fills (full parts, and the last part once
-    /// the bytes reach the declared size), recording the parts whose puts finished; with
-    /// as many parts in flight as the store allows, waits for the first to be recorded.
+    /// Puts every part the buffer fills: full parts, and the last part once the bytes
+    /// reach the declared size.
     async fn put_ready_parts(&mut self) -> Result<(), BlobError> {
         loop {
             let Some(p) = &self.parts else {
                 return Ok(());
             };
-            if p.in_flight.front().is_some_and(|f| f.put.is_finished()) {
-                self.record_first().await?;
-                continue;
-            }
-            let queued = p.queued_end();
-            let held = (self.committed + self.buffered).saturating_sub(queued);
-            let need = p.upload.part_size.min(self.size.saturating_sub(queued));
+            let held = (self.committed + self.buffered).saturating_sub(p.end);
+            let need = p.upload.part_size.min(self.size.saturating_sub(p.end));
             if need == 0 || held < need {
                 return Ok(());
             }
-            if p.in_flight.len() >= p.limit {
-                self.record_first().await?;
-                continue;
-            }
             self.load_tail().await?;
-            self.start_part(need).await?;
+            self.put_part(need).await?;
         }
     }
 
-    /// Starts putting the first `n` bytes of the buffer as the next part and hashes them
-    /// meanwhile, continuing the state of the part before it.
-    async fn start_part(&mut self, n: u64) -> Result<(), BlobError> {
+    /// Puts the first `n` bytes of the buffer as the next part, hashing them while they
+    /// are sent, then records it. On an error the bytes stay buffered.
+    async fn put_part(&mut self, n: u64) -> Result<(), BlobError> {
         let Some(p) = self.parts.as_mut() else {
             return Ok(());
         };
         let bytes = take_front(&mut self.buffer, n);
-        let start = p.queued_end();
+        let start = p.end;
+        let end = start + n;
         let payload: PutPayload = bytes.iter().cloned().collect();
-        let upload = p.upload.clone();
-        let index = p.next + p.in_flight.len();
-        let put = tokio::spawn(async move {
-            upload
-                .store
-                .put_part(&upload.key, &upload.id, index, payload)
-                .await
-        });
-        match hash_parts(bytes.clone(), p.queued_hasher().clone()).await {
-            Ok(hasher) => {
-                p.in_flight.push_back(InFlight {
-                    start,
-                    end: start + n,
-                    bytes,
-                    hasher,
-                    put,
-                });
-                Ok(())
-            }
-            Err(e) => {
-                put.abort();
-                for b in bytes.into_iter().rev() {
-                    self.buffer.push_front(b);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Waits for the first part in flight to be put, then records it. When its put or
-    /// record fails, the parts after it are stopped and every unrecorded byte is buffered
-    /// again.
-    async fn record_first(&mut self) -> Result<(), BlobError> {
-        let Some(p) = self.parts.as_mut() else {
-            return Ok(());
-        };
-        let Some(first) = p.in_flight.front_mut() else {
-            return Ok(());
-        };
-        let recorded = match (&mut first.put).await {
-            Err(source) => Err(BlobError::Task { source }),
-            Ok(Ok(part)) => {
+        let put = p
+            .upload
+            .store
+            .put_part(&p.upload.key, &p.upload.id, p.next, payload);
+        let (put, hashed) = tokio::join!(put, hash_parts(bytes.clone(), p.hasher.clone()));
+        let recorded = match (put, hashed) {
+            (Ok(part), Ok(hasher)) => {
                 let record = PartRecord {
                     part: p.next,
                     content_id: part.content_id,
                     prev: p.prev.clone(),
-                    state: parts::to_hex(&first.hasher.to_state()),
+                    state: parts::to_hex(&hasher.to_state()),
                 };
                 let key = self
                     .store
                     .session_dir(&self.upload_id)
-                    .join(parts::record_name(first.start, first.end - first.start));
+                    .join(parts::record_name(start, n));
                 match self.store.put_json(&self.upload_id, &key, &record).await {
-                    Ok(()) => Ok(record.content_id),
+                    Ok(()) => Ok((record.content_id, hasher)),
                     Err(e) => Err(e),
                 }
             }
-            Ok(Err(object_store::Error::NotFound { .. })) => Err(BlobError::UploadChanged {
+            (Err(object_store::Error::NotFound { .. }), _) => Err(BlobError::UploadChanged {
                 upload_id: self.upload_id.clone(),
                 detail:
                     "its multipart upload is gone (expired or committed); start the upload again"
                         .to_owned(),
             }),
-            Ok(Err(e)) => Err(BlobError::storage("put part", &p.upload.key, e)),
+            (Err(e), _) => Err(BlobError::storage("put part", &p.upload.key, e)),
+            (Ok(_), Err(e)) => Err(e),
         };
-        let content_id = match recorded {
-            Ok(id) => id,
+        let (content_id, hasher) = match recorded {
+            Ok(done) => done,
             Err(e) => {
-                for mut part in std::mem::take(&mut p.in_flight).into_iter().rev() {
-                    for b in std::mem::take(&mut part.bytes).into_iter().rev() {
-                        self.buffer.push_front(b);
-                    }
+                for b in bytes.into_iter().rev() {
+                    self.buffer.push_front(b);
                 }
                 return Err(e);
             }
         };
-        let Some(first) = p.in_flight.pop_front() else {
-            return Ok(());
-        };
         let total = self.committed + self.buffered;
         let old_tail = p.tail.then_some(p.end);
-        p.end = first.end;
-        p.hasher = first.hasher.clone();
+        p.end = end;
+        p.hasher = hasher;
         p.prev = Some(content_id);
         p.next += 1;
         p.tail = false;
-        self.committed = self.committed.max(p.end);
+        self.committed = self.committed.max(end);
         self.buffered = total - self.committed;
         if let Some(at) = old_tail {
             let key = self
@@ -815,8 +727,6 @@ impl BlobStore {
                     hasher: scan.chain.hasher,
                     tail: tail.is_some(),
                     unloaded: tail.unwrap_or(0),
-                    in_flight: VecDeque::new(),
-                    limit: self.parts_in_flight,
                 });
             }
         }
@@ -1731,8 +1641,7 @@ mod tests {
         w.write(2_499, Bytes::copy_from_slice(&bytes[2_499..]))
             .await
             .unwrap();
-        // That part may still be in flight; flush records it.
-        assert_eq!(w.parts.as_ref().map(|p| p.unloaded), Some(0));
+        assert_eq!(w.committed(), 2_500);
         assert_eq!(w.flush().await.unwrap(), 2_500);
         store.commit_upload(&s.upload_id).await.unwrap();
         assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
