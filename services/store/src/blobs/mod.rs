@@ -38,8 +38,8 @@
 //! before it is written, so a machine crash can lose some of it (an upload then resumes
 //! from an earlier record, or starts again; an empty record a crash leaves is ignored) but
 //! never make it claim bytes the disk does not hold. A blob is durable when its commit
-//! answers. (Fsyncing the bookkeeping cost about eight fsyncs per blob: most of the
-//! time of a port's many small merged-tensor uploads.)
+//! answers. (Fsyncing the bookkeeping as well cost about a dozen more fsyncs per blob:
+//! `bench/README.md` has the counts before and after.)
 //!
 //! On `memory://` and `s3://` every byte is written once too, into one multipart upload
 //! to the blob's final key that the session starts. Each part is hashed as it is sent,
