@@ -14,10 +14,12 @@
 //! only ever adds bytes at the durable end (bytes it would send again below that end must
 //! equal the stored ones), so the records form one chain and the bytes under a record
 //! never change: the last record's state is the hash of exactly the bytes the data file
-//! holds. Bytes are fsynced before their record is written (temporary file, fsync,
-//! rename, directory fsync), so a crash leaves at most a torn tail past the durable end,
-//! which the next write overwrites. A data file that was linked to a blob (link count
-//! above one) or replaced is never written again.
+//! holds. Bytes are fsynced before their record is written (a temporary file renamed;
+//! the record itself is not fsynced), so a record that survives a crash never names
+//! bytes the disk lost; a crash leaves at most a torn tail past the durable end, which the
+//! next write overwrites, and records it lost (or left empty, which [`scan`] ignores) only
+//! move the durable end back. A data file that was linked to a blob (link count above
+//! one) or replaced is never written again.
 //!
 //! Locks are `flock`s: sessions on one host (or a filesystem that supports them) only.
 
@@ -128,7 +130,11 @@ pub(super) fn scan(dir: &FsPath) -> Result<Scan, Fail> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if let Some(record) = parse_record_name(&name) {
-            scan.records.push(record);
+            // An empty record is what a crash leaves of one written just before it.
+            let len = entry.metadata().map_err(Fail::io("stat", dir))?.len();
+            if len > 0 {
+                scan.records.push(record);
+            }
         } else if is_segment_name(&name) {
             scan.segments = true;
         }
@@ -232,7 +238,7 @@ pub(super) fn append(
     }
     if pos > durable {
         file.sync_data().map_err(Fail::io("fsync", &path))?;
-        write_durably(
+        write_record(
             dir,
             &record_name(durable, pos - durable),
             &hasher.to_state(),
@@ -241,16 +247,15 @@ pub(super) fn append(
     Ok(hasher)
 }
 
-/// Writes a small file atomically and durably: temporary file (`<name>#0`, which the
-/// expiry sweep knows), fsync, rename, directory fsync.
-fn write_durably(dir: &FsPath, name: &str, contents: &[u8]) -> Result<(), Fail> {
+/// Writes a hash record atomically: a temporary file (`<name>#0`, which the expiry sweep
+/// knows) renamed into place. Not fsynced (see the module doc): after a machine crash
+/// it may be missing or empty, never wrong.
+fn write_record(dir: &FsPath, name: &str, contents: &[u8]) -> Result<(), Fail> {
     let tmp = dir.join(format!("{name}#0"));
     let path = dir.join(name);
     let mut f = File::create(&tmp).map_err(Fail::io("create", &tmp))?;
     f.write_all(contents).map_err(Fail::io("write", &tmp))?;
-    f.sync_all().map_err(Fail::io("fsync", &tmp))?;
-    fs::rename(&tmp, &path).map_err(Fail::io("rename", &path))?;
-    sync_dir(dir)
+    fs::rename(&tmp, &path).map_err(Fail::io("rename", &path))
 }
 
 fn sync_dir(dir: &FsPath) -> Result<(), Fail> {
@@ -350,5 +355,28 @@ mod tests {
         }
         assert!(is_segment_name("00000000000000000000"));
         assert!(!is_segment_name(&name));
+    }
+
+    /// What a machine crash can leave of records that were renamed into place but not
+    /// fsynced: an empty last record. The upload resumes from the record before it, the
+    /// bytes after it are sent again, and the blob commits with the right digest.
+    #[test]
+    fn an_empty_record_left_by_a_crash_moves_the_durable_end_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (a, b) = (Bytes::from(vec![1u8; 1000]), Bytes::from(vec![2u8; 500]));
+        let after_a = append(dir, 0, std::slice::from_ref(&a), Hasher::new()).unwrap();
+        append(dir, 1000, std::slice::from_ref(&b), after_a).unwrap();
+        assert_eq!(resume_point(dir, 1500).unwrap().0, 1500);
+
+        fs::write(dir.join(record_name(1000, 500)), b"").unwrap();
+        let (end, state) = resume_point(dir, 1500).unwrap();
+        assert_eq!(end, 1000);
+        append(dir, end, std::slice::from_ref(&b), state).unwrap();
+
+        let digest = Digest::of(&[&a[..], &b[..]].concat());
+        let blob = tmp.path().join("blob");
+        assert!(!commit(dir, 1500, digest, &blob).unwrap());
+        assert_eq!(fs::read(&blob).unwrap(), [&a[..], &b[..]].concat());
     }
 }

@@ -614,7 +614,7 @@ impl BlobStore {
             self.abort_upload(&record).await;
             return Err(e);
         }
-        self.store
+        self.bookkeeping
             .put(&index, PutPayload::from(upload_id.clone()))
             .await
             .map_err(|e| BlobError::storage("put", &index, e))?;
@@ -1488,7 +1488,7 @@ impl BlobStore {
             upload_id: upload_id.to_owned(),
             source,
         })?;
-        self.store
+        self.bookkeeping
             .put(&key, PutPayload::from(json))
             .await
             .map_err(|e| BlobError::storage("put", &key, e))?;
