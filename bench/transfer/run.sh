@@ -10,8 +10,9 @@
 # same file, and each row is shown before and after. $BENCH_BACKENDS picks the stores
 # (default "file s3"): `s3` is moto and `s3s` is s3s-fs (Rust, objects as files), both
 # started by scripts/s3-server.sh on port $BENCH_S3_PORT (default 9150), stopped and
-# started again between runs so each starts empty. A registry on 127.0.0.1 with SQLite, everything under $BENCH_WORK (default
-# /tmp/patchport-transfer-bench), and a fresh random file each run.
+# started again between runs so each starts empty. A registry on 127.0.0.1 with SQLite,
+# everything under $BENCH_WORK (default /tmp/patchport-transfer-bench), and a fresh
+# random file each run.
 #
 # Where a push's time goes is read from the registry's JSON log: until the upload
 # session of the big file starts (the client hashing the files), until its upload stream
