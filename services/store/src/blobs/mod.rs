@@ -42,8 +42,9 @@
 //! `bench/README.md` has the counts before and after.)
 //!
 //! On `memory://` and `s3://` every byte is written once too, into one multipart upload
-//! to the blob's final key that the session starts. Each part is hashed as it is sent,
-//! continuing the hash state of the part before it, and recorded after it was put; a
+//! to the blob's final key that the session starts. Each part is hashed as it fills,
+//! continuing the hash state of the part before it, put while the next ones arrive (up
+//! to [`PARTS_IN_FLIGHT`] at once), and recorded once it and the part before it are; a
 //! stretch too short for a part (S3 refuses non-last parts under 5 MiB) waits in a tail
 //! object, which a later writer loads and sends as the start of the next part. Commit
 //! checks that the records chain from 0 to the size and that the last state is the
@@ -103,7 +104,9 @@ use patchport_core::{Digest, Hasher};
 
 pub use error::{BlobError, BlobErrorKind};
 pub use memory::MemoryParts;
-pub use upload::{CommitOutcome, ORPHAN_AGE, UploadSession, UploadStart, UploadWriter};
+pub use upload::{
+    CommitOutcome, ORPHAN_AGE, PARTS_IN_FLIGHT, UploadSession, UploadStart, UploadWriter,
+};
 
 /// Default size of the stretches an upload is persisted in: a part of its multipart
 /// upload (at least [`S3_MIN_PART_SIZE`]), or a hash record of a `file://` data file.

@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt, stream};
 use object_store::memory::InMemory;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{MultipartId, ObjectStore, ObjectStoreExt, PutPayload};
 use patchport_core::Digest;
 
 use super::*;
@@ -268,7 +268,8 @@ async fn resume_after_partial_flush_reloads_the_tail() {
         .write(0, Bytes::copy_from_slice(&bytes[..1_234]))
         .await
         .unwrap();
-    assert_eq!(writer.committed(), 1_000);
+    // Part 0 may still be in flight; every byte is either committed or buffered.
+    assert_eq!(writer.committed() + writer.buffered(), 1_234);
     assert_eq!(writer.flush().await.unwrap(), 1_234);
     let id = &s.upload_id;
     let tail = format!("pfx/uploads/{id}/00000000000000001000.tail");
@@ -711,4 +712,178 @@ async fn file_upload_of_a_stored_blob_is_dedup_and_leaves_it_alone() {
         .unwrap_err();
     assert_eq!(e.kind(), BlobErrorKind::InvalidArgument, "{e}");
     assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+/// Multipart uploads in memory whose part puts wait for permits (`gate`) and whose put of
+/// part `fail` fails once: to hold parts in flight, and to fail one of several.
+#[derive(Debug)]
+struct Gated {
+    inner: Arc<MemoryParts>,
+    gate: tokio::sync::Semaphore,
+    fail: std::sync::Mutex<Option<usize>>,
+}
+
+#[async_trait::async_trait]
+impl MultipartStore for Gated {
+    async fn create_multipart(&self, path: &Path) -> object_store::Result<MultipartId> {
+        self.inner.create_multipart(path).await
+    }
+
+    async fn put_part(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        part_idx: usize,
+        data: PutPayload,
+    ) -> object_store::Result<object_store::multipart::PartId> {
+        let permit = self.gate.acquire().await;
+        drop(permit);
+        let fail = {
+            let mut fail = self.fail.lock().unwrap();
+            (*fail == Some(part_idx)).then(|| fail.take())
+        };
+        if fail.is_some() {
+            return Err(object_store::Error::Generic {
+                store: "Gated",
+                source: format!("part {part_idx} refused once").into(),
+            });
+        }
+        self.inner.put_part(path, id, part_idx, data).await
+    }
+
+    async fn complete_multipart(
+        &self,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<object_store::multipart::PartId>,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.complete_multipart(path, id, parts).await
+    }
+
+    async fn abort_multipart(&self, path: &Path, id: &MultipartId) -> object_store::Result<()> {
+        self.inner.abort_multipart(path, id).await
+    }
+}
+
+/// A store over `mem` whose part puts go through a [`Gated`] with `permits` open.
+fn gated(mem: &Memory, permits: usize, fail: Option<usize>) -> (Arc<Gated>, BlobStore) {
+    let gated = Arc::new(Gated {
+        inner: mem.parts.clone(),
+        gate: tokio::sync::Semaphore::new(permits),
+        fail: std::sync::Mutex::new(fail),
+    });
+    let store = BlobStore::new_multipart(mem.raw.clone(), gated.clone(), Path::from("pfx"))
+        .with_segment_size(1_000)
+        .with_min_part_size(1_000);
+    (gated, store)
+}
+
+#[tokio::test]
+async fn parts_in_flight_of_a_dropped_writer_are_recorded() {
+    // A handler dropped with its cut stream drops its writer while parts are still
+    // being put: they finish on their own and are recorded, so the resume skips them.
+    let (mem, _) = memory();
+    let (gate, store) = gated(&mem, 0, None);
+    let bytes = data(4_500, 8);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 4_500).await;
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    writer
+        .write(0, Bytes::copy_from_slice(&bytes[..3_200]))
+        .await
+        .unwrap();
+    // Three parts are in flight, held at the gate; nothing is recorded yet.
+    assert_eq!((writer.committed(), writer.buffered()), (0, 3_200));
+    drop(writer);
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        0
+    );
+    gate.gate
+        .add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    // The tasks record the parts in order, in their own time.
+    let mut committed = 0;
+    for _ in 0..3_000 {
+        committed = store.upload_status(&s.upload_id).await.unwrap().committed;
+        if committed == 3_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(committed, 3_000);
+    send_all(&store, &s.upload_id, &bytes, 700).await;
+    store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_failed_part_in_flight_gives_its_bytes_and_the_later_ones_back() {
+    // Part 1 of parts 0-3 fails: part 0 is recorded, parts 1-3 are buffered again in
+    // order (part 2 and 3 were put, but never recorded after a part that was not), and
+    // the flush that follows persists them.
+    let (mem, _) = memory();
+    let (_, store) = gated(&mem, tokio::sync::Semaphore::MAX_PERMITS, Some(1));
+    let bytes = data(4_000, 9);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&store, digest, 4_000).await;
+    let mut writer = store.upload_writer(&s.upload_id).await.unwrap();
+    writer
+        .write(0, Bytes::copy_from_slice(&bytes[..3_999]))
+        .await
+        .unwrap();
+    let e = writer.persist_buffered().await.unwrap_err();
+    assert_eq!(e.kind(), BlobErrorKind::Unavailable, "{e}");
+    assert_eq!((writer.committed(), writer.buffered()), (1_000, 2_999));
+    assert_eq!(
+        store.upload_status(&s.upload_id).await.unwrap().committed,
+        1_000
+    );
+    // The stream goes on: the next chunk follows the buffered bytes.
+    writer
+        .write(3_999, Bytes::copy_from_slice(&bytes[3_999..]))
+        .await
+        .unwrap();
+    assert_eq!(writer.flush().await.unwrap(), 4_000);
+    store.commit_upload(&s.upload_id).await.unwrap();
+    assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_writer_whose_upload_another_writer_completed_commits_as_dedup() {
+    // Two replicas write one session; the first completes it while the second is still
+    // sending: the second's parts meet a completed upload, it drops the rest of its
+    // stream, and its commit answers dedup.
+    let (mem, first) = memory();
+    let second = mem.restart();
+    let bytes = data(3_500, 10);
+    let digest = Digest::of(&bytes);
+    let s = open_session(&first, digest, 3_500).await;
+    let mut late = second.upload_writer(&s.upload_id).await.unwrap();
+    late.write(0, Bytes::copy_from_slice(&bytes[..500]))
+        .await
+        .unwrap();
+    send_all(&first, &s.upload_id, &bytes, 900).await;
+    assert!(
+        !first
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+    let mut offset = 500;
+    for piece in bytes[500..].chunks(700) {
+        late.write(offset, Bytes::copy_from_slice(piece))
+            .await
+            .unwrap();
+        offset += piece.len() as u64;
+    }
+    assert_eq!(late.flush().await.unwrap(), 3_500);
+    assert!(
+        second
+            .commit_upload(&s.upload_id)
+            .await
+            .unwrap()
+            .deduplicated
+    );
+    assert_eq!(second.read_all(&digest).await.unwrap(), bytes);
 }

@@ -8,11 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use object_store::multipart::MultipartStore;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{MultipartId, ObjectMeta, ObjectStoreExt, PutPayload};
 use patchport_core::{Digest, Hasher};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use super::parts::{self, Chain, PartRecord};
 use super::{BlobError, BlobStore, MAX_PARTS, hash_parts, local};
@@ -144,18 +145,28 @@ pub(super) struct Segment {
     pub(super) len: u64,
 }
 
+/// Parts of one multipart upload put at once: the writer receives the next part while
+/// these are sent. With the part being filled, an upload holds up to this many parts
+/// plus one in memory.
+pub const PARTS_IN_FLIGHT: usize = 4;
+
 /// Receives the chunks of one upload session, in order, and persists them.
 ///
-/// On `memory://` and `s3://` every full part is put as it fills (hashed while it is
-/// sent) and recorded; a shorter stretch that is not the end of the blob is persisted as
-/// the session's tail by [`persist_buffered`](Self::persist_buffered), which leaves
-/// nothing in memory: the tail is read back (at most one part) when the next part or
-/// tail needs it, by this writer or one opened later. At most one part is held in
-/// memory. On `file://` bytes are persisted in segments, at most two in memory (one is
-/// written and hashed in the background while the next arrives; an error of that write
-/// shows at the next write or flush, with its bytes buffered again). Chunks that
-/// were written but not yet persisted are lost if the writer is dropped without
-/// [`UploadWriter::flush`]; the client then resumes from the session's committed offset.
+/// On `memory://` and `s3://` every full part is hashed (continuing the state of the part
+/// before it) and put in the background as it fills, up to [`PARTS_IN_FLIGHT`] at once;
+/// a part is recorded once it was put and the part before it was recorded, so the
+/// recorded chain never runs past a part that was not put. A part in flight belongs to
+/// its background task, not to the writer: a writer dropped with parts in flight (a
+/// handler dropped with its cut stream) leaves them to finish and record themselves, so
+/// the client's resume finds them. A shorter stretch that is not the end of the blob is
+/// persisted as the session's tail by [`persist_buffered`](Self::persist_buffered),
+/// which leaves nothing in memory: the tail is read back (at most one part) when the
+/// next part or tail needs it, by this writer or one opened later. On `file://` bytes
+/// are persisted in segments, at most two in memory (one is written and hashed in the
+/// background while the next arrives; an error of that write shows at the next write or
+/// flush, with its bytes buffered again). Chunks that were written but not yet persisted
+/// are lost if the writer is dropped without [`UploadWriter::flush`]; the client then
+/// resumes from the session's committed offset.
 pub struct UploadWriter {
     store: BlobStore,
     upload_id: String,
@@ -164,8 +175,8 @@ pub struct UploadWriter {
     committed: u64,
     buffered: u64,
     /// The bytes not yet in a part or the data file: on `file://` the `buffered` ones; with
-    /// a multipart upload those after the last part and the unloaded tail (the tail's, if
-    /// loaded, then the `buffered` ones).
+    /// a multipart upload those after the last part sent and the unloaded tail (the
+    /// tail's, if loaded, then the rest).
     buffer: VecDeque<Bytes>,
     /// On `file://`: the session directory (its data file takes the bytes) and the hash
     /// state at `committed`.
@@ -176,24 +187,84 @@ pub struct UploadWriter {
     in_flight: u64,
     /// With a multipart upload: where its recorded parts stand.
     parts: Option<PartsWriter>,
+    /// Set when another writer of the session stored the blob while this one wrote (its
+    /// multipart upload was completed under it): the rest of the stream is accepted and
+    /// dropped, and the commit answers dedup.
+    stored: bool,
 }
 
 /// A writer's position in a session's multipart upload.
 struct PartsWriter {
     upload: Upload,
-    /// Where the recorded parts end; `buffer` holds the bytes from here on.
+    /// Where the recorded parts end; the parts in flight, then `buffer`, hold the bytes
+    /// from here on.
     end: u64,
     /// The hash state at `end`.
     hasher: Hasher,
-    /// The content id of the last part (none before the first).
+    /// The content id of the last recorded part (none before the first).
     prev: Option<String>,
-    /// The index of the next part.
+    /// The index of the next part to be recorded.
     next: usize,
-    /// Whether a tail object at `end` may exist (written or seen by this writer).
+    /// Whether a tail object at `end` may exist (written or seen by this writer) that no
+    /// part in flight covers.
     tail: bool,
     /// Bytes of the tail at `end` that are not in the buffer (persisted, and dropped from
-    /// memory); the buffer holds the bytes after them.
+    /// memory); the buffer holds the bytes after them. Only with no part in flight.
     unloaded: u64,
+    /// The parts being put, in order, the first starting at `end`.
+    in_flight: VecDeque<InFlight>,
+}
+
+impl PartsWriter {
+    /// Where the parts sent so far end (recorded or in flight).
+    fn sent_end(&self) -> u64 {
+        self.in_flight.back().map_or(self.end, |p| p.end)
+    }
+
+    /// The hash state at [`sent_end`](Self::sent_end).
+    fn sent_hasher(&self) -> Hasher {
+        self.in_flight
+            .back()
+            .map_or_else(|| self.hasher.clone(), |p| p.hasher.clone())
+    }
+}
+
+/// A part put in the background.
+struct InFlight {
+    start: u64,
+    end: u64,
+    /// The hash state after it.
+    hasher: Hasher,
+    /// Whether it starts at a tail object, deleted once the part is recorded.
+    covers_tail: bool,
+    /// Gives the part's content id once it is recorded; the next part's task takes it.
+    recorded: Option<oneshot::Receiver<Option<String>>>,
+    task: tokio::task::JoinHandle<PartOutcome>,
+}
+
+/// What became of a part put in the background.
+enum PartOutcome {
+    /// Put and recorded, with this content id.
+    Recorded(String),
+    /// The multipart upload is gone because the blob is stored: another writer of the
+    /// session completed it.
+    Stored,
+    /// Not recorded: the error (none when the part before it was not recorded), and the
+    /// part's bytes.
+    Failed(Option<BlobError>, Vec<Bytes>),
+}
+
+/// One part for [`BlobStore::put_part_and_record`].
+struct PartPut {
+    upload_id: String,
+    upload: Upload,
+    /// The declared size of the blob.
+    size: u64,
+    index: usize,
+    start: u64,
+    bytes: Vec<Bytes>,
+    /// The hash state after the part.
+    hasher: Hasher,
 }
 
 type PendingWrite = tokio::task::JoinHandle<(Vec<Bytes>, Result<Hasher, local::Fail>)>;
@@ -221,7 +292,8 @@ impl UploadWriter {
         self.size
     }
 
-    /// Bytes durably persisted from offset 0 (buffered bytes not included).
+    /// Bytes durably persisted from offset 0 (buffered bytes, and parts still in flight,
+    /// not included).
     pub fn committed(&self) -> u64 {
         self.committed
     }
@@ -231,6 +303,9 @@ impl UploadWriter {
     /// segments) are persisted as they fill. On a storage error the chunk stays buffered,
     /// so a later [`flush`](Self::flush) may still persist it.
     pub async fn write(&mut self, offset: u64, data: Bytes) -> Result<(), BlobError> {
+        if self.stored {
+            return Ok(());
+        }
         let expected = self.committed + self.buffered;
         if offset != expected {
             return Err(BlobError::WrongOffset {
@@ -262,7 +337,7 @@ impl UploadWriter {
         Ok(())
     }
 
-    /// Bytes received but not yet persisted (held in memory).
+    /// Bytes received but not yet persisted (held in memory, or in parts in flight).
     pub fn buffered(&self) -> u64 {
         self.buffered
     }
@@ -273,7 +348,8 @@ impl UploadWriter {
     pub async fn persist_buffered(&mut self) -> Result<u64, BlobError> {
         if self.parts.is_some() {
             self.put_ready_parts().await?;
-            if self.buffered > 0 {
+            self.settle_parts(true).await?;
+            if self.buffered > 0 && !self.stored {
                 self.put_tail().await?;
             }
             return Ok(self.committed);
@@ -348,66 +424,38 @@ impl UploadWriter {
         Ok(())
     }
 
-    /// Puts every part the buffer fills: full parts, and the last part once the bytes
+    /// Sends every part the buffer fills: full parts, and the last part once the bytes
     /// reach the declared size.
     async fn put_ready_parts(&mut self) -> Result<(), BlobError> {
         loop {
+            let total = self.committed + self.buffered;
             let Some(p) = &self.parts else {
                 return Ok(());
             };
-            let held = (self.committed + self.buffered).saturating_sub(p.end);
-            let need = p.upload.part_size.min(self.size.saturating_sub(p.end));
-            if need == 0 || held < need {
+            let start = p.sent_end();
+            let need = p.upload.part_size.min(self.size.saturating_sub(start));
+            if self.stored || need == 0 || total.saturating_sub(start) < need {
+                return Ok(());
+            }
+            self.settle_parts(false).await?;
+            if self.stored {
                 return Ok(());
             }
             self.load_tail().await?;
-            self.put_part(need).await?;
+            self.send_part(need).await?;
         }
     }
 
-    /// Puts the first `n` bytes of the buffer as the next part, hashing them while they
-    /// are sent, then records it. On an error the bytes stay buffered.
-    async fn put_part(&mut self, n: u64) -> Result<(), BlobError> {
+    /// Hashes the first `n` bytes of the buffer, continuing the state of the part sent
+    /// before them, and puts them as the next part in the background. On an error the
+    /// bytes stay buffered.
+    async fn send_part(&mut self, n: u64) -> Result<(), BlobError> {
         let Some(p) = self.parts.as_mut() else {
             return Ok(());
         };
         let bytes = take_front(&mut self.buffer, n);
-        let start = p.end;
-        let end = start + n;
-        let payload: PutPayload = bytes.iter().cloned().collect();
-        let put = p
-            .upload
-            .store
-            .put_part(&p.upload.key, &p.upload.id, p.next, payload);
-        let (put, hashed) = tokio::join!(put, hash_parts(bytes.clone(), p.hasher.clone()));
-        let recorded = match (put, hashed) {
-            (Ok(part), Ok(hasher)) => {
-                let record = PartRecord {
-                    part: p.next,
-                    content_id: part.content_id,
-                    prev: p.prev.clone(),
-                    state: parts::to_hex(&hasher.to_state()),
-                };
-                let key = self
-                    .store
-                    .session_dir(&self.upload_id)
-                    .join(parts::record_name(start, n));
-                match self.store.put_json(&self.upload_id, &key, &record).await {
-                    Ok(()) => Ok((record.content_id, hasher)),
-                    Err(e) => Err(e),
-                }
-            }
-            (Err(object_store::Error::NotFound { .. }), _) => Err(BlobError::UploadChanged {
-                upload_id: self.upload_id.clone(),
-                detail:
-                    "its multipart upload is gone (expired or committed); start the upload again"
-                        .to_owned(),
-            }),
-            (Err(e), _) => Err(BlobError::storage("put part", &p.upload.key, e)),
-            (Ok(_), Err(e)) => Err(e),
-        };
-        let (content_id, hasher) = match recorded {
-            Ok(done) => done,
+        let hasher = match hash_parts(bytes.clone(), p.sent_hasher()).await {
+            Ok(hasher) => hasher,
             Err(e) => {
                 for b in bytes.into_iter().rev() {
                     self.buffer.push_front(b);
@@ -415,29 +463,143 @@ impl UploadWriter {
                 return Err(e);
             }
         };
-        let total = self.committed + self.buffered;
-        let old_tail = p.tail.then_some(p.end);
-        p.end = end;
-        p.hasher = hasher;
-        p.prev = Some(content_id);
-        p.next += 1;
-        p.tail = false;
-        self.committed = self.committed.max(end);
-        self.buffered = total - self.committed;
-        if let Some(at) = old_tail {
-            let key = self
-                .store
-                .session_dir(&self.upload_id)
-                .join(parts::tail_name(at));
-            if let Err(e) = self.store.delete_quiet(&key).await {
-                tracing::warn!(upload_id = %self.upload_id, error = %e, "cannot delete a covered upload tail");
+        let start = p.sent_end();
+        // The content id of the part before: recorded already, or once its task records it
+        // (a closed channel, which cannot happen, would fail this part, not misrecord it).
+        let prev = match p.in_flight.back_mut() {
+            Some(last) => last.recorded.take().unwrap_or_else(|| oneshot::channel().1),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(p.prev.clone());
+                rx
             }
-        }
+        };
+        let (tx, recorded) = oneshot::channel();
+        let put = PartPut {
+            upload_id: self.upload_id.clone(),
+            upload: p.upload.clone(),
+            size: self.size,
+            index: p.next + p.in_flight.len(),
+            start,
+            bytes,
+            hasher: hasher.clone(),
+        };
+        let task = tokio::spawn(self.store.clone().put_part_in_background(put, prev, tx));
+        p.in_flight.push_back(InFlight {
+            start,
+            end: start + n,
+            hasher,
+            covers_tail: std::mem::take(&mut p.tail),
+            recorded: Some(recorded),
+            task,
+        });
         Ok(())
     }
 
+    /// Takes the outcomes of the parts in flight, oldest first: those that finished, the
+    /// oldest when [`PARTS_IN_FLIGHT`] are in flight, and with `all` every one. A recorded
+    /// part becomes committed; a failed one gives its bytes, and those of every part after
+    /// it, back to the front of the buffer, and its error is returned.
+    async fn settle_parts(&mut self, all: bool) -> Result<(), BlobError> {
+        loop {
+            let Some(p) = self.parts.as_mut() else {
+                return Ok(());
+            };
+            let Some(oldest) = p.in_flight.front() else {
+                return Ok(());
+            };
+            if !all && p.in_flight.len() < PARTS_IN_FLIGHT && !oldest.task.is_finished() {
+                return Ok(());
+            }
+            let Some(part) = p.in_flight.pop_front() else {
+                return Ok(());
+            };
+            let outcome = match part.task.await {
+                Ok(outcome) => outcome,
+                Err(source) => PartOutcome::Failed(Some(BlobError::Task { source }), Vec::new()),
+            };
+            let (error, bytes) = match outcome {
+                PartOutcome::Recorded(content_id) => {
+                    p.end = part.end;
+                    p.hasher = part.hasher;
+                    p.prev = Some(content_id);
+                    p.next += 1;
+                    let total = self.committed + self.buffered;
+                    self.committed = self.committed.max(part.end);
+                    self.buffered = total - self.committed;
+                    if part.covers_tail {
+                        self.delete_tail(part.start).await;
+                    }
+                    continue;
+                }
+                PartOutcome::Stored => {
+                    self.blob_stored();
+                    return Ok(());
+                }
+                PartOutcome::Failed(error, bytes) => (error, bytes),
+            };
+            // This part and every one after it go back in front of the buffer, in order.
+            let mut back = vec![bytes];
+            let mut tail = part.covers_tail;
+            let mut lost = error.is_none();
+            for later in std::mem::take(&mut p.in_flight) {
+                tail |= later.covers_tail;
+                match later.task.await {
+                    Ok(PartOutcome::Failed(_, bytes)) if !bytes.is_empty() => back.push(bytes),
+                    Ok(PartOutcome::Stored) => {
+                        self.blob_stored();
+                        return Ok(());
+                    }
+                    // Recorded after a part that was not is impossible; a task that
+                    // panicked took its bytes with it.
+                    _ => lost = true,
+                }
+            }
+            p.tail |= tail;
+            if lost {
+                // Bytes are gone: the client resends from `committed` (what is buffered
+                // after them cannot follow them).
+                self.buffer.clear();
+                self.buffered = 0;
+            } else {
+                for b in back.into_iter().flatten().rev() {
+                    self.buffer.push_front(b);
+                }
+            }
+            return Err(error.unwrap_or_else(|| BlobError::UploadChanged {
+                upload_id: self.upload_id.clone(),
+                detail: "a part was lost while it was put; resume from the committed offset"
+                    .to_owned(),
+            }));
+        }
+    }
+
+    /// Another writer of the session stored the blob: nothing more is written.
+    fn blob_stored(&mut self) {
+        tracing::debug!(upload_id = %self.upload_id, "the blob was stored by another writer of the session");
+        self.stored = true;
+        if let Some(p) = self.parts.as_mut() {
+            // Their tasks finish on their own; what they record no longer matters.
+            p.in_flight.clear();
+        }
+        self.buffer.clear();
+        self.committed = self.size;
+        self.buffered = 0;
+    }
+
+    /// Deletes a tail object that a recorded part now covers.
+    async fn delete_tail(&self, at: u64) {
+        let key = self
+            .store
+            .session_dir(&self.upload_id)
+            .join(parts::tail_name(at));
+        if let Err(e) = self.store.delete_quiet(&key).await {
+            tracing::warn!(upload_id = %self.upload_id, error = %e, "cannot delete a covered upload tail");
+        }
+    }
+
     /// Puts every byte after the last part as the session's tail (shorter than a part and
-    /// not the end of the blob), then drops them from memory.
+    /// not the end of the blob), then drops them from memory. Only with no part in flight.
     async fn put_tail(&mut self) -> Result<(), BlobError> {
         self.load_tail().await?;
         let Some(p) = self.parts.as_mut() else {
@@ -490,6 +652,81 @@ impl UploadWriter {
         self.buffer.push_front(bytes);
         p.unloaded = 0;
         Ok(())
+    }
+}
+
+impl BlobStore {
+    /// The background task of a part: puts and records it ([`put_part_and_record`]
+    /// (Self::put_part_and_record), with the part before it giving its content id through
+    /// `prev`), then gives its own content id to the part after it through `recorded`.
+    async fn put_part_in_background(
+        self,
+        put: PartPut,
+        prev: oneshot::Receiver<Option<String>>,
+        recorded: oneshot::Sender<Option<String>>,
+    ) -> PartOutcome {
+        let bytes = put.bytes.clone();
+        let (key, size) = (put.upload.key.clone(), put.size);
+        match self
+            .put_part_and_record(put, async { prev.await.ok() })
+            .await
+        {
+            Ok(Some(content_id)) => {
+                let _ = recorded.send(Some(content_id.clone()));
+                PartOutcome::Recorded(content_id)
+            }
+            Ok(None) => PartOutcome::Failed(None, bytes),
+            Err(e @ BlobError::UploadChanged { .. }) => match self.head(&key).await {
+                Ok(Some(meta)) if meta.size == size => PartOutcome::Stored,
+                _ => PartOutcome::Failed(Some(e), bytes),
+            },
+            Err(e) => PartOutcome::Failed(Some(e), bytes),
+        }
+    }
+
+    /// Puts a part of a session's multipart upload, then records it (its content id, the
+    /// previous part's, the hash state after it) once `prev` gives the content id of the
+    /// part before it, which is recorded by then; `prev` giving nothing (that part was not
+    /// recorded) leaves this one unrecorded too: `Ok(None)`. An upload that is gone is
+    /// UploadChanged.
+    async fn put_part_and_record(
+        &self,
+        put: PartPut,
+        prev: impl std::future::Future<Output = Option<Option<String>>>,
+    ) -> Result<Option<String>, BlobError> {
+        let upload = &put.upload;
+        let payload: PutPayload = put.bytes.into_iter().collect();
+        let part = match upload
+            .store
+            .put_part(&upload.key, &upload.id, put.index, payload)
+            .await
+        {
+            Ok(part) => part,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(BlobError::UploadChanged {
+                    upload_id: put.upload_id,
+                    detail:
+                        "its multipart upload is gone (expired or committed); start the upload again"
+                            .to_owned(),
+                });
+            }
+            Err(e) => return Err(BlobError::storage("put part", &upload.key, e)),
+        };
+        let Some(prev) = prev.await else {
+            return Ok(None);
+        };
+        let len = put.hasher.len() - put.start;
+        let record = PartRecord {
+            part: put.index,
+            content_id: part.content_id,
+            prev,
+            state: parts::to_hex(&put.hasher.to_state()),
+        };
+        let key = self
+            .session_dir(&put.upload_id)
+            .join(parts::record_name(put.start, len));
+        self.put_json(&put.upload_id, &key, &record).await?;
+        Ok(Some(record.content_id))
     }
 }
 
@@ -696,6 +933,7 @@ impl BlobStore {
             pending: None,
             in_flight: 0,
             parts: None,
+            stored: false,
         };
         if rec.complete {
             // Nothing more to write: every chunk is refused as past the size.
@@ -727,6 +965,7 @@ impl BlobStore {
                     hasher: scan.chain.hasher,
                     tail: tail.is_some(),
                     unloaded: tail.unwrap_or(0),
+                    in_flight: VecDeque::new(),
                 });
             }
         }
@@ -1015,22 +1254,21 @@ impl BlobStore {
         // A wrong digest is refused by the caller: no part for it.
         let matches = hasher.clone().finish() == rec.digest;
         if let Some(upload) = put_tail.filter(|_| matches) {
-            let part = upload
-                .store
-                .put_part(&upload.key, &upload.id, chain.ids.len(), bytes.into())
-                .await
-                .map_err(|e| BlobError::storage("put part", &upload.key, e))?;
-            let record = PartRecord {
-                part: chain.ids.len(),
-                content_id: part.content_id.clone(),
-                prev: chain.last_id().map(str::to_owned),
-                state: parts::to_hex(&hasher.to_state()),
+            let put = PartPut {
+                upload_id: upload_id.to_owned(),
+                upload: upload.clone(),
+                size: rec.size,
+                index: chain.ids.len(),
+                start: chain.end,
+                bytes: vec![bytes],
+                hasher: hasher.clone(),
             };
-            let record_key = self
-                .session_dir(upload_id)
-                .join(parts::record_name(chain.end, len));
-            self.put_json(upload_id, &record_key, &record).await?;
-            chain.ids.push(part);
+            let prev = chain.last_id().map(str::to_owned);
+            let recorded = self.put_part_and_record(put, async { Some(prev) }).await?;
+            let Some(content_id) = recorded else {
+                return Err(changed("its last part could not be recorded".to_owned()));
+            };
+            chain.ids.push(PartId { content_id });
         }
         chain.end = rec.size;
         chain.hasher = hasher;
@@ -1641,7 +1879,6 @@ mod tests {
         w.write(2_499, Bytes::copy_from_slice(&bytes[2_499..]))
             .await
             .unwrap();
-        assert_eq!(w.committed(), 2_500);
         assert_eq!(w.flush().await.unwrap(), 2_500);
         store.commit_upload(&s.upload_id).await.unwrap();
         assert_eq!(store.read_all(&digest).await.unwrap(), bytes);
