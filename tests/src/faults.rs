@@ -16,7 +16,7 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
     ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use patchport_store::blobs::MemoryParts;
+use patchport_store::blobs::{BlobStore, MemoryParts};
 
 /// An operation of the wrapped store that can be made to fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -317,17 +317,22 @@ impl ObjectStore for FaultyStore {
 /// A registry over a fault-injecting store on local files, uploads as multipart uploads
 /// (as on S3) of 64 KiB parts, so the fixture's model file (517 KiB) is several parts.
 pub async fn faulty_registry() -> (crate::TestRegistry, Arc<Faults>, tempfile::TempDir) {
+    faulty_registry_with(|blobs| blobs).await
+}
+
+/// A [`faulty_registry`] whose blob store `configure` adjusts first (to read in ranges,
+/// say).
+pub async fn faulty_registry_with(
+    configure: impl FnOnce(BlobStore) -> BlobStore,
+) -> (crate::TestRegistry, Arc<Faults>, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let local = object_store::local::LocalFileSystem::new_with_prefix(files.path()).unwrap();
     let (faulty, faults) = FaultyStore::new(Arc::new(local));
     let faulty = Arc::new(faulty);
-    let blobs = patchport_store::blobs::BlobStore::new_multipart(
-        faulty.clone(),
-        faulty,
-        object_store::path::Path::default(),
-    )
-    .with_segment_size(64 << 10)
-    .with_min_part_size(64 << 10);
+    let blobs = BlobStore::new_multipart(faulty.clone(), faulty, Path::default())
+        .with_segment_size(64 << 10)
+        .with_min_part_size(64 << 10);
+    let blobs = configure(blobs);
     let reg = crate::TestRegistry::start_with_blobs(crate::Backend::Embedded, blobs)
         .await
         .unwrap();

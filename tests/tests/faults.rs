@@ -17,7 +17,7 @@ use patchport_client::{Client, ClientError, NoProgress};
 use patchport_core::Digest;
 use patchport_proto::v1;
 use patchport_registry::Config;
-use patchport_tests::faults::{Op, faulty_registry};
+use patchport_tests::faults::{Faults, Op, faulty_registry, faulty_registry_with};
 use patchport_tests::postgres::PrivatePostgres;
 use patchport_tests::{TestRegistry, base, fixtures, patch, query_i64s, read_tree};
 use tonic::Code;
@@ -212,6 +212,27 @@ async fn a_push_reads_back_no_safetensors_blob_that_arrived_in_one_stream() {
 #[tokio::test]
 async fn reads_that_fail_once_are_retried_and_reads_that_keep_failing_fail_cleanly() {
     let (reg, faults, _files) = faulty_registry().await;
+    reads_fail_once_then_always(&reg, &faults, "").await;
+}
+
+/// The same over a store that reads in ranges, as on S3 (the model file is nine ranges,
+/// four GETs in flight), the single failures on the model file's reads: a failed GET or
+/// a broken body is retried within its range.
+#[tokio::test]
+async fn reads_in_ranges_that_fail_once_are_retried_and_reads_that_keep_failing_fail_cleanly() {
+    let (reg, faults, _files) = faulty_registry_with(|blobs| {
+        blobs
+            .with_read_concurrency(4)
+            .with_read_range_size(64 << 10)
+    })
+    .await;
+    let model = digest_of(&v1_dir().join("model.safetensors"));
+    reads_fail_once_then_always(&reg, &faults, &model.hex()).await;
+}
+
+/// Pulls over reads that fail once (those of keys containing `key`), then over reads
+/// that keep failing.
+async fn reads_fail_once_then_always(reg: &TestRegistry, faults: &Faults, key: &str) {
     let client = reg.client().await.unwrap();
     client
         .push_dir(&v1_dir(), &base("acme/llama", "v1", None), &NoProgress)
@@ -222,7 +243,7 @@ async fn reads_that_fail_once_are_retried_and_reads_that_keep_failing_fail_clean
         .into_iter()
         .enumerate()
     {
-        faults.fail(op, 1);
+        faults.fail_matching(op, key, Some(1));
         pull_matches(&client, "acme/llama:v1", &v1_dir())
             .await
             .unwrap_or_else(|e| panic!("{op:?} failing once: {e}"));

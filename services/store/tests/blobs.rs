@@ -2,19 +2,25 @@
 //! and against S3 when `PATCHPORT_TEST_S3_ENDPOINT` is set (see scripts/s3-server.sh).
 
 use std::io::Write as _;
-use std::sync::{Arc, Once};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::memory::InMemory;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{
+    CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult,
+};
 use patchport_core::Digest;
 use patchport_store::blobs::{
-    BlobError, BlobErrorKind, BlobStore, CommitOutcome, MemoryParts, READ_CHUNK_SIZE,
-    UploadSession, UploadStart,
+    BlobError, BlobErrorKind, BlobStore, CommitOutcome, MemoryParts, READ_ATTEMPTS,
+    READ_CHUNK_SIZE, UploadSession, UploadStart,
 };
 
 /// Small segments, so that a few hundred KiB make a multi-segment upload.
@@ -335,6 +341,81 @@ async fn read_chunks_are_bounded(b: &Backend) {
             .all(|c| !c.is_empty() && c.len() <= READ_CHUNK_SIZE)
     );
     assert_eq!(chunks.concat(), &bytes[7..]);
+}
+
+/// An odd range size, so that ranges straddle everything else.
+const RANGE: usize = 9_973;
+
+/// A store of the backend whose reads keep 4 GETs in flight, in ranges of `range` bytes.
+fn ranged_store(b: &Backend, range: usize) -> BlobStore {
+    b.open()
+        .with_read_concurrency(4)
+        .with_read_range_size(range)
+}
+
+async fn reads_in_ranges_are_exact(b: &Backend) {
+    let store = ranged_store(b, RANGE);
+    let bytes = data(200_000, 4);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let (n, r) = (bytes.len() as u64, RANGE as u64);
+    for (offset, len) in [
+        (0, None),
+        // Two ranges are read in one stream; one byte more in three ranges.
+        (0, Some(2 * r)),
+        (0, Some(2 * r + 1)),
+        (1, Some(3 * r - 2)),
+        (r - 1, Some(5 * r + 2)),
+        (12_345, Some(100_001)),
+        (n - 3 * r - 7, None),
+        // A length past the end is clamped.
+        (n - 4 * r + 3, Some(u64::MAX)),
+    ] {
+        let end = len.map_or(n, |l| offset.saturating_add(l).min(n));
+        assert_eq!(
+            read_range(&store, &digest, offset, len).await,
+            &bytes[offset as usize..end as usize],
+            "{offset} {len:?}"
+        );
+    }
+    let missing = Digest::of(b"not stored");
+    assert_kind(
+        store.read(&missing, 0, None).await.map(|_| ()),
+        BlobErrorKind::NotFound,
+    );
+}
+
+async fn reads_in_ranges_have_bounded_chunks(b: &Backend) {
+    // Ranges larger than a chunk and not a multiple of it.
+    let store = ranged_store(b, READ_CHUNK_SIZE + 12_345);
+    let bytes = data(READ_CHUNK_SIZE * 4 + 777, 5);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let chunks: Vec<Bytes> = store
+        .read(&digest, 7, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        chunks
+            .iter()
+            .all(|c| !c.is_empty() && c.len() <= READ_CHUNK_SIZE)
+    );
+    assert_eq!(chunks.concat(), &bytes[7..]);
+}
+
+async fn a_read_in_ranges_dropped_early_is_fine(b: &Backend) {
+    // A chunk (1 MiB) takes about four ranges; the blob is a dozen of them.
+    let store = ranged_store(b, (256 << 10) + 1);
+    let bytes = data((3 << 20) + 5, 6);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let mut stream = store.read(&digest, 3, None).await.unwrap();
+    let first = stream.next().await.expect("a chunk").expect("read");
+    assert_eq!(first, &bytes[3..3 + READ_CHUNK_SIZE]);
+    drop(stream);
+    // Dropped before its first chunk.
+    drop(store.read(&digest, 0, None).await.unwrap());
+    assert_eq!(read_range(&store, &digest, 0, None).await, bytes);
 }
 
 async fn digest_mismatch_is_refused(b: &Backend) {
@@ -1085,6 +1166,9 @@ conformance!(
     roundtrip_multi_segment,
     ranged_reads,
     read_chunks_are_bounded,
+    reads_in_ranges_are_exact,
+    reads_in_ranges_have_bounded_chunks,
+    a_read_in_ranges_dropped_early_is_fine,
     digest_mismatch_is_refused,
     size_mismatch_is_refused,
     commit_before_complete_fails,
@@ -1190,4 +1274,231 @@ fn from_url_creates_the_directory() {
     let path = dir.path().join("a/b/blobs");
     BlobStore::from_url(&format!("file://{}", path.display())).unwrap();
     assert!(path.is_dir());
+}
+
+// ---------------------------------------------------------------------------------------
+// Reads in ranges over a store that fails chosen GETs.
+
+/// What a [`Flaky`] store does to the GET of a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The GET fails with a transient error.
+    Get,
+    /// The GET answers NotFound.
+    NotFound,
+    /// The body breaks off (a transient error) halfway through its first chunk.
+    Body,
+}
+
+/// An in-memory store that counts ranged GETs and spoils chosen ones, each once.
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: InMemory,
+    ranged_gets: AtomicUsize,
+    /// The start of a range, and what its next GET meets.
+    faults: Mutex<Vec<(u64, Fault)>>,
+}
+
+impl Flaky {
+    /// The next `times` GETs of ranges starting at `start` meet `fault`.
+    fn fail(&self, start: u64, fault: Fault, times: u32) {
+        let mut faults = self.faults.lock().unwrap();
+        faults.extend((0..times).map(|_| (start, fault)));
+    }
+
+    fn take_fault(&self, start: u64) -> Option<Fault> {
+        let mut faults = self.faults.lock().unwrap();
+        let i = faults.iter().position(|(s, _)| *s == start)?;
+        Some(faults.remove(i).1)
+    }
+
+    fn faults_left(&self) -> usize {
+        self.faults.lock().unwrap().len()
+    }
+}
+
+fn injected(what: &str) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "flaky",
+        source: format!("injected: {what}").into(),
+    }
+}
+
+impl std::fmt::Display for Flaky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Flaky({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Flaky {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        let fault = match &options.range {
+            Some(GetRange::Bounded(range)) if !options.head => {
+                self.ranged_gets.fetch_add(1, Ordering::SeqCst);
+                self.take_fault(range.start)
+            }
+            _ => None,
+        };
+        match fault {
+            Some(Fault::Get) => return Err(injected("get")),
+            Some(Fault::NotFound) => {
+                return Err(object_store::Error::NotFound {
+                    path: location.to_string(),
+                    source: "injected".into(),
+                });
+            }
+            Some(Fault::Body) | None => {}
+        }
+        let result = self.inner.get_opts(location, options).await?;
+        if fault.is_none() {
+            return Ok(result);
+        }
+        let (meta, range, attributes, extensions) = (
+            result.meta.clone(),
+            result.range.clone(),
+            result.attributes.clone(),
+            result.extensions.clone(),
+        );
+        let body = result
+            .into_stream()
+            .take(1)
+            .map_ok(|b| b.slice(..b.len() / 2))
+            .chain(futures::stream::once(async { Err(injected("body")) }))
+            .boxed();
+        Ok(GetResult {
+            payload: GetResultPayload::Stream(body),
+            meta,
+            range,
+            attributes,
+            extensions,
+        })
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A store over a [`Flaky`] one, reading with 4 GETs in flight in ranges of [`RANGE`]
+/// bytes; holds `bytes`.
+async fn flaky_store(bytes: &[u8]) -> (Arc<Flaky>, BlobStore, Digest) {
+    let flaky = Arc::new(Flaky::default());
+    let store = BlobStore::new(flaky.clone(), Path::default())
+        .with_read_concurrency(4)
+        .with_read_range_size(RANGE);
+    let digest = store
+        .put_bytes(Bytes::copy_from_slice(bytes))
+        .await
+        .unwrap();
+    (flaky, store, digest)
+}
+
+#[tokio::test]
+async fn a_range_whose_get_fails_once_is_retried() {
+    let bytes = data(200_000, 7);
+    let (flaky, store, digest) = flaky_store(&bytes).await;
+    let r = RANGE as u64;
+    // Ranges start at the read's offset: 5, 5 + r, 5 + 2r, ...
+    flaky.fail(5 + 3 * r, Fault::Get, 1);
+    flaky.fail(5 + 7 * r, Fault::Body, 1);
+    assert_eq!(read_range(&store, &digest, 5, None).await, &bytes[5..]);
+    assert_eq!(flaky.faults_left(), 0, "a fault was not met");
+    // One GET per range, the failed one retried, the broken body resumed.
+    let ranges = (bytes.len() as u64 - 5).div_ceil(r) as usize;
+    assert_eq!(flaky.ranged_gets.load(Ordering::SeqCst), ranges + 2);
+}
+
+#[tokio::test]
+async fn a_range_that_keeps_failing_fails_the_read() {
+    let bytes = data(200_000, 8);
+    let (flaky, store, digest) = flaky_store(&bytes).await;
+    flaky.fail(4 * RANGE as u64, Fault::Get, READ_ATTEMPTS);
+    let mut stream = store.read(&digest, 0, None).await.unwrap();
+    let mut read = Vec::new();
+    let e = loop {
+        match stream.next().await.expect("the read ends with an error") {
+            Ok(chunk) => read.extend_from_slice(&chunk),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(e.kind(), BlobErrorKind::Unavailable, "{e}");
+    // What came before the failure is the blob's start, and nothing comes after it.
+    assert_eq!(read, &bytes[..read.len()]);
+    assert!(read.len() <= 4 * RANGE);
+    assert!(stream.next().await.is_none());
+}
+
+#[tokio::test]
+async fn a_blob_gone_when_its_read_opens_is_not_found() {
+    let bytes = data(200_000, 9);
+    let (flaky, store, digest) = flaky_store(&bytes).await;
+    for (offset, len) in [(0, None), (10, Some(100))] {
+        flaky.fail(offset, Fault::NotFound, 1);
+        let e = assert_kind(
+            store.read(&digest, offset, len).await.map(|_| ()),
+            BlobErrorKind::NotFound,
+        );
+        assert!(matches!(e, BlobError::BlobNotFound { .. }), "{e:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_read_in_ranges_holds_at_most_its_concurrency_ahead() {
+    let bytes = data(READ_CHUNK_SIZE * 10, 10);
+    let flaky = Arc::new(Flaky::default());
+    let store = BlobStore::new(flaky.clone(), Path::default())
+        .with_read_concurrency(4)
+        .with_read_range_size(READ_CHUNK_SIZE);
+    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
+    let mut stream = store.read(&digest, 0, None).await.unwrap();
+    let first = stream.next().await.expect("a chunk").expect("read");
+    assert_eq!(first, &bytes[..READ_CHUNK_SIZE]);
+    // The consumer took one chunk: no more than 4 ranges were asked for.
+    let gets = flaky.ranged_gets.load(Ordering::SeqCst);
+    assert!(gets <= 4, "{gets} GETs for one chunk");
+    drop(stream);
+    assert_eq!(flaky.ranged_gets.load(Ordering::SeqCst), gets);
+    assert_eq!(read_range(&store, &digest, 0, None).await, bytes);
 }

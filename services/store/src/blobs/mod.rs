@@ -1,6 +1,14 @@
 //! The content-addressed blob store: sha256-keyed blobs in an `object_store` (`file://`,
 //! `memory://`, `s3://`), resumable chunked uploads, ranged streaming reads.
 //!
+//! A read streams one ranged GET, except on a store with read concurrency above 1
+//! (`s3://` from `from_url`: [`S3_READ_CONCURRENCY`], since one S3 connection streams
+//! only some 50-100 MB/s): a read longer than two ranges is fetched in ranges of
+//! [`READ_RANGE_SIZE`], that many GETs in flight, and yielded in order. Ranges are
+//! buffered whole, at most concurrency of them beyond what the stream has yielded, so such
+//! a read holds at most concurrency + 1 ranges in memory however slowly it is consumed:
+//! 40 MiB on S3 by default.
+//!
 //! Layout under the store's prefix:
 //!
 //! ```text
@@ -62,7 +70,8 @@
 //!   broke off) are retried here, [`READ_ATTEMPTS`] attempts in all with a doubling
 //!   backoff from [`READ_BACKOFF`], when the error is transient (`object_store`'s
 //!   `Generic`: network, HTTP server and IO failures; its S3 client has already retried
-//!   those requests itself). A read stream resumes from the byte it had reached.
+//!   those requests itself). A read stream resumes from the byte it had reached; a read
+//!   fetched in ranges retries and resumes each range on its own.
 //! - Writes (parts, records, tails, session puts) are not retried here: the request fails
 //!   with [`BlobErrorKind::Unavailable`] and nothing is completed, and the client's
 //!   resumable upload asks for the committed offset and resends from there (a commit is
@@ -121,6 +130,13 @@ pub const MAX_PARTS: u64 = 9_000;
 /// The largest chunk a [`BlobStore::read`] stream yields.
 pub const READ_CHUNK_SIZE: usize = 1 << 20;
 
+/// The size of the ranges a read is fetched in when the store reads with concurrency
+/// (see [`BlobStore::with_read_concurrency`]).
+pub const READ_RANGE_SIZE: usize = 8 << 20;
+
+/// Ranged GETs one read keeps in flight on `s3://` (from [`BlobStore::from_url`]).
+pub const S3_READ_CONCURRENCY: usize = 4;
+
 /// Attempts of an idempotent backend read before a transient error is returned.
 pub const READ_ATTEMPTS: u32 = 3;
 
@@ -157,6 +173,10 @@ pub struct BlobStore {
     /// except on `file://`, where it is the same directory without fsync (see the module
     /// doc: what it holds describes progress, never the bytes of a blob).
     bookkeeping: Arc<dyn ObjectStore>,
+    /// Ranged GETs one read keeps in flight; 1: one stream.
+    read_concurrency: usize,
+    /// The ranges a read with concurrency is fetched in.
+    read_range_size: usize,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -167,6 +187,8 @@ impl std::fmt::Debug for BlobStore {
             .field("segment_size", &self.segment_size)
             .field("min_part_size", &self.min_part_size)
             .field("multipart", &self.parts.is_some())
+            .field("read_concurrency", &self.read_concurrency)
+            .field("read_range_size", &self.read_range_size)
             .finish_non_exhaustive()
     }
 }
@@ -184,6 +206,8 @@ impl BlobStore {
             segment_size: DEFAULT_SEGMENT_SIZE,
             min_part_size: S3_MIN_PART_SIZE,
             local_root: None,
+            read_concurrency: 1,
+            read_range_size: READ_RANGE_SIZE,
         }
     }
 
@@ -209,7 +233,7 @@ impl BlobStore {
     ///   (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT` for S3-compatible servers, which then get
     ///   path-style requests, and plain http when the endpoint is `http://`; `AWS_REGION`
     ///   defaults to us-east-1; `AWS_COPY_IF_NOT_EXISTS` and `AWS_CONDITIONAL_PUT` as in
-    ///   `object_store`).
+    ///   `object_store`); reads keep [`S3_READ_CONCURRENCY`] GETs in flight.
     pub fn from_url(url: &str) -> Result<Self, BlobError> {
         let invalid = |reason: String| BlobError::InvalidUrl {
             url: url.chars().take(200).collect(),
@@ -288,7 +312,8 @@ impl BlobStore {
                     url: url.to_owned(),
                     source,
                 })?);
-                Ok(Self::new_multipart(s3.clone(), s3, prefix))
+                Ok(Self::new_multipart(s3.clone(), s3, prefix)
+                    .with_read_concurrency(S3_READ_CONCURRENCY))
             }
             other => Err(invalid(format!(
                 "unsupported scheme {:?}; {SUPPORTED_URLS}",
@@ -310,6 +335,22 @@ impl BlobStore {
     /// `memory://`. A session keeps the part size it started with.
     pub fn with_min_part_size(mut self, bytes: usize) -> Self {
         self.min_part_size = bytes.max(1);
+        self
+    }
+
+    /// Sets how many ranged GETs one [`read`](Self::read) keeps in flight (at least 1).
+    /// Default 1, one stream per read; `s3://` from [`from_url`](Self::from_url):
+    /// [`S3_READ_CONCURRENCY`]. Above 1, a read longer than two ranges is fetched in
+    /// ranges (see [`with_read_range_size`](Self::with_read_range_size)).
+    pub fn with_read_concurrency(mut self, n: usize) -> Self {
+        self.read_concurrency = n.max(1);
+        self
+    }
+
+    /// Sets the size of the ranges a read with concurrency is fetched in (default
+    /// [`READ_RANGE_SIZE`]; at least 1 byte). Tests lower it.
+    pub fn with_read_range_size(mut self, bytes: usize) -> Self {
+        self.read_range_size = bytes.max(1);
         self
     }
 
@@ -360,6 +401,13 @@ impl BlobStore {
     /// Streams `len` bytes of a blob from `offset` (`None`: to the end; a length past the
     /// end is clamped), in chunks of at most [`READ_CHUNK_SIZE`]. An offset past the end
     /// is InvalidArgument; an offset equal to the size yields nothing.
+    ///
+    /// With read concurrency n above 1 (see
+    /// [`with_read_concurrency`](Self::with_read_concurrency)), a read longer than two
+    /// ranges is fetched range by range, up to n GETs in flight, and yielded in order.
+    /// Ranges are buffered whole, at most n beyond what the stream has yielded: the read
+    /// holds at most n + 1 ranges in memory however slowly it is consumed. Otherwise one
+    /// GET streams.
     pub async fn read(
         &self,
         digest: &Digest,
@@ -383,7 +431,10 @@ impl BlobStore {
         if end == offset {
             return Ok(stream::empty().boxed());
         }
-        let result = open_range(&self.store, &key, offset, end)
+        let range = self.read_range_size as u64;
+        let in_ranges = self.read_concurrency > 1 && end - offset > range.saturating_mul(2);
+        let first_end = if in_ranges { offset + range } else { end };
+        let first = open_range(&self.store, &key, offset, first_end)
             .await
             .map_err(|e| {
                 not_found_or(
@@ -393,7 +444,20 @@ impl BlobStore {
                     &key,
                 )
             })?;
-        let inner = resume_on_failure(self.store.clone(), key.clone(), offset, end, result);
+        let inner = if in_ranges {
+            let store = self.store.clone();
+            let key = key.clone();
+            let mut first = Some(first);
+            stream::iter((offset..end).step_by(self.read_range_size))
+                .map(move |start| {
+                    let range_end = start.saturating_add(range).min(end);
+                    fetch_range(store.clone(), key.clone(), start, range_end, first.take())
+                })
+                .buffered(self.read_concurrency)
+                .boxed()
+        } else {
+            resume_on_failure(self.store.clone(), key.clone(), offset, end, first)
+        };
         Ok(rechunk(inner, key, end - offset))
     }
 
@@ -623,6 +687,27 @@ fn resume_on_failure(
         }
     })
     .boxed()
+}
+
+/// `[start, end)` of `key` in memory, read from `opened` (the range's GET, already
+/// answered) or from a new GET, resuming as [`resume_on_failure`] does.
+async fn fetch_range(
+    store: Arc<dyn ObjectStore>,
+    key: Path,
+    start: u64,
+    end: u64,
+    opened: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+) -> object_store::Result<Bytes> {
+    let first = match opened {
+        Some(first) => first,
+        None => open_range(&store, &key, start, end).await?,
+    };
+    let mut body = resume_on_failure(store, key, start, end, first);
+    let mut buf = BytesMut::with_capacity(usize::try_from(end - start).unwrap_or(0));
+    while let Some(bytes) = body.try_next().await? {
+        buf.extend_from_slice(&bytes);
+    }
+    Ok(buf.freeze())
 }
 
 /// Feeds `parts` to `hasher`, on the blocking pool when they are large.
