@@ -12,7 +12,8 @@
 # started by scripts/s3-server.sh on port $BENCH_S3_PORT (default 9150), stopped and
 # started again between runs so each starts empty. A registry on 127.0.0.1 with SQLite,
 # everything under $BENCH_WORK (default /tmp/patchport-transfer-bench), and a fresh
-# random file each run.
+# random file each run. The registry takes its other settings from the environment
+# (`PATCHPORT_BLOB_READ_CONCURRENCY=4`, say; a binary without the setting ignores it).
 #
 # Where a push's time goes is read from the registry's JSON log: until the upload
 # session of the big file starts (the client hashing the files), until its upload stream

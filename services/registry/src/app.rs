@@ -56,6 +56,9 @@ pub struct Config {
     pub database: String,
     /// `file:///abs/path`, `memory://` or `s3://bucket/prefix`.
     pub blobs: String,
+    /// Ranged GETs one blob read keeps in flight (1: one stream; see
+    /// `BlobStore::with_read_concurrency`).
+    pub blob_read_concurrency: usize,
     /// How long a port job's lease lasts without a heartbeat.
     pub lease: std::time::Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None` records nothing.
@@ -82,6 +85,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             database: String::new(),
             blobs: String::new(),
+            blob_read_concurrency: 1,
             lease: std::time::Duration::from_secs(30),
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(30),
@@ -194,10 +198,12 @@ pub struct Application {
 impl Application {
     /// Opens the stores (running migrations) and binds the listener.
     pub async fn build(config: Config) -> Result<Self, StartError> {
-        let blobs = BlobStore::from_url(&config.blobs).map_err(|source| StartError::Blobs {
-            url: config.blobs.clone(),
-            source,
-        })?;
+        let blobs = BlobStore::from_url(&config.blobs)
+            .map_err(|source| StartError::Blobs {
+                url: config.blobs.clone(),
+                source,
+            })?
+            .with_read_concurrency(config.blob_read_concurrency);
         Self::build_with_blobs(config, blobs).await
     }
 

@@ -27,6 +27,11 @@ pub(crate) struct ServeArgs {
         default_value = "file://./patchport-data/blobs"
     )]
     blobs: String,
+    /// Ranged GETs one blob read keeps in flight (8 MiB ranges; 1: one stream). For S3,
+    /// where one connection streams some 50-100 MB/s; a server that reads the whole
+    /// object for every ranged GET (moto) gets much slower with more than 1.
+    #[arg(long, env = "PATCHPORT_BLOB_READ_CONCURRENCY", default_value_t = 1)]
+    blob_read_concurrency: usize,
     /// Port workers run in this process (the same loop as `patchport worker`); 0 when
     /// separate worker processes do the ports.
     #[arg(long, env = "PATCHPORT_WORKERS", default_value_t = 1)]
@@ -237,6 +242,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         database: args.database,
         blobs: absolute_file_url(&args.blobs)?,
+        blob_read_concurrency: args.blob_read_concurrency.max(1),
         lease: std::time::Duration::from_secs(args.lease_seconds.max(1)),
         auth: patchport_registry::auth::AuthConfig {
             enabled: args.auth,

@@ -1,13 +1,15 @@
 //! The content-addressed blob store: sha256-keyed blobs in an `object_store` (`file://`,
 //! `memory://`, `s3://`), resumable chunked uploads, ranged streaming reads.
 //!
-//! A read streams one ranged GET, except on a store with read concurrency above 1
-//! (`s3://` from `from_url`: [`S3_READ_CONCURRENCY`], since one S3 connection streams
-//! only some 50-100 MB/s): a read longer than two ranges is fetched in ranges of
+//! A read streams one ranged GET, except on a store with read concurrency above 1 (the
+//! registry's `--blob-read-concurrency`, for S3 where one connection streams only some
+//! 50-100 MB/s; off by default: on the local S3 servers we measure against it gained
+//! nothing, and moto reads the whole object for every ranged GET, see
+//! `bench/transfer/README.md`): a read longer than two ranges is fetched in ranges of
 //! [`READ_RANGE_SIZE`], that many GETs in flight, and yielded in order. Ranges are
 //! buffered whole, at most concurrency of them beyond what the stream has yielded, so such
 //! a read holds at most concurrency + 1 ranges in memory however slowly it is consumed:
-//! 40 MiB on S3 by default.
+//! 40 MiB with 4 in flight.
 //!
 //! Layout under the store's prefix:
 //!
@@ -134,9 +136,6 @@ pub const READ_CHUNK_SIZE: usize = 1 << 20;
 /// (see [`BlobStore::with_read_concurrency`]).
 pub const READ_RANGE_SIZE: usize = 8 << 20;
 
-/// Ranged GETs one read keeps in flight on `s3://` (from [`BlobStore::from_url`]).
-pub const S3_READ_CONCURRENCY: usize = 4;
-
 /// Attempts of an idempotent backend read before a transient error is returned.
 pub const READ_ATTEMPTS: u32 = 3;
 
@@ -233,7 +232,7 @@ impl BlobStore {
     ///   (`AWS_ENDPOINT_URL` or `AWS_ENDPOINT` for S3-compatible servers, which then get
     ///   path-style requests, and plain http when the endpoint is `http://`; `AWS_REGION`
     ///   defaults to us-east-1; `AWS_COPY_IF_NOT_EXISTS` and `AWS_CONDITIONAL_PUT` as in
-    ///   `object_store`); reads keep [`S3_READ_CONCURRENCY`] GETs in flight.
+    ///   `object_store`).
     pub fn from_url(url: &str) -> Result<Self, BlobError> {
         let invalid = |reason: String| BlobError::InvalidUrl {
             url: url.chars().take(200).collect(),
@@ -312,8 +311,7 @@ impl BlobStore {
                     url: url.to_owned(),
                     source,
                 })?);
-                Ok(Self::new_multipart(s3.clone(), s3, prefix)
-                    .with_read_concurrency(S3_READ_CONCURRENCY))
+                Ok(Self::new_multipart(s3.clone(), s3, prefix))
             }
             other => Err(invalid(format!(
                 "unsupported scheme {:?}; {SUPPORTED_URLS}",
@@ -339,9 +337,9 @@ impl BlobStore {
     }
 
     /// Sets how many ranged GETs one [`read`](Self::read) keeps in flight (at least 1).
-    /// Default 1, one stream per read; `s3://` from [`from_url`](Self::from_url):
-    /// [`S3_READ_CONCURRENCY`]. Above 1, a read longer than two ranges is fetched in
-    /// ranges (see [`with_read_range_size`](Self::with_read_range_size)).
+    /// Default 1, one stream per read. Above 1, a read longer than two ranges is fetched
+    /// in ranges (see [`with_read_range_size`](Self::with_read_range_size)): for S3,
+    /// where one connection's throughput is the limit.
     pub fn with_read_concurrency(mut self, n: usize) -> Self {
         self.read_concurrency = n.max(1);
         self
