@@ -324,9 +324,10 @@ async fn ranged_reads(b: &Backend) {
     assert_kind(store.read_all(&missing).await, BlobErrorKind::NotFound);
 }
 
-async fn read_chunks_are_bounded(b: &Backend) {
-    let store = b.open();
-    let bytes = data(READ_CHUNK_SIZE * 2 + 12_345, 3);
+/// Reads `len` bytes put into `store` from offset 7: every chunk is non-empty and at most
+/// READ_CHUNK_SIZE, and together they are the bytes.
+async fn assert_bounded_chunks(store: &BlobStore, len: usize, seed: u64) {
+    let bytes = data(len, seed);
     let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
     let chunks: Vec<Bytes> = store
         .read(&digest, 7, None)
@@ -341,6 +342,10 @@ async fn read_chunks_are_bounded(b: &Backend) {
             .all(|c| !c.is_empty() && c.len() <= READ_CHUNK_SIZE)
     );
     assert_eq!(chunks.concat(), &bytes[7..]);
+}
+
+async fn read_chunks_are_bounded(b: &Backend) {
+    assert_bounded_chunks(&b.open(), READ_CHUNK_SIZE * 2 + 12_345, 3).await;
 }
 
 /// An odd range size, so that ranges straddle everything else.
@@ -387,21 +392,7 @@ async fn reads_in_ranges_are_exact(b: &Backend) {
 async fn reads_in_ranges_have_bounded_chunks(b: &Backend) {
     // Ranges larger than a chunk and not a multiple of it.
     let store = ranged_store(b, READ_CHUNK_SIZE + 12_345);
-    let bytes = data(READ_CHUNK_SIZE * 4 + 777, 5);
-    let digest = store.put_bytes(Bytes::from(bytes.clone())).await.unwrap();
-    let chunks: Vec<Bytes> = store
-        .read(&digest, 7, None)
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
-    assert!(
-        chunks
-            .iter()
-            .all(|c| !c.is_empty() && c.len() <= READ_CHUNK_SIZE)
-    );
-    assert_eq!(chunks.concat(), &bytes[7..]);
+    assert_bounded_chunks(&store, READ_CHUNK_SIZE * 4 + 777, 5).await;
 }
 
 async fn a_read_in_ranges_dropped_early_is_fine(b: &Backend) {
