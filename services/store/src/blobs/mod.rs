@@ -452,6 +452,8 @@ impl BlobStore {
                     fetch_range(store.clone(), key.clone(), start, range_end, first.take())
                 })
                 .buffered(self.read_concurrency)
+                .map_ok(|chunks| stream::iter(chunks.into_iter().map(Ok)))
+                .try_flatten()
                 .boxed()
         } else {
             resume_on_failure(self.store.clone(), key.clone(), offset, end, first)
@@ -687,25 +689,22 @@ fn resume_on_failure(
     .boxed()
 }
 
-/// `[start, end)` of `key` in memory, read from `opened` (the range's GET, already
-/// answered) or from a new GET, resuming as [`resume_on_failure`] does.
+/// The chunks of `[start, end)` of `key`, all in memory, read from `opened` (the range's
+/// GET, already answered) or from a new GET, resuming as [`resume_on_failure`] does.
 async fn fetch_range(
     store: Arc<dyn ObjectStore>,
     key: Path,
     start: u64,
     end: u64,
     opened: Option<BoxStream<'static, object_store::Result<Bytes>>>,
-) -> object_store::Result<Bytes> {
+) -> object_store::Result<Vec<Bytes>> {
     let first = match opened {
         Some(first) => first,
         None => open_range(&store, &key, start, end).await?,
     };
-    let mut body = resume_on_failure(store, key, start, end, first);
-    let mut buf = BytesMut::with_capacity(usize::try_from(end - start).unwrap_or(0));
-    while let Some(bytes) = body.try_next().await? {
-        buf.extend_from_slice(&bytes);
-    }
-    Ok(buf.freeze())
+    resume_on_failure(store, key, start, end, first)
+        .try_collect()
+        .await
 }
 
 /// Feeds `parts` to `hasher`, on the blocking pool when they are large.

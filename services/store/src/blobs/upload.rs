@@ -254,12 +254,10 @@ enum PartOutcome {
     Failed(Option<BlobError>, Vec<Bytes>),
 }
 
-/// One part for [`BlobStore::put_part_and_record`].
+/// One part for [`BlobStore::put_part`] and [`BlobStore::record_part`].
 struct PartPut {
     upload_id: String,
     upload: Upload,
-    /// The declared size of the blob.
-    size: u64,
     index: usize,
     start: u64,
     bytes: Vec<Bytes>,
@@ -478,13 +476,16 @@ impl UploadWriter {
         let put = PartPut {
             upload_id: self.upload_id.clone(),
             upload: p.upload.clone(),
-            size: self.size,
             index: p.next + p.in_flight.len(),
             start,
             bytes,
             hasher: hasher.clone(),
         };
-        let task = tokio::spawn(self.store.clone().put_part_in_background(put, prev, tx));
+        let task = tokio::spawn(
+            self.store
+                .clone()
+                .put_part_in_background(put, self.size, prev, tx),
+        );
         p.in_flight.push_back(InFlight {
             start,
             end: start + n,
@@ -656,77 +657,80 @@ impl UploadWriter {
 }
 
 impl BlobStore {
-    /// The background task of a part: puts and records it ([`put_part_and_record`]
-    /// (Self::put_part_and_record), with the part before it giving its content id through
-    /// `prev`), then gives its own content id to the part after it through `recorded`.
+    /// The background task of a part: puts it, then records it once the part before it
+    /// gives its content id through `prev` (once that part is recorded), then gives its
+    /// own content id to the part after it through `recorded`. `size` is the blob's
+    /// declared size.
     async fn put_part_in_background(
         self,
         put: PartPut,
+        size: u64,
         prev: oneshot::Receiver<Option<String>>,
         recorded: oneshot::Sender<Option<String>>,
     ) -> PartOutcome {
-        let bytes = put.bytes.clone();
-        let (key, size) = (put.upload.key.clone(), put.size);
-        match self
-            .put_part_and_record(put, async { prev.await.ok() })
-            .await
-        {
-            Ok(Some(content_id)) => {
-                let _ = recorded.send(Some(content_id.clone()));
-                PartOutcome::Recorded(content_id)
+        let content_id = match self.put_part(&put).await {
+            Ok(content_id) => content_id,
+            // The upload is gone: completed by another writer of the session if the blob
+            // is stored.
+            Err(e @ BlobError::UploadChanged { .. }) => {
+                return match self.head(&put.upload.key).await {
+                    Ok(Some(meta)) if meta.size == size => PartOutcome::Stored,
+                    _ => PartOutcome::Failed(Some(e), put.bytes),
+                };
             }
-            Ok(None) => PartOutcome::Failed(None, bytes),
-            Err(e @ BlobError::UploadChanged { .. }) => match self.head(&key).await {
-                Ok(Some(meta)) if meta.size == size => PartOutcome::Stored,
-                _ => PartOutcome::Failed(Some(e), bytes),
-            },
-            Err(e) => PartOutcome::Failed(Some(e), bytes),
+            Err(e) => return PartOutcome::Failed(Some(e), put.bytes),
+        };
+        // The part before it was not recorded: neither is this one.
+        let Ok(prev) = prev.await else {
+            return PartOutcome::Failed(None, put.bytes);
+        };
+        if let Err(e) = self.record_part(&put, content_id.clone(), prev).await {
+            return PartOutcome::Failed(Some(e), put.bytes);
         }
+        let _ = recorded.send(Some(content_id.clone()));
+        PartOutcome::Recorded(content_id)
     }
 
-    /// Puts a part of a session's multipart upload, then records it (its content id, the
-    /// previous part's, the hash state after it) once `prev` gives the content id of the
-    /// part before it, which is recorded by then; `prev` giving nothing (that part was not
-    /// recorded) leaves this one unrecorded too: `Ok(None)`. An upload that is gone is
-    /// UploadChanged.
-    async fn put_part_and_record(
-        &self,
-        put: PartPut,
-        prev: impl std::future::Future<Output = Option<Option<String>>>,
-    ) -> Result<Option<String>, BlobError> {
+    /// Puts a part of a session's multipart upload and returns its content id. An upload
+    /// that is gone is UploadChanged.
+    async fn put_part(&self, put: &PartPut) -> Result<String, BlobError> {
         let upload = &put.upload;
-        let payload: PutPayload = put.bytes.into_iter().collect();
-        let part = match upload
+        let payload: PutPayload = put.bytes.iter().cloned().collect();
+        match upload
             .store
             .put_part(&upload.key, &upload.id, put.index, payload)
             .await
         {
-            Ok(part) => part,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(BlobError::UploadChanged {
-                    upload_id: put.upload_id,
-                    detail:
-                        "its multipart upload is gone (expired or committed); start the upload again"
-                            .to_owned(),
-                });
-            }
-            Err(e) => return Err(BlobError::storage("put part", &upload.key, e)),
-        };
-        let Some(prev) = prev.await else {
-            return Ok(None);
-        };
+            Ok(part) => Ok(part.content_id),
+            Err(object_store::Error::NotFound { .. }) => Err(BlobError::UploadChanged {
+                upload_id: put.upload_id.clone(),
+                detail:
+                    "its multipart upload is gone (expired or committed); start the upload again"
+                        .to_owned(),
+            }),
+            Err(e) => Err(BlobError::storage("put part", &upload.key, e)),
+        }
+    }
+
+    /// Records a part that was put: its content id, `prev` (the content id of the part
+    /// before it, which must be recorded already) and the hash state after it.
+    async fn record_part(
+        &self,
+        put: &PartPut,
+        content_id: String,
+        prev: Option<String>,
+    ) -> Result<(), BlobError> {
         let len = put.hasher.len() - put.start;
         let record = PartRecord {
             part: put.index,
-            content_id: part.content_id,
+            content_id,
             prev,
             state: parts::to_hex(&put.hasher.to_state()),
         };
         let key = self
             .session_dir(&put.upload_id)
             .join(parts::record_name(put.start, len));
-        self.put_json(&put.upload_id, &key, &record).await?;
-        Ok(Some(record.content_id))
+        self.put_json(&put.upload_id, &key, &record).await
     }
 }
 
@@ -1257,17 +1261,14 @@ impl BlobStore {
             let put = PartPut {
                 upload_id: upload_id.to_owned(),
                 upload: upload.clone(),
-                size: rec.size,
                 index: chain.ids.len(),
                 start: chain.end,
                 bytes: vec![bytes],
                 hasher: hasher.clone(),
             };
+            let content_id = self.put_part(&put).await?;
             let prev = chain.last_id().map(str::to_owned);
-            let recorded = self.put_part_and_record(put, async { Some(prev) }).await?;
-            let Some(content_id) = recorded else {
-                return Err(changed("its last part could not be recorded".to_owned()));
-            };
+            self.record_part(&put, content_id.clone(), prev).await?;
             chain.ids.push(PartId { content_id });
         }
         chain.end = rec.size;
