@@ -2,8 +2,10 @@
 //! target tensors are mostly byte-identical to v2's. The v3 port reuses the v2 port's
 //! merged tensors for those (the same blobs, not read, merged or uploaded again), computes
 //! only the changed one, and is still byte for byte and number for number the port an
-//! offline `patchport port --merged` makes. A real `patchport serve` with its in-process
-//! worker (the production loop), on SQLite and on Postgres.
+//! offline `patchport port --merged` makes. And two patches with the same targets
+//! ported onto one base: the second merged file's shared beginning is not hashed again.
+//! A real `patchport serve` with its in-process worker (the production loop), on SQLite
+//! and on Postgres.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -65,6 +67,15 @@ fn get_port(url: &str, reference: &str) -> v1::Port {
 /// The merged tensors' blobs of a port's `model.safetensors`: every segment after the
 /// header that starts a blob other than the base file's.
 fn merged_blobs(port: &v1::Port, base_blob: &str) -> BTreeSet<String> {
+    merged_segments(port, base_blob)
+        .map(|b| b.digest.clone())
+        .collect()
+}
+
+fn merged_segments<'a>(
+    port: &'a v1::Port,
+    base_blob: &'a str,
+) -> impl Iterator<Item = &'a v1::BlobRange> {
     let file = port
         .merged_files
         .iter()
@@ -73,13 +84,16 @@ fn merged_blobs(port: &v1::Port, base_blob: &str) -> BTreeSet<String> {
     file.segments
         .iter()
         .skip(1)
-        .filter_map(|seg| match &seg.source {
-            Some(v1::segment::Source::Blob(b)) if b.offset == 0 && b.digest != base_blob => {
-                Some(b.digest.clone())
-            }
+        .filter_map(move |seg| match &seg.source {
+            Some(v1::segment::Source::Blob(b)) if b.offset == 0 && b.digest != base_blob => Some(b),
             _ => None,
         })
-        .collect()
+}
+
+/// The bytes of the merged tensors' segments of a port's `model.safetensors` (as
+/// [`merged_blobs`] finds them).
+fn merged_blobs_sizes(port: &v1::Port, base_blob: &str) -> u64 {
+    merged_segments(port, base_blob).map(|b| b.length).sum()
 }
 
 /// The blob of a base version's `model.safetensors`.
@@ -238,4 +252,98 @@ fn a_port_onto_v3_reuses_the_v2_ports_merged_tensors_on_postgres() {
     if let Some(db) = Database::postgres("postgres variant") {
         scenario(&db);
     }
+}
+
+/// Two distinct patches with the same targets ported onto v2: their merged
+/// `model.safetensors` files begin alike (the header, then v2's untouched tensors; the
+/// merged tensors come last), so CompleteJob of the second reads and hashes only its
+/// merged tensors, from the SHA-256 state the first left. The digest it records is still
+/// that of every byte: the pull checks it, and the file is the offline port's.
+#[test]
+fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Serve::builder(BIN)
+        .workers(1)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let url = server.url();
+    let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
+    patchport_tests::process::publish_lineage(BIN, &url);
+    let mut seen = 0;
+    wait_port_completed(&rx, &mut seen, 1);
+    let hashed = |server: &Server| metric(server, patchport_telemetry::COMPOSED_BYTES_HASHED);
+    let kept = |server: &Server| metric(server, patchport_telemetry::COMPOSED_BYTES_KEPT);
+    let size = |port: &v1::Port| {
+        port.merged_files
+            .iter()
+            .find(|f| f.path == "model.safetensors")
+            .expect("a merged model.safetensors")
+            .size
+    };
+    let first = get_port(&url, "acme/qv:1@acme/llama:v2");
+    assert_eq!((hashed(&server), kept(&server)), (size(&first), 0));
+
+    // The same patch with another alpha: other merged tensors, the same targets.
+    let qv2 = tmp.path().join("qv2");
+    copy_dir(&fixtures().join("llama-micro/patches/lora-qv"), &qv2).expect("copy");
+    let config_path = qv2.join("adapter_config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("read")).expect("json");
+    config["lora_alpha"] = serde_json::json!(config["lora_alpha"].as_f64().expect("alpha") * 2.0);
+    std::fs::write(&config_path, config.to_string()).expect("write");
+    ok(
+        &url,
+        &[
+            "patch",
+            "push",
+            &s(&qv2),
+            "--name",
+            "acme/qv2",
+            "--version",
+            "1",
+            "--base",
+            "acme/llama:v1",
+        ],
+    );
+    wait_port_completed(&rx, &mut seen, 2);
+
+    let second = get_port(&url, "acme/qv2:1@acme/llama:v2");
+    let merged_bytes: u64 = merged_blobs_sizes(&second, &base_blob(&url, "acme/llama:v2"));
+    assert!(merged_bytes > 0);
+    assert_eq!(
+        hashed(&server) - size(&first),
+        merged_bytes,
+        "the second file: only its merged tensors read and hashed"
+    );
+    assert_eq!(kept(&server), size(&second) - merged_bytes);
+
+    let f = fixtures().join("llama-micro");
+    let offline = tmp.path().join("offline");
+    ok(
+        &url,
+        &[
+            "port",
+            "--old-base",
+            &s(f.join("v1")),
+            "--new-base",
+            &s(f.join("v2")),
+            "--patch",
+            &s(&qv2),
+            "--out",
+            &s(&offline),
+            "--merged",
+        ],
+    );
+    let pulled = tmp.path().join("pulled");
+    ok(
+        &url,
+        &[
+            "pull",
+            "acme/qv2:1@acme/llama:v2",
+            "--out",
+            &s(&pulled),
+            "--merged",
+        ],
+    );
+    assert_same_files(&pulled, &offline.join("merged"), &["model.safetensors"]);
 }

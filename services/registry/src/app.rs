@@ -464,6 +464,7 @@ impl Application {
                     registry: self.registry.clone(),
                     lease: self.lease,
                     draining: self.draining.clone(),
+                    composed: Default::default(),
                 })
                 .max_decoding_message_size(limits.max_message_bytes)
                 .max_encoding_message_size(limits.max_message_bytes),

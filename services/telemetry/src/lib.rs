@@ -18,6 +18,7 @@
 //! | `patchport_port_duration_seconds` | histogram | `outcome` | registry |
 //! | `patchport_lease_expiries_total` | counter | | registry |
 //! | `patchport_event_lag_seconds` | histogram | | registry |
+//! | `patchport_composed_bytes_hashed_total` / `patchport_composed_bytes_kept_total` | counter | | registry |
 //! | `patchport_worker_port_duration_seconds` | histogram | `outcome` | worker |
 //! | `patchport_worker_cache_hits_total` / `patchport_worker_cache_misses_total` | counter | | worker |
 //! | `patchport_worker_cache_fetched_bytes_total` / `patchport_worker_cache_evicted_bytes_total` | counter | | worker |
@@ -59,6 +60,11 @@ pub const PORT_DURATION: &str = "patchport_port_duration_seconds";
 pub const LEASE_EXPIRIES: &str = "patchport_lease_expiries_total";
 /// Time from an event's commit to its delivery to a subscriber.
 pub const EVENT_LAG: &str = "patchport_event_lag_seconds";
+/// Bytes of composed files (merged models) that CompleteJob read and hashed.
+pub const COMPOSED_BYTES_HASHED: &str = "patchport_composed_bytes_hashed_total";
+/// Bytes of composed files that CompleteJob did not read: a beginning shared with a file
+/// hashed before, whose SHA-256 state the registry kept.
+pub const COMPOSED_BYTES_KEPT: &str = "patchport_composed_bytes_kept_total";
 /// A port attempt in a worker from its lease to its outcome (`succeeded`,
 /// `incompatible`, `failed`, `released` on shutdown, `lost` when cancelled or fenced).
 /// Named apart from [`PORT_DURATION`] so that a registry with in-process workers reports
@@ -87,7 +93,7 @@ pub const WORKER_TENSORS_MERGED: &str = "patchport_worker_tensors_merged_total";
 pub const WORKER_TENSORS_REUSED: &str = "patchport_worker_tensors_reused_total";
 
 /// Every metric name above, for the checks that keep them apart.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 22] = [
     GRPC_REQUESTS,
     GRPC_DURATION,
     PUSH_BYTES,
@@ -98,6 +104,8 @@ pub const ALL: [&str; 20] = [
     PORT_DURATION,
     LEASE_EXPIRIES,
     EVENT_LAG,
+    COMPOSED_BYTES_HASHED,
+    COMPOSED_BYTES_KEPT,
     WORKER_PORT_DURATION,
     TOKEN_CACHE_ENTRIES,
     STREAMS_REFUSED,
@@ -204,6 +212,16 @@ fn describe() {
         EVENT_LAG,
         Unit::Seconds,
         "time from an event's commit to its delivery to a subscriber"
+    );
+    describe_counter!(
+        COMPOSED_BYTES_HASHED,
+        Unit::Bytes,
+        "bytes of composed files (merged models) CompleteJob read and hashed"
+    );
+    describe_counter!(
+        COMPOSED_BYTES_KEPT,
+        Unit::Bytes,
+        "bytes of composed files CompleteJob did not read: a beginning hashed before, its state kept"
     );
     describe_histogram!(
         WORKER_PORT_DURATION,

@@ -8,9 +8,10 @@
 //! Entry points: [`preflight`] (metadata only), [`port`] (any [`ModelSource`], merged
 //! tensors handed one at a time to a [`MergedSink`]), and [`port_dirs`] (local
 //! directories, the offline `patchport port` command). The merged model is described as
-//! [`ComposedFile`]s: the new base's own header and byte ranges for untouched tensors
-//! plus the merged tensors, so a registry stores only the merged tensors and an offline
-//! `--merged` file is byte-identical to a composed download.
+//! [`ComposedFile`]s: a header, byte ranges of the new base for untouched tensors, then
+//! the merged tensors (last, so every port of a base shares the file's beginning), so a
+//! registry stores only the merged tensors and an offline `--merged` file is
+//! byte-identical to a composed download.
 //!
 //! Memory: a port holds a few tensors at a time: the target weight of the new base (merged
 //! in place) and of the old base (for the diagnostics), the LoRA factors in f64, and per

@@ -11,7 +11,7 @@ use patchport_core::layout::{
 };
 use patchport_core::model_config::ModelConfig;
 use patchport_core::port::{Refusal, RefusalKind};
-use patchport_core::safetensors::{Dtype, TensorInfo};
+use patchport_core::safetensors::{Dtype, TensorInfo, dtype_size};
 use serde::{Deserialize, Serialize};
 
 use crate::error::EngineError;
@@ -95,8 +95,10 @@ impl Piece {
 
 /// One file of the merged model: `header` followed by `pieces`. A file the patch does not
 /// touch is a single [`Piece::Source`] of the whole base file with an empty header; a
-/// weights file keeps the new base's header bytes unchanged (merged tensors have the same
-/// dtype and shape), so every byte outside the merged tensors is the base's.
+/// weights file the patch touches has the new base's tensors (merged ones have the same
+/// dtype and shape), its untouched tensors as byte ranges of the base file followed by
+/// the merged tensors (see `compose_weights`), so every byte outside the header and the
+/// merged tensors is the base's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComposedFile {
     /// Path relative to the model root.
@@ -623,15 +625,14 @@ fn is_other_weights(path: &str) -> bool {
     EXT.iter().any(|e| path.ends_with(e)) || path.ends_with(".bin.index.json")
 }
 
-/// The merged model: every weights file with the new base's header and the merged tensors
-/// in place; every other top-level file copied.
+/// The merged model: every weights file the patch touches with its merged tensors last;
+/// every other top-level file copied.
 fn merged_layout(
     new: &dyn ModelSource,
     new_ix: &BaseIndex,
     plans: &[ModulePlan],
 ) -> Result<Vec<ComposedFile>, EngineError> {
-    let targets: HashMap<&str, &ModulePlan> =
-        plans.iter().map(|p| (p.base_tensor.as_str(), p)).collect();
+    let targets: HashSet<&str> = plans.iter().map(|p| p.base_tensor.as_str()).collect();
     let weights: HashMap<&str, &FileHeader> = new_ix
         .weight_files
         .iter()
@@ -644,9 +645,9 @@ fn merged_layout(
                 .header
                 .tensors
                 .iter()
-                .any(|t| targets.contains_key(t.name.as_str()));
+                .any(|t| targets.contains(t.name.as_str()));
             if touched {
-                out.push(compose_weights(fh, &targets));
+                out.push(compose_weights(fh, &targets)?);
                 continue;
             }
         } else if path.contains('/') || is_other_weights(&path) {
@@ -674,35 +675,81 @@ fn merged_layout(
     Ok(out)
 }
 
-fn compose_weights(fh: &FileHeader, targets: &HashMap<&str, &ModulePlan>) -> ComposedFile {
+/// A weights file the patch touches. The merged tensors move to the end of the file, in
+/// the base's order, after every untouched tensor in the base's order (as runs of the
+/// base file's bytes), under a header with the new offsets. Every port of a base that
+/// targets the same tensors then shares all of the file but its tail, so a registry that
+/// hashes the composed file (its digest covers every byte) hashes that shared beginning
+/// once per base, not once per port: with q/k/v/o targets of a Llama model the tail is
+/// about a sixth of the file. The file keeps the base's tensors (names, dtypes, shapes)
+/// and metadata, so loaders see the same model.
+///
+/// The base's own layout (its header bytes unchanged, merged tensors in place) is kept
+/// when moving the tensors changes nothing, or would leave a tensor at an offset that is
+/// not a multiple of its element size (loaders map tensors in place).
+fn compose_weights(fh: &FileHeader, targets: &HashSet<&str>) -> Result<ComposedFile, EngineError> {
+    let tensors = &fh.header.tensors;
+    let (kept, merged): (Vec<&TensorInfo>, Vec<&TensorInfo>) = tensors
+        .iter()
+        .partition(|t| !targets.contains(t.name.as_str()));
+    let order: Vec<&TensorInfo> = kept.iter().chain(&merged).copied().collect();
+    let moved = order.iter().zip(tensors).any(|(a, b)| a.name != b.name);
+    if !moved || !aligned(&order) {
+        return Ok(compose_in_place(fh, targets));
+    }
+    let described: Vec<(String, Dtype, Vec<u64>)> = order
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let (header, _) = patchport_core::safetensors::write_header(&described, &fh.header.metadata)
+        .map_err(|source| EngineError::BadSafetensors {
+            file: fh.path.clone(),
+            source,
+        })?;
     let mut pieces = Vec::new();
-    let mut run: Option<(u64, u64)> = None;
-    let flush = |run: &mut Option<(u64, u64)>, pieces: &mut Vec<Piece>| {
-        if let Some((begin, end)) = run.take()
-            && end > begin
-        {
-            pieces.push(Piece::Source {
-                file: fh.path.clone(),
-                begin,
-                end,
-            });
+    for t in &kept {
+        push_source(&mut pieces, &fh.path, t.begin, t.end);
+    }
+    for t in &merged {
+        pieces.push(Piece::Merged {
+            tensor: t.name.clone(),
+            len: t.end - t.begin,
+        });
+    }
+    Ok(ComposedFile {
+        path: fh.path.clone(),
+        header,
+        pieces,
+    })
+}
+
+/// True when every tensor laid out contiguously in this order starts at a multiple of
+/// its element size (the data section itself starts at a multiple of 8).
+fn aligned(order: &[&TensorInfo]) -> bool {
+    let mut at = 0u64;
+    for t in order {
+        let size = dtype_size(t.dtype).unwrap_or(1) as u64;
+        if !at.is_multiple_of(size) {
+            return false;
         }
-    };
+        at += t.end - t.begin;
+    }
+    true
+}
+
+/// The base's layout: its header bytes, merged tensors where the base's were.
+fn compose_in_place(fh: &FileHeader, targets: &HashSet<&str>) -> ComposedFile {
+    let mut pieces = Vec::new();
     for t in &fh.header.tensors {
-        if targets.contains_key(t.name.as_str()) {
-            flush(&mut run, &mut pieces);
+        if targets.contains(t.name.as_str()) {
             pieces.push(Piece::Merged {
                 tensor: t.name.clone(),
                 len: t.end - t.begin,
             });
         } else {
-            run = Some(match run {
-                Some((b, _)) => (b, t.end),
-                None => (t.begin, t.end),
-            });
+            push_source(&mut pieces, &fh.path, t.begin, t.end);
         }
     }
-    flush(&mut run, &mut pieces);
     ComposedFile {
         path: fh.path.clone(),
         header: fh.raw.clone(),
@@ -710,9 +757,119 @@ fn compose_weights(fh: &FileHeader, targets: &HashMap<&str, &ModulePlan>) -> Com
     }
 }
 
+/// Appends `[begin, end)` of `file`, extending the last piece when it ends there.
+fn push_source(pieces: &mut Vec<Piece>, file: &str, begin: u64, end: u64) {
+    if end == begin {
+        return;
+    }
+    if let Some(Piece::Source {
+        file: last,
+        end: last_end,
+        ..
+    }) = pieces.last_mut()
+        && last == file
+        && *last_end == begin
+    {
+        *last_end = end;
+        return;
+    }
+    pieces.push(Piece::Source {
+        file: file.to_owned(),
+        begin,
+        end,
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use patchport_core::safetensors::{parse_file_header, write_header};
+
+    /// A file header for tensors of these dtypes and element counts, in this order.
+    fn file_header(tensors: &[(&str, Dtype, u64)]) -> FileHeader {
+        let described: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, len)| ((*n).to_owned(), *d, vec![*len]))
+            .collect();
+        let meta = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
+        let (raw, ranges) = write_header(&described, &meta).unwrap();
+        let mut file = raw.clone();
+        file.resize(ranges.last().unwrap().1 as usize, 0);
+        FileHeader {
+            path: "model.safetensors".to_owned(),
+            header: parse_file_header(&file).unwrap(),
+            raw,
+        }
+    }
+
+    fn merged(c: &ComposedFile) -> Vec<&str> {
+        c.merged_tensors().collect()
+    }
+
+    #[test]
+    fn merged_tensors_move_last_under_a_header_with_the_same_tensors() {
+        let fh = file_header(&[
+            ("a", Dtype::BF16, 8),
+            ("q", Dtype::BF16, 4),
+            ("b", Dtype::F32, 2),
+            ("v", Dtype::BF16, 4),
+            ("c", Dtype::BF16, 4),
+        ]);
+        let c = compose_weights(&fh, &HashSet::from(["q", "v"])).unwrap();
+        assert_eq!(merged(&c), ["q", "v"]);
+        let t = |name: &str| fh.header.tensor(name).unwrap().clone();
+        // The untouched tensors as runs of the base file, in the base's order.
+        assert_eq!(
+            c.pieces[..3],
+            [
+                Piece::Source {
+                    file: fh.path.clone(),
+                    begin: t("a").begin,
+                    end: t("a").end
+                },
+                Piece::Source {
+                    file: fh.path.clone(),
+                    begin: t("b").begin,
+                    end: t("b").end
+                },
+                Piece::Source {
+                    file: fh.path.clone(),
+                    begin: t("c").begin,
+                    end: t("c").end
+                },
+            ]
+        );
+        let mut file = c.header.clone();
+        file.resize(c.len() as usize, 0);
+        let h = parse_file_header(&file).unwrap();
+        assert_eq!(h.metadata, fh.header.metadata);
+        let names: Vec<_> = h.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "q", "v"]);
+        for t in &h.tensors {
+            let base = fh.header.tensor(&t.name).unwrap();
+            assert_eq!((t.dtype, &t.shape), (base.dtype, &base.shape), "{}", t.name);
+        }
+    }
+
+    #[test]
+    fn the_base_layout_stays_when_nothing_moves_or_a_tensor_would_misalign() {
+        // The targets are already last: the base's header bytes, unchanged.
+        let fh = file_header(&[("a", Dtype::F32, 2), ("q", Dtype::F32, 2)]);
+        let c = compose_weights(&fh, &HashSet::from(["q"])).unwrap();
+        assert_eq!(c.header, fh.raw);
+        // Moving q (3 bf16 = 6 bytes) after b would put the f32 b at byte 6.
+        let fh = file_header(&[
+            ("a", Dtype::F32, 2),
+            ("q", Dtype::BF16, 3),
+            ("pad", Dtype::BF16, 1),
+            ("b", Dtype::F32, 2),
+        ]);
+        let c = compose_weights(&fh, &HashSet::from(["q"])).unwrap();
+        assert_eq!(c.header, fh.raw);
+        assert_eq!(merged(&c), ["q"]);
+        assert_eq!(c.len(), fh.raw.len() as u64 + 8 + 6 + 2 + 8);
+        assert!(matches!(c.pieces[1], Piece::Merged { .. }));
+    }
     use patchport_core::adapter::PEFT_PREFIX;
 
     #[test]

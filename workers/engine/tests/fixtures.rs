@@ -4,11 +4,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use common::*;
 use patchport_engine::{PortOptions, PortReport, Verdict, port_dirs};
+use safetensors::tensor::Metadata;
+use safetensors::{Dtype, SafeTensors};
 
 fn old_base_of(patch: &Path) -> PathBuf {
     let cfg: serde_json::Value =
@@ -145,9 +147,16 @@ fn assert_adapter_ported(patch: &Path, out: &Path, base_rel: &str) {
     }
 }
 
-/// The merged model's files mirror the new base's: same names, the index copied, the
-/// safetensors headers unchanged.
-fn assert_layout_like_base(base: &Path, merged: &Path) {
+/// The merged model's files mirror the new base's: the same names, every other file
+/// (the shard index among them) copied byte for byte, and every safetensors file with the
+/// base's metadata and tensors (names, dtypes, shapes), the patch's targets after all
+/// the others (the layout that lets a registry hash the shared beginning once).
+fn assert_layout_like_base(base: &Path, merged: &Path, patch: &Path) {
+    let targets: BTreeSet<String> = targets(patch)
+        .0
+        .iter()
+        .map(|t| format!("{}.weight", t.module))
+        .collect();
     let names = |d: &Path| {
         let mut v: Vec<String> = std::fs::read_dir(d)
             .unwrap()
@@ -160,12 +169,31 @@ fn assert_layout_like_base(base: &Path, merged: &Path) {
     for n in names(base) {
         let b = std::fs::read(base.join(&n)).unwrap();
         let m = std::fs::read(merged.join(&n)).unwrap();
-        assert_eq!(b.len(), m.len(), "{n}: size");
-        if n.ends_with(".safetensors") {
-            let hl = 8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-            assert!(b[..hl] == m[..hl], "{n}: the header is the base's");
-        } else {
+        if !n.ends_with(".safetensors") {
             assert!(b == m, "{n}: copied byte for byte");
+            continue;
+        }
+        let (_, bh) = SafeTensors::read_metadata(&b).unwrap();
+        let (_, mh) = SafeTensors::read_metadata(&m).unwrap();
+        assert_eq!(bh.metadata(), mh.metadata(), "{n}: metadata");
+        let described = |h: &Metadata| -> BTreeMap<String, (Dtype, Vec<usize>)> {
+            h.tensors()
+                .into_iter()
+                .map(|(k, t)| (k, (t.dtype, t.shape.clone())))
+                .collect()
+        };
+        assert_eq!(described(&bh), described(&mh), "{n}: tensors");
+        let mut order: Vec<(usize, String)> = mh
+            .tensors()
+            .into_iter()
+            .map(|(k, t)| (t.data_offsets.0, k))
+            .collect();
+        order.sort();
+        if let Some(first) = order.iter().position(|(_, k)| targets.contains(k)) {
+            assert!(
+                order[first..].iter().all(|(_, k)| targets.contains(k)),
+                "{n}: the merged tensors come after every other tensor: {order:?}"
+            );
         }
     }
 }
@@ -210,7 +238,7 @@ fn every_fixture_pair_gets_its_verdict() {
                 let base = fixtures().join(base_rel);
                 let merged = out.path().join("merged");
                 assert_adapter_ported(&patch, out.path(), base_rel);
-                assert_layout_like_base(&base, &merged);
+                assert_layout_like_base(&base, &merged, &patch);
                 let peft = fixtures().join(want["expected"].as_str().unwrap());
                 let c = check_merged(&patch, &base, &merged, Some(&peft));
                 eprintln!("{pair}: {c:?}");
@@ -267,7 +295,11 @@ fn a_sharded_base_gives_a_sharded_merge_equal_to_the_unsharded_one() {
         Verdict::Ported
     );
     let merged = sharded.path().join("merged");
-    assert_layout_like_base(&fixtures().join("llama-micro/v2-sharded"), &merged);
+    assert_layout_like_base(
+        &fixtures().join("llama-micro/v2-sharded"),
+        &merged,
+        &fixtures().join(patch),
+    );
     assert!(merged.join("model.safetensors.index.json").exists());
     let a = read_model(&merged);
     let b = read_model(&whole.path().join("merged"));

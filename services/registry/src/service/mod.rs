@@ -2,6 +2,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod blobs;
+pub(crate) mod composed;
 pub(crate) mod events;
 pub(crate) mod hub;
 pub(crate) mod paging;

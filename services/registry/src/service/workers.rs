@@ -11,6 +11,7 @@ use patchport_core::layout::{
 use patchport_core::port::{
     MAX_COMPLETIONS, MAX_INLINE_BLOBS, MAX_LEASE_JOBS, PortDiagnostics, Refusal, ReusedTensor,
 };
+use patchport_core::safetensors::{self, Header, TensorInfo};
 use patchport_core::{Digest, VersionRef};
 use patchport_proto::convert::{WireError, parse_list, required, try_list};
 use patchport_proto::v1::{self, worker_service_server::WorkerService};
@@ -43,6 +44,8 @@ pub(crate) struct Workers {
     pub(crate) lease: Duration,
     /// Cancelled at shutdown: long polls answer "no job" at once.
     pub(crate) draining: CancellationToken,
+    /// Hashes the composed files of completions.
+    pub(crate) composed: super::composed::ComposedDigests,
 }
 
 /// A `LeaseJob` request.
@@ -204,25 +207,28 @@ impl TryFrom<&v1::CompleteJobRequest> for Completion {
     }
 }
 
-/// The merged tensors of an earlier port's merged file, with their blobs: a merged file
-/// keeps its base file's layout (its header blob, then the base's ranges and the merged
-/// tensors' own blobs), so a segment that starts a blob other than the base file's, at
-/// the place and with the length of one of its tensors, is that tensor merged.
+/// The merged tensors of an earlier port's composed file, each with the base's record of
+/// the tensor it replaced: a segment that is a whole blob other than the base file,
+/// standing where the composed file's own `header` puts a tensor of that size (merged
+/// tensors sit last in files composed since they moved there, in place before).
 fn merged_tensor_blobs<'a>(
     merged: &'a ArtifactFile,
+    header: &Header,
     base_blob: Digest,
     index: &'a BlobIndex,
 ) -> Vec<(&'a TensorRecord, &'a BlobRange)> {
-    let by_begin: HashMap<u64, &TensorRecord> =
-        index.tensors.iter().map(|t| (t.begin, t)).collect();
+    let by_begin: HashMap<u64, &TensorInfo> = header.tensors.iter().map(|t| (t.begin, t)).collect();
+    let by_name: HashMap<&str, &TensorRecord> =
+        index.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut out = Vec::new();
     let mut at = 0;
     for s in &merged.segments {
         if s.digest != base_blob
             && s.offset == 0
             && let Some(t) = by_begin.get(&at).filter(|t| t.end - t.begin == s.length)
+            && let Some(record) = by_name.get(t.name.as_str())
         {
-            out.push((*t, s));
+            out.push((*record, s));
         }
         at += s.length;
     }
@@ -241,20 +247,6 @@ fn record_port_duration(ports: &[patchport_store::meta::PortRecord], outcome: &'
 }
 
 impl Workers {
-    /// Hashes the bytes a composed file's segments produce.
-    async fn compose_digest(&self, segments: &[BlobRange]) -> ApiResult<(Digest, u64)> {
-        let stream = Box::pin(self.registry.compose(segments.to_vec()));
-        super::blobs::consume_blocking(stream, |chunks| {
-            let mut hasher = patchport_core::Hasher::new();
-            for chunk in chunks {
-                hasher.update(&chunk);
-            }
-            let size = hasher.len();
-            (hasher.finish(), size)
-        })
-        .await
-    }
-
     /// A job's running ports, for the port duration metric of a failed attempt (none when
     /// metrics are off or the read failed).
     async fn running_ports(&self, id: i64) -> Vec<patchport_store::meta::PortRecord> {
@@ -435,11 +427,11 @@ impl Workers {
                 }) else {
                     continue;
                 };
-                if merged.segments.is_empty() {
+                let Some(header) = self.composed_header(merged).await? else {
                     continue;
-                }
+                };
                 let index = self.registry.blob_index(file).await?;
-                for (t, blob) in merged_tensor_blobs(merged, file.digest, &index) {
+                for (t, blob) in merged_tensor_blobs(merged, &header, file.digest, &index) {
                     let same = wanted.get(&t.name).is_some_and(|w| {
                         w.digest == t.digest && w.dtype == t.dtype && w.shape == t.shape
                     });
@@ -459,6 +451,35 @@ impl Workers {
             }
         }
         Ok(out.into_values().collect())
+    }
+
+    /// The safetensors header of a stored composed file (its first segment, a blob of its
+    /// own), or None when that segment is not a whole valid header of the file.
+    async fn composed_header(&self, file: &ArtifactFile) -> ApiResult<Option<Header>> {
+        let Some(first) = file.segments.first() else {
+            return Ok(None);
+        };
+        if first.length > self.registry.limits.max_header_bytes + 8 {
+            return Ok(None);
+        }
+        use futures::StreamExt as _;
+        let mut bytes = Vec::with_capacity(first.length as usize);
+        let mut stream = self
+            .registry
+            .blobs
+            .read(&first.digest, first.offset, Some(first.length))
+            .await?;
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk?);
+        }
+        let size = file.file.size;
+        let Ok(n) = safetensors::json_len(&bytes, size) else {
+            return Ok(None);
+        };
+        if bytes.len() as u64 != 8 + n {
+            return Ok(None);
+        }
+        Ok(safetensors::parse_header(&bytes[8..], size).ok())
     }
 
     /// Stores the blobs a completion carries inline (content-addressed, create-only: a
@@ -599,12 +620,16 @@ impl Workers {
                 // The worker's planned size is not taken either: the bytes are hashed.
                 DeclaredFile::Composed { path, segments, .. } => (path, segments),
             };
+            let mut whole = Vec::with_capacity(segments.len());
             for r in segments {
                 match self.registry.blobs.size(&r.digest).await? {
                     Some(size)
                         if r.offset
                             .checked_add(r.length)
-                            .is_some_and(|end| end <= size) => {}
+                            .is_some_and(|end| end <= size) =>
+                    {
+                        whole.push(r.offset == 0 && r.length == size);
+                    }
                     _ => {
                         return Err(ApiError::precondition(format!(
                             "{path}: range {}+{} of blob {} is not stored",
@@ -613,7 +638,11 @@ impl Workers {
                     }
                 }
             }
-            let (digest, size) = self.compose_digest(segments).await?;
+            let shared = super::composed::shared_prefix(&whole);
+            let (digest, size) = self
+                .composed
+                .digest(&self.registry, segments, shared)
+                .await?;
             out.push(ArtifactFile {
                 file: FileRef {
                     path: path.clone(),
@@ -892,9 +921,9 @@ mod tests {
     }
 
     #[test]
-    fn merged_tensor_blobs_are_the_segments_at_a_tensors_place() {
+    fn merged_tensor_blobs_are_the_segments_where_the_composed_header_puts_a_tensor() {
         let (base, header, merged) = (Digest::of(b"base"), Digest::of(b"h"), Digest::of(b"m"));
-        let tensor = |name: &str, begin: u64, end: u64| TensorRecord {
+        let record = |name: &str, begin: u64, end: u64| TensorRecord {
             name: name.to_owned(),
             dtype: "F32".to_owned(),
             shape: vec![(end - begin) / 4],
@@ -903,32 +932,65 @@ mod tests {
             digest: Digest::of(name.as_bytes()),
             non_finite: 0,
         };
-        let index = BlobIndex {
-            json_len: 8,
-            tensors: vec![tensor("a.weight", 16, 32), tensor("b.weight", 32, 48)],
+        let info = |name: &str, begin: u64, end: u64| TensorInfo {
+            name: name.to_owned(),
+            dtype: safetensors::Dtype::F32,
+            shape: vec![(end - begin) / 4],
+            begin,
+            end,
         };
         let range = |digest, offset, length| BlobRange {
             digest,
             offset,
             length,
         };
-        // header, a as the base's bytes, b merged.
-        let file = ArtifactFile {
+        let file = |segments| ArtifactFile {
             file: FileRef {
                 path: "model.safetensors".to_owned(),
                 digest: Digest::of(b"file"),
                 size: 48,
             },
-            segments: vec![
-                range(header, 0, 16),
-                range(base, 16, 16),
-                range(merged, 0, 16),
-            ],
+            segments,
         };
-        let found: Vec<_> = merged_tensor_blobs(&file, base, &index)
-            .into_iter()
-            .map(|(t, r)| (t.name.as_str(), r.digest))
-            .collect();
-        assert_eq!(found, vec![("b.weight", merged)]);
+        let found =
+            |file: &ArtifactFile, header: &Header, index: &BlobIndex| -> Vec<(String, Digest)> {
+                merged_tensor_blobs(file, header, base, index)
+                    .into_iter()
+                    .map(|(t, r)| (t.name.clone(), r.digest))
+                    .collect()
+            };
+        // The base's layout: header, a as the base's bytes, b merged in place.
+        let index = BlobIndex {
+            json_len: 8,
+            tensors: vec![record("a.weight", 16, 32), record("b.weight", 32, 48)],
+        };
+        let in_place = Header {
+            json_len: 8,
+            tensors: vec![info("a.weight", 16, 32), info("b.weight", 32, 48)],
+            metadata: BTreeMap::new(),
+        };
+        let f = file(vec![
+            range(header, 0, 16),
+            range(base, 16, 16),
+            range(merged, 0, 16),
+        ]);
+        assert_eq!(
+            found(&f, &in_place, &index),
+            vec![("b.weight".to_owned(), merged)]
+        );
+        // Merged last: the base has b first; the composed file puts a, then b merged.
+        let index = BlobIndex {
+            json_len: 8,
+            tensors: vec![record("b.weight", 16, 32), record("a.weight", 32, 48)],
+        };
+        let f = file(vec![
+            range(header, 0, 16),
+            range(base, 32, 16),
+            range(merged, 0, 16),
+        ]);
+        assert_eq!(
+            found(&f, &in_place, &index),
+            vec![("b.weight".to_owned(), merged)]
+        );
     }
 }
