@@ -85,16 +85,20 @@ done
 t1="$(date +%s.%N)"
 failed="$(grep '"port.completed"' "$run/events" | grep -vc '"succeeded"' || true)"
 pulled1="$(metric "$reg_metrics" patchport_pull_bytes_total)"
+hashed="$(metric "$reg_metrics" patchport_composed_bytes_hashed_total)"
+kept="$(metric "$reg_metrics" patchport_composed_bytes_kept_total)"
 port_sum="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_sum 'outcome="succeeded"')"
 port_count="$(metric "$worker_metrics" patchport_worker_port_duration_seconds_count 'outcome="succeeded"')"
 
 awk -v n="$n" -v one="$one_port" -v p0="$pulled0" -v p1="$pulled1" -v t0="$t0" -v t1="$t1" \
-    -v ps="$port_sum" -v pc="$port_count" -v off="$offline" -v failed="$failed" 'BEGIN {
+    -v ps="$port_sum" -v pc="$port_count" -v off="$offline" -v failed="$failed" \
+    -v hashed="$hashed" -v kept="$kept" 'BEGIN {
     pulled = p1 - p0; wall = t1 - t0
     mean = (pc > 0) ? ps / pc : wall / n
     printf "ports: %d (not succeeded: %d)\n", n, failed
     printf "bytes ONE port reads (q/k/v/o of both bases + the patch): %.1f MB\n", one / 1e6
     printf "registry served (patchport_pull_bytes_total): %.1f MB = %.2fx one port (goal <= 1.5x)\n", pulled / 1e6, pulled / one
+    printf "merged files at CompleteJob: %.1f MB read and hashed, %.1f MB from a kept hash state\n", hashed / 1e6, kept / 1e6
     printf "publish -> %dth port.completed: %.1f s\n", n, wall
     printf "worker port time, mean of %d: %.2f s; offline port --merged, median of 3: %.2f s; ratio %.2fx (goal <= 2x)\n", pc, mean, off, mean / off
 }'
