@@ -808,6 +808,42 @@ pub fn cli(bin: impl AsRef<Path>, url: impl AsRef<OsStr>) -> Cli {
     Cli::new(bin).env("PATCHPORT_REGISTRY", url)
 }
 
+/// The merged model of `port_ref` (`patch@base`) as `patchport pull --merged` writes it
+/// under `dir/pulled`, equal to the offline `patchport port --merged` of the same files
+/// (`old`, `new`, `patch`, written under `dir/offline`) byte for byte in each of
+/// `names`; returns the offline port's report (`--json`).
+pub fn assert_pulled_merged_is_offline(
+    bin: impl AsRef<Path>,
+    url: &str,
+    port_ref: &str,
+    (old, new, patch): (&Path, &Path, &Path),
+    dir: &Path,
+    names: &[&str],
+) -> serde_json::Value {
+    let bin = bin.as_ref();
+    let (offline, pulled) = (dir.join("offline"), dir.join("pulled"));
+    let report = cli(bin, url)
+        .args([
+            "port",
+            "--old-base",
+            &path_arg(old),
+            "--new-base",
+            &path_arg(new),
+            "--patch",
+            &path_arg(patch),
+            "--out",
+            &path_arg(&offline),
+            "--merged",
+            "--json",
+        ])
+        .ok();
+    cli(bin, url)
+        .args(["pull", port_ref, "--out", &path_arg(&pulled), "--merged"])
+        .ok();
+    crate::assert_same_files(&pulled, &offline.join("merged"), names);
+    serde_json::from_str(&report).expect("the offline port's report (--json)")
+}
+
 /// Waits for the `n`-th `port.completed` event of a `patchport watch --json` stream
 /// (`seen` counts them from the stream's start, across calls); each port must have
 /// succeeded. Panics after 120 s.

@@ -5,8 +5,10 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use patchport_tests::process::{Database, Proc, Serve, Server, Worker, cli, path_arg as s};
-use patchport_tests::{assert_same_files, fixtures};
+use patchport_tests::fixtures;
+use patchport_tests::process::{
+    Database, Proc, Serve, Server, Worker, assert_pulled_merged_is_offline, cli, path_arg as s,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
@@ -217,36 +219,12 @@ fn scenario(url: &str, data: &Path) {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("incompatible"));
 
     // The merged model pulled from the registry equals the offline port.
-    let offline = data.join("offline");
-    ok(
+    assert_pulled_merged_is_offline(
+        BIN,
         url,
-        &[
-            "port",
-            "--old-base",
-            &s(f.join("v1")),
-            "--new-base",
-            &s(f.join("v2")),
-            "--patch",
-            &s(f.join("patches/lora-qv")),
-            "--out",
-            &s(offline.clone()),
-            "--merged",
-        ],
-    );
-    let pulled = data.join("pulled");
-    ok(
-        url,
-        &[
-            "pull",
-            "acme/p3:1@acme/llama:v2",
-            "--out",
-            &s(pulled.clone()),
-            "--merged",
-        ],
-    );
-    assert_same_files(
-        &pulled,
-        &offline.join("merged"),
+        "acme/p3:1@acme/llama:v2",
+        (&f.join("v1"), &f.join("v2"), &f.join("patches/lora-qv")),
+        data,
         &["model.safetensors", "config.json"],
     );
 }

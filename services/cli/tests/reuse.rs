@@ -9,13 +9,14 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
 use patchport_proto::v1;
 use patchport_tests::process::{
-    Database, Proc, Serve, Server, block_on, cli, http_get, metric_sum, path_arg as s,
-    wait_port_completed,
+    Database, Proc, Serve, Server, assert_pulled_merged_is_offline, block_on, cli, http_get,
+    metric_sum, path_arg as s, wait_port_completed,
 };
-use patchport_tests::{assert_same_files, copy_dir, fixtures};
+use patchport_tests::{copy_dir, fixtures};
 
 const BIN: &str = env!("CARGO_BIN_EXE_patchport");
 
@@ -119,18 +120,27 @@ fn wire_numbers(d: &v1::ModuleDiagnostics) -> [f64; 4] {
     [d.base_drift, d.patch_size, d.drift_to_patch, d.cosine]
 }
 
-fn scenario(database: &Database) {
-    let tmp = tempfile::tempdir().expect("tempdir");
+/// A registry with one in-process worker and metrics on `database`, acme/qv:1 ported
+/// onto acme/llama:v2 (`publish_lineage`), and a `watch` of its events that has seen that
+/// port complete.
+fn lineage_ported(database: &Database) -> (Server, Proc, mpsc::Receiver<serde_json::Value>) {
     let server = Serve::builder(BIN)
         .workers(1)
         .database(database.url())
         .args(["--metrics-listen", "127.0.0.1:0"])
         .start();
     let url = server.url();
-    let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
+    let (watch, rx) = patchport_tests::process::watch(BIN, &url, "origin");
     patchport_tests::process::publish_lineage(BIN, &url);
-    let mut seen = 0;
-    wait_port_completed(&rx, &mut seen, 1);
+    wait_port_completed(&rx, &mut 0, 1);
+    (server, watch, rx)
+}
+
+fn scenario(database: &Database) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (server, _watch, rx) = lineage_ported(database);
+    let url = server.url();
+    let mut seen = 1;
     assert_eq!(
         metric(&server, patchport_telemetry::WORKER_TENSORS_MERGED),
         TARGETS as u64
@@ -184,38 +194,12 @@ fn scenario(database: &Database) {
 
     // The merged model pulled equals the offline port of the same pair, byte for byte.
     let f = fixtures().join("llama-micro");
-    let offline = tmp.path().join("offline");
-    let report: serde_json::Value = serde_json::from_str(&ok(
+    let report = assert_pulled_merged_is_offline(
+        BIN,
         &url,
-        &[
-            "port",
-            "--old-base",
-            &s(f.join("v1")),
-            "--new-base",
-            &s(&v3),
-            "--patch",
-            &s(f.join("patches/lora-qv")),
-            "--out",
-            &s(&offline),
-            "--merged",
-            "--json",
-        ],
-    ))
-    .expect("report json");
-    let pulled = tmp.path().join("pulled");
-    ok(
-        &url,
-        &[
-            "pull",
-            "acme/qv:1@acme/llama:v3",
-            "--out",
-            &s(&pulled),
-            "--merged",
-        ],
-    );
-    assert_same_files(
-        &pulled,
-        &offline.join("merged"),
+        "acme/qv:1@acme/llama:v3",
+        (&f.join("v1"), &v3, &f.join("patches/lora-qv")),
+        tmp.path(),
         &["model.safetensors", "config.json"],
     );
 
@@ -262,15 +246,9 @@ fn a_port_onto_v3_reuses_the_v2_ports_merged_tensors_on_postgres() {
 #[test]
 fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = Serve::builder(BIN)
-        .workers(1)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
+    let (server, _watch, rx) = lineage_ported(&Database::sqlite());
     let url = server.url();
-    let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
-    patchport_tests::process::publish_lineage(BIN, &url);
-    let mut seen = 0;
-    wait_port_completed(&rx, &mut seen, 1);
+    let mut seen = 1;
     let hashed = |server: &Server| metric(server, patchport_telemetry::COMPOSED_BYTES_HASHED);
     let kept = |server: &Server| metric(server, patchport_telemetry::COMPOSED_BYTES_KEPT);
     let size = |port: &v1::Port| {
@@ -318,32 +296,12 @@ fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
     assert_eq!(kept(&server), size(&second) - merged_bytes);
 
     let f = fixtures().join("llama-micro");
-    let offline = tmp.path().join("offline");
-    ok(
+    assert_pulled_merged_is_offline(
+        BIN,
         &url,
-        &[
-            "port",
-            "--old-base",
-            &s(f.join("v1")),
-            "--new-base",
-            &s(f.join("v2")),
-            "--patch",
-            &s(&qv2),
-            "--out",
-            &s(&offline),
-            "--merged",
-        ],
+        "acme/qv2:1@acme/llama:v2",
+        (&f.join("v1"), &f.join("v2"), &qv2),
+        tmp.path(),
+        &["model.safetensors"],
     );
-    let pulled = tmp.path().join("pulled");
-    ok(
-        &url,
-        &[
-            "pull",
-            "acme/qv2:1@acme/llama:v2",
-            "--out",
-            &s(&pulled),
-            "--merged",
-        ],
-    );
-    assert_same_files(&pulled, &offline.join("merged"), &["model.safetensors"]);
 }
