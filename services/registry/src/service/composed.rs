@@ -49,7 +49,9 @@ impl ComposedDigests {
         shared: usize,
     ) -> ApiResult<(Digest, u64)> {
         let shared = shared.min(segments.len());
-        let prefix_len: u64 = segments[..shared].iter().map(|s| s.length).sum();
+        let prefix_len = segments[..shared]
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.length));
         let key = (prefix_len > 0).then(|| key(&segments[..shared]));
         let cached = key.and_then(|k| self.lock().get(&k).cloned());
         let (start, hasher, keep_at) = match cached {
