@@ -207,11 +207,7 @@ impl Registry {
         }
         let limits = self.limits.clone();
         if f.size >= 8 {
-            let mut prefix = Vec::with_capacity(8);
-            let mut head = self.blobs.read(&f.digest, 0, Some(8)).await?;
-            while let Some(chunk) = head.next().await {
-                prefix.extend_from_slice(&chunk?);
-            }
+            let prefix = self.blobs.read_bytes(&f.digest, 0, 8).await?;
             let declared = prefix
                 .get(..8)
                 .and_then(|b| b.try_into().ok())

@@ -462,16 +462,11 @@ impl Workers {
         if first.length > self.registry.limits.max_header_bytes + 8 {
             return Ok(None);
         }
-        use futures::StreamExt as _;
-        let mut bytes = Vec::with_capacity(first.length as usize);
-        let mut stream = self
+        let bytes = self
             .registry
             .blobs
-            .read(&first.digest, first.offset, Some(first.length))
+            .read_bytes(&first.digest, first.offset, first.length)
             .await?;
-        while let Some(chunk) = stream.next().await {
-            bytes.extend_from_slice(&chunk?);
-        }
         let size = file.file.size;
         let Ok(n) = safetensors::json_len(&bytes, size) else {
             return Ok(None);

@@ -461,6 +461,22 @@ impl BlobStore {
         Ok(rechunk(inner, key, end - offset))
     }
 
+    /// `len` bytes of a blob from `offset` in memory (a header, say): a [`read`](Self::read)
+    /// collected, with its clamping and errors.
+    pub async fn read_bytes(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, BlobError> {
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(READ_CHUNK_SIZE));
+        let mut stream = self.read(digest, offset, Some(len)).await?;
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
     /// The whole blob in memory; for small files (configs, manifests).
     pub async fn read_all(&self, digest: &Digest) -> Result<Bytes, BlobError> {
         let key = self.blob_key(digest);
