@@ -1,7 +1,8 @@
 //! The worker's tensor cache across real processes: a `patchport worker` reads each base
 //! tensor from the registry once whatever the number of patches it ports onto that base
 //! (the registry's `patchport_pull_bytes_total` says what it served), a worker killed in
-//! the middle of a fill leaves nothing servable behind, and the cache keeps its bound.
+//! the middle of a fill leaves nothing servable behind, a cache that cannot store its
+//! fills costs reads but no port, and the cache keeps its bound.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -181,4 +182,56 @@ fn the_cache_stays_within_its_bound() {
     assert!(!held.is_empty());
     assert!(total <= bound, "{total} bytes cached, bound {bound}");
     assert_verified(&cache.join("tensors"));
+}
+
+#[test]
+fn a_worker_whose_cache_cannot_store_still_ports() {
+    let server = Serve::builder(BIN)
+        .workers(0)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start();
+    let url = server.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
+    publish_lineage(&url);
+    let mut seen = 0;
+    let filled = tmp.path().join("filled");
+    {
+        let _worker = worker(&url, &filled, &[]).start();
+        wait_port_completed(&rx, &mut seen, 1);
+    }
+    let names: Vec<String> = entries(&filled.join("tensors"))
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(!names.is_empty());
+
+    // A cache where every entry the next port fills is taken by a directory: no fill
+    // can be stored (as on a full disk).
+    let blocked = tmp.path().join("blocked");
+    for n in &names {
+        let d = blocked.join("tensors").join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("in-the-way"), b"x").unwrap();
+    }
+    let before = pulled(&server);
+    let (dir, patch_bytes) = variant(tmp.path());
+    push_patch(&url, &dir, "acme/qv2");
+    let _worker = worker(&url, &blocked, &[]).start();
+    wait_port_completed(&rx, &mut seen, 2);
+    let read = pulled(&server) - before;
+    assert!(
+        read > patch_bytes,
+        "the port read the base tensors it could not cache ({read} bytes)"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(blocked.join("tensors"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".fill-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "failed fills are removed: {leftovers:?}"
+    );
 }

@@ -8,6 +8,9 @@
 //! - Crash-safe: a fill is written to a temporary file, synced, then renamed; a worker
 //!   killed mid-fill leaves only a temporary file, which is never served and is removed
 //!   when the cache is next opened.
+//! - Never in the port's way: the job that fills an entry ports with the verified bytes
+//!   it fetched; an entry that cannot be stored (a full disk) is fetched again next
+//!   time, and the port goes on.
 //! - Shared by the worker's concurrent jobs: one job fills an entry, others wait for it.
 //! - One process per directory: the directory is locked while open; a second worker
 //!   pointed at a locked directory uses the next free `<dir>-N` beside it.
@@ -220,12 +223,30 @@ impl TensorCache {
             return Ok(false);
         }
         let file = match self.lookup(&digest) {
-            Some(f) => {
-                metrics::counter!(patchport_telemetry::WORKER_CACHE_HITS).increment(1);
-                f
+            Some(f) => f,
+            None => {
+                let gate = {
+                    let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    s.filling.entry(digest).or_default().clone()
+                };
+                let _filling = gate.lock().await;
+                match self.lookup(&digest) {
+                    // Another job filled it while this one waited.
+                    Some(f) => f,
+                    None => {
+                        metrics::counter!(patchport_telemetry::WORKER_CACHE_MISSES).increment(1);
+                        let filled = self.fill(client, digest, from, buf).await;
+                        self.state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .filling
+                            .remove(&digest);
+                        return filled.map(|()| true);
+                    }
+                }
             }
-            None => self.fill(client, digest, from).await?,
         };
+        metrics::counter!(patchport_telemetry::WORKER_CACHE_HITS).increment(1);
         buf.clear();
         buf.resize(size as usize, 0);
         let len = file.metadata()?.len();
@@ -239,84 +260,53 @@ impl TensorCache {
         Ok(true)
     }
 
-    /// Fills an entry (or waits for the job filling it) and opens it.
-    async fn fill(&self, client: &Client, digest: Digest, from: BlobRange) -> io::Result<File> {
-        let gate = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.filling.entry(digest).or_default().clone()
-        };
-        let _filling = gate.lock().await;
-        if let Some(f) = self.lookup(&digest) {
-            // Another job filled it while this one waited.
-            metrics::counter!(patchport_telemetry::WORKER_CACHE_HITS).increment(1);
-            return Ok(f);
+    /// Reads `from` into `buf` (verified) and stores it as the entry `digest`. The
+    /// caller has the bytes whether or not they could be stored: a cache that cannot
+    /// write (a full disk) costs later reads from the registry, never the port.
+    async fn fill(
+        &self,
+        client: &Client,
+        digest: Digest,
+        from: BlobRange,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        fetch(client, digest, from, buf).await?;
+        match self.store(&digest, buf).await {
+            Ok(()) => {
+                let size = buf.len() as u64;
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                s.clock += 1;
+                let used = s.clock;
+                if let Some(old) = s.entries.insert(digest, Entry { size, used }) {
+                    s.total -= old.size;
+                }
+                s.total += size;
+                self.evict(&mut s, Some(&digest));
+            }
+            Err(e) => {
+                tracing::warn!(%digest, dir = %self.dir.display(), error = %e, "a tensor could not be stored in the cache; it will be read from the registry again");
+            }
         }
-        metrics::counter!(patchport_telemetry::WORKER_CACHE_MISSES).increment(1);
-        let result = self.fetch(client, digest, from).await;
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        s.filling.remove(&digest);
-        let size = result?;
-        s.clock += 1;
-        let used = s.clock;
-        if let Some(old) = s.entries.insert(digest, Entry { size, used }) {
-            s.total -= old.size;
-        }
-        s.total += size;
-        // Opened before evicting, so that the new entry is readable even when the bound
-        // is smaller than it plus whatever is pinned.
-        let file = File::open(self.dir.join(entry_name(&digest)))?;
-        self.evict(&mut s, Some(&digest));
-        Ok(file)
+        Ok(())
     }
 
-    /// Streams `from` into a temporary file, checks its sha256, syncs and renames it into
-    /// place. Returns its size.
-    async fn fetch(&self, client: &Client, digest: Digest, from: BlobRange) -> io::Result<u64> {
+    /// Writes verified bytes to a temporary file, syncs and renames it into place.
+    async fn store(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self
             .dir
-            .join(format!("{TMP_PREFIX}{}-{seq}", entry_name(&digest)));
+            .join(format!("{TMP_PREFIX}{}-{seq}", entry_name(digest)));
         let result = async {
-            let mut file = std::io::BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
-            let mut hasher = Hasher::new();
-            let mut stream = client
-                .blobs()
-                .read_blob(v1::ReadBlobRequest {
-                    digest: from.blob.to_string(),
-                    offset: from.begin,
-                    length: from.end - from.begin,
-                })
-                .await
-                .map_err(io::Error::other)?
-                .into_inner();
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(io::Error::other)?;
-                hasher.update(&chunk.data);
-                file.write_all(&chunk.data)?;
-                metrics::counter!(patchport_telemetry::WORKER_CACHE_FETCHED_BYTES)
-                    .increment(chunk.data.len() as u64);
-            }
-            let size = hasher.len();
-            let got = hasher.finish();
-            if got != digest || size != from.end - from.begin {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "bytes {}..{} of blob {} hash to {got} ({size} bytes), not {digest}",
-                        from.begin, from.end, from.blob
-                    ),
-                ));
-            }
-            let file = file.into_inner().map_err(|e| e.into_error())?;
+            let mut file = File::create(&tmp)?;
+            file.write_all(bytes)?;
             file.sync_all()?;
             drop(file);
             if let Some(hook) = std::env::var_os("PATCHPORT_TEST_CACHE_FILL_STALL") {
                 stall_for_test(Path::new(&hook), &tmp).await;
             }
-            std::fs::rename(&tmp, self.dir.join(entry_name(&digest)))?;
-            File::open(&self.dir)?.sync_all()?;
-            Ok(size)
+            std::fs::rename(&tmp, self.dir.join(entry_name(digest)))?;
+            File::open(&self.dir)?.sync_all()
         }
         .await;
         if result.is_err() {
@@ -324,6 +314,49 @@ impl TensorCache {
         }
         result
     }
+}
+
+/// Reads `from` into `buf` with one `ReadBlob` call, hashing as it arrives: the bytes
+/// must hash to `digest`.
+async fn fetch(
+    client: &Client,
+    digest: Digest,
+    from: BlobRange,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    buf.clear();
+    buf.reserve((from.end - from.begin) as usize);
+    let mut hasher = Hasher::new();
+    let mut stream = client
+        .blobs()
+        .read_blob(v1::ReadBlobRequest {
+            digest: from.blob.to_string(),
+            offset: from.begin,
+            length: from.end - from.begin,
+        })
+        .await
+        .map_err(io::Error::other)?
+        .into_inner();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(io::Error::other)?;
+        hasher.update(&chunk.data);
+        buf.extend_from_slice(&chunk.data);
+        metrics::counter!(patchport_telemetry::WORKER_CACHE_FETCHED_BYTES)
+            .increment(chunk.data.len() as u64);
+    }
+    let size = hasher.len();
+    let got = hasher.finish();
+    if got != digest || size != from.end - from.begin {
+        buf.clear();
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "bytes {}..{} of blob {} hash to {got} ({size} bytes), not {digest}",
+                from.begin, from.end, from.blob
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Fault injection for the crash test: a fill that is written and synced but not yet
