@@ -17,7 +17,8 @@ remote_run_dir() {
     reg="127.0.0.1:$port"; reg_metrics="127.0.0.1:$((port + 1))"; worker_metrics="127.0.0.1:$((port + 2))"
     export PATCHPORT_REGISTRY="http://$reg"
     pids=()
-    trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$run"' EXIT
+    # BENCH_KEEP_RUN=1 keeps $run (the registry's and the worker's logs) at exit.
+    trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${BENCH_KEEP_RUN:-}" ] || rm -rf "$run"' EXIT
 }
 
 metric() {
