@@ -32,6 +32,28 @@ fi
 status=0
 cargo test --workspace --locked --no-fail-fast "$@" || status=$?
 
+# Tests #[ignore]d because they need a backend this machine may lack (cargo test reports
+# them ignored, with the reason): run here when it is configured, else say why not. The
+# same --workspace selection as above, so nothing is built again.
+ignored() { # ignored TEST-TARGET WHY-NOT (empty WHY-NOT: run)
+  if [ -z "$2" ]; then
+    cargo test --workspace --locked --no-fail-fast --test "$1" -- --ignored || status=$?
+  else
+    echo "tests/$1: ignored tests skipped: $2"
+  fi
+}
+if [ "$#" -eq 0 ]; then
+  pg="${PATCHPORT_TEST_DATABASE_URL:+yes}"
+  s3="${PATCHPORT_TEST_S3_ENDPOINT:+yes}"
+  ignored replicas "$([ -n "$pg" ] && [ -n "$s3" ] || echo "two replicas need PATCHPORT_TEST_DATABASE_URL and PATCHPORT_TEST_S3_ENDPOINT")"
+  ignored outbox "$([ -n "$pg" ] || echo "PATCHPORT_TEST_DATABASE_URL not set")"
+  local_pg=""
+  if [ -n "${PATCHPORT_TEST_PG_BIN:-}" ] || compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" > /dev/null; then
+    if [ "$(id -u)" != 0 ] || id postgres > /dev/null 2>&1; then local_pg=yes; fi
+  fi
+  ignored faults "$([ -n "$local_pg" ] || echo "no local PostgreSQL installation to run a private server (initdb, pg_ctl; as root, a postgres user)")"
+fi
+
 # The Python SDK (clients/python) against the debug binary just built, in a venv cached
 # under ~/.cache/patchport-py; skipped with the reason when the venv cannot be made.
 if [ "$#" -eq 0 ]; then

@@ -9,7 +9,9 @@
 //!   the port completes once.
 //!
 //! Needs `PATCHPORT_TEST_DATABASE_URL` and `PATCHPORT_TEST_S3_ENDPOINT` (see
-//! scripts/s3-server.sh); each test says it is skipped, and why, without them.
+//! scripts/s3-server.sh), so each test is `#[ignore]`d with that reason: `cargo test`
+//! reports them ignored, and scripts/test.sh runs them (`--ignored`) when both are set.
+//! Run without them, a test fails saying what is missing.
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -30,20 +32,20 @@ struct Replicas {
     db: Database,
 }
 
-/// Two replicas with `lease_seconds` leases and no in-process workers, or `None` (said
-/// on stderr) when Postgres or S3 is not configured.
-fn replicas(lease_seconds: u64) -> Option<Replicas> {
+/// Two replicas with `lease_seconds` leases and no in-process workers; panics, naming
+/// what is missing, when Postgres or S3 is not configured.
+fn replicas(lease_seconds: u64) -> Replicas {
     let test = std::thread::current()
         .name()
         .unwrap_or("this test")
         .to_owned();
-    if std::env::var("PATCHPORT_TEST_S3_ENDPOINT").is_err() {
-        eprintln!(
-            "{test}: skipped: PATCHPORT_TEST_S3_ENDPOINT not set (replicas share one S3 bucket)"
-        );
-        return None;
-    }
-    let db = Database::postgres("two replicas on one database")?;
+    assert!(
+        std::env::var("PATCHPORT_TEST_S3_ENDPOINT").is_ok(),
+        "{test} needs PATCHPORT_TEST_S3_ENDPOINT (replicas share one S3 bucket; see scripts/s3-server.sh)"
+    );
+    let db = Database::postgres("two replicas on one database").unwrap_or_else(|| {
+        panic!("{test} needs PATCHPORT_TEST_DATABASE_URL (replicas share one Postgres database)")
+    });
     let bucket =
         std::env::var("PATCHPORT_TEST_S3_BUCKET").unwrap_or_else(|_| "patchport-test".into());
     let nanos = std::time::SystemTime::now()
@@ -62,7 +64,7 @@ fn replicas(lease_seconds: u64) -> Option<Replicas> {
     let a = start();
     let b = start();
     eprintln!("{test}: replicas {} and {} on {blobs}", a.url(), b.url());
-    Some(Replicas { a, b, db })
+    Replicas { a, b, db }
 }
 
 fn ok(url: &str, args: &[&str]) -> String {
@@ -122,8 +124,9 @@ fn worker(url: &str, id: &str) -> patchport_tests::process::WorkerBuilder {
 }
 
 #[test]
+#[ignore = "needs PATCHPORT_TEST_DATABASE_URL and PATCHPORT_TEST_S3_ENDPOINT; scripts/test.sh runs it when both are set"]
 fn a_publish_on_one_replica_reaches_a_subscriber_of_the_other() {
-    let Some(r) = replicas(30) else { return };
+    let r = replicas(30);
     let (_watch, rx) = watch(BIN, r.b.url(), "0");
     let _worker: Proc = worker(&r.a.url(), "on-a").start();
     publish(&r.a.url());
@@ -155,8 +158,9 @@ fn a_publish_on_one_replica_reaches_a_subscriber_of_the_other() {
 }
 
 #[test]
+#[ignore = "needs PATCHPORT_TEST_DATABASE_URL and PATCHPORT_TEST_S3_ENDPOINT; scripts/test.sh runs it when both are set"]
 fn an_upload_started_on_one_replica_resumes_on_the_other() {
-    let Some(r) = replicas(30) else { return };
+    let r = replicas(30);
     // 12 MiB of pseudo-random bytes.
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let data: Vec<u8> = (0..12 << 20)
@@ -305,9 +309,10 @@ fn wait_for_log(log: &std::path::Path, needles: &[&'static str]) -> &'static str
 }
 
 #[test]
+#[ignore = "needs PATCHPORT_TEST_DATABASE_URL and PATCHPORT_TEST_S3_ENDPOINT; scripts/test.sh runs it when both are set"]
 fn a_job_re_leased_through_the_other_replica_refuses_the_first_workers_late_result() {
     // 2 s leases; the first worker stalls 6 s without heartbeats after leasing.
-    let Some(r) = replicas(2) else { return };
+    let r = replicas(2);
     let logs = tempfile::tempdir().expect("tempdir");
     let late_log = logs.path().join("late.log");
     let (_watch, rx) = watch(BIN, r.a.url(), "0");
@@ -342,8 +347,9 @@ fn a_job_re_leased_through_the_other_replica_refuses_the_first_workers_late_resu
 }
 
 #[test]
+#[ignore = "needs PATCHPORT_TEST_DATABASE_URL and PATCHPORT_TEST_S3_ENDPOINT; scripts/test.sh runs it when both are set"]
 fn a_job_cancelled_through_the_other_replica_refuses_the_running_workers_result() {
-    let Some(r) = replicas(30) else { return };
+    let r = replicas(30);
     let gate = tempfile::tempdir().expect("tempdir");
     let go_on = gate.path().join("go-on");
     let log = gate.path().join("worker.log");
