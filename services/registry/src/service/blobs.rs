@@ -14,7 +14,6 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures::{Stream, StreamExt};
 use patchport_core::layout::{BlobRange, FileRef};
 use patchport_core::{AnyRef, Digest};
@@ -34,8 +33,6 @@ const UPLOAD_PAUSE: Duration = Duration::from_secs(1);
 
 /// Most digests in one FindMissingBlobs call.
 const MAX_DIGESTS: usize = 10_000;
-/// Size of the chunks ReadBlob sends.
-pub(crate) const READ_CHUNK: usize = 1 << 20;
 
 /// The refusal of an oversize upload chunk: the limit, and the server flag and
 /// environment variable that set it.
@@ -399,60 +396,57 @@ where
     }
 }
 
-/// Streams `file`'s bytes (`segments`, in order) in messages of at most [`READ_CHUNK`];
-/// the first names the file.
+/// Streams `file`'s bytes (`segments`, in order), one message per chunk the store reads;
+/// the first names the file (an empty file is that message alone).
 fn stream_file(
     registry: &Registry,
     file: FileRef,
     segments: Vec<BlobRange>,
 ) -> impl Stream<Item = Result<v1::ReadFileChunk, Status>> + Send + 'static {
-    struct State<S> {
-        inner: S,
-        buf: BytesMut,
-        offset: u64,
-        header: Option<v1::FileEntry>,
-        done: bool,
-        meter: crate::metrics::PullMeter,
-    }
-    let state = State {
-        inner: Box::pin(registry.compose(segments)),
-        buf: BytesMut::new(),
-        offset: 0,
-        header: Some(v1::FileEntry::from(&file)),
-        done: false,
-        meter: crate::metrics::PullMeter::start(),
-    };
-    futures::stream::unfold(state, |mut st| async move {
-        loop {
-            let ready = st.buf.len() >= READ_CHUNK
-                || (st.done && (!st.buf.is_empty() || st.header.is_some()));
-            if ready {
-                let data = st.buf.split_to(READ_CHUNK.min(st.buf.len())).freeze();
-                let msg = v1::ReadFileChunk {
-                    file: st.header.take(),
-                    offset: st.offset,
-                    data,
-                };
-                st.offset += msg.data.len() as u64;
-                st.meter.sent(msg.data.len());
-                return Some((Ok(msg), st));
-            }
-            if st.done {
+    let mut header = Some(v1::FileEntry::from(&file));
+    let chunks = sent_chunks(registry.compose(segments), 0).map(move |c| {
+        c.map(|(offset, data)| v1::ReadFileChunk {
+            file: header.take(),
+            offset,
+            data,
+        })
+    });
+    let empty = file.size == 0;
+    let named = futures::stream::iter(empty.then(|| {
+        Ok(v1::ReadFileChunk {
+            file: Some(v1::FileEntry::from(&file)),
+            offset: 0,
+            data: bytes::Bytes::new(),
+        })
+    }));
+    named.chain(chunks)
+}
+
+/// A read's chunks as the blob store yields them (each at most
+/// [`READ_CHUNK_SIZE`](patchport_store::blobs::READ_CHUNK_SIZE), small ones coalesced), so
+/// the bytes go out without another copy, each with its offset from `start` and counted
+/// as pulled; nothing follows an error.
+fn sent_chunks<E: Into<Status>>(
+    inner: impl Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    start: u64,
+) -> impl Stream<Item = Result<(u64, bytes::Bytes), Status>> + Send + 'static {
+    let meter = crate::metrics::PullMeter::start();
+    futures::stream::unfold(
+        (Box::pin(inner), start, false, meter),
+        |(mut inner, offset, failed, meter)| async move {
+            if failed {
                 return None;
             }
-            match st.inner.next().await {
-                Some(Ok(bytes)) => st.buf.extend_from_slice(&bytes),
-                Some(Err(e)) => {
-                    // Nothing more after an error.
-                    st.done = true;
-                    st.header = None;
-                    st.buf.clear();
-                    return Some((Err(e.into()), st));
+            match inner.next().await? {
+                Ok(data) => {
+                    meter.sent(data.len());
+                    let next = offset + data.len() as u64;
+                    Some((Ok((offset, data)), (inner, next, false, meter)))
                 }
-                None => st.done = true,
+                Err(e) => Some((Err(e.into()), (inner, offset, true, meter))),
             }
-        }
-    })
+        },
+    )
 }
 
 /// The refusal of a stream idle for `idle`.
@@ -721,49 +715,8 @@ impl BlobService for Blobs {
             .read(&range.digest, range.offset, range.length)
             .await
             .map_err(ApiError::from)?;
-        let start = range.offset;
-        // Re-chunk to READ_CHUNK-sized messages whatever the backend's chunking.
-        let meter = crate::metrics::PullMeter::start();
-        let stream = futures::stream::unfold(
-            (inner, BytesMut::new(), start, false, meter),
-            |(mut inner, mut buf, mut offset, done, meter)| async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    if buf.len() >= READ_CHUNK {
-                        let data = buf.split_to(READ_CHUNK).freeze();
-                        let msg = v1::ReadBlobChunk {
-                            offset,
-                            data: data.clone(),
-                        };
-                        offset += data.len() as u64;
-                        meter.sent(data.len());
-                        return Some((Ok(msg), (inner, buf, offset, false, meter)));
-                    }
-                    match inner.next().await {
-                        Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-                        Some(Err(e)) => {
-                            let status: Status = ApiError::from(e).into();
-                            return Some((Err(status), (inner, buf, offset, true, meter)));
-                        }
-                        None => {
-                            if buf.is_empty() {
-                                return None;
-                            }
-                            let data = buf.split().freeze();
-                            let msg = v1::ReadBlobChunk {
-                                offset,
-                                data: data.clone(),
-                            };
-                            offset += data.len() as u64;
-                            meter.sent(data.len());
-                            return Some((Ok(msg), (inner, buf, offset, true, meter)));
-                        }
-                    }
-                }
-            },
-        );
+        let stream = sent_chunks(inner.map(|c| c.map_err(ApiError::from)), range.offset)
+            .map(|c| c.map(|(offset, data)| v1::ReadBlobChunk { offset, data }));
         Ok(Response::new(Box::pin(stream)))
     }
 
