@@ -56,6 +56,14 @@ fn variant(dir: &Path) -> (PathBuf, u64) {
     (out, (st.len() + config.len()) as u64)
 }
 
+/// A registry without in-process workers whose metrics say what it served.
+fn metered_server() -> Server {
+    Serve::builder(BIN)
+        .workers(0)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .start()
+}
+
 fn pulled(server: &Server) -> u64 {
     let (status, body) = http_get(server.metrics_addr().expect("metrics"), "/metrics");
     assert_eq!(status, 200, "{body}");
@@ -91,10 +99,7 @@ fn worker(url: &str, cache: &Path, extra: &[&str]) -> patchport_tests::process::
 
 #[test]
 fn a_second_port_on_the_same_bases_reads_no_base_bytes() {
-    let server = Serve::builder(BIN)
-        .workers(0)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
+    let server = metered_server();
     let url = server.url();
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
@@ -186,10 +191,7 @@ fn the_cache_stays_within_its_bound() {
 
 #[test]
 fn a_worker_whose_cache_cannot_store_still_ports() {
-    let server = Serve::builder(BIN)
-        .workers(0)
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .start();
+    let server = metered_server();
     let url = server.url();
     let tmp = tempfile::tempdir().unwrap();
     let (_watch, rx): (Proc, _) = patchport_tests::process::watch(BIN, &url, "origin");
