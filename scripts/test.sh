@@ -52,6 +52,8 @@ if [ "$#" -eq 0 ]; then
     if [ "$(id -u)" != 0 ] || id postgres > /dev/null 2>&1; then local_pg=yes; fi
   fi
   ignored faults "$([ -n "$local_pg" ] || echo "no local PostgreSQL installation to run a private server (initdb, pg_ctl; as root, a postgres user)")"
+else
+  echo "ignored (backend-bound) tests not run: cargo test arguments given (add -- --ignored to run them)"
 fi
 
 # The Python SDK (clients/python) against the debug binary just built, in a venv cached
