@@ -22,10 +22,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use patchport_client::Client;
-use patchport_core::{Digest, Hasher};
-use patchport_proto::v1;
+use patchport_core::Digest;
 
 /// Where a cache entry's bytes come from: a byte range of a registry blob.
 #[derive(Debug, Clone, Copy)]
@@ -316,37 +314,20 @@ impl TensorCache {
     }
 }
 
-/// Reads `from` into `buf` with one `ReadBlob` call, hashing as it arrives: the bytes
-/// must hash to `digest`.
+/// Reads `from` into `buf` (the worker's one ranged `ReadBlob`); the bytes must hash to
+/// `digest`.
 async fn fetch(
     client: &Client,
     digest: Digest,
     from: BlobRange,
     buf: &mut Vec<u8>,
 ) -> io::Result<()> {
-    buf.clear();
-    buf.reserve((from.end - from.begin) as usize);
-    let mut hasher = Hasher::new();
-    let mut stream = client
-        .blobs()
-        .read_blob(v1::ReadBlobRequest {
-            digest: from.blob.to_string(),
-            offset: from.begin,
-            length: from.end - from.begin,
-        })
-        .await
-        .map_err(io::Error::other)?
-        .into_inner();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(io::Error::other)?;
-        hasher.update(&chunk.data);
-        buf.extend_from_slice(&chunk.data);
-        metrics::counter!(patchport_telemetry::WORKER_CACHE_FETCHED_BYTES)
-            .increment(chunk.data.len() as u64);
-    }
-    let size = hasher.len();
-    let got = hasher.finish();
-    if got != digest || size != from.end - from.begin {
+    let read = crate::read_blob_range(client, from.blob, from.begin, from.end, buf).await;
+    metrics::counter!(patchport_telemetry::WORKER_CACHE_FETCHED_BYTES).increment(buf.len() as u64);
+    read?;
+    let got = Digest::of(buf);
+    if got != digest {
+        let size = buf.len();
         buf.clear();
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
