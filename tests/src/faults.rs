@@ -8,13 +8,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
-    ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult, MultipartId,
+    MultipartUpload, ObjectMeta, ObjectStore, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult,
 };
 use patchport_store::blobs::{BlobStore, MemoryParts};
 
@@ -45,10 +46,22 @@ pub enum Op {
     Delete,
 }
 
+/// What a tripped rule makes its call return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Injected {
+    /// `Generic`, what `object_store` returns for network and server failures.
+    Failure,
+    /// `NotFound`, as for an object deleted under the call.
+    NotFound,
+}
+
 #[derive(Debug)]
 struct Rule {
     op: Op,
     key_contains: String,
+    /// Only reads of a range that starts at this byte (`None`: any call of `op`).
+    range_start: Option<u64>,
+    error: Injected,
     /// Failures left; `None` fails until cleared.
     remaining: Option<usize>,
 }
@@ -58,6 +71,7 @@ struct Rule {
 pub struct Faults {
     rules: Mutex<Vec<Rule>>,
     injected: AtomicUsize,
+    ranged_gets: AtomicUsize,
 }
 
 impl Faults {
@@ -76,6 +90,40 @@ impl Faults {
         self.add(op, key_contains, times);
     }
 
+    /// The next `times` reads of a range that starts at byte `start` fail: the GET
+    /// (`Op::GetRange`) or its body (`Op::ReadBody`).
+    pub fn fail_range(&self, op: Op, start: u64, times: usize) {
+        self.push(Rule {
+            op,
+            key_contains: String::new(),
+            range_start: Some(start),
+            error: Injected::Failure,
+            remaining: Some(times),
+        });
+    }
+
+    /// The next `times` GETs of a range that starts at byte `start` answer NotFound, as
+    /// when the object is deleted under the read.
+    pub fn vanish_range(&self, start: u64, times: usize) {
+        self.push(Rule {
+            op: Op::GetRange,
+            key_contains: String::new(),
+            range_start: Some(start),
+            error: Injected::NotFound,
+            remaining: Some(times),
+        });
+    }
+
+    /// Failures set up but not met yet (rules that fail until cleared not counted).
+    pub fn pending(&self) -> usize {
+        self.lock().iter().filter_map(|r| r.remaining).sum()
+    }
+
+    /// GETs of a range (not heads) so far, failed ones included.
+    pub fn ranged_gets(&self) -> usize {
+        self.ranged_gets.load(Ordering::SeqCst)
+    }
+
     /// No more failures.
     pub fn clear(&self) {
         self.lock().clear();
@@ -87,37 +135,53 @@ impl Faults {
     }
 
     fn add(&self, op: Op, key_contains: &str, remaining: Option<usize>) {
-        self.lock().push(Rule {
+        self.push(Rule {
             op,
             key_contains: key_contains.to_owned(),
+            range_start: None,
+            error: Injected::Failure,
             remaining,
         });
+    }
+
+    fn push(&self, rule: Rule) {
+        self.lock().push(rule);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Rule>> {
         self.rules.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Consumes a matching rule: whether this call must fail.
-    fn trips(&self, op: Op, key: &str) -> bool {
+    /// Consumes a rule that matches a call of `op` on `key` (reading the range that
+    /// starts at `range_start`, if a range): the error the call must return, if any.
+    fn trip(&self, op: Op, key: &str, range_start: Option<u64>) -> Option<object_store::Error> {
         let mut rules = self.lock();
-        let hit = rules
-            .iter_mut()
-            .find(|r| r.op == op && key.contains(&r.key_contains) && r.remaining != Some(0));
-        let Some(rule) = hit else { return false };
+        let rule = rules.iter_mut().find(|r| {
+            r.op == op
+                && key.contains(&r.key_contains)
+                && r.range_start.is_none_or(|s| Some(s) == range_start)
+                && r.remaining != Some(0)
+        })?;
         if let Some(n) = rule.remaining.as_mut() {
             *n -= 1;
         }
         self.injected.fetch_add(1, Ordering::SeqCst);
-        true
+        Some(match rule.error {
+            Injected::Failure => injected(op, key),
+            Injected::NotFound => object_store::Error::NotFound {
+                path: key.to_owned(),
+                source: format!("injected {op:?} fault").into(),
+            },
+        })
+    }
+
+    /// Whether a call of `op` on `key` must fail (consuming the rule that says so).
+    fn trips(&self, op: Op, key: &str) -> bool {
+        self.trip(op, key, None).is_some()
     }
 
     fn check(&self, op: Op, key: &Path) -> object_store::Result<()> {
-        if self.trips(op, key.as_ref()) {
-            Err(injected(op, key.as_ref()))
-        } else {
-            Ok(())
-        }
+        self.trip(op, key.as_ref(), None).map_or(Ok(()), Err)
     }
 }
 
@@ -227,29 +291,33 @@ impl ObjectStore for FaultyStore {
         } else {
             Op::Get
         };
-        self.faults.check(op, location)?;
+        let key = location.to_string();
+        let range_start = match &options.range {
+            Some(GetRange::Bounded(r)) => Some(r.start),
+            Some(GetRange::Offset(o)) => Some(*o),
+            _ => None,
+        };
+        if op == Op::GetRange {
+            self.faults.ranged_gets.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Some(e) = self.faults.trip(op, &key, range_start) {
+            return Err(e);
+        }
         let result = self.inner.get_opts(location, options).await?;
-        if op == Op::Head || !self.faults.trips(Op::ReadBody, location.as_ref()) {
+        if op == Op::Head || self.faults.trip(Op::ReadBody, &key, range_start).is_none() {
             return Ok(result);
         }
-        // The body breaks off after its first chunk.
-        let key = location.to_string();
-        let GetResult {
-            meta,
-            range,
-            attributes,
-            extensions,
-            ..
-        } = &result;
+        // The body breaks off halfway through its first chunk.
         let (meta, range, attributes, extensions) = (
-            meta.clone(),
-            range.clone(),
-            attributes.clone(),
-            extensions.clone(),
+            result.meta.clone(),
+            result.range.clone(),
+            result.attributes.clone(),
+            result.extensions.clone(),
         );
         let body = result
             .into_stream()
             .take(1)
+            .map_ok(|b| b.slice(..b.len() / 2))
             .chain(futures::stream::once(async move {
                 Err(injected(Op::ReadBody, &key))
             }))

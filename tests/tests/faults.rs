@@ -1,6 +1,7 @@
-//! Fault tests in one process: blob storage that fails under the registry (through a
-//! fault-injecting `ObjectStore`), and a Postgres server stopped and started again under
-//! load (a private cluster, so the test may restart it).
+//! Fault tests in one process: blob storage that fails under the registry and under the
+//! blob store's reads in ranges (through a fault-injecting `ObjectStore`), and a Postgres
+//! server stopped and started again under load (a private cluster, so the test may
+//! restart it).
 //!
 //! What must hold: a request that meets a broken store fails with Unavailable and a
 //! message without internals, changes nothing visible, and works once the store is back;
@@ -13,11 +14,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
 use patchport_client::{Client, ClientError, NoProgress};
 use patchport_core::Digest;
 use patchport_proto::v1;
 use patchport_registry::Config;
-use patchport_tests::faults::{Faults, Op, faulty_registry, faulty_registry_with};
+use patchport_store::blobs::{BlobError, BlobErrorKind, BlobStore, READ_ATTEMPTS, READ_CHUNK_SIZE};
+use patchport_tests::faults::{Faults, FaultyStore, Op, faulty_registry, faulty_registry_with};
 use patchport_tests::postgres::PrivatePostgres;
 use patchport_tests::{TestRegistry, base, fixtures, patch, query_i64s, read_tree};
 use tonic::Code;
@@ -262,6 +268,121 @@ async fn reads_fail_once_then_always(reg: &TestRegistry, faults: &Faults, key: &
             .await
             .unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The blob store's reads in ranges, over a store that fails chosen GETs (no registry).
+
+/// Range size of [`ranged_reader`]: odd, so ranges and chunks never line up.
+const RANGE: u64 = 9_973;
+
+/// Deterministic bytes that differ per seed.
+fn bytes_of(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 * 2_654_435_761) >> 7) as u8 ^ seed)
+        .collect()
+}
+
+/// A blob store over a fault-injecting in-memory store, reading with 4 GETs in flight
+/// in ranges of `range` bytes; holds `bytes`.
+async fn ranged_reader(bytes: &[u8], range: u64) -> (Arc<Faults>, BlobStore, Digest) {
+    let (faulty, faults) = FaultyStore::new(Arc::new(InMemory::new()));
+    let store = BlobStore::new(Arc::new(faulty), ObjectPath::default())
+        .with_read_concurrency(4)
+        .with_read_range_size(range as usize);
+    let digest = store
+        .put_bytes(Bytes::copy_from_slice(bytes))
+        .await
+        .unwrap();
+    (faults, store, digest)
+}
+
+/// The bytes of a read, or its error with what arrived before it.
+async fn read_all(
+    store: &BlobStore,
+    digest: &Digest,
+    offset: u64,
+    len: Option<u64>,
+) -> (Vec<u8>, Option<BlobError>) {
+    let mut stream = match store.read(digest, offset, len).await {
+        Ok(s) => s,
+        Err(e) => return (Vec::new(), Some(e)),
+    };
+    let mut read = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(c) => read.extend_from_slice(&c),
+            Err(e) => {
+                assert!(
+                    stream.next().await.is_none(),
+                    "nothing comes after an error"
+                );
+                return (read, Some(e));
+            }
+        }
+    }
+    (read, None)
+}
+
+#[tokio::test]
+async fn a_range_whose_get_fails_once_is_retried() {
+    let bytes = bytes_of(200_000, 7);
+    let (faults, store, digest) = ranged_reader(&bytes, RANGE).await;
+    // Ranges start at the read's offset: 5, 5 + RANGE, 5 + 2 RANGE, ...
+    faults.fail_range(Op::GetRange, 5 + 3 * RANGE, 1);
+    faults.fail_range(Op::ReadBody, 5 + 7 * RANGE, 1);
+    let (read, err) = read_all(&store, &digest, 5, None).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(read, &bytes[5..]);
+    assert_eq!(faults.pending(), 0, "a fault was not met");
+    // One GET per range, the failed one retried, the broken body resumed.
+    let ranges = (bytes.len() as u64 - 5).div_ceil(RANGE) as usize;
+    assert_eq!(faults.ranged_gets(), ranges + 2);
+}
+
+#[tokio::test]
+async fn a_range_that_keeps_failing_fails_the_read() {
+    let bytes = bytes_of(200_000, 8);
+    let (faults, store, digest) = ranged_reader(&bytes, RANGE).await;
+    faults.fail_range(Op::GetRange, 4 * RANGE, READ_ATTEMPTS as usize);
+    let (read, err) = read_all(&store, &digest, 0, None).await;
+    let err = err.expect("the read ends with an error");
+    assert_eq!(err.kind(), BlobErrorKind::Unavailable, "{err}");
+    // What came before the failure is the blob's start.
+    assert_eq!(read, &bytes[..read.len()]);
+    assert!(read.len() as u64 <= 4 * RANGE);
+    assert_eq!(faults.pending(), 0);
+}
+
+#[tokio::test]
+async fn a_blob_gone_when_its_read_opens_is_not_found() {
+    let bytes = bytes_of(200_000, 9);
+    let (faults, store, digest) = ranged_reader(&bytes, RANGE).await;
+    for (offset, len) in [(0, None), (10, Some(100))] {
+        faults.vanish_range(offset, 1);
+        let err = match store.read(&digest, offset, len).await {
+            Ok(_) => panic!("a read of a vanished blob opened"),
+            Err(e) => e,
+        };
+        assert_eq!(err.kind(), BlobErrorKind::NotFound, "{err}");
+        assert!(matches!(err, BlobError::BlobNotFound { .. }), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_read_in_ranges_holds_at_most_its_concurrency_ahead() {
+    let chunk = READ_CHUNK_SIZE as u64;
+    let bytes = bytes_of(READ_CHUNK_SIZE * 10, 10);
+    let (faults, store, digest) = ranged_reader(&bytes, chunk).await;
+    let mut stream = store.read(&digest, 0, None).await.unwrap();
+    let first = stream.next().await.expect("a chunk").expect("read");
+    assert_eq!(first, &bytes[..READ_CHUNK_SIZE]);
+    // The consumer took one chunk: no more than 4 ranges were asked for.
+    let gets = faults.ranged_gets();
+    assert!(gets <= 4, "{gets} GETs for one chunk");
+    drop(stream);
+    assert_eq!(faults.ranged_gets(), gets);
+    assert_eq!(read_all(&store, &digest, 0, None).await.0, bytes);
 }
 
 /// What one request of the load saw.
