@@ -410,3 +410,99 @@ async fn a_batch_of_completions_is_answered_one_by_one() {
     assert_eq!(tonic::Code::from(results[0].code), tonic::Code::Ok);
     assert_eq!(state(all[1]).await, v1::PortState::Succeeded as i32);
 }
+
+/// PrepareComposed: only the holder of a lease may ask the registry to hash a composed
+/// file's beginning, every range must lie within a stored blob, and a beginning already
+/// kept (or being hashed) is not hashed again.
+#[tokio::test]
+async fn prepare_composed_is_for_the_lease_holder_and_stored_ranges() {
+    let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
+    let client = reg.client().await.unwrap();
+    let f = fixtures().join("llama-micro");
+    client
+        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("patches/lora-qv"),
+            &patch("acme/qv", "1", "acme/llama:v1"),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    client
+        .push_dir(
+            &f.join("v2"),
+            &base("acme/llama", "v2", Some("v1")),
+            &NoProgress,
+        )
+        .await
+        .unwrap();
+    let job = client
+        .workers()
+        .lease_job(v1::LeaseJobRequest {
+            worker_id: "w1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .pop()
+        .expect("a job");
+    let model = job
+        .target_base
+        .as_ref()
+        .unwrap()
+        .files
+        .iter()
+        .find(|f| f.path == "model.safetensors")
+        .unwrap()
+        .clone();
+    let file = |offset: u64, length: u64| v1::ComposedPrefix {
+        header: bytes::Bytes::from_static(b"a header"),
+        ranges: vec![v1::BlobRange {
+            digest: model.digest.clone(),
+            offset,
+            length,
+        }],
+    };
+    let prepare = |fencing_token: i64, files: Vec<v1::ComposedPrefix>| {
+        let client = client.clone();
+        let job_id = job.job_id.clone();
+        async move {
+            client
+                .workers()
+                .prepare_composed(v1::PrepareComposedRequest {
+                    job_id,
+                    fencing_token,
+                    files,
+                })
+                .await
+        }
+    };
+    let stale = prepare(job.fencing_token + 1, vec![file(0, 1000)])
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    let beyond = prepare(job.fencing_token, vec![file(model.size - 10, 11)])
+        .await
+        .unwrap_err();
+    assert_eq!(beyond.code(), tonic::Code::FailedPrecondition, "{beyond:?}");
+    assert!(beyond.message().contains("is not stored"), "{beyond:?}");
+    let many = prepare(job.fencing_token, vec![file(0, 1); 65])
+        .await
+        .unwrap_err();
+    assert_eq!(many.code(), tonic::Code::InvalidArgument, "{many:?}");
+    let first = prepare(job.fencing_token, vec![file(0, 1000)])
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.hashing_bytes, 8 + 1000);
+    let again = prepare(job.fencing_token, vec![file(0, 1000)])
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.hashing_bytes, 0, "kept or being hashed already");
+}

@@ -240,9 +240,11 @@ fn a_port_onto_v3_reuses_the_v2_ports_merged_tensors_on_postgres() {
 
 /// Two distinct patches with the same targets ported onto v2: their merged
 /// `model.safetensors` files begin alike (the header, then v2's untouched tensors; the
-/// merged tensors come last), so CompleteJob of the second reads and hashes only its
-/// merged tensors, from the SHA-256 state the first left. The digest it records is still
-/// that of every byte: the pull checks it, and the file is the offline port's.
+/// merged tensors come last). The worker says how the first begins once it has planned
+/// the port (PrepareComposed) and the registry hashes that beginning meanwhile, so
+/// CompleteJob of the first reads and hashes only its merged tensors, and so does the
+/// second's, from the same SHA-256 state. The digests they record are still those of
+/// every byte: the pulls check them, and the files are the offline port's.
 #[test]
 fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -259,7 +261,13 @@ fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
             .size
     };
     let first = get_port(&url, "acme/qv:1@acme/llama:v2");
-    assert_eq!((hashed(&server), kept(&server)), (size(&first), 0));
+    let first_merged = merged_blobs_sizes(&first, &base_blob(&url, "acme/llama:v2"));
+    assert!(first_merged > 0);
+    assert_eq!(
+        (hashed(&server), kept(&server)),
+        (first_merged, size(&first) - first_merged),
+        "the first file: its beginning hashed ahead, its merged tensors at CompleteJob"
+    );
 
     // The same patch with another alpha: other merged tensors, the same targets.
     let qv2 = tmp.path().join("qv2");
@@ -289,19 +297,29 @@ fn a_second_patch_on_a_base_hashes_only_its_merged_tensors() {
     let merged_bytes: u64 = merged_blobs_sizes(&second, &base_blob(&url, "acme/llama:v2"));
     assert!(merged_bytes > 0);
     assert_eq!(
-        hashed(&server) - size(&first),
+        hashed(&server) - first_merged,
         merged_bytes,
         "the second file: only its merged tensors read and hashed"
     );
-    assert_eq!(kept(&server), size(&second) - merged_bytes);
+    assert_eq!(
+        kept(&server),
+        size(&first) - first_merged + size(&second) - merged_bytes
+    );
 
     let f = fixtures().join("llama-micro");
-    assert_pulled_merged_is_offline(
-        BIN,
-        &url,
-        "acme/qv2:1@acme/llama:v2",
-        (&f.join("v1"), &f.join("v2"), &qv2),
-        tmp.path(),
-        &["model.safetensors"],
-    );
+    for (port, patch) in [
+        ("acme/qv:1@acme/llama:v2", f.join("patches/lora-qv")),
+        ("acme/qv2:1@acme/llama:v2", qv2.clone()),
+    ] {
+        let out = tmp.path().join(port.replace([':', '@', '/'], "_"));
+        std::fs::create_dir_all(&out).expect("dir");
+        assert_pulled_merged_is_offline(
+            BIN,
+            &url,
+            port,
+            (&f.join("v1"), &f.join("v2"), &patch),
+            &out,
+            &["model.safetensors"],
+        );
+    }
 }

@@ -63,7 +63,8 @@ pub const EVENT_LAG: &str = "patchport_event_lag_seconds";
 /// Bytes of composed files (merged models) that CompleteJob read and hashed.
 pub const COMPOSED_BYTES_HASHED: &str = "patchport_composed_bytes_hashed_total";
 /// Bytes of composed files that CompleteJob did not read: a beginning shared with a file
-/// hashed before, whose SHA-256 state the registry kept.
+/// hashed before, or hashed ahead while the port ran (PrepareComposed), whose SHA-256
+/// state the registry kept.
 pub const COMPOSED_BYTES_KEPT: &str = "patchport_composed_bytes_kept_total";
 /// A port attempt in a worker from its lease to its outcome (`succeeded`,
 /// `incompatible`, `failed`, `released` on shutdown, `lost` when cancelled or fenced).
@@ -221,7 +222,7 @@ fn describe() {
     describe_counter!(
         COMPOSED_BYTES_KEPT,
         Unit::Bytes,
-        "bytes of composed files CompleteJob did not read: a beginning hashed before, its state kept"
+        "bytes of composed files CompleteJob did not read: a beginning hashed before (or ahead), its state kept"
     );
     describe_histogram!(
         WORKER_PORT_DURATION,

@@ -25,6 +25,56 @@ pub fn push_range(segments: &mut Vec<BlobRange>, r: BlobRange) {
     segments.push(r);
 }
 
+/// The ranges of the new base's blobs that `file` begins with after its header, when
+/// everything after them is merged tensors (the layout that moves them last): that
+/// beginning is the same for every port of a base that merges the same tensors, and
+/// known before any is merged. `None` for any other file (a copy, a file without a
+/// header, merged tensors in place) or when a piece names no base file.
+pub fn base_prefix(
+    file: &ComposedFile,
+    base_file: impl Fn(&str) -> Option<Digest>,
+) -> Option<Vec<BlobRange>> {
+    let sources = file
+        .pieces
+        .iter()
+        .take_while(|p| matches!(p, Piece::Source { .. }))
+        .count();
+    let merged_last = sources > 0
+        && sources < file.pieces.len()
+        && file.pieces[sources..]
+            .iter()
+            .all(|p| matches!(p, Piece::Merged { .. }));
+    if file.header.is_empty() || !merged_last {
+        return None;
+    }
+    let mut segments = Vec::new();
+    for p in &file.pieces[..sources] {
+        if let Piece::Source {
+            file: src,
+            begin,
+            end,
+        } = p
+        {
+            push_range(&mut segments, base_range(&base_file, src, *begin, *end)?);
+        }
+    }
+    Some(segments)
+}
+
+/// Bytes `begin..end` of the new base's file `src`.
+fn base_range(
+    base_file: impl Fn(&str) -> Option<Digest>,
+    src: &str,
+    begin: u64,
+    end: u64,
+) -> Option<BlobRange> {
+    Some(BlobRange {
+        digest: base_file(src)?,
+        offset: begin,
+        length: end - begin,
+    })
+}
+
 /// The blob ranges that reproduce `file`: `header` is the stored header's digest (when
 /// the file has one), `base_file` gives the digest of a file of the new base, `merged`
 /// the stored digest and length of each merged tensor. Fails naming what is missing.
@@ -52,11 +102,8 @@ pub fn compose_ranges(
                 file: src,
                 begin,
                 end,
-            } => BlobRange {
-                digest: base_file(src).ok_or_else(|| format!("no base file {src}"))?,
-                offset: *begin,
-                length: end - begin,
-            },
+            } => base_range(&base_file, src, *begin, *end)
+                .ok_or_else(|| format!("no base file {src}"))?,
             Piece::Merged { tensor, len } => {
                 let (digest, stored) = merged
                     .get(tensor)

@@ -19,6 +19,10 @@ use crate::source::ModelSource;
 /// [`PortOutcome::merged`]'s files. A registry stores each as a blob; the offline command
 /// writes them into files as they come.
 pub trait MergedSink {
+    /// The merged model's files, once planned and before any tensor is merged (a sink
+    /// that stores them elsewhere can prepare for them; nothing by default).
+    fn planned(&mut self, _files: &[ComposedFile]) {}
+
     /// One merged tensor's bytes (the new base's dtype, shape and byte length).
     fn merged_tensor(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()>;
 }
@@ -135,6 +139,9 @@ pub fn port_planned(
         reused_files: pre.adapter_files.clone(),
     };
 
+    if let Some(sink) = sink.as_deref_mut() {
+        sink.planned(&pre.merged_files);
+    }
     let mut bufs = Buffers::default();
     let mut modules = Vec::with_capacity(pre.modules.len());
     let mut total = DeltaStats::default();

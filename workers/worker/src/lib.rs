@@ -21,8 +21,8 @@ use patchport_client::{Client, ClientError};
 use patchport_core::Digest;
 use patchport_core::layout::{ADAPTER_CONFIG, DeclaredFile, FileRef};
 use patchport_core::port::{MAX_INLINE_BLOBS, PortDiagnostics, Refusal, ReusedTensor};
-use patchport_engine::artifact::compose_ranges;
-use patchport_engine::{Device, MergedSink, ModelSource, PortOptions};
+use patchport_engine::artifact::{base_prefix, compose_ranges};
+use patchport_engine::{ComposedFile, Device, MergedSink, ModelSource, PortOptions};
 use patchport_proto::convert::{WireError, parse_field, try_list};
 use patchport_proto::v1;
 use tokio::runtime::Handle;
@@ -512,6 +512,11 @@ struct Outbox {
     inline_bytes: usize,
     /// Merged tensors by name, with their sizes.
     tensors: Vec<(String, u64, Outgoing)>,
+    /// The job's id and fencing token and the target base's files, for
+    /// `PrepareComposed`.
+    job: Option<(String, i64, HashMap<String, Digest>)>,
+    /// The `PrepareComposed` call, awaited before the job completes.
+    prepared: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Outbox {
@@ -523,6 +528,22 @@ impl Outbox {
             inline: Vec::new(),
             inline_bytes: 0,
             tensors: Vec::new(),
+            job: None,
+            prepared: None,
+        }
+    }
+
+    /// An outbox that, once the port is planned, tells the registry how the job's
+    /// composed files begin (`PrepareComposed`), so it hashes those bytes while the port
+    /// runs.
+    fn for_job(client: &Client, job: &v1::Job, base_files: &[FileRef]) -> Self {
+        let files = base_files
+            .iter()
+            .map(|f| (f.path.clone(), f.digest))
+            .collect();
+        Self {
+            job: Some((job.job_id.clone(), job.fencing_token, files)),
+            ..Self::new(client)
         }
     }
 
@@ -544,8 +565,13 @@ impl Outbox {
         }
     }
 
-    /// Waits for every upload: the stored tensors by name.
+    /// Waits for every upload (and the `PrepareComposed` call): the stored tensors by
+    /// name.
     async fn tensors(&mut self) -> Result<HashMap<String, (Digest, u64)>, WorkerError> {
+        if let Some(call) = self.prepared.take() {
+            // A hint: whatever became of it, CompleteJob hashes what it must.
+            let _ = call.await;
+        }
         let mut stored = HashMap::new();
         for (name, size, out) in self.tensors.drain(..) {
             let digest = match out {
@@ -561,6 +587,40 @@ impl Outbox {
 }
 
 impl MergedSink for Outbox {
+    fn planned(&mut self, files: &[ComposedFile]) {
+        let Some((job_id, fencing_token, base_files)) = &self.job else {
+            return;
+        };
+        let files: Vec<v1::ComposedPrefix> = files
+            .iter()
+            .filter_map(|c| {
+                let ranges = base_prefix(c, |p| base_files.get(p).copied())?;
+                Some(v1::ComposedPrefix {
+                    header: Bytes::from(c.header.clone()),
+                    ranges: ranges.iter().map(v1::BlobRange::from).collect(),
+                })
+            })
+            .collect();
+        if files.is_empty() {
+            return;
+        }
+        let request = v1::PrepareComposedRequest {
+            job_id: job_id.clone(),
+            fencing_token: *fencing_token,
+            files,
+        };
+        let client = self.client.clone();
+        self.prepared = Some(self.handle.spawn(async move {
+            match client.workers().prepare_composed(request).await {
+                Ok(r) => tracing::debug!(
+                    bytes = r.get_ref().hashing_bytes,
+                    "the registry hashes the composed files' beginnings ahead"
+                ),
+                Err(e) => tracing::debug!(error = %e, "PrepareComposed failed; CompleteJob hashes everything"),
+            }
+        }));
+    }
+
     fn merged_tensor(&mut self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let out = match self.try_inline(bytes) {
             Some(d) => Outgoing::Inline(d),
@@ -654,7 +714,7 @@ pub async fn port_job_with(
         },
     };
     let reuse = opts.reuse.clone();
-    let mut sink = Outbox::new(client);
+    let mut sink = Outbox::for_job(client, job, &target_files);
     let (outcome, sink) = tokio::task::spawn_blocking(move || {
         let sink_ref = if opts.merged {
             Some(&mut sink as &mut dyn MergedSink)

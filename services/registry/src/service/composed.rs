@@ -9,7 +9,14 @@
 //! digest of the ranges it covers (blob digest, offset, length): stored blobs never change
 //! under their digest, so equal ranges are equal bytes, and a state is only ever taken
 //! from bytes this process read and hashed.
+//!
+//! A worker says how a job's composed files will begin as soon as the job is planned
+//! (`PrepareComposed`), so the first port of a base need not wait for that beginning to
+//! be hashed either: [`ComposedDigests::prepare`] hashes it in the background, and a
+//! CompleteJob that needs a state being computed waits for it rather than hashing the
+//! same bytes a second time.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use hashlink::LruCache;
@@ -23,17 +30,25 @@ use crate::state::Registry;
 /// target sets that workers are porting onto at once.
 const STATES: usize = 64;
 
+/// How many beginnings are hashed in the background at once; a hint past that is
+/// dropped (CompleteJob then hashes them itself).
+const PREPARING: usize = 2;
+
 /// Hashes composed files, keeping the state after their shared beginnings.
 #[derive(Debug, Clone)]
 pub(crate) struct ComposedDigests {
     /// The hasher after a run of leading segments, by [`key`] of the run.
     states: Arc<Mutex<LruCache<Digest, Hasher>>>,
+    /// Beginnings being hashed in the background, by key: the receiver turns `true` (or
+    /// its sender is dropped) when the hash is done or failed.
+    preparing: Arc<Mutex<HashMap<Digest, tokio::sync::watch::Receiver<bool>>>>,
 }
 
 impl Default for ComposedDigests {
     fn default() -> Self {
         Self {
             states: Arc::new(Mutex::new(LruCache::new(STATES))),
+            preparing: Arc::default(),
         }
     }
 }
@@ -53,6 +68,9 @@ impl ComposedDigests {
             .iter()
             .fold(0u64, |n, s| n.saturating_add(s.length));
         let key = (prefix_len > 0).then(|| key(&segments[..shared]));
+        if let Some(k) = &key {
+            self.wait_prepared(k).await;
+        }
         let cached = key.and_then(|k| self.lock().get(&k).cloned());
         let (start, hasher, keep_at) = match cached {
             Some(h) => (shared, h, None),
@@ -85,6 +103,91 @@ impl ComposedDigests {
         metrics::counter!(patchport_telemetry::COMPOSED_BYTES_KEPT).increment(kept);
         tracing::debug!(bytes = size, kept, "composed file hashed");
         Ok((digest, size))
+    }
+
+    /// Starts hashing a composed file's beginning in the background: `header` (the
+    /// file's first bytes, not necessarily stored), then `ranges` of stored blobs. The
+    /// state after them is kept under the key CompleteJob computes for the same leading
+    /// segments. Returns the bytes it set out to hash: 0 when the state is kept or being
+    /// computed already, or [`PREPARING`] others are.
+    pub(crate) fn prepare(
+        &self,
+        registry: &Registry,
+        header: bytes::Bytes,
+        ranges: Vec<BlobRange>,
+    ) -> u64 {
+        let mut segments = Vec::with_capacity(ranges.len() + 1);
+        if !header.is_empty() {
+            segments.push(BlobRange {
+                digest: Digest::of(&header),
+                offset: 0,
+                length: header.len() as u64,
+            });
+        }
+        segments.extend(ranges.iter().cloned());
+        let total = segments
+            .iter()
+            .fold(0u64, |n, s| n.saturating_add(s.length));
+        if total == 0 {
+            return 0;
+        }
+        let k = key(&segments);
+        if self.lock().contains_key(&k) {
+            return 0;
+        }
+        let done = {
+            let mut preparing = self.preparing();
+            if preparing.contains_key(&k) || preparing.len() >= PREPARING {
+                return 0;
+            }
+            let (done, rx) = tokio::sync::watch::channel(false);
+            preparing.insert(k, rx);
+            done
+        };
+        let (this, stream) = (self.clone(), Box::pin(registry.compose(ranges)));
+        tokio::spawn(async move {
+            let hashed = super::blobs::consume_blocking(stream, move |chunks| {
+                let mut hasher = Hasher::new();
+                hasher.update(&header);
+                for chunk in chunks {
+                    hasher.update(&chunk);
+                }
+                hasher
+            })
+            .await;
+            match hashed {
+                Ok(state) if state.len() == total => {
+                    this.lock().insert(k, state);
+                    tracing::debug!(bytes = total, "composed beginning hashed ahead");
+                }
+                Ok(state) => {
+                    tracing::warn!(
+                        bytes = state.len(),
+                        expected = total,
+                        "a composed beginning read short; not kept"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "hashing a composed beginning ahead failed"),
+            }
+            this.preparing().remove(&k);
+            let _ = done.send(true);
+        });
+        total
+    }
+
+    /// Waits while the state under `k` is being hashed in the background.
+    async fn wait_prepared(&self, k: &Digest) {
+        let rx = self.preparing().get(k).cloned();
+        if let Some(mut rx) = rx {
+            // An error means the task is gone: nothing more to wait for.
+            let _ = rx.wait_for(|done| *done).await;
+        }
+    }
+
+    fn preparing(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Digest, tokio::sync::watch::Receiver<bool>>> {
+        self.preparing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Digest, Hasher>> {

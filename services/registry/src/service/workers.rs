@@ -615,24 +615,7 @@ impl Workers {
                 // The worker's planned size is not taken either: the bytes are hashed.
                 DeclaredFile::Composed { path, segments, .. } => (path, segments),
             };
-            let mut whole = Vec::with_capacity(segments.len());
-            for r in segments {
-                match self.registry.blobs.size(&r.digest).await? {
-                    Some(size)
-                        if r.offset
-                            .checked_add(r.length)
-                            .is_some_and(|end| end <= size) =>
-                    {
-                        whole.push(r.offset == 0 && r.length == size);
-                    }
-                    _ => {
-                        return Err(ApiError::precondition(format!(
-                            "{path}: range {}+{} of blob {} is not stored",
-                            r.offset, r.length, r.digest
-                        )));
-                    }
-                }
-            }
+            let whole = self.stored_ranges(path, segments).await?;
             let shared = super::composed::shared_prefix(&whole);
             let (digest, size) = self
                 .composed
@@ -649,7 +632,37 @@ impl Workers {
         }
         Ok(out)
     }
+
+    /// Checks that every range of `segments` (of the file `path`) lies within a stored
+    /// blob; says for each whether it is its whole blob.
+    async fn stored_ranges(&self, path: &str, segments: &[BlobRange]) -> ApiResult<Vec<bool>> {
+        let mut whole = Vec::with_capacity(segments.len());
+        for r in segments {
+            match self.registry.blobs.size(&r.digest).await? {
+                Some(size)
+                    if r.offset
+                        .checked_add(r.length)
+                        .is_some_and(|end| end <= size) =>
+                {
+                    whole.push(r.offset == 0 && r.length == size);
+                }
+                _ => {
+                    return Err(ApiError::precondition(format!(
+                        "{path}: range {}+{} of blob {} is not stored",
+                        r.offset, r.length, r.digest
+                    )));
+                }
+            }
+        }
+        Ok(whole)
+    }
 }
+
+/// The most files one `PrepareComposed` may name.
+const MAX_PREPARED_FILES: usize = 64;
+
+/// The largest header a `PrepareComposed` file may carry (safetensors' own bound).
+const MAX_PREPARED_HEADER: usize = 100 << 20;
 
 #[tonic::async_trait]
 impl WorkerService for Workers {
@@ -799,6 +812,51 @@ impl WorkerService for Workers {
     }
 
     #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
+    async fn prepare_composed(
+        &self,
+        req: Request<v1::PrepareComposedRequest>,
+    ) -> Result<Response<v1::PrepareComposedResponse>, Status> {
+        self.registry.auth.check_worker(req.metadata()).await?;
+        let req = req.into_inner();
+        let a = Attempt::parse(&req.job_id, req.fencing_token).map_err(ApiError::from)?;
+        if req.files.len() > MAX_PREPARED_FILES {
+            return Err(ApiError::invalid(format!(
+                "files: {} composed files, at most {MAX_PREPARED_FILES}",
+                req.files.len()
+            ))
+            .into());
+        }
+        let mut files = Vec::with_capacity(req.files.len());
+        for (i, f) in req.files.into_iter().enumerate() {
+            if f.header.len() > MAX_PREPARED_HEADER {
+                return Err(ApiError::invalid(format!(
+                    "files[{i}].header: {} bytes, at most {MAX_PREPARED_HEADER}",
+                    f.header.len()
+                ))
+                .into());
+            }
+            let ranges: Vec<BlobRange> =
+                try_list(&format!("files[{i}].ranges"), &f.ranges).map_err(ApiError::from)?;
+            files.push((f.header, ranges));
+        }
+        // Only the holder of the lease may ask; the call renews it.
+        self.registry
+            .meta
+            .heartbeat(a.job_id, a.fencing_token, self.lease)
+            .await
+            .map_err(ApiError::from)?;
+        let mut hashing_bytes = 0;
+        for (i, (header, ranges)) in files.into_iter().enumerate() {
+            if ranges.is_empty() {
+                continue;
+            }
+            self.stored_ranges(&format!("files[{i}]"), &ranges).await?;
+            hashing_bytes += self.composed.prepare(&self.registry, header, ranges);
+        }
+        Ok(Response::new(v1::PrepareComposedResponse { hashing_bytes }))
+    }
+
     async fn release_job(
         &self,
         req: Request<v1::ReleaseJobRequest>,

@@ -27,7 +27,7 @@ from patchport.v1 import common_pb2 as patchport_dot_v1_dot_common__pb2
 from patchport.v1 import ports_pb2 as patchport_dot_v1_dot_ports__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchport/v1/worker.proto\x12\x0cpatchport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19patchport/v1/common.proto\x1a\x18patchport/v1/ports.proto\"y\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1b\n\x13loaded_base_digests\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08max_jobs\x18\x05 \x01(\r\"\xf4\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x16\n\x0emethod_version\x18\x05 \x01(\t\x12)\n\x05patch\x18\x06 \x01(\x0b\x32\x1a.patchport.v1.PatchVersion\x12.\n\x0bsource_base\x18\x07 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12.\n\x0btarget_base\x18\x08 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12\x0e\n\x06merged\x18\t \x01(\x08\x12\x32\n\x0ereused_tensors\x18\n \x03(\x0b\x32\x1a.patchport.v1.ReusedTensor\x12\x18\n\x10patch_file_bytes\x18\x0b \x03(\x0c\"r\n\x0cReusedTensor\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x34\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\"3\n\x10LeaseJobResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.patchport.v1.Job\"9\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\\\n\x11HeartbeatResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"\xe3\x02\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x08refusals\x18\x03 \x03(\x0b\x32\x15.patchport.v1.Refusal\x12\x32\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x1d.patchport.v1.PortDiagnostics\x12.\n\radapter_files\x18\x05 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12-\n\x0cmerged_files\x18\x06 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x16\n\x0e\x65ngine_seconds\x18\x07 \x01(\x01\x12,\n\nevaluation\x18\x08 \x01(\x0b\x32\x18.patchport.v1.Evaluation\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x14\n\x0cinline_blobs\x18\n \x03(\x0c\"\x15\n\x13\x43ompleteJobResponse\"L\n\x13\x43ompleteJobsRequest\x12\x35\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32 .patchport.v1.CompleteJobRequest\"H\n\x14\x43ompleteJobsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.patchport.v1.CompleteJobResult\"B\n\x11\x43ompleteJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"?\n\x0f\x46\x61ilJobResponse\x12,\n\x08retry_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\x14\n\x12ReleaseJobResponse2\xec\x03\n\rWorkerService\x12I\n\x08LeaseJob\x12\x1d.patchport.v1.LeaseJobRequest\x1a\x1e.patchport.v1.LeaseJobResponse\x12L\n\tHeartbeat\x12\x1e.patchport.v1.HeartbeatRequest\x1a\x1f.patchport.v1.HeartbeatResponse\x12R\n\x0b\x43ompleteJob\x12 .patchport.v1.CompleteJobRequest\x1a!.patchport.v1.CompleteJobResponse\x12U\n\x0c\x43ompleteJobs\x12!.patchport.v1.CompleteJobsRequest\x1a\".patchport.v1.CompleteJobsResponse\x12\x46\n\x07\x46\x61ilJob\x12\x1c.patchport.v1.FailJobRequest\x1a\x1d.patchport.v1.FailJobResponse\x12O\n\nReleaseJob\x12\x1f.patchport.v1.ReleaseJobRequest\x1a .patchport.v1.ReleaseJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19patchport/v1/worker.proto\x12\x0cpatchport.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19patchport/v1/common.proto\x1a\x18patchport/v1/ports.proto\"y\n\x0fLeaseJobRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1b\n\x13loaded_base_digests\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x10\n\x08max_jobs\x18\x05 \x01(\r\"\xf4\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\x34\n\x10lease_expires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x16\n\x0emethod_version\x18\x05 \x01(\t\x12)\n\x05patch\x18\x06 \x01(\x0b\x32\x1a.patchport.v1.PatchVersion\x12.\n\x0bsource_base\x18\x07 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12.\n\x0btarget_base\x18\x08 \x01(\x0b\x32\x19.patchport.v1.BaseVersion\x12\x0e\n\x06merged\x18\t \x01(\x08\x12\x32\n\x0ereused_tensors\x18\n \x03(\x0b\x32\x1a.patchport.v1.ReusedTensor\x12\x18\n\x10patch_file_bytes\x18\x0b \x03(\x0c\"r\n\x0cReusedTensor\x12\x0e\n\x06tensor\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x34\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x1f.patchport.v1.ModuleDiagnostics\"3\n\x10LeaseJobResponse\x12\x1f\n\x04jobs\x18\x01 \x03(\x0b\x32\x11.patchport.v1.Job\"9\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\\\n\x11HeartbeatResponse\x12\x34\n\x10lease_expires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"l\n\x16PrepareComposedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12+\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1c.patchport.v1.ComposedPrefix\"I\n\x0e\x43omposedPrefix\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\'\n\x06ranges\x18\x02 \x03(\x0b\x32\x17.patchport.v1.BlobRange\"0\n\x17PrepareComposedResponse\x12\x15\n\rhashing_bytes\x18\x01 \x01(\x04\"\xe3\x02\n\x12\x43ompleteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\'\n\x08refusals\x18\x03 \x03(\x0b\x32\x15.patchport.v1.Refusal\x12\x32\n\x0b\x64iagnostics\x18\x04 \x01(\x0b\x32\x1d.patchport.v1.PortDiagnostics\x12.\n\radapter_files\x18\x05 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12-\n\x0cmerged_files\x18\x06 \x03(\x0b\x32\x17.patchport.v1.FileEntry\x12\x16\n\x0e\x65ngine_seconds\x18\x07 \x01(\x01\x12,\n\nevaluation\x18\x08 \x01(\x0b\x32\x18.patchport.v1.Evaluation\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x14\n\x0cinline_blobs\x18\n \x03(\x0c\"\x15\n\x13\x43ompleteJobResponse\"L\n\x13\x43ompleteJobsRequest\x12\x35\n\x0b\x63ompletions\x18\x01 \x03(\x0b\x32 .patchport.v1.CompleteJobRequest\"H\n\x14\x43ompleteJobsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.patchport.v1.CompleteJobResult\"B\n\x11\x43ompleteJobResult\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"Y\n\x0e\x46\x61ilJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\"?\n\x0f\x46\x61ilJobResponse\x12,\n\x08retry_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\":\n\x11ReleaseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfencing_token\x18\x02 \x01(\x03\"\x14\n\x12ReleaseJobResponse2\xcc\x04\n\rWorkerService\x12I\n\x08LeaseJob\x12\x1d.patchport.v1.LeaseJobRequest\x1a\x1e.patchport.v1.LeaseJobResponse\x12L\n\tHeartbeat\x12\x1e.patchport.v1.HeartbeatRequest\x1a\x1f.patchport.v1.HeartbeatResponse\x12R\n\x0b\x43ompleteJob\x12 .patchport.v1.CompleteJobRequest\x1a!.patchport.v1.CompleteJobResponse\x12U\n\x0c\x43ompleteJobs\x12!.patchport.v1.CompleteJobsRequest\x1a\".patchport.v1.CompleteJobsResponse\x12\x46\n\x07\x46\x61ilJob\x12\x1c.patchport.v1.FailJobRequest\x1a\x1d.patchport.v1.FailJobResponse\x12O\n\nReleaseJob\x12\x1f.patchport.v1.ReleaseJobRequest\x1a .patchport.v1.ReleaseJobResponse\x12^\n\x0fPrepareComposed\x12$.patchport.v1.PrepareComposedRequest\x1a%.patchport.v1.PrepareComposedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,24 +46,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_end=853
   _globals['_HEARTBEATRESPONSE']._serialized_start=855
   _globals['_HEARTBEATRESPONSE']._serialized_end=947
-  _globals['_COMPLETEJOBREQUEST']._serialized_start=950
-  _globals['_COMPLETEJOBREQUEST']._serialized_end=1305
-  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1307
-  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1328
-  _globals['_COMPLETEJOBSREQUEST']._serialized_start=1330
-  _globals['_COMPLETEJOBSREQUEST']._serialized_end=1406
-  _globals['_COMPLETEJOBSRESPONSE']._serialized_start=1408
-  _globals['_COMPLETEJOBSRESPONSE']._serialized_end=1480
-  _globals['_COMPLETEJOBRESULT']._serialized_start=1482
-  _globals['_COMPLETEJOBRESULT']._serialized_end=1548
-  _globals['_FAILJOBREQUEST']._serialized_start=1550
-  _globals['_FAILJOBREQUEST']._serialized_end=1639
-  _globals['_FAILJOBRESPONSE']._serialized_start=1641
-  _globals['_FAILJOBRESPONSE']._serialized_end=1704
-  _globals['_RELEASEJOBREQUEST']._serialized_start=1706
-  _globals['_RELEASEJOBREQUEST']._serialized_end=1764
-  _globals['_RELEASEJOBRESPONSE']._serialized_start=1766
-  _globals['_RELEASEJOBRESPONSE']._serialized_end=1786
-  _globals['_WORKERSERVICE']._serialized_start=1789
-  _globals['_WORKERSERVICE']._serialized_end=2281
+  _globals['_PREPARECOMPOSEDREQUEST']._serialized_start=949
+  _globals['_PREPARECOMPOSEDREQUEST']._serialized_end=1057
+  _globals['_COMPOSEDPREFIX']._serialized_start=1059
+  _globals['_COMPOSEDPREFIX']._serialized_end=1132
+  _globals['_PREPARECOMPOSEDRESPONSE']._serialized_start=1134
+  _globals['_PREPARECOMPOSEDRESPONSE']._serialized_end=1182
+  _globals['_COMPLETEJOBREQUEST']._serialized_start=1185
+  _globals['_COMPLETEJOBREQUEST']._serialized_end=1540
+  _globals['_COMPLETEJOBRESPONSE']._serialized_start=1542
+  _globals['_COMPLETEJOBRESPONSE']._serialized_end=1563
+  _globals['_COMPLETEJOBSREQUEST']._serialized_start=1565
+  _globals['_COMPLETEJOBSREQUEST']._serialized_end=1641
+  _globals['_COMPLETEJOBSRESPONSE']._serialized_start=1643
+  _globals['_COMPLETEJOBSRESPONSE']._serialized_end=1715
+  _globals['_COMPLETEJOBRESULT']._serialized_start=1717
+  _globals['_COMPLETEJOBRESULT']._serialized_end=1783
+  _globals['_FAILJOBREQUEST']._serialized_start=1785
+  _globals['_FAILJOBREQUEST']._serialized_end=1874
+  _globals['_FAILJOBRESPONSE']._serialized_start=1876
+  _globals['_FAILJOBRESPONSE']._serialized_end=1939
+  _globals['_RELEASEJOBREQUEST']._serialized_start=1941
+  _globals['_RELEASEJOBREQUEST']._serialized_end=1999
+  _globals['_RELEASEJOBRESPONSE']._serialized_start=2001
+  _globals['_RELEASEJOBRESPONSE']._serialized_end=2021
+  _globals['_WORKERSERVICE']._serialized_start=2024
+  _globals['_WORKERSERVICE']._serialized_end=2612
 # @@protoc_insertion_point(module_scope)

@@ -85,6 +85,30 @@ class HeartbeatResponse(_message.Message):
     cancelled: bool
     def __init__(self, lease_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., cancelled: _Optional[bool] = ...) -> None: ...
 
+class PrepareComposedRequest(_message.Message):
+    __slots__ = ("job_id", "fencing_token", "files")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    fencing_token: int
+    files: _containers.RepeatedCompositeFieldContainer[ComposedPrefix]
+    def __init__(self, job_id: _Optional[str] = ..., fencing_token: _Optional[int] = ..., files: _Optional[_Iterable[_Union[ComposedPrefix, _Mapping]]] = ...) -> None: ...
+
+class ComposedPrefix(_message.Message):
+    __slots__ = ("header", "ranges")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RANGES_FIELD_NUMBER: _ClassVar[int]
+    header: bytes
+    ranges: _containers.RepeatedCompositeFieldContainer[_common_pb2.BlobRange]
+    def __init__(self, header: _Optional[bytes] = ..., ranges: _Optional[_Iterable[_Union[_common_pb2.BlobRange, _Mapping]]] = ...) -> None: ...
+
+class PrepareComposedResponse(_message.Message):
+    __slots__ = ("hashing_bytes",)
+    HASHING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    hashing_bytes: int
+    def __init__(self, hashing_bytes: _Optional[int] = ...) -> None: ...
+
 class CompleteJobRequest(_message.Message):
     __slots__ = ("job_id", "fencing_token", "refusals", "diagnostics", "adapter_files", "merged_files", "engine_seconds", "evaluation", "device", "inline_blobs")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]

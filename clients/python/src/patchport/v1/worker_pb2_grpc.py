@@ -66,6 +66,11 @@ class WorkerServiceStub:
                 request_serializer=patchport_dot_v1_dot_worker__pb2.ReleaseJobRequest.SerializeToString,
                 response_deserializer=patchport_dot_v1_dot_worker__pb2.ReleaseJobResponse.FromString,
                 _registered_method=True)
+        self.PrepareComposed = channel.unary_unary(
+                '/patchport.v1.WorkerService/PrepareComposed',
+                request_serializer=patchport_dot_v1_dot_worker__pb2.PrepareComposedRequest.SerializeToString,
+                response_deserializer=patchport_dot_v1_dot_worker__pb2.PrepareComposedResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -115,6 +120,17 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareComposed(self, request, context):
+        """Says, once a job is planned, how its composed files will begin (a header, then
+        ranges of the target base's blobs): the registry hashes those bytes while the port
+        runs, so the CompleteJob that follows hashes only what comes after them. A hint:
+        CompleteJob hashes every composed byte it has no state for either way. Renews the
+        lease as a heartbeat does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +163,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.ReleaseJob,
                     request_deserializer=patchport_dot_v1_dot_worker__pb2.ReleaseJobRequest.FromString,
                     response_serializer=patchport_dot_v1_dot_worker__pb2.ReleaseJobResponse.SerializeToString,
+            ),
+            'PrepareComposed': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareComposed,
+                    request_deserializer=patchport_dot_v1_dot_worker__pb2.PrepareComposedRequest.FromString,
+                    response_serializer=patchport_dot_v1_dot_worker__pb2.PrepareComposedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +334,33 @@ class WorkerService:
             '/patchport.v1.WorkerService/ReleaseJob',
             patchport_dot_v1_dot_worker__pb2.ReleaseJobRequest.SerializeToString,
             patchport_dot_v1_dot_worker__pb2.ReleaseJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareComposed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/patchport.v1.WorkerService/PrepareComposed',
+            patchport_dot_v1_dot_worker__pb2.PrepareComposedRequest.SerializeToString,
+            patchport_dot_v1_dot_worker__pb2.PrepareComposedResponse.FromString,
             options,
             channel_credentials,
             insecure,
