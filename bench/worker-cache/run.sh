@@ -112,6 +112,6 @@ awk -v n="$n" -v one="$one_port" -v p0="$pulled0" -v p1="$pulled1" -v t0="$t0" -
     printf "registry served (patchport_pull_bytes_total): %.1f MB = %.2fx one port (goal <= 1.5x)\n", pulled / 1e6, pulled / one
     printf "merged files at CompleteJob: %.1f MB read and hashed, %.1f MB from a kept hash state\n", hashed / 1e6, kept / 1e6
     printf "publish -> %dth port.completed: %.1f s\n", n, wall
-    if (first != "" && pc > 1) printf "worker port time: the first %.2f s (cache empty, no kept hash state), the %d after it %.2f s on average\n", first, pc - 1, (ps - first) / (pc - 1)
+    if (first != "" && pc > 1) printf "worker port time: the first %.2f s (cache empty), the %d after it %.2f s on average\n", first, pc - 1, (ps - first) / (pc - 1)
     printf "worker port time, mean of %d: %.2f s; offline port --merged, median of 3: %.2f s; ratio %.2fx (goal <= 2x)\n", pc, mean, off, mean / off
 }'

@@ -124,3 +124,72 @@ pub fn compose_ranges(
     }
     Ok(segments)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(begin: u64, end: u64) -> Piece {
+        Piece::Source {
+            file: "model.safetensors".to_owned(),
+            begin,
+            end,
+        }
+    }
+
+    fn merged(name: &str, len: u64) -> Piece {
+        Piece::Merged {
+            tensor: name.to_owned(),
+            len,
+        }
+    }
+
+    #[test]
+    fn only_a_file_whose_merged_tensors_come_last_has_a_base_prefix() {
+        let base = Digest::of(b"base");
+        let base_file = |p: &str| (p == "model.safetensors").then_some(base);
+        let file = |header: &[u8], pieces: Vec<Piece>| ComposedFile {
+            path: "model.safetensors".to_owned(),
+            header: header.to_vec(),
+            pieces,
+        };
+        // Contiguous base ranges are one range; the merged tensors after them are not in it.
+        let last = file(
+            b"hdr",
+            vec![
+                source(8, 20),
+                source(20, 30),
+                merged("q", 4),
+                merged("v", 4),
+            ],
+        );
+        assert_eq!(
+            base_prefix(&last, base_file),
+            Some(vec![BlobRange {
+                digest: base,
+                offset: 8,
+                length: 22,
+            }])
+        );
+        for other in [
+            file(b"hdr", vec![source(8, 20), merged("q", 4), source(24, 30)]),
+            file(b"hdr", vec![merged("q", 4), source(12, 30)]),
+            file(b"hdr", vec![source(8, 30)]),
+            file(b"", vec![source(0, 30)]),
+        ] {
+            assert_eq!(base_prefix(&other, base_file), None, "{other:?}");
+        }
+        let elsewhere = ComposedFile {
+            pieces: vec![
+                Piece::Source {
+                    file: "other.safetensors".to_owned(),
+                    begin: 8,
+                    end: 20,
+                },
+                merged("q", 4),
+            ],
+            ..last.clone()
+        };
+        assert_eq!(base_prefix(&elsewhere, base_file), None);
+    }
+}
