@@ -8,7 +8,7 @@ use patchport_core::layout::DeclaredFile;
 use patchport_core::port::RefusalKind;
 use patchport_engine::Device;
 use patchport_proto::v1;
-use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, read_tree};
+use patchport_tests::{Backend, TestRegistry, base, fixtures, patch, push_fixture, read_tree};
 
 async fn job(client: &patchport_client::Client, patch_ref: &str, target: &str) -> v1::Job {
     let get = |r: &str| v1::GetVersionRequest {
@@ -41,6 +41,22 @@ async fn job(client: &patchport_client::Client, patch_ref: &str, target: &str) -
         merged: true,
         ..Default::default()
     }
+}
+
+/// Leases the one queued job (the port of the fixture's patch onto v2) as worker `w1`.
+async fn lease_one(client: &patchport_client::Client) -> v1::Job {
+    client
+        .workers()
+        .lease_job(v1::LeaseJobRequest {
+            worker_id: "w1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs
+        .pop()
+        .expect("the port of the patch onto v2 is queued")
 }
 
 #[tokio::test]
@@ -209,18 +225,7 @@ async fn a_port_uses_the_patch_bytes_of_its_lease_and_only_verified_ones() {
         )
         .await
         .unwrap();
-    let mut job = client
-        .workers()
-        .lease_job(v1::LeaseJobRequest {
-            worker_id: "w1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .pop()
-        .expect("the port of acme/lora-qv:1 onto v2 is queued");
+    let mut job = lease_one(&client).await;
     let files = job.patch.as_ref().unwrap().files.clone();
     let on_disk: Vec<bytes::Bytes> = files
         .iter()
@@ -418,39 +423,12 @@ async fn a_batch_of_completions_is_answered_one_by_one() {
 async fn prepare_composed_is_for_the_lease_holder_and_stored_ranges() {
     let reg = TestRegistry::start(Backend::Embedded).await.unwrap();
     let client = reg.client().await.unwrap();
-    let f = fixtures().join("llama-micro");
-    client
-        .push_dir(&f.join("v1"), &base("acme/llama", "v1", None), &NoProgress)
-        .await
-        .unwrap();
-    client
-        .push_dir(
-            &f.join("patches/lora-qv"),
-            &patch("acme/qv", "1", "acme/llama:v1"),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
-    client
-        .push_dir(
-            &f.join("v2"),
-            &base("acme/llama", "v2", Some("v1")),
-            &NoProgress,
-        )
-        .await
-        .unwrap();
-    let job = client
-        .workers()
-        .lease_job(v1::LeaseJobRequest {
-            worker_id: "w1".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .jobs
-        .pop()
-        .expect("a job");
+    push_fixture(&client, "llama-micro/v1", &base("acme/llama", "v1", None)).await;
+    let qv = patch("acme/qv", "1", "acme/llama:v1");
+    push_fixture(&client, "llama-micro/patches/lora-qv", &qv).await;
+    let v2 = base("acme/llama", "v2", Some("v1"));
+    push_fixture(&client, "llama-micro/v2", &v2).await;
+    let job = lease_one(&client).await;
     let model = job
         .target_base
         .as_ref()
