@@ -11,7 +11,7 @@ pub mod cache;
 pub mod gate;
 mod run;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -121,7 +121,14 @@ pub struct WorkerState {
     cache: Option<cache::TensorCache>,
     indexes: Mutex<HashMap<Digest, Arc<TensorIndex>>>,
     prefixes: Mutex<Prefixes>,
+    /// The composed beginnings this worker has told the registry about
+    /// (`PrepareComposed`), by a digest of the beginning: the registry keeps their
+    /// states, so later ports of the same base and targets need not say them again.
+    prepared: Mutex<HashSet<Digest>>,
 }
+
+/// How many composed beginnings a worker remembers having told the registry about.
+const MAX_PREPARED: usize = 1024;
 
 /// A base version's tensor digests, by tensor and by byte range.
 #[derive(Debug, Default)]
@@ -226,6 +233,15 @@ impl WorkerState {
             .get(blob)
             .filter(|b| b.len() as u64 >= end)
             .map(|b| b.slice(..end as usize))
+    }
+
+    /// Whether the composed beginning `key` is new to this worker (remembering it).
+    fn first_prepare(&self, key: Digest) -> bool {
+        let mut p = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        if p.len() >= MAX_PREPARED && !p.contains(&key) {
+            p.clear();
+        }
+        p.insert(key)
     }
 
     fn keep_prefix(&self, blob: Digest, bytes: Bytes) {
@@ -500,6 +516,16 @@ enum Outgoing {
     Upload(tokio::task::JoinHandle<Result<Digest, ClientError>>),
 }
 
+/// A job's attempt, the target base's files by path and the worker's state: what
+/// [`Outbox`] needs to tell the registry how the job's composed files begin.
+#[derive(Debug)]
+struct Prepare {
+    job_id: String,
+    fencing_token: i64,
+    base_files: HashMap<String, Digest>,
+    state: Arc<WorkerState>,
+}
+
 /// Where a port's new blobs go: small ones ride with the completion (up to
 /// [`MAX_INLINE_BLOBS`] together), the rest are uploaded, a few at a time while the engine
 /// goes on.
@@ -512,9 +538,8 @@ struct Outbox {
     inline_bytes: usize,
     /// Merged tensors by name, with their sizes.
     tensors: Vec<(String, u64, Outgoing)>,
-    /// The job's id and fencing token and the target base's files, for
-    /// `PrepareComposed`.
-    job: Option<(String, i64, HashMap<String, Digest>)>,
+    /// What `PrepareComposed` needs, when the outbox is a job's.
+    job: Option<Prepare>,
     /// The `PrepareComposed` call, awaited before the job completes.
     prepared: Option<tokio::task::JoinHandle<()>>,
 }
@@ -535,14 +560,24 @@ impl Outbox {
 
     /// An outbox that, once the port is planned, tells the registry how the job's
     /// composed files begin (`PrepareComposed`), so it hashes those bytes while the port
-    /// runs.
-    fn for_job(client: &Client, job: &v1::Job, base_files: &[FileRef]) -> Self {
-        let files = base_files
-            .iter()
-            .map(|f| (f.path.clone(), f.digest))
-            .collect();
+    /// runs; only beginnings this worker has not told it about before.
+    fn for_job(
+        client: &Client,
+        job: &v1::Job,
+        base_files: &[FileRef],
+        state: &Arc<WorkerState>,
+    ) -> Self {
+        let prepare = Prepare {
+            job_id: job.job_id.clone(),
+            fencing_token: job.fencing_token,
+            base_files: base_files
+                .iter()
+                .map(|f| (f.path.clone(), f.digest))
+                .collect(),
+            state: state.clone(),
+        };
         Self {
-            job: Some((job.job_id.clone(), job.fencing_token, files)),
+            job: Some(prepare),
             ..Self::new(client)
         }
     }
@@ -588,17 +623,32 @@ impl Outbox {
 
 impl MergedSink for Outbox {
     fn planned(&mut self, files: &[ComposedFile]) {
-        let Some((job_id, fencing_token, base_files)) = &self.job else {
+        let Some(Prepare {
+            job_id,
+            fencing_token,
+            base_files,
+            state,
+        }) = &self.job
+        else {
             return;
         };
         let files: Vec<v1::ComposedPrefix> = files
             .iter()
             .filter_map(|c| {
                 let ranges = base_prefix(c, |p| base_files.get(p).copied())?;
-                Some(v1::ComposedPrefix {
-                    header: Bytes::from(c.header.clone()),
-                    ranges: ranges.iter().map(v1::BlobRange::from).collect(),
-                })
+                let mut key = patchport_core::Hasher::new();
+                key.update(Digest::of(&c.header).as_bytes());
+                for r in &ranges {
+                    key.update(r.digest.as_bytes());
+                    key.update(&r.offset.to_le_bytes());
+                    key.update(&r.length.to_le_bytes());
+                }
+                state
+                    .first_prepare(key.finish())
+                    .then(|| v1::ComposedPrefix {
+                        header: Bytes::from(c.header.clone()),
+                        ranges: ranges.iter().map(v1::BlobRange::from).collect(),
+                    })
             })
             .collect();
         if files.is_empty() {
@@ -714,7 +764,7 @@ pub async fn port_job_with(
         },
     };
     let reuse = opts.reuse.clone();
-    let mut sink = Outbox::for_job(client, job, &target_files);
+    let mut sink = Outbox::for_job(client, job, &target_files, state);
     let (outcome, sink) = tokio::task::spawn_blocking(move || {
         let sink_ref = if opts.merged {
             Some(&mut sink as &mut dyn MergedSink)
