@@ -146,6 +146,8 @@ impl ComposedDigests {
         };
         let (this, stream) = (self.clone(), Box::pin(registry.compose(ranges)));
         tokio::spawn(async move {
+            // Gives the slot back however the task ends (a panic included).
+            let slot = Slot(this.clone(), k);
             let hashed = super::blobs::consume_blocking(stream, move |chunks| {
                 let mut hasher = Hasher::new();
                 hasher.update(&header);
@@ -169,7 +171,7 @@ impl ComposedDigests {
                 }
                 Err(e) => tracing::warn!(error = %e, "hashing a composed beginning ahead failed"),
             }
-            this.preparing().remove(&k);
+            drop(slot);
             let _ = done.send(true);
         });
         total
@@ -193,6 +195,16 @@ impl ComposedDigests {
     fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<Digest, Hasher>> {
         // The cache holds no invariant a panicking holder could break.
         self.states.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A beginning being hashed in the background: dropped, it leaves the set (after its
+/// state is kept, when it was).
+struct Slot(ComposedDigests, Digest);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.preparing().remove(&self.1);
     }
 }
 
