@@ -812,7 +812,6 @@ impl WorkerService for Workers {
     }
 
     #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
-    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn prepare_composed(
         &self,
         req: Request<v1::PrepareComposedRequest>,
@@ -857,6 +856,7 @@ impl WorkerService for Workers {
         Ok(Response::new(v1::PrepareComposedResponse { hashing_bytes }))
     }
 
+    #[tracing::instrument(skip_all, fields(job_id = %req.get_ref().job_id))]
     async fn release_job(
         &self,
         req: Request<v1::ReleaseJobRequest>,
