@@ -411,6 +411,22 @@ pub fn count_non_finite(dtype: Dtype, bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn run_keys_tell_ranges_apart() {
+        let r = |d: &[u8], offset, length| BlobRange {
+            digest: Digest::of(d),
+            offset,
+            length,
+        };
+        let key = BlobRange::run_key;
+        let a = key(&[r(b"a", 0, 8), r(b"b", 8, 8)]);
+        assert_eq!(a, key(&[r(b"a", 0, 8), r(b"b", 8, 8)]));
+        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"b", 8, 9)]));
+        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"b", 9, 8)]));
+        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"c", 8, 8)]));
+        assert_ne!(a, key(&[r(b"a", 0, 8)]));
+    }
+
     fn tiny_file() -> Vec<u8> {
         let tensors = vec![
             ("a".to_owned(), Dtype::F32, vec![3]),
@@ -542,6 +558,31 @@ pub struct BlobRange {
     pub offset: u64,
     /// Number of bytes.
     pub length: u64,
+}
+
+impl BlobRange {
+    /// The whole of a blob holding `bytes` (a composed file's header, say).
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        Self {
+            digest: Digest::of(bytes),
+            offset: 0,
+            length: bytes.len() as u64,
+        }
+    }
+
+    /// A digest naming a run of ranges (each one's blob digest, offset and length, in
+    /// order): stored blobs never change under their digest, so runs with equal keys are
+    /// equal bytes. The registry keeps hash states of composed files' beginnings under
+    /// it; a worker remembers which beginnings it announced by it.
+    pub fn run_key(runs: &[BlobRange]) -> Digest {
+        let mut h = Hasher::new();
+        for r in runs {
+            h.update(r.digest.as_bytes());
+            h.update(&r.offset.to_le_bytes());
+            h.update(&r.length.to_le_bytes());
+        }
+        h.finish()
+    }
 }
 
 /// A file of a port artifact: a whole blob (`segments` empty), or a file *composed* on

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use patchport_client::{Client, ClientError};
 use patchport_core::Digest;
-use patchport_core::layout::{ADAPTER_CONFIG, DeclaredFile, FileRef};
+use patchport_core::layout::{ADAPTER_CONFIG, BlobRange, DeclaredFile, FileRef};
 use patchport_core::port::{MAX_INLINE_BLOBS, PortDiagnostics, Refusal, ReusedTensor};
 use patchport_engine::artifact::{base_prefix, compose_ranges};
 use patchport_engine::{ComposedFile, Device, MergedSink, ModelSource, PortOptions};
@@ -636,15 +636,12 @@ impl MergedSink for Outbox {
             .iter()
             .filter_map(|c| {
                 let ranges = base_prefix(c, |p| base_files.get(p).copied())?;
-                let mut key = patchport_core::Hasher::new();
-                key.update(Digest::of(&c.header).as_bytes());
-                for r in &ranges {
-                    key.update(r.digest.as_bytes());
-                    key.update(&r.offset.to_le_bytes());
-                    key.update(&r.length.to_le_bytes());
-                }
+                // The key the registry keeps the beginning's state under.
+                let run: Vec<BlobRange> = std::iter::once(BlobRange::of_bytes(&c.header))
+                    .chain(ranges.iter().cloned())
+                    .collect();
                 state
-                    .first_prepare(key.finish())
+                    .first_prepare(BlobRange::run_key(&run))
                     .then(|| v1::ComposedPrefix {
                         header: Bytes::from(c.header.clone()),
                         ranges: ranges.iter().map(v1::BlobRange::from).collect(),

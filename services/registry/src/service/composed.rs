@@ -37,7 +37,7 @@ const PREPARING: usize = 2;
 /// Hashes composed files, keeping the state after their shared beginnings.
 #[derive(Debug, Clone)]
 pub(crate) struct ComposedDigests {
-    /// The hasher after a run of leading segments, by [`key`] of the run.
+    /// The hasher after a run of leading segments, by [`BlobRange::run_key`] of the run.
     states: Arc<Mutex<LruCache<Digest, Hasher>>>,
     /// Beginnings being hashed in the background, by key: the receiver turns `true` (or
     /// its sender is dropped) when the hash is done or failed.
@@ -67,7 +67,7 @@ impl ComposedDigests {
         let prefix_len = segments[..shared]
             .iter()
             .fold(0u64, |n, s| n.saturating_add(s.length));
-        let key = (prefix_len > 0).then(|| key(&segments[..shared]));
+        let key = (prefix_len > 0).then(|| BlobRange::run_key(&segments[..shared]));
         if let Some(k) = &key {
             self.wait_prepared(k).await;
         }
@@ -118,11 +118,7 @@ impl ComposedDigests {
     ) -> u64 {
         let mut segments = Vec::with_capacity(ranges.len() + 1);
         if !header.is_empty() {
-            segments.push(BlobRange {
-                digest: Digest::of(&header),
-                offset: 0,
-                length: header.len() as u64,
-            });
+            segments.push(BlobRange::of_bytes(&header));
         }
         segments.extend(ranges.iter().cloned());
         let total = segments
@@ -131,7 +127,7 @@ impl ComposedDigests {
         if total == 0 {
             return 0;
         }
-        let k = key(&segments);
+        let k = BlobRange::run_key(&segments);
         if self.lock().contains_key(&k) {
             return 0;
         }
@@ -215,18 +211,6 @@ pub(crate) fn shared_prefix(whole: &[bool]) -> usize {
     whole.iter().rposition(|w| !w).map_or(0, |i| i + 1)
 }
 
-/// The key of a run of segments: the digest of each one's blob digest, offset and
-/// length.
-fn key(segments: &[BlobRange]) -> Digest {
-    let mut h = Hasher::new();
-    for s in segments {
-        h.update(s.digest.as_bytes());
-        h.update(&s.offset.to_le_bytes());
-        h.update(&s.length.to_le_bytes());
-    }
-    h.finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,20 +223,5 @@ mod tests {
         assert_eq!(shared_prefix(&[true, false, false, true, true]), 3);
         // the base's own layout: a merged tensor last but not only there
         assert_eq!(shared_prefix(&[false, true, false, true]), 3);
-    }
-
-    #[test]
-    fn keys_tell_ranges_apart() {
-        let r = |d: &[u8], offset, length| BlobRange {
-            digest: Digest::of(d),
-            offset,
-            length,
-        };
-        let a = key(&[r(b"a", 0, 8), r(b"b", 8, 8)]);
-        assert_eq!(a, key(&[r(b"a", 0, 8), r(b"b", 8, 8)]));
-        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"b", 8, 9)]));
-        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"b", 9, 8)]));
-        assert_ne!(a, key(&[r(b"a", 0, 8), r(b"c", 8, 8)]));
-        assert_ne!(a, key(&[r(b"a", 0, 8)]));
     }
 }
