@@ -538,14 +538,22 @@ struct Outbox {
     inline_bytes: usize,
     /// Merged tensors by name, with their sizes.
     tensors: Vec<(String, u64, Outgoing)>,
-    /// What `PrepareComposed` needs, when the outbox is a job's.
-    job: Option<Prepare>,
+    /// What `PrepareComposed` needs.
+    job: Prepare,
     /// The `PrepareComposed` call, awaited before the job completes.
     prepared: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Outbox {
-    fn new(client: &Client) -> Self {
+    /// An outbox for `job` that, once the port is planned, tells the registry how the
+    /// job's composed files begin (`PrepareComposed`), so it hashes those bytes while the
+    /// port runs; only beginnings this worker has not told it about before.
+    fn for_job(
+        client: &Client,
+        job: &v1::Job,
+        base_files: &[FileRef],
+        state: &Arc<WorkerState>,
+    ) -> Self {
         Self {
             handle: Handle::current(),
             client: client.clone(),
@@ -553,32 +561,16 @@ impl Outbox {
             inline: Vec::new(),
             inline_bytes: 0,
             tensors: Vec::new(),
-            job: None,
+            job: Prepare {
+                job_id: job.job_id.clone(),
+                fencing_token: job.fencing_token,
+                base_files: base_files
+                    .iter()
+                    .map(|f| (f.path.clone(), f.digest))
+                    .collect(),
+                state: state.clone(),
+            },
             prepared: None,
-        }
-    }
-
-    /// An outbox that, once the port is planned, tells the registry how the job's
-    /// composed files begin (`PrepareComposed`), so it hashes those bytes while the port
-    /// runs; only beginnings this worker has not told it about before.
-    fn for_job(
-        client: &Client,
-        job: &v1::Job,
-        base_files: &[FileRef],
-        state: &Arc<WorkerState>,
-    ) -> Self {
-        let prepare = Prepare {
-            job_id: job.job_id.clone(),
-            fencing_token: job.fencing_token,
-            base_files: base_files
-                .iter()
-                .map(|f| (f.path.clone(), f.digest))
-                .collect(),
-            state: state.clone(),
-        };
-        Self {
-            job: Some(prepare),
-            ..Self::new(client)
         }
     }
 
@@ -623,15 +615,12 @@ impl Outbox {
 
 impl MergedSink for Outbox {
     fn planned(&mut self, files: &[ComposedFile]) {
-        let Some(Prepare {
+        let Prepare {
             job_id,
             fencing_token,
             base_files,
             state,
-        }) = &self.job
-        else {
-            return;
-        };
+        } = &self.job;
         let files: Vec<v1::ComposedPrefix> = files
             .iter()
             .filter_map(|c| {
